@@ -1,0 +1,29 @@
+"""`python -m engine train RUN_DIR [--resume]`: train one run directory (what workers launch)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.rundir import RunDir
+from engine.train import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the run in RUN_DIR")
+    t.add_argument("run_dir", type=Path)
+    t.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
+    args = ap.parse_args(argv)
+    rd = RunDir(args.run_dir.resolve())
+    if not rd.config_file.exists():
+        print(f"error: {rd.config_file}: no such run config", file=sys.stderr)
+        return 2
+    state = train(rd, resume=args.resume)
+    print(f"{rd.id}: {state}")
+    return 0 if state in ("done", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

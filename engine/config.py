@@ -1,0 +1,354 @@
+"""The run config: a typed schema, strict TOML loading and `--set key=value` overrides.
+
+A config is plain dataclasses. Every key a preset or `--set` may name is a field here, with its
+unit in the comment. Loading is strict: an unknown key, a wrong type or a bad value raises
+ConfigError with one line that names the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user-caused config problem; str(e) is the one line to print."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"          # resnet18 | convnext | gpt2
+    width: int = 64                 # resnet18: channels of the first stage (64 = the standard net)
+    num_classes: int = 10
+    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])        # convnext stages (T)
+    dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])   # convnext widths (T)
+    n_layer: int = 12               # gpt2 (124M: 12/12/768)
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    n_positions: int = 2048         # context length the model supports, tokens
+    dropout: float = 0.0            # Mosaic 125m trains without dropout
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic_images"  # synthetic_images | synthetic_tokens | cifar5m | cifar10 | c4 | imagenet
+    mode: str = "online"            # online: every sample fresh; offline: fixed subset, repeated epochs
+    offline_size: int = 50_000      # samples (sequences for LMs) in the offline subset
+    path: str = ""                  # folder of the real data set (cifar5m parts, c4 shards, imagenet, cifar10)
+    hf_name: str = "allenai/c4"     # hub name for C4 when `path` is empty
+    hf_config: str = "en"
+    tokenizer: str = "gpt2"         # hub name or local folder for AutoTokenizer.from_pretrained
+    seq_len: int = 2048             # tokens per training sequence
+    image_size: int = 32            # pixels; synthetic images and the ImageNet crop
+    normalize: bool = True          # per-channel mean/std normalization
+    augment: list[str] = field(default_factory=list)  # any of "crop", "flip" (App. A.2: RandomCrop+Flip)
+    crop_padding: int = 4           # pixels, RandomCrop(32, padding=4)
+    eval_samples: int = 10_000      # held-out examples (sequences for LMs)
+    on_device: bool = True          # keep in-memory image sets on the training device as uint8
+    teacher_width: int = 48         # synthetic_images: channels of the random teacher CNN
+    teacher_depth: int = 2          # synthetic_images: conv layers of the teacher
+    teacher_sharpness: float = 4.0  # synthetic: logit scale; larger = lower Bayes loss, harder to fit
+    vocab_size: int = 512           # synthetic_tokens: alphabet size
+    workers: int = 4                # imagenet: decoding threads
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"               # sgd | adamw
+    momentum: float = 0.9           # SGD (App. A.1)
+    nesterov: bool = False
+    weight_decay: float = 0.0       # AdamW: decoupled
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Mosaic 125m
+    eps: float = 1e-8
+    grad_clip: float = 0.0          # max global grad norm; 0 = off (Mosaic: 1.0)
+    fused: str = "auto"             # auto (fused kernels on CUDA) | on | off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"          # constant | cosine (with linear warmup, over `steps`)
+    warmup_steps: int = 0           # steps of linear warmup from 0
+    final_lr_ratio: float = 0.1     # cosine ends at this fraction of lr (Mosaic alpha_f = 0.1)
+
+
+@dataclass
+class Change:
+    """A planned noise change, applied at the first step boundary where it is due."""
+    at_step: int = -1               # apply before this step (steps taken so far == at_step)
+    at_lr_time: float = -1.0        # or once lr_time >= this (LR-normalized steps)
+    lr: float = 0.0                 # new base lr (0 = unchanged)
+    batch_size: int = 0             # new batch size (0 = unchanged)
+    ramp: float = 0.0               # reach the new lr linearly over this many LR-normalized steps
+
+
+@dataclass
+class Config:
+    name: str = ""                  # run name (arm), set by the preset
+    preset: str = ""
+    steps: int = 1000               # optimizer steps
+    max_lr_time: float = 0.0        # stop earlier once lr_time reaches this; 0 = off
+    lr: float = 0.025               # base learning rate (App. A.1)
+    lr_ref: float = 0.0             # reference lr for lr_time = sum(lr_i)/lr_ref; 0 = `lr`
+    batch_size: int = 512           # samples (sequences) per optimizer step
+    micro_batch_size: int = 0       # samples per forward/backward; 0 = the whole batch
+    seed: int = 0                   # model init and data order
+    data_seed: int = 0              # synthetic task (teacher) and eval set; shared by all arms
+    eval_every: int = 100           # steps; 0 = only at the end
+    checkpoint_every: int = 0       # steps; 0 = only at the end and at listed points
+    checkpoint_at_steps: list[int] = field(default_factory=list)
+    checkpoint_at_lr_times: list[float] = field(default_factory=list)
+    log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
+    channels_last: bool = True      # convnets on CUDA
+    compile: bool = False           # torch.compile the model
+    threads: int = 0                # CPU threads for torch; 0 = torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def reference_lr(self) -> float:
+        return self.lr_ref or self.lr
+
+    @property
+    def is_lm(self) -> bool:
+        return self.model.name == "gpt2"
+
+
+_CHOICES = {
+    "model.name": ("resnet18", "convnext", "gpt2"),
+    "data.source": ("synthetic_images", "synthetic_tokens", "cifar5m", "cifar10", "c4", "imagenet"),
+    "data.mode": ("online", "offline"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.fused": ("auto", "on", "off"),
+    "schedule.kind": ("constant", "cosine"),
+    "precision": ("auto", "fp32", "bf16"),
+}
+_AUGMENTS = ("crop", "flip")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _check_value(where: str, key: str, tp: Any, value: Any) -> Any:
+    """Return value converted to tp, or raise ConfigError naming where and key."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a table, got {_show(value)}")
+        return from_dict(tp, value, where, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {_show(value)}")
+        return [_check_value(where, f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be finite, got {value}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, int, float, bool, list)) else type(value).__name__
+
+
+def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, strictly."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'" + _suggest(key, names))
+        kwargs[key] = _check_value(where, prefix + key, hints[key], value)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: set[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge TOML tables: `over` wins; lists and scalars are replaced whole."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def validate(cfg: Config, where: str) -> Config:
+    """Value checks beyond types: choices, ranges, consistency."""
+    flat = {"model.name": cfg.model.name, "data.source": cfg.data.source, "data.mode": cfg.data.mode,
+            "optim.name": cfg.optim.name, "optim.fused": cfg.optim.fused,
+            "schedule.kind": cfg.schedule.kind, "precision": cfg.precision}
+    for key, value in flat.items():
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"{where}: '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
+                "data.eval_samples": cfg.data.eval_samples, "data.seq_len": cfg.data.seq_len,
+                "data.offline_size": cfg.data.offline_size}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{where}: 'lr' must be > 0, got {cfg.lr}")
+    for key in ("eval_every", "checkpoint_every", "micro_batch_size", "lr_ref", "max_lr_time"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    for a in cfg.data.augment:
+        if a not in _AUGMENTS:
+            raise ConfigError(f"{where}: 'data.augment' entry {a!r} is not one of {', '.join(_AUGMENTS)}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{where}: 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"{where}: 'device' = {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    _check_batch(where, "batch_size", cfg.batch_size, cfg.micro_batch_size)
+    for i, ch in enumerate(cfg.changes):
+        key = f"changes[{i}]"
+        if (ch.at_step >= 0) == (ch.at_lr_time >= 0):
+            raise ConfigError(f"{where}: '{key}' needs exactly one of at_step, at_lr_time")
+        if ch.lr < 0 or ch.batch_size < 0 or ch.ramp < 0:
+            raise ConfigError(f"{where}: '{key}' lr, batch_size and ramp must be >= 0")
+        if ch.lr == 0 and ch.batch_size == 0:
+            raise ConfigError(f"{where}: '{key}' changes nothing (set lr or batch_size)")
+        if ch.batch_size:
+            _check_batch(where, f"{key}.batch_size", ch.batch_size, cfg.micro_batch_size)
+    if cfg.is_lm != (cfg.data.source in ("synthetic_tokens", "c4")):
+        raise ConfigError(f"{where}: 'model.name' = {cfg.model.name!r} does not fit "
+                          f"'data.source' = {cfg.data.source!r}")
+    if cfg.is_lm and cfg.data.seq_len > cfg.model.n_positions:
+        raise ConfigError(f"{where}: 'data.seq_len' = {cfg.data.seq_len} exceeds "
+                          f"'model.n_positions' = {cfg.model.n_positions}")
+    return cfg
+
+
+def _check_batch(where: str, key: str, batch: int, micro: int) -> None:
+    if batch <= 0:
+        raise ConfigError(f"{where}: '{key}' must be > 0, got {batch}")
+    if micro and batch > micro and batch % micro:
+        raise ConfigError(f"{where}: '{key}' = {batch} is not a multiple of micro_batch_size = {micro}")
+
+
+def build(data: dict, where: str) -> Config:
+    return validate(from_dict(Config, data, where), where)
+
+
+# ---------------------------------------------------------------- --set overrides
+
+def parse_value(text: str) -> Any:
+    """A `--set` value is a TOML value (numbers, true/false, [lists], "strings"); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` strings (dotted keys for nested tables) to a raw config dict."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        cls: Any = Config
+        node = out
+        for i, part in enumerate(parts):
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise ConfigError(f"--set {key}: unknown key '{'.'.join(parts[:i + 1])}'" + _suggest(part, names))
+            tp = get_type_hints(cls)[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"--set {key}: '{key}' is a table; set one of its keys")
+                node[part] = parse_value(text.strip())
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a table")
+                cls = tp
+                node = node.setdefault(part, {})
+    return out
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def dump_toml(data: dict) -> str:
+    """Write a config dict as TOML (the subset configs use: scalars, lists, tables, arrays of tables)."""
+    lines: list[str] = []
+    _dump_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (int, str)):
+        return json.dumps(v) if isinstance(v, str) else str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def _dump_table(data: dict, path: list[str], lines: list[str]) -> None:
+    tables, arrays = [], []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_scalar(v)}")
+    for k, v in tables:
+        lines += ["", f"[{'.'.join(path + [k])}]"]
+        _dump_table(v, path + [k], lines)
+    for k, items in arrays:
+        for item in items:
+            lines += ["", f"[[{'.'.join(path + [k])}]]"]
+            _dump_table(item, path + [k], lines)

@@ -1,0 +1,132 @@
+"""Real image data: CIFAR-5m (.npz parts), CIFAR-10 (torchvision folder), ImageNet (image folder).
+
+CIFAR sets are held whole as uint8 NHWC, on the training device when `data.on_device` (airbench
+style: no DataLoader, crop/flip on the device). The held-out set of CIFAR-5m is the last
+`eval_samples` images of its last part, never trained on.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import DataConfig
+from engine.data.stream import DataMissing, InMemory
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _folder(dc: DataConfig, default: str) -> Path:
+    return Path(os.path.expanduser(dc.path or default))
+
+
+def _holder(dc: DataConfig, device: torch.device) -> torch.device:
+    return device if dc.on_device else torch.device("cpu")
+
+
+class _Indexed(InMemory):
+    kind = "image"
+
+    def __init__(self, x, y, eval_set: InMemory):
+        super().__init__(x, y)
+        self.eval_set = eval_set
+
+
+def cifar5m(dc: DataConfig, device: torch.device) -> _Indexed:
+    root = _folder(dc, "~/data/cifar5m")
+    parts = sorted(root.glob("part*.npz"), key=lambda p: int(p.stem[4:]) if p.stem[4:].isdigit() else 0)
+    if not parts:
+        raise DataMissing(f"CIFAR-5m not found: no part0.npz … part5.npz in {root} (point data.path at the folder)")
+    arrays = []
+    for p in parts:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                x, y = z["X"], z["Y"]
+        except (KeyError, ValueError, OSError) as e:
+            raise DataMissing(f"{p}: not a CIFAR-5m part (arrays X uint8 N×32×32×3 and Y): {e}") from None
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
+            raise DataMissing(f"{p}: X must be uint8 N×32×32×3 with one Y per image, got {x.dtype} {x.shape}")
+        arrays.append((x, y.astype(np.int64)))
+    total = sum(len(x) for x, _ in arrays)
+    n_eval = dc.eval_samples
+    if n_eval >= total:
+        raise DataMissing(f"CIFAR-5m in {root}: {total} images, fewer than data.eval_samples = {n_eval} + 1")
+    hold = _holder(dc, device)
+    X = torch.empty((total, 32, 32, 3), dtype=torch.uint8, device=hold)
+    Y = torch.empty(total, dtype=torch.int64, device=hold)
+    at = 0
+    for x, y in arrays:  # copy part by part: never two copies of the whole set on the device
+        X[at:at + len(x)] = torch.from_numpy(x).to(hold)
+        Y[at:at + len(x)] = torch.from_numpy(y).to(hold)
+        at += len(x)
+    cut = total - n_eval
+    return _Indexed(X[:cut], Y[:cut], InMemory(X[cut:], Y[cut:]))
+
+
+def cifar10(dc: DataConfig, device: torch.device) -> _Indexed:
+    from torchvision.datasets import CIFAR10
+
+    root = _folder(dc, "~/data")
+    try:
+        train = CIFAR10(str(root), train=True, download=False)
+        test = CIFAR10(str(root), train=False, download=False)
+    except RuntimeError:
+        raise DataMissing(f"CIFAR-10 not found: no cifar-10-batches-py in {root} (point data.path at its parent)") from None
+    hold = _holder(dc, device)
+
+    def tensors(ds):
+        return torch.from_numpy(ds.data).to(hold), torch.tensor(ds.targets, device=hold)
+
+    x, y = tensors(train)
+    ex, ey = tensors(test)
+    n = min(dc.eval_samples, len(ey))
+    return _Indexed(x, y, InMemory(ex[:n], ey[:n]))
+
+
+class ImageFolderSource:
+    """ImageNet-style folder (class subfolders of JPEGs), decoded by a thread pool into uint8 NCHW.
+
+    Each image is resized (shorter side) and center-cropped to `image_size` once it is decoded;
+    RandomCrop(image_size, padding=crop_padding) + RandomHorizontalFlip (App. A.2) then happen in the
+    Stream, on the device.
+    """
+    kind = "image"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, folder: Path, size: int, workers: int):
+        from torchvision.datasets import ImageFolder
+
+        self.ds = ImageFolder(str(folder))
+        self.size, self.length = size, len(self.ds)
+        self.labels = torch.tensor(self.ds.targets)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def _load(self, i: int) -> torch.Tensor:
+        from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+
+        img = self.ds.loader(self.ds.samples[i][0]).convert("RGB")
+        img = center_crop(resize(img, self.size), [self.size, self.size])
+        return pil_to_tensor(img)
+
+    def get(self, idx: torch.Tensor):
+        idx = idx.tolist()
+        x = torch.stack(list(self.pool.map(self._load, idx)))
+        return x, self.labels[idx]
+
+
+def imagenet(dc: DataConfig) -> ImageFolderSource:
+    root = _folder(dc, "~/data/imagenet")
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise DataMissing(f"ImageNet not found: no train/ and val/ class folders in {root} (point data.path at it)")
+    src = ImageFolderSource(root / "train", dc.image_size, dc.workers)
+    ev = ImageFolderSource(root / "val", dc.image_size, dc.workers)
+    if dc.eval_samples < ev.length:  # a fixed, class-spread subset of val
+        keep = torch.linspace(0, ev.length - 1, dc.eval_samples).long()
+        ev.ds.samples = [ev.ds.samples[i] for i in keep]
+        ev.labels, ev.length = ev.labels[keep], dc.eval_samples
+    src.eval_set = ev
+    return src

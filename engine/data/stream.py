@@ -1,0 +1,195 @@
+"""Sources, samplers and the Stream the training loop draws from.
+
+A source is either
+  - sequential: endless or too big to hold (synthetic streams, C4); `read(start, n)` in order; or
+  - indexed:    `get(idx)` for a finite set (CIFAR-5m in memory, ImageNet files), with `labels`.
+Online:  sequential sources are read in order; indexed ones in a fresh permutation each pass.
+Offline: a fixed subset of `offline_size` samples (class-balanced when labels are known),
+         reshuffled every epoch.
+The position (samples drawn) is the whole stream state, so resume is exact.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from engine.config import DataConfig
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataMissing(FileNotFoundError):
+    """A real data set is not where the config says; str(e) is the one line to print."""
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (SplitMix64 finalizer), so streams never collide."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class InMemory:
+    """An indexed source over tensors already in memory (on the training device when asked)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None):
+        self.x, self.y = x, y
+        self.length = x.shape[0]
+        self.labels = y
+
+    def get(self, idx: torch.Tensor):
+        idx = idx.to(self.x.device)
+        return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+
+def balanced_subset(labels: torch.Tensor | None, length: int, k: int, seed: int) -> torch.Tensor:
+    """k indices out of `length`, the same count per class where labels are known."""
+    g = torch.Generator().manual_seed(seed)
+    if k > length:
+        raise ValueError(f"offline_size {k} exceeds the {length} samples available")
+    if labels is None:
+        return torch.randperm(length, generator=g)[:k].sort().values
+    labels = labels.cpu()
+    classes = labels.unique()
+    per, extra = divmod(k, len(classes))
+    picks = []
+    for i, c in enumerate(classes):
+        pool = (labels == c).nonzero().flatten()
+        want = per + (1 if i < extra else 0)
+        if want > len(pool):
+            raise ValueError(f"class {int(c)} has only {len(pool)} samples, {want} needed for a balanced subset")
+        picks.append(pool[torch.randperm(len(pool), generator=g)[:want]])
+    return torch.cat(picks).sort().values
+
+
+class Stream:
+    def __init__(self, source, dc: DataConfig, seed: int, device: torch.device):
+        self.source, self.dc, self.seed, self.device = source, dc, seed, device
+        self.kind = source.kind                    # "image" | "tokens"
+        self.position = 0                          # samples drawn so far
+        self.bayes_loss = getattr(source, "bayes_loss", None)
+        self._perm_epoch, self._perm = -1, None
+        self._pool = None                          # indexed source the sampler draws from
+        if dc.mode == "offline":
+            if hasattr(source, "get"):
+                self._subset = balanced_subset(source.labels, source.length, dc.offline_size, mix_seed(seed, 7))
+                self._pool_len = dc.offline_size
+            else:  # sequential: the subset is its first offline_size samples, held in memory
+                x, y = source.read(0, dc.offline_size)
+                self._pool, self._subset, self._pool_len = InMemory(x, y), None, dc.offline_size
+        else:
+            self._subset = None
+            self._pool_len = getattr(source, "length", None)
+        if self.kind == "image":
+            self._norm = _normalizer(source, dc, device)
+
+    # ------------------------------------------------------------ drawing
+    @property
+    def epoch(self) -> int:
+        return self.position // self._pool_len if self._pool_len else 0
+
+    @property
+    def unique_seen(self) -> int:
+        return min(self.position, self._pool_len) if self._pool_len else self.position
+
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 11, epoch))
+            self._perm = torch.randperm(self._pool_len, generator=g)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _indices(self, start: int, n: int) -> torch.Tensor:
+        """Pool indices of samples start .. start+n-1 (may cross an epoch boundary)."""
+        out, pos = [], start
+        while pos < start + n:
+            epoch, off = divmod(pos, self._pool_len)
+            take = min(start + n - pos, self._pool_len - off)
+            out.append(self._epoch_perm(epoch)[off:off + take])
+            pos += take
+        idx = torch.cat(out)
+        return self._subset[idx] if self._subset is not None else idx
+
+    def next_batch(self, n: int):
+        start = self.position
+        if self._pool is not None:
+            x, y = self._pool.get(self._indices(start, n))
+        elif self._pool_len is None:
+            x, y = self.source.read(start, n)
+        else:
+            x, y = self.source.get(self._indices(start, n))
+        self.position += n
+        return self._prepare(x, y, train=True, step_seed=mix_seed(self.seed, 13, start))
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        ev = self.source.eval_set
+        for i in range(0, ev.length, batch_size):
+            x, y = ev.get(torch.arange(i, min(i + batch_size, ev.length)))
+            yield self._prepare(x, y, train=False, step_seed=0)
+
+    @property
+    def eval_size(self) -> int:
+        return self.source.eval_set.length
+
+    # ------------------------------------------------------------ transforms
+    def _prepare(self, x: torch.Tensor, y, train: bool, step_seed: int):
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if y is not None else None
+        if self.kind == "tokens":
+            return x.long(), None
+        if x.dtype == torch.uint8 and x.shape[-1] == 3:   # NHWC bytes (CIFAR-5m layout) -> NCHW
+            x = x.permute(0, 3, 1, 2)
+        if train and self.dc.augment:
+            x = augment(x, self.dc.augment, self.dc.crop_padding, step_seed)
+        return self._norm(x), y
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        d = {"position": self.position}
+        if hasattr(self.source, "state_dict"):
+            d["source"] = self.source.state_dict()
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        self.position = int(d["position"])
+        if "source" in d:
+            self.source.load_state_dict(d["source"])
+
+
+def _normalizer(source, dc: DataConfig, device: torch.device):
+    mean = torch.tensor(getattr(source, "mean", CIFAR_MEAN), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(source, "std", CIFAR_STD), device=device).view(1, 3, 1, 1)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+            return (x - mean) / std if dc.normalize else x
+        return x  # synthetic images are generated already standardized
+
+    return norm
+
+
+def augment(x: torch.Tensor, which: list[str], pad: int, seed: int) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a whole NCHW batch, on its device.
+
+    Offsets are drawn on the CPU from `seed` (the stream position), so a resumed run and a GPU run
+    crop the same way.
+    """
+    n, c, h, w = x.shape
+    g = torch.Generator().manual_seed(seed)
+    if "crop" in which and pad > 0:
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]      # n,h,1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]      # n,1,w
+        bidx = torch.arange(n, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)   # n,c,h,w
+    if "flip" in which:
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x.contiguous()

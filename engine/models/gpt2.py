@@ -1,0 +1,38 @@
+"""GPT-2 as 🤗 transformers' GPT2LMHeadModel, so its checkpoints load in transformers as they are.
+
+Sizes come from the config (124M: 12 layers, 12 heads, 768 wide); attention is PyTorch SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from engine.config import ModelConfig
+
+
+def gpt2_config(mc: ModelConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.n_positions, n_embd=mc.n_embd,
+                      n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=mc.dropout,
+                      embd_pdrop=mc.dropout, attn_pdrop=mc.dropout, use_cache=False,
+                      tie_word_embeddings=True)
+
+
+class GPT2(nn.Module):
+    """Wraps GPT2LMHeadModel so that forward(tokens) returns logits, like the vision models."""
+
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        from transformers import GPT2LMHeadModel
+
+        cfg = gpt2_config(mc)
+        cfg._attn_implementation = "sdpa"
+        self.hf = GPT2LMHeadModel(cfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=tokens, use_cache=False).logits
+
+
+def gpt2(mc: ModelConfig) -> GPT2:
+    return GPT2(mc)

@@ -1,0 +1,258 @@
+"""The run directory: the one contract between the engine and everything that watches it.
+
+    $GPCTL_HOME/runs/<run_id>/
+        config.toml      the resolved config            (written once)
+        status.json      state, pid, host, step, ...    (replaced atomically)
+        metrics.jsonl    one object per step or eval     (append-only)
+        events.jsonl     what happened and when          (append-only)
+        control.jsonl    requests to the running job     (appended by people and tools)
+        checkpoints/     step_XXXXXXX.safetensors + step_XXXXXXX.state.safetensors
+        log.txt          the process's own output
+
+This module owns reading and writing all of it; gpctl never parses these files itself.
+Directories are created 0700 and files 0600: other users of a shared box cannot read or steer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+STATES = ("created", "running", "done", "failed", "stopped", "diverged")
+
+
+def home(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get("GPCTL_HOME") or "gpctl-runs").resolve()
+
+
+class UnknownRun(LookupError):
+    """No run (or more than one) matches what the user typed; str(e) is the line to print."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        os.write(fd, "".join(lines).encode())  # one write: lines never interleave with other writers
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete lines from byte `offset` on, and the offset after the last complete line.
+
+    A trailing line without its newline (a writer mid-append) is left for the next call.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a damaged record is skipped, never fatal to a reader
+    return out, offset + end
+
+
+def new_run_id(preset: str, arm: str) -> str:
+    return f"{preset}-{arm}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    config_file = property(lambda self: self.path / "config.toml")
+    status_file = property(lambda self: self.path / "status.json")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    events_file = property(lambda self: self.path / "events.jsonl")
+    control_file = property(lambda self: self.path / "control.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    log_file = property(lambda self: self.path / "log.txt")
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, root: Path, cfg: Config, run_id: str | None = None) -> "RunDir":
+        runs = root / "runs"
+        runs.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        run_id = run_id or new_run_id(cfg.preset or "run", cfg.name or "main")
+        rd = cls(runs / run_id)
+        rd.path.mkdir(mode=DIR_MODE)
+        rd.checkpoints.mkdir(mode=DIR_MODE)
+        write_atomic(rd.config_file, dump_toml(to_dict(cfg)))
+        for f in (rd.metrics_file, rd.events_file, rd.control_file, rd.log_file):
+            os.close(os.open(f, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        rd.write_status(state="created", created=time.time())
+        return rd
+
+    # ------------------------------------------------------------ config and status
+    def config(self) -> Config:
+        try:
+            return build(load_toml(self.config_file), str(self.config_file))
+        except ConfigError:
+            raise
+        except OSError as e:
+            raise ConfigError(f"{self.config_file}: {e.strerror}") from None
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"state": "unknown"}
+
+    def write_status(self, **fields: Any) -> dict:
+        st = self.status() if self.status_file.exists() else {}
+        st.update(fields, updated=time.time())
+        write_atomic(self.status_file, json.dumps(st, sort_keys=True) + "\n")
+        return st
+
+    def mark_running(self, device: str) -> dict:
+        return self.write_status(state="running", pid=os.getpid(), host=socket.gethostname(),
+                                 device=device, started=time.time(), error=None)
+
+    # ------------------------------------------------------------ records
+    def append_metrics(self, records: list[dict]) -> None:
+        _append_lines(self.metrics_file, [json.dumps(r) + "\n" for r in records])
+
+    def append_event(self, kind: str, **fields: Any) -> dict:
+        ev = {"event": kind, "time": time.time(), **fields}
+        _append_lines(self.events_file, [json.dumps(ev) + "\n"])
+        return ev
+
+    def metrics(self, offset: int = 0) -> tuple[list[dict], int]:
+        return read_jsonl(self.metrics_file, offset)
+
+    def events(self, offset: int = 0) -> tuple[list[dict], int]:
+        return read_jsonl(self.events_file, offset)
+
+    def metrics_size(self) -> int:
+        try:
+            return self.metrics_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def truncate_metrics(self, size: int) -> int:
+        """Drop records written after a checkpoint (on resume); returns bytes dropped."""
+        cur = self.metrics_size()
+        if cur > size:
+            os.truncate(self.metrics_file, size)
+        return max(0, cur - size)
+
+    def log(self, line: str) -> None:
+        _append_lines(self.log_file, [line.rstrip("\n") + "\n"])
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:07d}.safetensors"
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints (weights and resume state both present), by step."""
+        out = []
+        for p in self.checkpoints.glob("step_*.safetensors"):
+            if p.name.endswith(".state.safetensors"):
+                continue
+            step = int(p.name[5:12])
+            if p.with_name(p.name.replace(".safetensors", ".state.safetensors")).exists():
+                out.append((step, p))
+        return sorted(out)
+
+    def summary(self) -> dict:
+        """What `gpctl ls` shows: status plus the last train and eval records."""
+        st = self.status()
+        last, last_eval = _tail_records(self.metrics_file)
+        try:
+            cfg = self.config()
+            preset, arm = cfg.preset, cfg.name
+        except ConfigError:
+            preset = arm = "?"
+        return {"id": self.id, "preset": preset, "arm": arm, "state": st.get("state", "unknown"),
+                "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
+                "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
+                "loss": last.get("loss"), "eval_loss": last_eval.get("eval_loss"),
+                "eval_error": last_eval.get("eval_error"), "error": st.get("error"),
+                "created": st.get("created", 0.0)}
+
+
+def _tail_records(path: Path, window: int = 1 << 16) -> tuple[dict, dict]:
+    """The last train record and the last eval record, reading only the file's tail."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            last = last_eval = None
+            start = size
+            while start > 0 and (last is None or last_eval is None):
+                start = max(0, start - window)
+                f.seek(start)
+                chunk = f.read(size - start)
+                lines = chunk.splitlines()[1:] if start else chunk.splitlines()
+                for line in reversed(lines):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if "eval_loss" in rec:
+                        last_eval = last_eval or rec
+                    elif "loss" in rec:
+                        last = last or rec
+                if size - start > (1 << 24):
+                    break
+            return last or {}, last_eval or {}
+    except FileNotFoundError:
+        return {}, {}
+
+
+def list_runs(root: Path) -> list[RunDir]:
+    runs = root / "runs"
+    if not runs.is_dir():
+        return []
+    found = [RunDir(p) for p in runs.iterdir() if p.is_dir() and (p / "config.toml").exists()]
+    return sorted(found, key=lambda r: (r.status().get("created", 0.0), r.id))
+
+
+def resolve(root: Path, text: str) -> RunDir:
+    """A run by its id or a unique prefix of it."""
+    runs = list_runs(root)
+    exact = [r for r in runs if r.id == text]
+    if exact:
+        return exact[0]
+    hits = [r for r in runs if r.id.startswith(text)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise UnknownRun(f"unknown run '{text}' in {root / 'runs'}")
+    raise UnknownRun(f"run '{text}' is ambiguous: {', '.join(r.id for r in hits[:5])}")
+
+
+def iter_all_metrics(rd: RunDir) -> Iterator[dict]:
+    recs, _ = rd.metrics()
+    yield from recs

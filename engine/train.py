@@ -1,0 +1,309 @@
+"""The training loop: one place a reader can hold in their head.
+
+    setup      config -> device, model, optimizer, stream, schedule; resume from the last checkpoint
+    loop:
+      before_step   planned changes due at this boundary (and, via hooks, control-file requests)
+      step          lr and batch from the schedule; micro-batches; clip; optimizer.step()
+      record        one buffered record per step; flushed every `log_every` steps (the only sync)
+      eval          every `eval_every` steps and at each checkpoint
+      checkpoint    every `checkpoint_every` steps, at listed steps / lr_times, on stop, at the end
+    end        final eval and checkpoint; status done / stopped / diverged / failed
+
+Every record carries all clocks: step, samples (tokens for LMs), lr_time, wall.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import signal
+import time
+import traceback
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine import checkpoint as ckpt
+from engine.config import Config
+from engine.data import DataMissing, build_stream
+from engine.models import build_model, hf_config_dict
+from engine.rundir import RunDir
+from engine.schedule import Schedule
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    oc = cfg.optim
+    fused = oc.fused == "on" or (oc.fused == "auto" and device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if oc.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=oc.momentum, nesterov=oc.nesterov,
+                               weight_decay=oc.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(oc.betas), eps=oc.eps,
+                             weight_decay=oc.weight_decay, fused=fused or None)
+
+
+def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, reduction: str = "mean"):
+    """Cross-entropy: classes for images, next token for LMs (positions 1..L-1 predicted)."""
+    if y is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction=reduction)
+    return F.cross_entropy(logits.float(), y, reduction=reduction)
+
+
+class Trainer:
+    def __init__(self, rd: RunDir, cfg: Config | None = None,
+                 on_progress: Callable[["Trainer"], None] | None = None):
+        self.rd, self.cfg = rd, cfg or rd.config()
+        self.on_progress = on_progress
+        self.hooks: list[Callable[["Trainer"], None]] = []   # called before every step
+        self.step = self.samples = 0
+        self.lr_time = self.wall_offset = 0.0
+        self.last_eval: dict = {}
+        self.last_record: dict = {}
+        self.stop_requested = False
+        self._pending: list[tuple[dict, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device = {cfg.device!r} but no CUDA device is visible")
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        self.precision = "bf16" if use_bf16 else "fp32"
+        torch.manual_seed(cfg.seed)
+        self.stream = build_stream(cfg, self.device)
+        self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda" and not cfg.is_lm
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model, self.device)
+        self.schedule = Schedule(cfg)
+        self.tokens_per_sample = cfg.data.seq_len if cfg.is_lm else 1
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        if resume:
+            self._resume()
+        else:
+            self.rd.truncate_metrics(0)
+        self.rd.mark_running(str(self.device))
+        self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
+                             precision=self.precision, torch=torch.__version__, python=platform.python_version(),
+                             host=platform.node(), params=sum(p.numel() for p in self.model.parameters()),
+                             bayes_loss=self.stream.bayes_loss)
+        self.rd.log(f"start {self.rd.id} on {self.device} ({self.precision}), step {self.step}/{cfg.steps}")
+
+    def _resume(self) -> None:
+        found = self.rd.list_checkpoints()
+        if not found:
+            self.rd.truncate_metrics(0)
+            self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None)
+            return
+        step, path = found[-1]
+        state = ckpt.restore(path, self.model, self.optimizer)
+        loop = state["loop"]
+        self.step, self.samples = loop["step"], loop["samples"]
+        self.lr_time, self.wall_offset = loop["lr_time"], loop["wall"]
+        self.last_eval = loop.get("last_eval", {})
+        self.schedule.load_state_dict(state["schedule"])
+        self.stream.load_state_dict(state["stream"])
+        dropped = self.rd.truncate_metrics(loop["metrics_size"])
+        self.rd.append_event("resume", step=self.step, lr_time=self.lr_time, samples=self.samples,
+                             checkpoint=path.name, dropped_metric_bytes=dropped)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> str:
+        cfg, model = self.cfg, self.model
+        self.t0 = time.perf_counter()
+        model.train()
+        while not self._finished():
+            # -- before the step: planned changes, then hooks (control requests)
+            self._apply_planned_changes()
+            for hook in self.hooks:
+                hook(self)
+            if self.stop_requested:
+                break
+            # -- the step
+            lr = self.schedule.lr(self.step, self.lr_time)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.schedule.batch_size
+            loss = self._train_step(batch)
+            self.step += 1
+            self.samples += batch * self.tokens_per_sample
+            self.lr_time += lr / self.schedule.lr_ref
+            # -- record (no sync: the loss stays a tensor until the flush)
+            self._pending.append(({"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
+                                   "wall": self.wall(), "lr": lr, "batch_size": batch}, loss))
+            if self.step % cfg.log_every == 0:
+                self.flush()
+            # -- eval and checkpoint
+            want_ckpt = self._checkpoint_due(lr)
+            if want_ckpt or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                self.evaluate()
+            if want_ckpt:
+                self.save_checkpoint()
+        # -- end
+        self.flush()
+        if self.last_eval.get("step") != self.step:
+            self.evaluate()
+        self.save_checkpoint()
+        return "stopped" if self.stop_requested and not self._finished() else "done"
+
+    def _finished(self) -> bool:
+        cfg = self.cfg
+        return self.step >= cfg.steps or (cfg.max_lr_time > 0 and self.lr_time >= cfg.max_lr_time - 1e-9)
+
+    def _train_step(self, batch: int) -> torch.Tensor:
+        micro = self.cfg.micro_batch_size or batch
+        x, y = self.stream.next_batch(batch)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        total = torch.zeros((), device=self.device)
+        for i in range(0, batch, micro):   # gradient accumulation; a batch change never lands inside
+            xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
+            with self.autocast:
+                loss = loss_fn(self.fwd(xs), xs, ys) * (xs.shape[0] / batch)
+            loss.backward()
+            total += loss.detach()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t0
+
+    # ------------------------------------------------------------------ changes
+    def _apply_planned_changes(self) -> None:
+        for i, ch, changed in self.schedule.due(self.step, self.lr_time):
+            self.rd.append_event("schedule", source="preset", change=i, changed=changed,
+                                 step=self.step, lr_time=self.lr_time, samples=self.samples)
+
+    def _checkpoint_due(self, lr: float) -> bool:
+        cfg = self.cfg
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            return True
+        if self.step in cfg.checkpoint_at_steps:
+            return True
+        before = self.lr_time - lr / self.schedule.lr_ref   # crossed a listed lr_time in this step?
+        return any(before < t <= self.lr_time + 1e-9 for t in cfg.checkpoint_at_lr_times)
+
+    # ------------------------------------------------------------------ records
+    def flush(self) -> None:
+        """Write buffered step records: one device sync for all of them."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
+        records = [dict(rec, loss=l) for (rec, _), l in zip(self._pending, losses)]
+        self._pending.clear()
+        self.rd.append_metrics(records)
+        last = self.last_record = records[-1]
+        self.rd.write_status(step=last["step"], samples=last["samples"], lr_time=last["lr_time"],
+                             loss=last["loss"], lr=last["lr"], batch_size=last["batch_size"])
+        if self.on_progress:
+            self.on_progress(self)
+        bad = next((r for r in records if not math.isfinite(r["loss"])), None)
+        if bad:
+            raise Diverged(f"loss is {bad['loss']} at step {bad['step']}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.flush()
+        model = self.model
+        model.eval()
+        total = errors = count = 0.0
+        eval_batch = self.cfg.micro_batch_size or min(self.cfg.batch_size, 1024)
+        for x, y in self.stream.eval_batches(eval_batch):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                logits = self.fwd(x)
+            total += loss_fn(logits, x, y, reduction="sum")
+            if y is None:
+                errors += (logits[:, :-1].argmax(-1) != x[:, 1:]).sum()
+                count += x.shape[0] * (x.shape[1] - 1)
+            else:
+                errors += (logits.argmax(-1) != y).sum()
+                count += x.shape[0]
+        model.train()
+        rec = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
+               "eval_loss": float(total) / count, "eval_error": float(errors) / count,
+               "unique_samples": self.stream.unique_seen * self.tokens_per_sample}
+        self.rd.append_metrics([rec])
+        self.last_eval = rec
+        self.rd.log(f"step {self.step}: eval loss {rec['eval_loss']:.4f} error {rec['eval_error']:.4f}")
+        return rec
+
+    def save_checkpoint(self) -> None:
+        self.flush()
+        path = self.rd.checkpoint_path(self.step)
+        meta = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
+                "eval_loss": self.last_eval.get("eval_loss") if self.last_eval.get("step") == self.step else None,
+                "model": self.cfg.model.name, "model_config": vars(self.cfg.model),
+                "hf_config": hf_config_dict(self.cfg.model), "run": self.rd.id}
+        loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
+                "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval}
+        ckpt.save(path, self.model, self.optimizer, meta,
+                  {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict()})
+        self.rd.append_event("checkpoint", step=self.step, lr_time=self.lr_time, samples=self.samples,
+                             path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"])
+
+
+def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], None] | None = None,
+          hooks: list[Callable[[Trainer], None]] = ()) -> str:
+    """Train the run in `rd` to its end (or a stop); returns the final state. Never raises for a
+    failed run: the failure is recorded in status.json and events.jsonl."""
+    trainer = Trainer(rd, on_progress=on_progress)
+    trainer.hooks.extend(hooks)
+    old = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # checkpoint at the next step boundary, then end cleanly
+        trainer.stop_requested = True
+
+    in_main = _in_main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        trainer.setup(resume)
+        state = trainer.run()
+        rd.write_status(state=state, ended=time.time(), step=trainer.step)
+        rd.append_event("end", state=state, step=trainer.step, lr_time=trainer.lr_time,
+                        eval_loss=trainer.last_eval.get("eval_loss"))
+        return state
+    except Diverged as e:
+        rd.write_status(state="diverged", ended=time.time(), error=str(e))
+        rd.append_event("diverged", step=trainer.step, lr_time=trainer.lr_time, error=str(e))
+        rd.log(f"diverged: {e}")
+        return "diverged"
+    except DataMissing as e:
+        rd.write_status(state="failed", ended=time.time(), error=str(e))
+        rd.append_event("error", error=str(e))
+        rd.log(f"error: {e}")
+        return "failed"
+    except Exception as e:  # recorded, with the traceback in log.txt
+        rd.write_status(state="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
+        rd.append_event("error", step=trainer.step, error=f"{type(e).__name__}: {e}")
+        rd.log(traceback.format_exc())
+        return "failed"
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,195 @@
+"""The `gpctl` command line. Commands stay thin: they call engine / gpctl.runs functions.
+
+User-caused errors (bad preset, bad --set, unknown run, missing data, corrupt checkpoint) end with
+one line on stderr and exit code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.checkpoint import CheckpointError, read_meta
+from engine.config import ConfigError
+from engine.data.stream import DataMissing
+from engine.presets import list_presets
+from engine.rundir import RunDir, UnknownRun, home, list_runs, resolve
+from gpctl import runs as ops
+from gpctl.progress import train_in_foreground
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, steer and compare SGD-noise experiments.")
+run_app = typer.Typer(no_args_is_help=True, help="Start runs.")
+app.add_typer(run_app, name="run")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (dotted for tables).")]
+
+USER_ERRORS = (ConfigError, UnknownRun, DataMissing, CheckpointError)
+
+
+class State:
+    home: Path = home()
+
+
+def friendly(fn):
+    """One clear line and exit code 2 for errors the user can cause."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@app.callback()
+def main_callback(
+    home_dir: Annotated[Optional[Path], typer.Option("--home", envvar="GPCTL_HOME",
+                        help="Where runs live (default ./gpctl-runs).")] = None,
+) -> None:
+    State.home = home(home_dir)
+
+
+# ---------------------------------------------------------------- presets
+@app.command()
+@friendly
+def presets(as_json: JsonOpt = False) -> None:
+    """List the presets: name, paper figure, description, runs."""
+    found = list_presets()
+    if as_json:
+        out.print_json(json.dumps([{"name": p.name, "figure": p.figure, "description": p.description,
+                                    "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found]))
+        return
+    t = Table(title="presets")
+    for col in ("name", "figure", "runs", "description"):
+        t.add_column(col, overflow="fold")
+    for p in found:
+        t.add_row(p.name, p.figure, ", ".join(p.runs), p.description)
+    out.print(t)
+
+
+# ---------------------------------------------------------------- run
+@run_app.command("preset")
+@friendly
+def run_preset(
+    name: Annotated[str, typer.Argument(help="Preset name (see `gpctl presets`) or a .toml path.")],
+    overrides: SetOpt = None,
+    arm: Annotated[Optional[list[str]], typer.Option("--arm", help="Only these runs of the preset.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the runs end (always, until the queue exists).")] = True,
+) -> None:
+    """Create the runs of a preset and train them here, in the foreground."""
+    rds = ops.create_runs(name, overrides or [], State.home, arm)
+    for rd in rds:
+        out.print(rd.id)
+    states = train_in_foreground(rds, out)
+    final_table(rds)
+    if any(s not in ("done", "stopped") for s in states):
+        raise typer.Exit(1)
+
+
+def final_table(rds: list[RunDir]) -> None:
+    t = Table(title="final losses")
+    for col in ("run", "state", "step", "train loss", "eval loss", "eval error"):
+        t.add_column(col, justify="left" if col in ("run", "state") else "right")
+    floor = None
+    for rd in rds:
+        s = rd.summary()
+        floor = floor or _bayes(rd)
+        t.add_row(rd.id, s["state"], str(s["step"]), _f(s["loss"]), _f(s["eval_loss"]), _f(s["eval_error"]))
+    if floor:
+        t.caption = f"Bayes loss of the task: {floor:.4f}"
+    out.print(t)
+
+
+def _bayes(rd: RunDir) -> float | None:
+    evs, _ = rd.events()
+    return next((e.get("bayes_loss") for e in evs if e["event"] == "start"), None)
+
+
+def _f(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------- ls / show / resume
+@app.command("ls")
+@friendly
+def ls(as_json: JsonOpt = False) -> None:
+    """List runs: state, device, step, loss, lr, batch."""
+    rows = [rd.summary() for rd in list_runs(State.home)]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    t = Table(title=str(State.home / "runs"))
+    for col in ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss"):
+        t.add_column(col, justify="left" if col in ("id", "state", "device") else "right")
+    for r in rows:
+        t.add_row(r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]),
+                  _f(r["lr_time"], 1), _f(r["lr"], 5) if r["lr"] else "-", str(r["batch_size"] or "-"),
+                  _f(r["loss"]), _f(r["eval_loss"]))
+    out.print(t)
+
+
+@app.command()
+@friendly
+def show(run: RunArg, as_json: JsonOpt = False) -> None:
+    """One run in full: status, config, last records, events, checkpoints."""
+    rd = resolve(State.home, run)
+    events, _ = rd.events()
+    info = {"id": rd.id, "path": str(rd.path), "status": rd.status(), "summary": rd.summary(),
+            "checkpoints": [{"step": s, "file": p.name, **_meta(p)} for s, p in rd.list_checkpoints()],
+            "events": events[-20:]}
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    s = info["summary"]
+    out.print(f"[bold]{rd.id}[/]  {s['preset']}/{s['arm']}  state={s['state']}  device={s['device']}")
+    out.print(f"step {s['step']}  samples {s['samples']}  lr_time {_f(s['lr_time'], 1)}  lr {s['lr']}  "
+              f"batch {s['batch_size']}  loss {_f(s['loss'])}  eval loss {_f(s['eval_loss'])}")
+    if s["error"]:
+        out.print(f"error: {s['error']}", markup=False)
+    out.print(f"dir {rd.path}")
+    for c in info["checkpoints"]:
+        out.print(f"  checkpoint {c['file']}  lr_time {_f(c.get('lr_time'), 1)}  eval loss {_f(c.get('eval_loss'))}")
+    for e in info["events"]:
+        detail = {k: v for k, v in e.items() if k not in ("event", "time")}
+        out.print(f"  {e['event']:<10} {json.dumps(detail)}", markup=False)
+
+
+def _meta(path: Path) -> dict:
+    try:
+        m = read_meta(path)
+        return {"lr_time": m.get("lr_time"), "eval_loss": m.get("eval_loss")}
+    except CheckpointError:
+        return {"error": "unreadable"}
+
+
+@app.command()
+@friendly
+def resume(run: RunArg) -> None:
+    """Continue a run from its last checkpoint, in the foreground."""
+    rd = resolve(State.home, run)
+    if rd.status().get("state") == "done":
+        raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
+    states = train_in_foreground([rd], out, resume=True)
+    final_table([rd])
+    if states[0] not in ("done", "stopped"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Foreground training with one Rich progress bar per run."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from engine.rundir import RunDir
+from engine.train import Trainer, train
+
+
+def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = False) -> list[str]:
+    states = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, loss="-") for rd in rds}
+
+        for rd in rds:
+            task = tasks[rd.id]
+
+            def update(t: Trainer, task=task) -> None:
+                loss = t.last_record.get("loss")
+                progress.update(task, completed=t.step, loss=f"{loss:.4f}" if loss is not None else "-")
+
+            state = train(rd, resume=resume, on_progress=update)
+            progress.update(task, description=f"{rd.id} [{state}]")
+            states.append(state)
+    return states
