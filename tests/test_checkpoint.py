@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.rundir import RunDir
+from engine.train import train
+from tests.conftest import TINY_IMAGES, TINY_LM, tiny
+
+
+def _records(rd):
+    return [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_at(step):
+    def hook(trainer):
+        if trainer.step == step:
+            raise Crash(f"simulated crash at step {step}")
+    return hook
+
+
+@pytest.mark.parametrize("base, extra", [
+    (TINY_IMAGES, ["data.augment=[\"crop\", \"flip\"]"]),
+    (TINY_LM, ["steps=8", "micro_batch_size=2"]),
+])
+def test_resume_after_a_crash_is_exact(tmp_path, base, extra):
+    cfg = tiny(base, "checkpoint_every=4", "eval_every=3", *extra)
+    cfg.changes = []
+    full = RunDir.create(tmp_path, cfg, run_id="full")
+    assert train(full) == "done"
+    broken = RunDir.create(tmp_path, cfg, run_id="broken")
+    assert train(broken, hooks=[_crash_at(7)]) == "failed"
+    assert "simulated crash at step 7" in broken.status()["error"]
+    assert train(broken, resume=True) == "done"
+    assert _records(broken) == _records(full)
+    resumed = [e for e in broken.events()[0] if e["event"] == "resume"]
+    assert (resumed[0]["step"], resumed[0]["checkpoint"]) == (4, "step_0000004.safetensors")
+    w_full, _ = ckpt.load_weights(full.list_checkpoints()[-1][1])
+    w_res, _ = ckpt.load_weights(broken.list_checkpoints()[-1][1])
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_checkpoint_round_trip_with_metadata(tmp_path):
+    cfg = tiny(TINY_IMAGES, "steps=6", "eval_every=0", "checkpoint_at_steps=[2]", "checkpoint_at_lr_times=[2.5]",
+               "lr=0.05")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    steps = [s for s, _ in rd.list_checkpoints()]
+    assert steps == [2, 3, 6]                  # listed step, lr_time 2.5 crossed by step 3, the end
+    weights, meta = ckpt.load_weights(rd.checkpoint_path(3))
+    assert (meta["step"], meta["samples"], meta["model"], meta["run"]) == (3, 48, "resnet18", rd.id)
+    assert meta["lr_time"] == pytest.approx(3.0)
+    assert meta["model_config"]["width"] == 2
+    evals = {r["step"]: r["eval_loss"] for r in rd.metrics()[0] if "eval_loss" in r}
+    assert meta["eval_loss"] == evals[3]        # every checkpoint is evaluated (TV matching needs it)
+    from engine.models import build_model
+    model = build_model(cfg.model)
+    ckpt.load_weights_into(model, weights, rd.checkpoint_path(3))
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
+    bad = tmp_path / "step_0000001.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_weights(bad)
+    assert str(e.value).startswith(f"{bad}: not a readable safetensors checkpoint")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(bad))
+    with pytest.raises(ckpt.CheckpointError, match="not a gpctl checkpoint"):
+        ckpt.read_meta(bad)
+
+
+def test_state_file_holds_no_pickle(tmp_path):
+    cfg = tiny(TINY_LM, "steps=2", "eval_every=0")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    path = rd.checkpoint_path(2)
+    tensors, state = ckpt.load_state(path)
+    assert state["loop"]["step"] == 2 and state["stream"]["position"] == 8
+    assert {"rng.cpu", "optim.0.exp_avg", "optim.0.exp_avg_sq", "optim.0.step"} <= set(tensors)
+    json.dumps(state)  # plain JSON through and through
+
+
+def test_gpt2_checkpoint_loads_in_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    cfg = tiny(TINY_LM, "steps=2", "eval_every=0")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    folder = ckpt.export_hf(rd.checkpoint_path(2), tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    from engine.models import build_model
+    ours = build_model(cfg.model)
+    weights, _ = ckpt.load_weights(rd.checkpoint_path(2))
+    ckpt.load_weights_into(ours, weights, rd.checkpoint_path(2))
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=tokens).logits, ours.eval()(tokens), atol=1e-5)
+    assert hf.config.n_layer == 1 and hf.config.vocab_size == 64

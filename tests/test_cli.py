@@ -1,0 +1,130 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gpctl.cli import app
+
+runner = CliRunner()
+
+TINY_PRESET = """
+[preset]
+figure = "Fig. 7a (test twin)"
+description = "tiny"
+twin = "tiny"
+
+[base]
+steps = 8
+lr = 0.05
+batch_size = 16
+eval_every = 4
+checkpoint_every = 4
+log_every = 2
+device = "cpu"
+
+[base.model]
+name = "resnet18"
+width = 2
+
+[base.data]
+source = "synthetic_images"
+image_size = 8
+eval_samples = 64
+teacher_width = 8
+
+[runs.bs4to16]
+batch_size = 4
+
+[[runs.bs4to16.changes]]
+at_step = 4
+batch_size = 16
+
+[runs.bs16]
+"""
+
+
+def invoke(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args])
+
+
+@pytest.fixture
+def preset(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY_PRESET)
+    return p
+
+
+def test_presets_lists_every_figure(home):
+    res = invoke(home, "presets", "--json")
+    assert res.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["cifar_bs32_512"]["figure"] == "Fig. 7a"
+    assert rows["cifar_bs32_512"]["runs"] == ["bs32to512", "bs512", "bs512_seed2"]
+    assert rows["demo"]["twin"] == "demo"
+
+
+def test_run_ls_show_resume(home, preset):
+    res = invoke(home, "run", "preset", str(preset), "--set", "steps=6")
+    assert res.exit_code == 0, res.output
+    ids = [line for line in res.stdout.splitlines() if line.startswith("tiny-")][:2]
+    assert [i.rsplit("-", 1)[0] for i in ids] == ["tiny-bs4to16", "tiny-bs16"]
+    assert "final losses" in res.stdout
+
+    rows = {r["id"]: r for r in json.loads(invoke(home, "ls", "--json").stdout)}
+    assert set(rows) == set(ids)
+    first = rows[ids[0]]
+    assert (first["state"], first["step"], first["batch_size"], first["samples"]) == ("done", 6, 16, 4 * 4 + 2 * 16)
+    assert first["device"] == "cpu" and first["eval_loss"] > 0
+
+    shown = json.loads(invoke(home, "show", ids[0][:len("tiny-bs4to16-") + 2], "--json").stdout)
+    assert shown["id"] == ids[0]
+    assert [c["step"] for c in shown["checkpoints"]] == [4, 6]
+    sched = [e for e in shown["events"] if e["event"] == "schedule"]
+    assert sched[0]["step"] == 4 and sched[0]["changed"] == {"batch_size": [4, 16]}
+
+    done = invoke(home, "resume", ids[1])
+    assert done.exit_code == 2 and done.stderr.strip() == f"error: run {ids[1]} is already done (step 6)"
+
+
+def test_resume_continues_a_stopped_run(home, preset, monkeypatch):
+    from engine.rundir import list_runs, resolve
+    from gpctl import runs as ops
+    from engine.train import train
+    from pathlib import Path
+    rd = ops.create_runs(str(preset), ["steps=8"], Path(home), ["bs16"])[0]
+
+    def stop_at_5(t):
+        t.stop_requested = t.step == 5
+    assert train(rd, hooks=[stop_at_5]) == "stopped"
+    res = invoke(home, "resume", rd.id)
+    assert res.exit_code == 0, res.output
+    assert rd.summary()["step"] == 8 and rd.status()["state"] == "done"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "preset", "nosuch"], "error: unknown preset 'nosuch': no nosuch.toml in"),
+    (["run", "preset", "demo", "--set", "lr=-1"], "error: "),
+    (["run", "preset", "demo", "--set", "model.depth=3"], "error: --set model.depth: unknown key 'model.depth' (did you mean 'depths'?)"),
+    (["show", "zzz"], "error: unknown run 'zzz' in"),
+    (["resume", "zzz"], "error: unknown run 'zzz' in"),
+])
+def test_user_errors_are_one_line_and_exit_2(home, args, line):
+    res = invoke(home, *args)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_bad_lr_names_file_and_key(home):
+    res = invoke(home, "run", "preset", "demo", "--set", "lr=-1")
+    assert res.stderr.strip().endswith("[runs.bs32to512]: 'lr' must be > 0, got -1.0")
+
+
+def test_missing_real_data_stops_before_anything_is_created(home, tmp_path):
+    res = invoke(home, "run", "preset", "cifar_bs32_512", "--set", f"data.path=\"{tmp_path}/none\"")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (f"error: cifar_bs32_512: CIFAR-5m not found: no part0.npz … part5.npz in "
+                                  f"{tmp_path}/none (set data.path=DIR); or run its CPU twin: "
+                                  f"gpctl run preset cifar_bs32_512_tiny")
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
