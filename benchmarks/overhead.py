@@ -1,0 +1,109 @@
+"""Engine step loop vs a bare PyTorch loop: same model, same data stream, batch 32, CPU.
+
+Both loops draw from the same kind of Stream (CIFAR-5m-shaped uint8 parts in a temp folder, held in
+memory, normalized like the real thing), train the same CIFAR ResNet-18 (width --width) with SGD
+m=0.9, and are timed over the same steps after a warm-up. The bare loop is what a researcher
+would write by hand (forward, loss, backward, step, zero_grad; no logging). The engine loop is
+`Trainer.run()` with everything a run does: schedule, hooks, buffered records, status, flushes.
+Runs alternate (A B A B ...) and the ratio is the median of per-pair ratios.
+
+    python benchmarks/overhead.py [--steps 200] [--pairs 5] [--width 16]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import build  # noqa: E402
+from engine.data import build_stream  # noqa: E402
+from engine.models import build_model  # noqa: E402
+from engine.rundir import RunDir  # noqa: E402
+from engine.train import Trainer  # noqa: E402
+
+
+def make_parts(folder: Path, n: int = 8192) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.savez(folder / f"part{i}.npz", X=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 Y=rng.integers(0, 10, n))
+
+
+def config(folder: Path, steps: int, width: int):
+    return build({"name": "bench", "preset": "overhead", "steps": steps, "lr": 0.05, "batch_size": 32,
+                  "eval_every": 0, "log_every": 20, "device": "cpu",
+                  "model": {"name": "resnet18", "width": width},
+                  "data": {"source": "cifar5m", "path": str(folder), "eval_samples": 32}}, "overhead")
+
+
+def bare(cfg, warmup: int) -> float:
+    torch.manual_seed(cfg.seed)
+    stream = build_stream(cfg, torch.device("cpu"))
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    model.train()
+    for step in range(cfg.steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        x, y = stream.next_batch(cfg.batch_size)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss.item()
+    return time.perf_counter() - t0
+
+
+def engine(cfg, warmup: int, root: Path) -> float:
+    rd = RunDir.create(root, cfg)
+    trainer = Trainer(rd, cfg)
+    trainer.setup(resume=False)
+    marks = {}
+    trainer.hooks.append(lambda t: marks.setdefault(t.step, time.perf_counter()))
+    trainer.cfg.eval_every = 0
+    # time the step loop only: stop before the final eval/checkpoint by ending at `steps`
+    trainer.save_checkpoint = lambda: None
+    trainer.evaluate = lambda: {}
+    trainer.run()
+    end = time.perf_counter()
+    return end - marks[warmup]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--width", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "c5m"
+        folder.mkdir()
+        make_parts(folder)
+        cfg = config(folder, args.steps, args.width)
+        ratios, tb, te = [], [], []
+        for i in range(args.pairs):
+            b = bare(cfg, args.warmup)
+            e = engine(cfg, args.warmup, Path(tmp) / f"home{i}")
+            tb.append(b)
+            te.append(e)
+            ratios.append(e / b)
+            print(f"pair {i}: bare {b:.3f}s  engine {e:.3f}s  ratio {e / b:.4f}", flush=True)
+        n = args.steps - args.warmup
+        print(f"steps timed per loop: {n}; bare median {statistics.median(tb) / n * 1e3:.2f} ms/step, "
+              f"engine median {statistics.median(te) / n * 1e3:.2f} ms/step")
+        print(f"engine/bare ratio (median of {args.pairs} pairs): {statistics.median(ratios):.4f}  (goal <= 1.02)")
+
+
+if __name__ == "__main__":
+    main()
