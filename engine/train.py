@@ -171,13 +171,15 @@ class Trainer:
         x, y = self.stream.next_batch(batch)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        total = torch.zeros((), device=self.device)
+        total = None
         for i in range(0, batch, micro):   # gradient accumulation; a batch change never lands inside
             xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
             with self.autocast:
-                loss = loss_fn(self.fwd(xs), xs, ys) * (xs.shape[0] / batch)
+                loss = loss_fn(self.fwd(xs), xs, ys)
+            if micro < batch:
+                loss = loss * (xs.shape[0] / batch)
             loss.backward()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
