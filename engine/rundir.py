@@ -21,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
 
@@ -252,7 +252,3 @@ def resolve(root: Path, text: str) -> RunDir:
         raise UnknownRun(f"unknown run '{text}' in {root / 'runs'}")
     raise UnknownRun(f"run '{text}' is ambiguous: {', '.join(r.id for r in hits[:5])}")
 
-
-def iter_all_metrics(rd: RunDir) -> Iterator[dict]:
-    recs, _ = rd.metrics()
-    yield from recs

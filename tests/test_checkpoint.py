@@ -103,3 +103,13 @@ def test_gpt2_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=tokens).logits, ours.eval()(tokens), atol=1e-5)
     assert hf.config.n_layer == 1 and hf.config.vocab_size == 64
+
+
+def test_nan_loss_ends_the_run_as_diverged(tmp_path):
+    cfg = tiny(TINY_LM, "steps=30", "lr=1e6", "optim.grad_clip=0.0", "log_every=1", "eval_every=0")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "diverged"
+    st = rd.status()
+    assert st["state"] == "diverged" and st["error"].startswith("loss is nan at step")
+    ev = [e for e in rd.events()[0] if e["event"] == "diverged"]
+    assert len(ev) == 1 and ev[0]["step"] < 30

@@ -203,3 +203,26 @@ def test_missing_tokenizer_is_one_line(tmp_path):
     from engine.data.c4 import load_tokenizer
     with pytest.raises(DataMissing, match=r"^tokenizer '.*nope' could not be loaded"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_imagenet_folder_stream(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("n01", "n02"):
+            d = tmp_path / "imnet" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    cfg = tiny(TINY_IMAGES, "data.source=\"imagenet\"", f"data.path=\"{tmp_path / 'imnet'}\"", "data.image_size=32",
+               "data.eval_samples=4", "data.augment=[\"crop\", \"flip\"]", "data.mode=\"offline\"",
+               "data.offline_size=4", "data.workers=2")
+    s = build_stream(cfg, CPU)
+    assert (s.source.length, s.eval_size) == (6, 4)
+    x, y = s.next_batch(8)                          # crosses an epoch of the 4-image offline subset
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+    assert sorted(y[:4].tolist()) == [0, 0, 1, 1]   # class-balanced subset
+    assert s.epoch == 2 and s.unique_seen == 4
+    with pytest.raises(DataMissing, match="ImageNet not found: no train/ and val/"):
+        build_stream(tiny(TINY_IMAGES, "data.source=\"imagenet\"", f"data.path=\"{tmp_path}\""), CPU)
