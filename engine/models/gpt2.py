@@ -16,7 +16,8 @@ def gpt2_config(mc: ModelConfig):
     return GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.n_positions, n_embd=mc.n_embd,
                       n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=mc.dropout,
                       embd_pdrop=mc.dropout, attn_pdrop=mc.dropout, use_cache=False,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, bos_token_id=mc.vocab_size - 1,
+                      eos_token_id=mc.vocab_size - 1)  # 50256 for GPT-2's vocabulary
 
 
 class GPT2(nn.Module):
