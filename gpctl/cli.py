@@ -98,18 +98,26 @@ def run_preset(
         raise typer.Exit(1)
 
 
-def final_table(rds: list[RunDir]) -> None:
+def final_table(rds: list[RunDir], last: int = 20) -> None:
     t = Table(title="final losses")
-    for col in ("run", "state", "step", "train loss", "eval loss", "eval error"):
+    for col in ("run", "state", "step", f"train loss (last {last} steps)", "eval loss", "eval error"):
         t.add_column(col, justify="left" if col in ("run", "state") else "right")
     floor = None
     for rd in rds:
         s = rd.summary()
         floor = floor or _bayes(rd)
-        t.add_row(rd.id, s["state"], str(s["step"]), _f(s["loss"]), _f(s["eval_loss"]), _f(s["eval_error"]))
+        t.add_row(rd.id, s["state"], str(s["step"]), _f(_mean_last_losses(rd, last)), _f(s["eval_loss"]),
+                  _f(s["eval_error"]))
     if floor:
         t.caption = f"Bayes loss of the task: {floor:.4f}"
     out.print(t)
+
+
+def _mean_last_losses(rd: RunDir, n: int) -> float | None:
+    """Mean train loss of the last n steps: online, every batch is fresh data, so this is a test loss
+    with far less noise than one step's."""
+    losses = [r["loss"] for r in rd.metrics()[0] if "loss" in r][-n:]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _bayes(rd: RunDir) -> float | None:
