@@ -92,6 +92,13 @@ class Change:
 
 
 @dataclass
+class ControlConfig:
+    max_lr_factor: float = 100.0    # a requested lr above this times the preset's lr is rejected
+    max_batch_size: int = 65536     # samples; a requested batch above this is rejected
+    share_with_group: bool = False  # run dir 0750 / files 0640: the group may read, never write
+
+
+@dataclass
 class Config:
     name: str = ""                  # run name (arm), set by the preset
     preset: str = ""
@@ -117,7 +124,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     changes: list[Change] = field(default_factory=list)
+    parent: str = ""                # fork: the run this one branched from
+    parent_checkpoint: str = ""     # fork: absolute path of the checkpoint it starts from
+    parent_overrides: list[str] = field(default_factory=list)  # fork: the --set items applied at its start
 
     @property
     def reference_lr(self) -> float:
@@ -249,6 +260,8 @@ def validate(cfg: Config, where: str) -> Config:
             raise ConfigError(f"{where}: '{key}' changes nothing (set lr or batch_size)")
         if ch.batch_size:
             _check_batch(where, f"{key}.batch_size", ch.batch_size, cfg.micro_batch_size)
+    if cfg.control.max_lr_factor <= 0 or cfg.control.max_batch_size <= 0:
+        raise ConfigError(f"{where}: 'control.max_lr_factor' and 'control.max_batch_size' must be > 0")
     if cfg.is_lm != (cfg.data.source in ("synthetic_tokens", "c4")):
         raise ConfigError(f"{where}: 'model.name' = {cfg.model.name!r} does not fit "
                           f"'data.source' = {cfg.data.source!r}")

@@ -39,8 +39,14 @@ class UnknownRun(LookupError):
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` (temp file + rename), keeping the file's mode."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = FILE_MODE
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -113,6 +119,10 @@ class RunDir:
         for f in (rd.metrics_file, rd.events_file, rd.control_file, rd.log_file):
             os.close(os.open(f, os.O_WRONLY | os.O_CREAT, FILE_MODE))
         rd.write_status(state="created", created=time.time())
+        if cfg.control.share_with_group:  # the group may read (and watch), never write or steer
+            rd.path.chmod(0o750)
+            for f in rd.path.iterdir():
+                f.chmod(0o750 if f.is_dir() else 0o640)
         return rd
 
     # ------------------------------------------------------------ config and status

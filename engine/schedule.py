@@ -5,6 +5,8 @@ The effective learning rate of step s is   lr_s = base(lr_time) * shape(s)
   - base:     the preset's `lr`, replaced by each change (planned `changes`, or requests from the
               control file); with `ramp` R it moves linearly to the new value over R LR-normalized
               steps (the paper ramps lr increases over 100).
+A manual lr (control file, fork) is exact from then on: shape(s) = 1 and planned lr changes are
+skipped; planned batch changes still apply.
 lr_time after s steps is  sum_{i<s} lr_i / lr_ref.
 A batch-size change takes effect at a step boundary, never inside gradient accumulation.
 """
@@ -25,6 +27,7 @@ class Noise:
     ramp_start: float = 0.0         # lr_time where the ramp began
     ramp_len: float = 0.0           # LR-normalized steps; 0 = no ramp in progress
     applied: list[bool] = field(default_factory=list)  # one per planned change
+    manual: bool = False            # an lr was set by hand: the schedule's lr no longer applies
 
 
 class Schedule:
@@ -37,6 +40,8 @@ class Schedule:
     # ------------------------------------------------------------ the two knobs
     def shape(self, step: int) -> float:
         sc = self.cfg.schedule
+        if self.noise.manual:
+            return 1.0
         if sc.warmup_steps and step < sc.warmup_steps:
             return (step + 1) / sc.warmup_steps
         if sc.kind == "cosine":
@@ -62,31 +67,45 @@ class Schedule:
         return self.noise.batch_size
 
     # ------------------------------------------------------------ changes
-    def set(self, lr_time: float, lr: float = 0.0, batch_size: int = 0, ramp: float = 0.0) -> dict:
-        """Change the noise now; returns what changed ({"lr": [old, new], ...})."""
+    def set(self, step: int, lr_time: float, lr: float = 0.0, batch_size: int = 0, ramp: float = 0.0,
+            manual: bool = False) -> dict:
+        """Change the noise now; returns what changed ({"lr": [effective before, new], ...}).
+
+        manual: the lr is exactly `lr` from now on (the schedule's shape and planned lr changes stop).
+        """
         n, changed = self.noise, {}
         if lr:
-            old = self.base_lr(lr_time)
+            before = self.lr(step, lr_time)
+            if manual:
+                n.manual = True
+            start = before if manual else self.base_lr(lr_time)
             if ramp > 0:
-                n.ramp_from, n.ramp_to, n.ramp_start, n.ramp_len = old, lr, lr_time, ramp
+                n.ramp_from, n.ramp_to, n.ramp_start, n.ramp_len = start, lr, lr_time, ramp
             else:
                 n.ramp_len = 0.0
             n.base_lr = lr
-            changed["lr"] = [old, lr]
+            changed["lr"] = [before, lr]
         if batch_size:
             changed["batch_size"] = [n.batch_size, batch_size]
             n.batch_size = batch_size
         return changed
 
     def due(self, step: int, lr_time: float) -> list[tuple[int, Change, dict]]:
-        """Apply the planned changes due at this step boundary; returns (index, change, what changed)."""
+        """Apply the planned changes due at this step boundary; returns (index, change, what changed).
+
+        After a manual lr, a planned change's lr part is skipped (its batch part still applies).
+        """
         out = []
         for i, ch in enumerate(self.cfg.changes):
             if self.noise.applied[i]:
                 continue
             if (ch.at_step >= 0 and step >= ch.at_step) or (0 <= ch.at_lr_time <= lr_time + 1e-9):
                 self.noise.applied[i] = True
-                out.append((i, ch, self.set(lr_time, ch.lr, ch.batch_size, ch.ramp)))
+                lr = 0.0 if self.noise.manual else ch.lr
+                changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp)
+                if ch.lr and self.noise.manual:
+                    changed["skipped"] = "lr (a manual lr overrides the schedule)"
+                out.append((i, ch, changed))
         return out
 
     # ------------------------------------------------------------ resume

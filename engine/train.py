@@ -2,7 +2,7 @@
 
     setup      config -> device, model, optimizer, stream, schedule; resume from the last checkpoint
     loop:
-      before_step   planned changes due at this boundary (and, via hooks, control-file requests)
+      before_step   planned changes due at this boundary, then control-file requests, then hooks
       step          lr and batch from the schedule; micro-batches; clip; optimizer.step()
       record        one buffered record per step; flushed every `log_every` steps (the only sync)
       eval          every `eval_every` steps and at each checkpoint
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
+from engine.control import ControlReader, validate
 from engine.data import DataMissing, build_stream
 from engine.models import build_model, hf_config_dict
 from engine.rundir import RunDir
@@ -94,10 +95,15 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.tokens_per_sample = cfg.data.seq_len if cfg.is_lm else 1
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
-        if resume:
+        self.control = ControlReader(self.rd)
+        if resume and self.rd.list_checkpoints():
             self._resume()
+        elif cfg.parent_checkpoint:
+            self._start_from_parent()
         else:
             self.rd.truncate_metrics(0)
+            if resume:
+                self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None)
         self.rd.mark_running(str(self.device))
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),
@@ -105,23 +111,45 @@ class Trainer:
                              bayes_loss=self.stream.bayes_loss)
         self.rd.log(f"start {self.rd.id} on {self.device} ({self.precision}), step {self.step}/{cfg.steps}")
 
-    def _resume(self) -> None:
-        found = self.rd.list_checkpoints()
-        if not found:
-            self.rd.truncate_metrics(0)
-            self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None)
-            return
-        step, path = found[-1]
+    def _restore(self, path) -> dict:
+        """Weights, optimizer, RNG, clocks, schedule and stream position from a checkpoint."""
         state = ckpt.restore(path, self.model, self.optimizer)
         loop = state["loop"]
         self.step, self.samples = loop["step"], loop["samples"]
         self.lr_time, self.wall_offset = loop["lr_time"], loop["wall"]
-        self.last_eval = loop.get("last_eval", {})
         self.schedule.load_state_dict(state["schedule"])
         self.stream.load_state_dict(state["stream"])
-        dropped = self.rd.truncate_metrics(loop["metrics_size"])
+        return state
+
+    def _resume(self) -> None:
+        step, path = self.rd.list_checkpoints()[-1]
+        state = self._restore(path)
+        self.last_eval = state["loop"].get("last_eval", {})
+        self.control.load_state_dict(state["control"])
+        dropped = self.rd.truncate_metrics(state["loop"]["metrics_size"])
         self.rd.append_event("resume", step=self.step, lr_time=self.lr_time, samples=self.samples,
                              checkpoint=path.name, dropped_metric_bytes=dropped)
+
+    def _start_from_parent(self) -> None:
+        """A fork: the parent's state at its checkpoint, then the fork's overrides from the first step."""
+        from pathlib import Path
+
+        cfg = self.cfg
+        self._restore(Path(cfg.parent_checkpoint))
+        self.rd.truncate_metrics(0)
+        for group in self.optimizer.param_groups:  # optimizer hyper-parameters come from the fork's config
+            if cfg.optim.name == "sgd":
+                group.update(momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+            else:
+                group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            group["weight_decay"] = cfg.optim.weight_decay
+        keys = {item.split("=", 1)[0].strip() for item in cfg.parent_overrides}
+        changed = self.schedule.set(self.step, self.lr_time, lr=cfg.lr if "lr" in keys else 0.0,
+                                    batch_size=cfg.batch_size if "batch_size" in keys else 0,
+                                    manual="lr" in keys)
+        self.rd.append_event("fork", parent=cfg.parent, checkpoint=cfg.parent_checkpoint, step=self.step,
+                             samples=self.samples, lr_time=self.lr_time, overrides=cfg.parent_overrides,
+                             changed=changed)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> str:
@@ -131,6 +159,7 @@ class Trainer:
         while not self._finished():
             # -- before the step: planned changes, then hooks (control requests)
             self._apply_planned_changes()
+            self._apply_control()
             for hook in self.hooks:
                 hook(self)
             if self.stop_requested:
@@ -194,6 +223,41 @@ class Trainer:
         for i, ch, changed in self.schedule.due(self.step, self.lr_time):
             self.rd.append_event("schedule", source="preset", change=i, changed=changed,
                                  step=self.step, lr_time=self.lr_time, samples=self.samples)
+
+    def _apply_control(self) -> None:
+        """Requests from control.jsonl, each once, in order, at this step boundary."""
+        for item in self.control.poll():
+            self.control.consume(item)
+            if item.problem == "blank":
+                continue
+            line, req = item.number, item.request
+            rid = req.get("id") if isinstance(req, dict) and isinstance(req.get("id"), str) else None
+            where = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
+            cc = self.cfg.control
+            reason = item.problem or validate(req, base_lr=self.cfg.lr, micro_batch=self.cfg.micro_batch_size,
+                                              max_lr_factor=cc.max_lr_factor, max_batch=cc.max_batch_size)
+            if reason:
+                self.rd.append_event("control", id=rid or f"line-{line}", line=line, status="rejected",
+                                     reason=reason, **where)
+                self.rd.log(f"control line {line} rejected: {reason}")
+                continue
+            rid = rid or f"line-{line}"
+            if "set" in req:
+                new = req["set"]
+                changed = self.schedule.set(self.step, self.lr_time, lr=new.get("lr", 0.0),
+                                            batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
+                                            manual=True)
+                extra = {"overrides_schedule": True} if "lr" in new else {}
+                self.rd.append_event("control", id=rid, line=line, status="applied", changed=changed,
+                                     ramp=req.get("ramp", 0.0), **extra, **where)
+            elif req["action"] == "checkpoint":
+                if self.last_eval.get("step") != self.step:
+                    self.evaluate()
+                self.save_checkpoint()
+                self.rd.append_event("control", id=rid, line=line, status="applied", action="checkpoint", **where)
+            else:  # stop: checkpoint (at the end of run()) and end cleanly
+                self.stop_requested = True
+                self.rd.append_event("control", id=rid, line=line, status="applied", action="stop", **where)
 
     def _checkpoint_due(self, lr: float) -> bool:
         cfg = self.cfg
@@ -260,7 +324,8 @@ class Trainer:
         loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
                 "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval}
         ckpt.save(path, self.model, self.optimizer, meta,
-                  {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict()})
+                  {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict(),
+                   "control": self.control.state_dict()})
         self.rd.append_event("checkpoint", step=self.step, lr_time=self.lr_time, samples=self.samples,
                              path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"])
 

@@ -5,52 +5,28 @@ one line on stderr and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from engine.checkpoint import CheckpointError, read_meta
 from engine.config import ConfigError
-from engine.data.stream import DataMissing
+from engine.fork import children
 from engine.presets import list_presets
-from engine.rundir import RunDir, UnknownRun, home, list_runs, resolve
+from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
+from gpctl import steer
+from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
+from gpctl.common import fmt as _f
 from gpctl.progress import train_in_foreground
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, steer and compare SGD-noise experiments.")
 run_app = typer.Typer(no_args_is_help=True, help="Start runs.")
 app.add_typer(run_app, name="run")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (dotted for tables).")]
-
-USER_ERRORS = (ConfigError, UnknownRun, DataMissing, CheckpointError)
-
-
-class State:
-    home: Path = home()
-
-
-def friendly(fn):
-    """One clear line and exit code 2 for errors the user can cause."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            err.print(f"error: {e}", markup=False)
-            raise typer.Exit(2) from None
-    return wrapper
 
 
 @app.callback()
@@ -125,10 +101,6 @@ def _bayes(rd: RunDir) -> float | None:
     return next((e.get("bayes_loss") for e in evs if e["event"] == "start"), None)
 
 
-def _f(v, digits: int = 4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 # ---------------------------------------------------------------- ls / show / resume
 @app.command("ls")
 @friendly
@@ -154,7 +126,9 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     """One run in full: status, config, last records, events, checkpoints."""
     rd = resolve(State.home, run)
     events, _ = rd.events()
+    cfg = rd.config()
     info = {"id": rd.id, "path": str(rd.path), "status": rd.status(), "summary": rd.summary(),
+            "parent": cfg.parent or None, "children": children(State.home, rd),
             "checkpoints": [{"step": s, "file": p.name, **_meta(p)} for s, p in rd.list_checkpoints()],
             "events": events[-20:]}
     if as_json:
@@ -167,6 +141,10 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     if s["error"]:
         out.print(f"error: {s['error']}", markup=False)
     out.print(f"dir {rd.path}")
+    if info["parent"]:
+        out.print(f"parent {info['parent']}  (forked with {' '.join(cfg.parent_overrides) or 'no overrides'})")
+    if info["children"]:
+        out.print(f"children {', '.join(info['children'])}")
     for c in info["checkpoints"]:
         out.print(f"  checkpoint {c['file']}  lr_time {_f(c.get('lr_time'), 1)}  eval loss {_f(c.get('eval_loss'))}")
     for e in info["events"]:
@@ -193,6 +171,9 @@ def resume(run: RunArg) -> None:
     final_table([rd])
     if states[0] not in ("done", "stopped"):
         raise typer.Exit(1)
+
+
+steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def test_at_lr_time_change_fires_at_first_boundary_past_it():
 def test_ramp_is_linear_in_lr_time():
     cfg = tiny(TINY_IMAGES, "lr=0.01", "lr_ref=0.01")
     s = Schedule(cfg)
-    s.set(lr_time=10.0, lr=0.03, ramp=4.0)
+    s.set(step=0, lr_time=10.0, lr=0.03, ramp=4.0)
     assert [s.lr(0, t) for t in (10.0, 11.0, 12.0, 13.0, 14.0, 20.0)] == pytest.approx(
         [0.01, 0.015, 0.02, 0.025, 0.03, 0.03])
 

@@ -1,0 +1,148 @@
+"""Steering a running job: set / drop / raise / stop / checkpoint, and fork.
+
+Each command appends one request to the run's control.jsonl (atomically, under a lock) and prints
+its id; with --wait it prints where the run applied it, or why it refused it.
+Paper defaults: drop = lr ÷ 10 or batch × 16; raise = the inverse, an lr rise ramped over 100
+LR-normalized steps (App. A.3).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from engine.config import ConfigError, parse_value
+from engine.control import ControlError, append_request, wait_for_ack
+from engine.fork import fork as fork_run
+from engine.rundir import RunDir, resolve
+from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, fmt, friendly, out
+
+LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="Scale the lr by this factor.")]
+BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="Scale the batch size by this factor.")]
+
+
+def send(run: str, request: dict, wait: bool, timeout: float) -> None:
+    rd = resolve(State.home, run)
+    rid = append_request(rd, request)
+    out.print(rid)
+    if not wait:
+        return
+    ack = wait_for_ack(rd, rid, timeout)
+    if ack is None:
+        state = rd.status().get("state")
+        if state in ("stopped", "failed"):
+            out.print(f"run {rd.id} is {state}: the request applies when it resumes (gpctl resume {rd.id})")
+            return
+        err.print(f"error: run {rd.id} did not acknowledge request {rid} within {timeout:g}s (state {state})")
+        raise typer.Exit(1)
+    if ack["status"] == "rejected":
+        err.print(f"rejected: {ack['reason']}", markup=False)
+        raise typer.Exit(1)
+    what = ", ".join(f"{k} {v[0]:g} -> {v[1]:g}" for k, v in ack.get("changed", {}).items()
+                     if isinstance(v, list)) or ack.get("action", "")
+    out.print(f"applied at step {ack['step']} (lr_time {fmt(ack['lr_time'], 2)}, samples {ack['samples']}): {what}")
+
+
+def current(rd: RunDir) -> tuple[float, int]:
+    """The lr and batch size in effect now (last flushed record, or the config before the first)."""
+    s = rd.summary()
+    cfg = rd.config()
+    return (s["lr"] or cfg.lr), (s["batch_size"] or cfg.batch_size)
+
+
+def _noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None, lower: bool, ramp: float) -> dict:
+    if lr_factor is not None and batch_factor is not None:
+        raise ControlError("give one of --lr-factor or --batch-factor")
+    lr, batch = current(rd)
+    if batch_factor is not None:
+        if batch_factor < 1:
+            raise ControlError(f"--batch-factor must be >= 1, got {batch_factor}")
+        if lower:
+            return {"set": {"batch_size": batch * batch_factor}}
+        if batch % batch_factor:
+            raise ControlError(f"batch {batch} is not divisible by --batch-factor {batch_factor}")
+        return {"set": {"batch_size": batch // batch_factor}}
+    k = 10.0 if lr_factor is None else lr_factor
+    if not k > 0:
+        raise ControlError(f"--lr-factor must be > 0, got {k}")
+    req = {"set": {"lr": lr / k if lower else lr * k}}
+    if not lower and ramp > 0:
+        req["ramp"] = ramp
+    return req
+
+
+@friendly
+def set_(run: RunArg,
+         values: Annotated[list[str], typer.Argument(help="lr=… and/or batch_size=…")],
+         ramp: Annotated[float, typer.Option("--ramp", help="Reach the new lr over N LR-normalized steps.")] = 0.0,
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+    """Set the lr and/or batch size of a running job (absolute values)."""
+    changes = {}
+    for item in values:
+        key, _, text = item.partition("=")
+        if key not in ("lr", "batch_size") or not text:
+            raise ControlError(f"expected lr=VALUE or batch_size=VALUE, got {item!r}")
+        changes[key] = parse_value(text)
+    req = {"set": changes}
+    if ramp:
+        req["ramp"] = ramp
+    send(run, req, wait, timeout)
+
+
+@friendly
+def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+    """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16)."""
+    rd = resolve(State.home, run)
+    send(rd.id, _noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout)
+
+
+@friendly
+def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
+           ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = 100.0,
+           wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+    """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K."""
+    rd = resolve(State.home, run)
+    send(rd.id, _noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout)
+
+
+@friendly
+def stop(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+    """Checkpoint, then end the run cleanly (state "stopped"; `gpctl resume` continues it)."""
+    send(run, {"action": "stop"}, wait, timeout)
+
+
+@friendly
+def checkpoint(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+    """Checkpoint the run at its next step boundary."""
+    send(run, {"action": "checkpoint"}, wait, timeout)
+
+
+@friendly
+def fork(run: RunArg,
+         step: Annotated[Optional[int], typer.Option("--step", help="Fork at the checkpoint of this step.")] = None,
+         lr_time: Annotated[Optional[float], typer.Option("--lr-time", help="Fork at the checkpoint nearest this lr_time.")] = None,
+         latest: Annotated[bool, typer.Option("--latest", help="Fork at the latest checkpoint (the default).")] = False,
+         overrides: SetOpt = None,
+         name: Annotated[Optional[str], typer.Option("--name", help="Arm name of the new run.")] = None,
+         start: Annotated[bool, typer.Option("--start/--no-start", help="Train it now, in the foreground.")] = True) -> None:
+    """A new run from RUN's checkpoint, with overrides from its first step; it shares RUN's past."""
+    if sum(x is not None and x is not False for x in (step, lr_time, latest or None)) > 1:
+        raise ConfigError("give one of --step, --lr-time, --latest")
+    parent = resolve(State.home, run)
+    child = fork_run(State.home, parent, step=step, lr_time=lr_time, overrides=overrides or [], name=name)
+    out.print(child.id)
+    if start:
+        from gpctl.progress import train_in_foreground
+        state = train_in_foreground([child], out)[0]
+        if state not in ("done", "stopped"):
+            raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("set")(set_)
+    app.command()(drop)
+    app.command("raise")(raise_)
+    app.command()(stop)
+    app.command()(checkpoint)
+    app.command()(fork)

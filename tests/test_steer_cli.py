@@ -1,0 +1,108 @@
+import json
+import threading
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.rundir import RunDir
+from engine.train import train
+from gpctl.cli import app
+from tests.conftest import TINY_IMAGES, tiny
+
+runner = CliRunner()
+
+
+def invoke(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args])
+
+
+@pytest.fixture
+def run(home):
+    cfg = tiny(TINY_IMAGES, "steps=40", "eval_every=0", "lr=0.05", "batch_size=16", "micro_batch_size=8",
+               "checkpoint_every=10")
+    return RunDir.create(home, cfg)
+
+
+def _last_request(rd):
+    return json.loads(rd.control_file.read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["set", "{id}", "lr=0.01", "batch_size=32"], {"set": {"lr": 0.01, "batch_size": 32}}),
+    (["set", "{id}", "lr=0.5", "--ramp", "100"], {"set": {"lr": 0.5}, "ramp": 100.0}),
+    (["drop", "{id}"], {"set": {"lr": 0.005}}),
+    (["drop", "{id}", "--batch-factor", "16"], {"set": {"batch_size": 256}}),
+    (["drop", "{id}", "--lr-factor", "4"], {"set": {"lr": 0.0125}}),
+    (["raise", "{id}"], {"set": {"lr": 0.5}, "ramp": 100.0}),
+    (["raise", "{id}", "--lr-factor", "2", "--ramp", "0"], {"set": {"lr": 0.1}}),
+    (["raise", "{id}", "--batch-factor", "2"], {"set": {"batch_size": 8}}),
+    (["stop", "{id}"], {"action": "stop"}),
+    (["checkpoint", "{id}"], {"action": "checkpoint"}),
+])
+def test_commands_append_the_right_line(home, run, args, expect):
+    res = invoke(home, *[a.format(id=run.id[:-2]) for a in args])
+    assert res.exit_code == 0, res.output
+    req = _last_request(run)
+    assert res.stdout.strip() == req["id"] and len(req["id"]) == 8
+    assert {k: v for k, v in req.items() if k not in ("id", "time", "by")} == expect
+
+
+@pytest.mark.parametrize("args, line", [
+    (["set", "{id}", "momentum=0.5"], "error: expected lr=VALUE or batch_size=VALUE, got 'momentum=0.5'"),
+    (["raise", "{id}", "--batch-factor", "3"], "error: batch 16 is not divisible by --batch-factor 3"),
+    (["drop", "{id}", "--lr-factor", "2", "--batch-factor", "2"], "error: give one of --lr-factor or --batch-factor"),
+    (["stop", "nosuchrun"], "error: unknown run 'nosuchrun' in"),
+])
+def test_bad_steering_is_one_line(home, run, args, line):
+    res = invoke(home, *[a.format(id=run.id) for a in args])
+    assert res.exit_code == 2 and res.stderr.strip().startswith(line), res.output
+    assert run.control_file.read_text() == ""
+
+
+def test_finished_run_refuses_requests(home):
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", "eval_every=0"))
+    assert train(rd) == "done"
+    res = invoke(home, "drop", rd.id)
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"error: run {rd.id} is done: it takes no more requests"
+
+
+def test_wait_prints_where_it_took_effect(home, run):
+    def slow(t):
+        time.sleep(0.05)
+    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
+    th.start()
+    try:
+        while run.status().get("state") != "running":
+            time.sleep(0.02)
+        res = invoke(home, "set", run.id, "batch_size=32", "--wait", "--timeout", "30")
+        bad = invoke(home, "set", run.id, "batch_size=12", "--wait", "--timeout", "30")
+    finally:
+        invoke(home, "stop", run.id)
+        th.join()
+    assert res.exit_code == 0, res.output
+    rid, applied = res.stdout.strip().splitlines()
+    ack = next(e for e in run.events()[0] if e.get("id") == rid)
+    assert applied == (f"applied at step {ack['step']} (lr_time {ack['lr_time']:.2f}, samples {ack['samples']}): "
+                       f"batch_size 16 -> 32")
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == "rejected: 'batch_size' = 12 is not a multiple of micro_batch_size = 8"
+
+
+def test_fork_cli_links_parent_and_child(home):
+    parent = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0", "checkpoint_every=3"))
+    assert train(parent) == "done"
+    res = invoke(home, "fork", parent.id, "--step", "3", "--set", "lr=0.005", "--name", "low", "--no-start")
+    assert res.exit_code == 0, res.output
+    child_id = res.stdout.strip()
+    assert child_id.startswith("tiny-low-")
+    shown = json.loads(invoke(home, "show", parent.id, "--json").stdout)
+    assert shown["children"] == [child_id]
+    child = json.loads(invoke(home, "show", child_id, "--json").stdout)
+    assert child["parent"] == parent.id
+    res = invoke(home, "resume", child_id)   # a fork that never ran starts from its parent's checkpoint
+    assert res.exit_code == 0, res.output
+    from engine.rundir import resolve
+    recs = [r for r in resolve(home, child_id).metrics()[0] if "loss" in r]
+    assert [r["step"] for r in recs] == [4, 5, 6] and {r["lr"] for r in recs} == {0.005}
