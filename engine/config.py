@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "resnet18"          # resnet18 | convnext | gpt2
     width: int = 64                 # resnet18: channels of the first stage (64 = the standard net)
+    bn_momentum: float = 0.1        # resnet18: BatchNorm running-stat momentum (PyTorch's default)
     num_classes: int = 10
     depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])        # convnext stages (T)
     dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])   # convnext widths (T)

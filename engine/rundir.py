@@ -8,6 +8,7 @@
         control.jsonl    requests to the running job     (appended by people and tools)
         checkpoints/     step_XXXXXXX.safetensors + step_XXXXXXX.state.safetensors
         log.txt          the process's own output
+        tv_cache.json    TV results with this run as A (gpctl tv), reused by later calls
 
 This module owns reading and writing all of it; gpctl never parses these files itself.
 Directories are created 0700 and files 0600: other users of a shared box cannot read or steer.
@@ -180,6 +181,19 @@ class RunDir:
 
     def log(self, line: str) -> None:
         _append_lines(self.log_file, [line.rstrip("\n") + "\n"])
+
+    # ------------------------------------------------------------ TV cache
+    tv_cache_file = property(lambda self: self.path / "tv_cache.json")
+
+    def read_tv_cache(self) -> dict:
+        """TV results computed with this run as A, keyed by checkpoints and eval size."""
+        try:
+            return json.loads(self.tv_cache_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def write_tv_cache(self, cache: dict) -> None:
+        write_atomic(self.tv_cache_file, json.dumps(cache, sort_keys=True))
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> Path:

@@ -19,7 +19,7 @@ from engine.fork import children
 from engine.presets import list_presets
 from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
-from gpctl import steer
+from gpctl import compare, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.progress import train_in_foreground
@@ -174,6 +174,7 @@ def resume(run: RunArg) -> None:
 
 
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
+compare.register(app)
 
 
 def main() -> None:

@@ -9,7 +9,11 @@ from engine.config import ModelConfig
 def build_model(mc: ModelConfig, image_size: int = 32) -> nn.Module:
     if mc.name == "resnet18":
         from engine.models.resnet import resnet18_cifar
-        return resnet18_cifar(num_classes=mc.num_classes, width=mc.width)
+        model = resnet18_cifar(num_classes=mc.num_classes, width=mc.width)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = mc.bn_momentum
+        return model
     if mc.name == "convnext":
         from engine.models.convnext import convnext
         return convnext(depths=mc.depths, dims=mc.dims, num_classes=mc.num_classes)

@@ -1,0 +1,57 @@
+"""Loss curves as the paper draws them: EMA smoothing and the right-translation fit of Fig. 4.
+
+Plain numpy; used by gpctl's figures, the TUI and the reproduction checks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.rundir import RunDir
+
+AXES = ("step", "samples", "lr_time", "wall")
+
+
+def ema(values: np.ndarray, coef: float) -> np.ndarray:
+    """s_t = coef * s_{t-1} + (1 - coef) * x_t, started at x_0 (the paper: coef 0.8 for CIFAR)."""
+    out = np.empty(len(values), dtype=float)
+    s = None
+    for i, v in enumerate(values):
+        s = v if s is None else coef * s + (1 - coef) * v
+        out[i] = s
+    return out
+
+
+def train_curve(rd: RunDir, x: str = "step", coef: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for r in rd.metrics()[0] if "loss" in r]
+    xs = np.array([r[x] for r in recs], dtype=float)
+    ys = np.array([r["loss"] for r in recs], dtype=float)
+    return xs, (ema(ys, coef) if coef else ys)
+
+
+def eval_curve(rd: RunDir, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for r in rd.metrics()[0] if "eval_loss" in r]
+    return np.array([r[x] for r in recs], dtype=float), np.array([r["eval_loss"] for r in recs], dtype=float)
+
+
+def fit_shift(x_drop: np.ndarray, y_drop: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,
+              t0: float, settle: float = 0.0, grid: int = 400) -> dict:
+    """The right-translation tau for which y_ref(x - tau) best fits the dropped run after t0 + settle.
+
+    Returns tau, the fit's RMS residual, and the RMS gap between the two curves before t0 (the
+    scale to judge the residual against).
+    """
+    after = x_drop > t0 + settle
+    xa, ya = x_drop[after], y_drop[after]
+    best = (np.inf, 0.0)
+    for tau in np.linspace(0.0, max(t0, 1e-9), grid):
+        shifted = xa - tau
+        ok = (shifted >= x_ref[0]) & (shifted <= x_ref[-1])
+        if ok.sum() < max(3, len(xa) // 4):
+            continue
+        r = np.sqrt(np.mean((ya[ok] - np.interp(shifted[ok], x_ref, y_ref)) ** 2))
+        if r < best[0]:
+            best = (r, tau)
+    before = x_drop <= t0
+    common = before & (x_drop >= x_ref[0]) & (x_drop <= x_ref[-1])
+    gap = float(np.sqrt(np.mean((y_drop[common] - np.interp(x_drop[common], x_ref, y_ref)) ** 2))) if common.any() else float("nan")
+    return {"tau": float(best[1]), "residual": float(best[0]), "gap_before": gap}

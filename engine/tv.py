@@ -1,0 +1,192 @@
+"""Function-space distance between two checkpoints (Section 4 of the paper).
+
+    TV(A, B) = mean over held-out examples (and token positions, for LMs) of ½‖softmax(A(x)) − softmax(B(x))‖₁
+
+Both models see the same fixed evaluation set (the run's held-out set, optionally its first N
+examples), in eval mode, batched, on the GPU when there is one, with bf16 autocast where the run
+used it; softmaxes are taken in float32. One pass computes TV plus each model's loss and error, so
+the cost is two forward passes. Matching pairs checkpoints of A and B by step, by lr_time, or by
+nearest evaluation loss (the paper's "at matched loss"), reporting the loss gap of each pair.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import CheckpointError, load_weights, load_weights_into, read_meta
+from engine.config import Config, ModelConfig
+from engine.data import build_stream
+from engine.models import build_model
+from engine.rundir import RunDir
+
+
+@dataclass
+class TVResult:
+    tv: float
+    loss_a: float
+    loss_b: float
+    error_a: float
+    error_b: float
+    examples: int
+    positions: int      # predicted positions per example (1 for classifiers)
+
+
+def tv_per_item(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """½‖p_a − p_b‖₁ over the last dimension, in float32."""
+    pa = F.softmax(logits_a.float(), dim=-1)
+    pb = F.softmax(logits_b.float(), dim=-1)
+    return 0.5 * (pa - pb).abs().sum(-1)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    weights, meta = load_weights(path)
+    mc = ModelConfig(**meta["model_config"])
+    model = build_model(mc).to(device)
+    load_weights_into(model, weights, path)
+    return model.eval(), meta
+
+
+def check_compatible(meta_a: dict, meta_b: dict, path_a: Path, path_b: Path) -> None:
+    a, b = meta_a["model_config"], meta_b["model_config"]
+    if meta_a["model"] != meta_b["model"]:
+        raise CheckpointError(f"incompatible checkpoints: {path_a.name} is {meta_a['model']}, {path_b.name} is {meta_b['model']}")
+    key = "vocab_size" if meta_a["model"] == "gpt2" else "num_classes"
+    if a[key] != b[key]:
+        raise CheckpointError(f"incompatible checkpoints: {key} {a[key]} ({path_a}) vs {b[key]} ({path_b})")
+
+
+class EvalSet:
+    """The fixed evaluation examples of a run's config, on `device`, optionally only the first n."""
+
+    def __init__(self, cfg: Config, device: torch.device, n: int = 0, batch_size: int = 0):
+        self.cfg, self.device = cfg, device
+        stream = build_stream(cfg, device)
+        self.batch_size = batch_size or cfg.micro_batch_size or min(cfg.batch_size, 512)
+        self.batches = []
+        left = n or stream.eval_size
+        for x, y in stream.eval_batches(self.batch_size):
+            if left <= 0:
+                break
+            x, y = x[:left], (y[:left] if y is not None else None)
+            left -= x.shape[0]
+            self.batches.append((x, y))
+        self.size = sum(x.shape[0] for x, _ in self.batches)
+
+
+@torch.no_grad()
+def compare_models(model_a, model_b, evalset: EvalSet, autocast=None) -> TVResult:
+    ctx = autocast or nullcontext()
+    tv = loss_a = loss_b = err_a = err_b = torch.zeros((), device=evalset.device, dtype=torch.float64)
+    count = 0
+    positions = 1
+    for x, y in evalset.batches:
+        with ctx:
+            la, lb = model_a(x), model_b(x)
+        if y is None:  # LM: positions 1..L-1 are predicted from their prefix
+            la, lb, target = la[:, :-1], lb[:, :-1], x[:, 1:]
+            positions = target.shape[1]
+        else:
+            target = y
+        tv = tv + tv_per_item(la, lb).sum(dtype=torch.float64)
+        loss_a = loss_a + F.cross_entropy(la.flatten(0, -2).float(), target.flatten(), reduction="sum").double()
+        loss_b = loss_b + F.cross_entropy(lb.flatten(0, -2).float(), target.flatten(), reduction="sum").double()
+        err_a = err_a + (la.argmax(-1) != target).sum()
+        err_b = err_b + (lb.argmax(-1) != target).sum()
+        count += target.numel()
+    return TVResult(tv=float(tv) / count, loss_a=float(loss_a) / count, loss_b=float(loss_b) / count,
+                    error_a=float(err_a) / count, error_b=float(err_b) / count,
+                    examples=evalset.size, positions=positions)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
+
+
+# ------------------------------------------------------------------ checkpoints of runs, and matching
+
+@dataclass
+class Ckpt:
+    run: str
+    step: int
+    path: Path
+    lr_time: float
+    eval_loss: float | None
+
+
+def checkpoints(rd: RunDir) -> list[Ckpt]:
+    out = []
+    for step, path in rd.list_checkpoints():
+        m = read_meta(path)
+        out.append(Ckpt(rd.id, step, path, m["lr_time"], m.get("eval_loss")))
+    return out
+
+
+def match(a: list[Ckpt], b: list[Ckpt], by: str) -> list[tuple[Ckpt, Ckpt]]:
+    """Pair each checkpoint of A with one of B: equal step, nearest lr_time, or nearest eval loss."""
+    if not b:
+        return []
+    if by == "step":
+        steps = {c.step: c for c in b}
+        return [(ca, steps[ca.step]) for ca in a if ca.step in steps]
+    if by == "lr_time":
+        return [(ca, min(b, key=lambda cb: abs(cb.lr_time - ca.lr_time))) for ca in a]
+    if by == "loss":
+        scored = [c for c in b if c.eval_loss is not None]
+        return [(ca, min(scored, key=lambda cb: abs(cb.eval_loss - ca.eval_loss)))
+                for ca in a if ca.eval_loss is not None and scored]
+    raise ValueError(f"unknown pairing {by!r}")
+
+
+def _cache_key(ca: Ckpt, cb: Ckpt, n: int) -> str:
+    sa, sb = os.stat(ca.path), os.stat(cb.path)
+    return f"{ca.path.name}@{sa.st_mtime_ns}|{cb.run}/{cb.path.name}@{sb.st_mtime_ns}|n={n}"
+
+
+def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] | None = None,
+             eval_samples: int = 0, device: str = "auto", evalset: EvalSet | None = None) -> list[dict]:
+    """TV for each matched pair of checkpoints of A and B; cached in A's run directory."""
+    from engine.train import pick_device
+
+    cfg_a, cfg_b = rd_a.config(), rd_b.config()
+    for key in ("source", "image_size", "seq_len"):
+        if getattr(cfg_a.data, key) != getattr(cfg_b.data, key):
+            raise CheckpointError(f"runs {rd_a.id} and {rd_b.id} train on different data (data.{key})")
+    if cfg_a.data_seed != cfg_b.data_seed and cfg_a.data.source.startswith("synthetic"):
+        raise CheckpointError(f"runs {rd_a.id} and {rd_b.id} have different synthetic tasks (data_seed)")
+    ca = checkpoints(rd_a)
+    if at_steps:
+        ca = [c for c in ca if c.step in set(at_steps)]
+    pairs = match(ca, checkpoints(rd_b), by)
+    if not pairs:
+        return []
+    dev = pick_device(device)
+    cache = rd_a.read_tv_cache()
+    rows, todo = [], []
+    n = eval_samples
+    for pa, pb in pairs:
+        key = _cache_key(pa, pb, n)
+        if key in cache:
+            rows.append(cache[key])
+        else:
+            rows.append(None)
+            todo.append((len(rows) - 1, key, pa, pb))
+    if todo:
+        evalset = evalset or EvalSet(cfg_a, dev, n)
+        ac = autocast_for(cfg_a, dev)
+        for i, key, pa, pb in todo:
+            ma, meta_a = load_model(pa.path, dev)
+            mb, meta_b = load_model(pb.path, dev)
+            check_compatible(meta_a, meta_b, pa.path, pb.path)
+            res = compare_models(ma, mb, evalset, ac)
+            row = {"run_a": pa.run, "run_b": pb.run, "step_a": pa.step, "step_b": pb.step,
+                   "lr_time_a": pa.lr_time, "lr_time_b": pb.lr_time, **asdict(res),
+                   "loss_gap": res.loss_a - res.loss_b}
+            rows[i] = cache[key] = row
+        rd_a.write_tv_cache(cache)
+    return rows

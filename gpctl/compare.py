@@ -1,0 +1,138 @@
+"""Comparing runs: `gpctl tv` (function space), `gpctl plot` and `gpctl figure` (pictures)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from engine.config import ConfigError
+from engine.curves import AXES
+from engine.presets import load_preset
+from engine.rundir import RunDir, list_runs, resolve
+from engine.tv import tv_curve
+from gpctl.common import JsonOpt, State, fmt, friendly, out
+
+By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr-time (without --match-loss).")]
+
+
+@friendly
+def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run).")],
+       run_b: Annotated[str, typer.Argument(help="Run B (the low-noise reference).")],
+       match_loss: Annotated[bool, typer.Option("--match-loss", help="Pair each checkpoint of A with B's nearest in eval loss.")] = False,
+       by: By = "step",
+       baseline: Annotated[Optional[str], typer.Option("--baseline", help="Run C: the same curve for (C, B), e.g. a second low-noise seed.")] = None,
+       at_steps: Annotated[Optional[str], typer.Option("--at-steps", help="Only these steps of A, comma-separated.")] = None,
+       eval_samples: Annotated[int, typer.Option("--eval-samples", help="First N held-out examples (0 = all).")] = 0,
+       device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+       as_json: JsonOpt = False,
+       plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a TV figure (.png or .svg).")] = None) -> None:
+    """Average total-variation distance of two runs' softmax outputs, checkpoint by checkpoint."""
+    if by not in ("step", "lr-time"):
+        raise ConfigError(f"--by must be step or lr-time, got {by!r}")
+    pairing = "loss" if match_loss else by.replace("-", "_")
+    steps = [int(s) for s in at_steps.split(",")] if at_steps else None
+    a, b = resolve(State.home, run_a), resolve(State.home, run_b)
+    rows = [dict(r, curve="main") for r in tv_curve(a, b, pairing, steps, eval_samples, device)]
+    if baseline:
+        c = resolve(State.home, baseline)
+        rows += [dict(r, curve="baseline") for r in tv_curve(c, b, pairing, steps, eval_samples, device)]
+    if not rows:
+        raise ConfigError(f"no checkpoint pairs for {a.id} and {b.id} (pairing by {pairing})")
+    if plot:
+        from gpctl.figures import tv_figure
+        tv_figure(rows, plot, x="loss_a" if match_loss else "step_a", title=f"TV to {b.id}")
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    t = Table(title=f"TV vs {b.id} (pairs by {pairing})")
+    for col in ("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"):
+        t.add_column(col, justify="left" if col in ("curve", "run A") else "right")
+    for r in rows:
+        t.add_row(r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
+                  f"{r['loss_gap']:+.4f}", fmt(r["tv"]))
+    out.print(t)
+    if plot:
+        out.print(f"wrote {plot}")
+
+
+AxisOpt = Annotated[str, typer.Option("--x", help="x-axis: step, samples, lr_time or wall.")]
+EmaOpt = Annotated[float, typer.Option("--ema", help="EMA coefficient (the paper: 0.8).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or .svg.")]
+
+
+@friendly
+def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
+         x: AxisOpt = "step", ema: EmaOpt = 0.8, out_file: OutOpt = Path("loss.png"),
+         logy: Annotated[bool, typer.Option("--logy")] = False) -> None:
+    """Loss curves of some runs in one figure."""
+    from gpctl.figures import loss_figure
+    if x not in AXES:
+        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+    rds = [resolve(State.home, r) for r in runs]
+    loss_figure(rds, out_file, x=x, coef=ema, logy=logy)
+    out.print(f"wrote {out_file}")
+
+
+def latest_runs(preset: str) -> dict[str, RunDir]:
+    """The newest run of each arm of `preset` under the home folder."""
+    found: dict[str, RunDir] = {}
+    for rd in list_runs(State.home):  # sorted by creation: later ones win
+        try:
+            cfg = rd.config()
+        except ConfigError:
+            continue
+        if cfg.preset == preset and not cfg.parent:
+            found[cfg.name] = rd
+    return found
+
+
+def snap_pair(runs: dict[str, RunDir], x: str) -> tuple[RunDir, RunDir, float] | None:
+    """(dropped run, its low-noise reference, T0 on the x-axis), if the preset has a noise drop."""
+    for name, rd in runs.items():
+        cfg = rd.config()
+        if not cfg.changes:
+            continue
+        ev = next((e for e in rd.events()[0] if e["event"] == "schedule"), None)
+        if ev is None:
+            continue
+        last = [r for r in rd.metrics()[0] if "loss" in r][-1:]
+        if not last:
+            continue
+        for ref_name, ref in runs.items():
+            rc = ref.config()
+            if ref_name != name and not rc.changes and rc.seed == cfg.seed:
+                rl = [r for r in ref.metrics()[0] if "loss" in r][-1:]
+                if rl and (rl[0]["lr"], rl[0]["batch_size"]) == (last[0]["lr"], last[0]["batch_size"]):
+                    return rd, ref, float(ev[x if x in ev else "step"])
+    return None
+
+
+@friendly
+def figure(preset: Annotated[str, typer.Argument(help="Preset whose latest runs to draw.")],
+           out_file: OutOpt = Path("figure.png"), ema: EmaOpt = 0.8,
+           x: Annotated[Optional[str], typer.Option("--x", help="x-axis (default: lr_time for lr experiments, else step).")] = None) -> None:
+    """The paper's figure for a preset, from its latest runs here."""
+    from gpctl.figures import loss_figure
+    p = load_preset(preset)
+    runs = latest_runs(p.name)
+    if not runs:
+        raise ConfigError(f"no runs of preset '{p.name}' in {State.home / 'runs'} (gpctl run preset {p.name})")
+    if x is None:
+        lrs = {c.lr for c in p.configs()} | {ch.lr for c in p.configs() for ch in c.changes if ch.lr}
+        x = "lr_time" if len(lrs) > 1 else "step"
+    shift = snap_pair(runs, x)
+    fit = loss_figure(list(runs.values()), out_file, x=x, coef=ema, title=f"{p.figure}: {p.name}", shift=shift)
+    out.print(f"wrote {out_file}")
+    if fit:
+        out.print(f"{shift[0].config().name}: after T0 = {shift[2]:g} it follows {shift[1].config().name} "
+                  f"shifted right by {fit['tau']:.1f} {x} (fit residual {fit['residual']:.4f}; "
+                  f"gap before T0 {fit['gap_before']:.4f})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(tv)
+    app.command()(plot)
+    app.command()(figure)

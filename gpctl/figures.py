@@ -1,0 +1,76 @@
+"""Figures the paper's way, with matplotlib (imported here only): PNG or SVG by the file suffix.
+
+- loss vs step (batch experiments) or LR-normalized steps (lr experiments), EMA-smoothed,
+  online solid, offline dotted;
+- for a run whose noise was dropped at T0, the low-noise curve translated right to best fit it after
+  T0 (Fig. 4's dashed red), with the fitted shift in the legend;
+- TV vs loss (or step) with its baseline (Figs. 7-8).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.curves import fit_shift, train_curve
+from engine.rundir import RunDir
+
+LABELS = {"step": "steps", "samples": "samples", "lr_time": "LR-normalized steps", "wall": "seconds"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.8, title: str = "",
+                shift: tuple[RunDir, RunDir, float] | None = None, logy: bool = False) -> dict | None:
+    """Loss curves of `runs`; shift = (dropped run, low-noise run, T0) draws the translated fit."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fit = None
+    for rd in runs:
+        cfg = rd.config()
+        xs, ys = train_curve(rd, x, coef)
+        ax.plot(xs, ys, ls=":" if cfg.data.mode == "offline" else "-", lw=1.4, label=f"{cfg.name}")
+    if shift:
+        drop, ref, t0 = shift
+        xd, yd = train_curve(drop, x, coef)
+        xr, yr = train_curve(ref, x, coef)
+        fit = fit_shift(xd, yd, xr, yr, t0)
+        ax.plot(xr + fit["tau"], yr, "--", color="tab:red", lw=1.2,
+                label=f"{ref.config().name} shifted by {fit['tau']:.0f}")
+        ax.axvline(t0, color="grey", lw=0.8, ls="-.")
+    ax.set_xlabel(LABELS[x])
+    ax.set_ylabel(f"train loss (EMA {coef})" if coef else "train loss")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return fit
+
+
+def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "") -> None:
+    """TV curves: one line per (run_a, run_b) pair of runs, against A's loss (or step)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        curves.setdefault((r["run_a"], r["run_b"]), []).append(r)
+    for (a, b), rs in curves.items():
+        rs = sorted(rs, key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r["tv"] for r in rs], "o-", ms=3, label=f"{a} vs {b}")
+    ax.set_xlabel({"loss_a": "loss (of A)", "step_a": "steps (of A)"}.get(x, x))
+    ax.set_ylabel("average TV distance")
+    if x == "loss_a":
+        ax.invert_xaxis()  # training goes left to right: loss decreases
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

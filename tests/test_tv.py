@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from engine.checkpoint import CheckpointError
+from engine.rundir import RunDir
+from engine.train import train
+from engine.tv import Ckpt, EvalSet, compare_models, match, tv_curve, tv_per_item
+from gpctl.cli import app
+from tests.conftest import TINY_IMAGES, tiny
+
+CPU = torch.device("cpu")
+
+
+class Fixed(torch.nn.Module):
+    """Returns given logits whatever the input (for hand-computed cases)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[: x.shape[0]]
+
+
+class FakeEval:
+    def __init__(self, x, y=None):
+        self.batches, self.size, self.device = [(x, y)], x.shape[0], CPU
+
+
+def test_tv_matches_numpy_on_a_small_random_model():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 4), torch.nn.Linear(5, 4)
+    x, y = torch.randn(64, 5), torch.randint(0, 4, (64,))
+    res = compare_models(a, b, FakeEval(x, y))
+    with torch.no_grad():
+        la, lb = a(x).numpy().astype(np.float64), b(x).numpy().astype(np.float64)
+    pa = np.exp(la) / np.exp(la).sum(1, keepdims=True)
+    pb = np.exp(lb) / np.exp(lb).sum(1, keepdims=True)
+    assert res.tv == pytest.approx(0.5 * np.abs(pa - pb).sum(1).mean(), rel=1e-5)
+    assert res.loss_a == pytest.approx(-np.log(pa[np.arange(64), y.numpy()]).mean(), rel=1e-5)
+    assert res.error_a == pytest.approx((pa.argmax(1) != y.numpy()).mean())
+    assert 0 < res.tv <= 1
+    assert compare_models(b, a, FakeEval(x, y)).tv == pytest.approx(res.tv, rel=1e-6)   # symmetric
+    assert compare_models(a, a, FakeEval(x, y)).tv == 0.0                              # itself
+
+
+def test_tv_is_at_most_one():
+    big = torch.tensor([[100.0, -100.0]])
+    assert float(tv_per_item(big, -big)) == pytest.approx(1.0)
+
+
+def test_lm_tv_averages_over_examples_and_positions():
+    # 2 sequences of 3 tokens over a vocabulary of 2 -> positions 0 and 1 predict tokens 1 and 2.
+    sure0, sure1, even = [50.0, -50.0], [-50.0, 50.0], [0.0, 0.0]
+    la = torch.tensor([[sure0, sure0, even], [sure0, even, even]])
+    lb = torch.tensor([[sure1, sure0, even], [even, even, even]])
+    tokens = torch.tensor([[0, 0, 1], [1, 0, 1]])
+    res = compare_models(Fixed(la), Fixed(lb), FakeEval(tokens))
+    # per position TV: seq 0: 1, 0; seq 1: 0.5, 0 -> mean 1.5 / 4
+    assert res.tv == pytest.approx(0.375) and res.positions == 2 and res.examples == 2
+
+
+def test_match_by_loss_picks_the_nearest_and_by_step_the_same_step():
+    a = [Ckpt("a", s, None, s, l) for s, l in ((10, 2.0), (20, 1.5), (30, 1.02))]
+    b = [Ckpt("b", s, None, s / 2, l) for s, l in ((10, 1.9), (20, 1.2), (30, 1.0), (40, 0.9))]
+    assert [(x.step, y.step) for x, y in match(a, b, "loss")] == [(10, 10), (20, 20), (30, 30)]
+    b[2].eval_loss = 1.5
+    assert [(x.step, y.step) for x, y in match(a, b, "loss")] == [(10, 10), (20, 30), (30, 40)]
+    assert [(x.step, y.step) for x, y in match(a, b, "step")] == [(10, 10), (20, 20), (30, 30)]
+    assert [(x.step, y.step) for x, y in match(a, b, "lr_time")] == [(10, 20), (20, 40), (30, 40)]
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    rds = {}
+    for name, extra in (("drop", ["batch_size=4"]), ("low", []), ("low2", ["seed=1"])):
+        cfg = tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=0", *extra, name=name, preset="tv")
+        rds[name] = RunDir.create(root / "home", cfg, run_id=name)
+        assert train(rds[name]) == "done"
+    return root / "home", rds
+
+
+def test_tv_curve_reports_gap_and_is_cached(three_runs):
+    home, rds = three_runs
+    rows = tv_curve(rds["drop"], rds["low"], "loss")
+    assert [(r["step_a"], r["run_b"]) for r in rows] == [(4, "low"), (8, "low")]
+    for r in rows:
+        assert r["loss_gap"] == pytest.approx(r["loss_a"] - r["loss_b"]) and 0 < r["tv"] < 1
+        assert r["examples"] == 64
+    cache = rds["drop"].read_tv_cache()
+    assert len(cache) == 2
+    assert tv_curve(rds["drop"], rds["low"], "loss") == rows          # from the cache
+    self_rows = tv_curve(rds["low"], rds["low"], "step")
+    assert [r["tv"] for r in self_rows] == [0.0, 0.0]
+    sub = tv_curve(rds["drop"], rds["low"], "step", eval_samples=16)
+    assert [r["examples"] for r in sub] == [16, 16]
+
+
+def test_incompatible_checkpoints_are_refused(three_runs, tmp_path):
+    home, rds = three_runs
+    cfg = tiny(TINY_IMAGES, "steps=2", "model.num_classes=5", "eval_every=0", name="five", preset="tv")
+    five = RunDir.create(home, cfg, run_id="five-classes")
+    assert train(five) == "done"
+    with pytest.raises(CheckpointError, match=r"incompatible checkpoints: num_classes 10 .* vs 5"):
+        tv_curve(rds["low"], five, "lr_time")
+
+
+def test_cli_json_baseline_and_png(three_runs, tmp_path):
+    home, rds = three_runs
+    png = tmp_path / "tv.png"
+    res = CliRunner().invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--baseline", "low2",
+                                   "--json", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["curve"] for r in rows] == ["main", "main", "baseline", "baseline"]
+    assert {"step_a", "step_b", "loss_a", "loss_b", "tv", "loss_gap"} <= set(rows[0])
+    assert [r["run_a"] for r in rows] == ["drop", "drop", "low2", "low2"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_plot_and_figure_write_pngs(three_runs, tmp_path):
+    home, rds = three_runs
+    runner = CliRunner()
+    out = tmp_path / "loss.png"
+    res = runner.invoke(app, ["--home", str(home), "plot", "drop", "low", "--x", "lr_time", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = runner.invoke(app, ["--home", str(home), "plot", "drop", "--x", "tokens"])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: --x must be one of step, samples, lr_time, wall, got 'tokens'"
+
+
+def test_figure_of_a_preset_fits_the_translation(tmp_path):
+    from tests.test_cli import TINY_PRESET
+    preset = tmp_path / "snap.toml"
+    preset.write_text(TINY_PRESET.replace("steps = 8", "steps = 16"))
+    home, runner = tmp_path / "home", CliRunner()
+    assert runner.invoke(app, ["--home", str(home), "run", "preset", str(preset)]).exit_code == 0
+    png = tmp_path / "fig.png"
+    res = runner.invoke(app, ["--home", str(home), "figure", str(preset), "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == f"wrote {png}"
+    assert lines[1].startswith("bs4to16: after T0 = 4 it follows bs16 shifted right by ")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    none = runner.invoke(app, ["--home", str(tmp_path / "empty"), "figure", str(preset)])
+    assert none.exit_code == 2 and "no runs of preset 'snap'" in none.stderr
+
+
+def test_fit_shift_recovers_a_known_translation():
+    import numpy as np
+    from engine.curves import fit_shift
+    x = np.arange(0, 400, dtype=float)
+    ref = 2.0 * np.exp(-x / 100) + 0.5
+    drop = np.where(x <= 100, 3.0 - x / 200, 2.0 * np.exp(-(x - 37) / 100) + 0.5)
+    fit = fit_shift(x, drop, x, ref, t0=100, settle=5)
+    assert fit["tau"] == pytest.approx(37, abs=0.5) and fit["residual"] < 0.01
