@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: the GPU tests, then the throughput benchmarks; results under $OUT.
+# One call on a lent GPU: the GPU tests (bf16, channels_last, GPU-resident CIFAR, compile, SDPA, TV),
+# then the training and TV throughput benchmarks; results under $OUT.
 #   run: bash benchmarks/gpu_check.sh        (OUT defaults to ./gpu-check-out)
 set -u
 OUT=${OUT:-gpu-check-out}
@@ -16,5 +17,7 @@ python -m pytest -q -m gpu tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1; echo "
 for args in "resnet" "resnet --compile" "gpt2" "gpt2 --compile"; do
   timeout 240 python benchmarks/throughput.py $args --steps 60 >> "$OUT/throughput.jsonl" 2>> "$OUT/throughput.err"
 done
+timeout 120 python benchmarks/tv_throughput.py --device cuda --width 64 --n 8192 > "$OUT/tv_throughput.txt" 2>&1
 cat "$OUT/gpu_tests.txt" | tail -5
+cat "$OUT/tv_throughput.txt"
 cat "$OUT/throughput.jsonl"

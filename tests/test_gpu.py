@@ -56,3 +56,18 @@ def test_gpu_resume_is_exact_in_fp32(tmp_path):
     assert train(part, resume=True) == "done"
     strip = lambda rd: [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
     assert strip(part) == strip(full)
+
+
+def test_tv_on_gpu_matches_cpu(tmp_path):
+    from engine.tv import tv_curve
+    rds = []
+    for name, extra in (("a", ["batch_size=4"]), ("b", [])):
+        cfg = tiny(TINY_IMAGES, "steps=4", "checkpoint_every=2", "eval_every=0", "precision=\"fp32\"", *extra,
+                   name=name)
+        rd = RunDir.create(tmp_path / "h", cfg, run_id=name)
+        assert train(rd) == "done"
+        rds.append(rd)
+    cpu = tv_curve(rds[0], rds[1], "step", device="cpu")
+    rds[0].tv_cache_file.unlink()
+    gpu = tv_curve(rds[0], rds[1], "step", device="cuda")
+    assert [r["tv"] for r in gpu] == pytest.approx([r["tv"] for r in cpu], abs=1e-4)
