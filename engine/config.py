@@ -117,6 +117,7 @@ class Config:
     checkpoint_at_lr_times: list[float] = field(default_factory=list)
     log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP)
     precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
     channels_last: bool = True      # convnets on CUDA
     compile: bool = False           # torch.compile the model
@@ -232,7 +233,7 @@ def validate(cfg: Config, where: str) -> Config:
     for key, value in flat.items():
         if value not in _CHOICES[key]:
             raise ConfigError(f"{where}: '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
-    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
+    positive = {"steps": cfg.steps, "gpus": cfg.gpus, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
                 "data.eval_samples": cfg.data.eval_samples, "data.seq_len": cfg.data.seq_len,
                 "data.offline_size": cfg.data.offline_size}
     for key, value in positive.items():

@@ -19,7 +19,8 @@ from engine.fork import children
 from engine.presets import list_presets
 from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
-from gpctl import compare, steer
+from engine.jobs import JobStore
+from gpctl import compare, queue, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.progress import train_in_foreground
@@ -62,15 +63,25 @@ def run_preset(
     name: Annotated[str, typer.Argument(help="Preset name (see `gpctl presets`) or a .toml path.")],
     overrides: SetOpt = None,
     arm: Annotated[Optional[list[str]], typer.Option("--arm", help="Only these runs of the preset.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Block until the runs end (always, until the queue exists).")] = True,
+    wait: Annotated[bool, typer.Option("--wait", help="Block with progress until the runs end; exit 1 if any failed.")] = False,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Only enqueue; start no worker.")] = False,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Train here, one run after another, without the queue.")] = False,
 ) -> None:
-    """Create the runs of a preset and train them here, in the foreground."""
+    """Queue the runs of a preset (and make sure a local worker serves them); prints the run ids."""
     rds = ops.create_runs(name, overrides or [], State.home, arm)
     for rd in rds:
         out.print(rd.id)
-    states = train_in_foreground(rds, out)
+    if foreground:
+        states = train_in_foreground(rds, out)
+    else:
+        queue.enqueue(rds)
+        if not no_worker and queue.ensure_worker():
+            out.print(f"started a worker (log: {State.home / 'worker.log'})")
+        if not wait:
+            return
+        states = queue.wait_for(rds)
     final_table(rds)
-    if any(s not in ("done", "stopped") for s in states):
+    if any(s not in queue.OK_STATES for s in states):
         raise typer.Exit(1)
 
 
@@ -106,7 +117,15 @@ def _bayes(rd: RunDir) -> float | None:
 @friendly
 def ls(as_json: JsonOpt = False) -> None:
     """List runs: state, device, step, loss, lr, batch."""
-    rows = [rd.summary() for rd in list_runs(State.home)]
+    store = JobStore(State.home)
+    rows = []
+    for rd in list_runs(State.home):
+        row, job = rd.summary(), store.get(rd.id)
+        if job and (job.state in ("queued", "lost", "cancelled", "failed") or row["state"] == "created"):
+            row["state"] = job.state   # the queue knows better before a run starts, and why it ended
+        row["job"] = job.state if job else None
+        rows.append(row)
+    store.close()
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -128,7 +147,7 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     events, _ = rd.events()
     cfg = rd.config()
     info = {"id": rd.id, "path": str(rd.path), "status": rd.status(), "summary": rd.summary(),
-            "parent": cfg.parent or None, "children": children(State.home, rd),
+            "parent": cfg.parent or None, "children": children(State.home, rd), "job": _job(rd),
             "checkpoints": [{"step": s, "file": p.name, **_meta(p)} for s, p in rd.list_checkpoints()],
             "events": events[-20:]}
     if as_json:
@@ -141,6 +160,12 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     if s["error"]:
         out.print(f"error: {s['error']}", markup=False)
     out.print(f"dir {rd.path}")
+    job = info["job"]
+    if job:
+        out.print(f"job {job['state']}  attempts {job['attempts']}  worker {job['worker'] or '-'}  "
+                  f"devices {job['devices'] or '-'}  exit code {job['exit_code'] if job['exit_code'] is not None else '-'}")
+        if job["error"]:
+            out.print(job["error"], markup=False)
     if info["parent"]:
         out.print(f"parent {info['parent']}  (forked with {' '.join(cfg.parent_overrides) or 'no overrides'})")
     if info["children"]:
@@ -150,6 +175,13 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     for e in info["events"]:
         detail = {k: v for k, v in e.items() if k not in ("event", "time")}
         out.print(f"  {e['event']:<10} {json.dumps(detail)}", markup=False)
+
+
+def _job(rd: RunDir) -> dict | None:
+    store = JobStore(State.home)
+    job = store.get(rd.id)
+    store.close()
+    return vars(job) if job else None
 
 
 def _meta(path: Path) -> dict:
@@ -162,19 +194,35 @@ def _meta(path: Path) -> dict:
 
 @app.command()
 @friendly
-def resume(run: RunArg) -> None:
-    """Continue a run from its last checkpoint, in the foreground."""
+def resume(run: RunArg,
+           wait: Annotated[bool, typer.Option("--wait", help="Block until it ends.")] = False,
+           foreground: Annotated[bool, typer.Option("--foreground", help="Train here instead of through the queue.")] = False) -> None:
+    """Continue a run from its last checkpoint (re-enqueued; --foreground trains here)."""
     rd = resolve(State.home, run)
     if rd.status().get("state") == "done":
         raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
-    states = train_in_foreground([rd], out, resume=True)
+    if foreground:
+        states = train_in_foreground([rd], out, resume=True)
+    else:
+        store = JobStore(State.home)
+        job = store.get(rd.id)
+        if job and job.state in ("queued", "running"):
+            raise ConfigError(f"run {rd.id} is already {job.state}")
+        store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
+        store.close()
+        out.print(f"{rd.id}: queued to resume from its last checkpoint")
+        queue.ensure_worker()
+        if not wait:
+            return
+        states = queue.wait_for([rd])
     final_table([rd])
-    if states[0] not in ("done", "stopped"):
+    if states[0] not in queue.OK_STATES:
         raise typer.Exit(1)
 
 
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 compare.register(app)
+queue.register(app)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import torch
 from engine.config import apply_overrides, build
 
 torch.set_num_threads(2)
+os.environ["GPCTL_WORKER_IDLE_EXIT"] = "3"   # workers that tests start go away soon after
 
 TINY_IMAGES = {
     "steps": 12, "lr": 0.05, "batch_size": 16, "eval_every": 6, "log_every": 4, "device": "cpu",

@@ -64,7 +64,7 @@ def test_presets_lists_every_figure(home):
 
 
 def test_run_ls_show_resume(home, preset):
-    res = invoke(home, "run", "preset", str(preset), "--set", "steps=6")
+    res = invoke(home, "run", "preset", str(preset), "--set", "steps=6", "--wait")
     assert res.exit_code == 0, res.output
     ids = [line for line in res.stdout.splitlines() if line.startswith("tiny-")][:2]
     assert [i.rsplit("-", 1)[0] for i in ids] == ["tiny-bs4to16", "tiny-bs16"]
@@ -96,7 +96,7 @@ def test_resume_continues_a_stopped_run(home, preset, monkeypatch):
     def stop_at_5(t):
         t.stop_requested = t.step == 5
     assert train(rd, hooks=[stop_at_5]) == "stopped"
-    res = invoke(home, "resume", rd.id)
+    res = invoke(home, "resume", rd.id, "--wait")
     assert res.exit_code == 0, res.output
     assert rd.summary()["step"] == 8 and rd.status()["state"] == "done"
 

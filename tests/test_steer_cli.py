@@ -101,7 +101,7 @@ def test_fork_cli_links_parent_and_child(home):
     assert shown["children"] == [child_id]
     child = json.loads(invoke(home, "show", child_id, "--json").stdout)
     assert child["parent"] == parent.id
-    res = invoke(home, "resume", child_id)   # a fork that never ran starts from its parent's checkpoint
+    res = invoke(home, "resume", child_id, "--foreground")   # a fork that never ran starts from its parent's checkpoint
     assert res.exit_code == 0, res.output
     from engine.rundir import resolve
     recs = [r for r in resolve(home, child_id).metrics()[0] if "loss" in r]

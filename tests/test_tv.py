@@ -139,7 +139,7 @@ def test_figure_of_a_preset_fits_the_translation(tmp_path):
     preset = tmp_path / "snap.toml"
     preset.write_text(TINY_PRESET.replace("steps = 8", "steps = 16"))
     home, runner = tmp_path / "home", CliRunner()
-    assert runner.invoke(app, ["--home", str(home), "run", "preset", str(preset)]).exit_code == 0
+    assert runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--foreground"]).exit_code == 0
     png = tmp_path / "fig.png"
     res = runner.invoke(app, ["--home", str(home), "figure", str(preset), "--out", str(png)])
     assert res.exit_code == 0, res.output

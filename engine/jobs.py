@@ -1,0 +1,213 @@
+"""The job store: `$GPCTL_HOME/jobs.db`, SQLite in WAL mode — the queue and registry of runs.
+
+Every change is one transaction; a claim is `BEGIN IMMEDIATE` + select + update, so concurrent
+enqueuers and several workers never lose or double a job.
+
+    queued -> running -> done | failed | diverged | stopped | cancelled
+                      -> lost (its process vanished)  -> queued again, resuming (unless --no-requeue)
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+TERMINAL = ("done", "failed", "diverged", "stopped", "cancelled")
+STATES = ("queued", "running", "lost") + TERMINAL
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id    TEXT NOT NULL UNIQUE,
+    run_dir   TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    gpus      INTEGER NOT NULL DEFAULT 1,   -- GPUs the job wants on a GPU worker
+    resume    INTEGER NOT NULL DEFAULT 0,   -- start from the run's last checkpoint
+    cancel    INTEGER NOT NULL DEFAULT 0,   -- a cancel was requested while it ran
+    worker    TEXT,
+    host      TEXT,
+    pid       INTEGER,
+    devices   TEXT,
+    exit_code INTEGER,
+    error     TEXT,
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    backend   TEXT NOT NULL DEFAULT 'local',
+    slurm_id  TEXT,
+    created   REAL,
+    started   REAL,
+    ended     REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS workers (
+    id        TEXT PRIMARY KEY,
+    host      TEXT,
+    pid       INTEGER,
+    slots     TEXT,
+    started   REAL,
+    heartbeat REAL,
+    stopped   REAL
+);
+"""
+
+
+@dataclass
+class Job:
+    id: int
+    run_id: str
+    run_dir: str
+    state: str
+    gpus: int
+    resume: int
+    cancel: int
+    worker: str | None
+    host: str | None
+    pid: int | None
+    devices: str | None
+    exit_code: int | None
+    error: str | None
+    attempts: int
+    backend: str
+    slurm_id: str | None
+    created: float | None
+    started: float | None
+    ended: float | None
+
+
+class JobStore:
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = root / "jobs.db"
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        with self.tx():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+        os.chmod(self.path, 0o600)
+
+    @contextmanager
+    def tx(self):
+        """One write transaction, taken at once (BEGIN IMMEDIATE), so readers-then-writers never race."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ jobs
+    def enqueue(self, run_id: str, run_dir: Path, gpus: int = 1, resume: bool = False,
+                backend: str = "local") -> int:
+        with self.tx() as db:
+            row = db.execute("SELECT id, state FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
+            if row:  # re-enqueue (resume) an existing run
+                if row["state"] in ("queued", "running"):
+                    raise ValueError(f"run {run_id} is already {row['state']}")
+                db.execute("UPDATE jobs SET state='queued', resume=?, cancel=0, exit_code=NULL, error=NULL, "
+                           "worker=NULL, pid=NULL, devices=NULL, ended=NULL, backend=? WHERE id=?",
+                           (int(resume), backend, row["id"]))
+                return row["id"]
+            cur = db.execute("INSERT INTO jobs (run_id, run_dir, state, gpus, resume, backend, created) "
+                             "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                             (run_id, str(run_dir), gpus, int(resume), backend, time.time()))
+            return cur.lastrowid
+
+    def claim(self, worker: str, host: str, max_gpus: int | None) -> Job | None:
+        """The oldest queued local job that fits (max_gpus None: a CPU worker takes any job)."""
+        with self.tx() as db:
+            if max_gpus is None:
+                row = db.execute("SELECT * FROM jobs WHERE state='queued' AND backend='local' "
+                                 "ORDER BY id LIMIT 1").fetchone()
+            else:
+                row = db.execute("SELECT * FROM jobs WHERE state='queued' AND backend='local' AND gpus <= ? "
+                                 "ORDER BY id LIMIT 1", (max_gpus,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', worker=?, host=?, attempts=attempts+1, started=?, "
+                       "pid=NULL, exit_code=NULL, error=NULL WHERE id=? AND state='queued'",
+                       (worker, host, time.time(), row["id"]))
+            return self.get_id(row["id"])
+
+    def update(self, job_id: int, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+
+    def finish(self, job_id: int, state: str, exit_code: int | None = None, error: str | None = None) -> None:
+        assert state in STATES
+        self.update(job_id, state=state, exit_code=exit_code, error=error, ended=time.time(), pid=None)
+
+    def requeue(self, job_id: int, resume: bool = True) -> None:
+        self.update(job_id, state="queued", resume=int(resume), worker=None, pid=None, devices=None, cancel=0)
+
+    def request_cancel(self, run_id: str) -> str:
+        """Cancel: a queued job at once; a running one is flagged for its worker. Returns the new state."""
+        with self.tx() as db:
+            row = db.execute("SELECT id, state FROM jobs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            if row["state"] in ("queued", "lost"):
+                db.execute("UPDATE jobs SET state='cancelled', ended=? WHERE id=?", (time.time(), row["id"]))
+                return "cancelled"
+            if row["state"] == "running":
+                db.execute("UPDATE jobs SET cancel=1 WHERE id=?", (row["id"],))
+                return "cancelling"
+            return row["state"]
+
+    def get(self, run_id: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE run_id=?", (run_id,)).fetchone()
+        return Job(**dict(row)) if row else None
+
+    def get_id(self, job_id: int) -> Job:
+        return Job(**dict(self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()))
+
+    def jobs(self, state: str | None = None, worker: str | None = None) -> list[Job]:
+        q, args = "SELECT * FROM jobs WHERE 1=1", []
+        if state:
+            q, args = q + " AND state=?", args + [state]
+        if worker:
+            q, args = q + " AND worker=?", args + [worker]
+        return [Job(**dict(r)) for r in self.db.execute(q + " ORDER BY id", args)]
+
+    # ------------------------------------------------------------ workers
+    def register_worker(self, worker: str, host: str, pid: int, slots: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO workers (id, host, pid, slots, started, heartbeat, stopped) "
+                       "VALUES (?, ?, ?, ?, ?, ?, NULL)", (worker, host, pid, slots, now, now))
+
+    def heartbeat(self, worker: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE workers SET heartbeat=? WHERE id=?", (time.time(), worker))
+
+    def worker_stopped(self, worker: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE workers SET stopped=? WHERE id=?", (time.time(), worker))
+
+    def workers(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM workers ORDER BY started")]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

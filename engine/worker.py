@@ -1,0 +1,242 @@
+"""The worker: keeps a machine's GPUs (or CPU slots) busy with queued jobs.
+
+    serve():
+      register; reconcile (jobs marked running on this host whose process is gone -> lost -> requeued)
+      loop every `poll` seconds:
+        reap        finished processes -> done / stopped / diverged / failed (exit code + log tail)
+        cancel      jobs flagged for cancel -> SIGTERM (the run checkpoints and stops) -> cancelled
+        launch      claim queued jobs for free slots: `python -m engine train RUN_DIR [--resume]`,
+                    CUDA_VISIBLE_DEVICES set to its GPUs, output appended to the run's log.txt
+      on SIGTERM: SIGTERM every job (each checkpoints and ends "stopped"), wait, requeue them to
+                  resume, exit. A restarted worker picks them up where they stopped.
+
+Jobs run in their own session, so a worker that dies leaves them running; a restarted worker
+adopts those whose process is still alive and watches them by pid.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.jobs import Job, JobStore, pid_alive
+from engine.rundir import RunDir
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids from CUDA_VISIBLE_DEVICES, else NVML / torch, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch / no driver: a CPU machine
+        return []
+
+
+def log_tail(rd: RunDir, lines: int = 20) -> str:
+    try:
+        with open(rd.log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 8192))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass
+class Running:
+    job: Job
+    devices: list[str]
+    proc: subprocess.Popen | None      # None: adopted from a previous worker (watched by pid)
+    pid: int
+    term_sent: float = 0.0
+
+
+@dataclass
+class Worker:
+    root: Path
+    gpus: list[str] = field(default_factory=list)
+    jobs_per_gpu: int = 1
+    cpu_slots: int = 1
+    poll: float = 0.2
+    idle_exit: float = 0.0             # seconds with nothing to do before exiting; 0 = never
+    requeue_lost: bool = True
+
+    def __post_init__(self):
+        self.host = socket.gethostname()
+        self.id = f"{self.host}:{os.getpid()}"
+        self.store = JobStore(self.root)
+        self.running: dict[int, Running] = {}
+        self.stopping = False
+
+    # ------------------------------------------------------------------ slots
+    def _gpu_load(self) -> dict[str, int]:
+        load = {g: 0 for g in self.gpus}
+        for r in self.running.values():
+            for d in r.devices:
+                load[d] = load.get(d, 0) + 1
+        return load
+
+    def _free_gpus(self) -> list[str]:
+        return [g for g, n in self._gpu_load().items() if n < self.jobs_per_gpu]
+
+    def _can_take(self) -> int | None:
+        """-1: no room; None: a CPU slot is free; k: k GPUs are free."""
+        if self.gpus:
+            free = len(self._free_gpus())
+            return free if free else -1
+        return None if len(self.running) < self.cpu_slots else -1
+
+    # ------------------------------------------------------------------ the loop
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        slots = f"gpus={','.join(self.gpus)}x{self.jobs_per_gpu}" if self.gpus else f"cpu={self.cpu_slots}"
+        self.store.register_worker(self.id, self.host, os.getpid(), slots)
+        self.reconcile()
+        idle_since = time.monotonic()
+        last_beat = 0.0
+        try:
+            while not self.stopping:
+                self.reap()
+                self.handle_cancels()
+                launched = self.fill()
+                if self.running or launched:
+                    idle_since = time.monotonic()
+                elif self.idle_exit and time.monotonic() - idle_since > self.idle_exit:
+                    break
+                if time.monotonic() - last_beat > 5:
+                    self.store.heartbeat(self.id)
+                    last_beat = time.monotonic()
+                time.sleep(self.poll)
+            if self.stopping:
+                self.shutdown()
+        finally:
+            self.store.worker_stopped(self.id)
+
+    def _on_term(self, signum, frame) -> None:
+        self.stopping = True
+
+    def reconcile(self) -> None:
+        """Jobs this host ran whose worker is gone: adopt live processes, requeue or mark the dead."""
+        for job in self.store.jobs(state="running"):
+            if job.host != self.host or job.backend != "local":
+                continue
+            if job.worker != self.id and pid_alive(job.pid):
+                devices = job.devices.split(",") if job.devices else []
+                self.store.update(job.id, worker=self.id)
+                self.running[job.id] = Running(job, devices, None, job.pid)
+                continue
+            rd = RunDir(Path(job.run_dir))
+            state = rd.status().get("state")
+            if state in ("done", "diverged"):
+                self.store.finish(job.id, state, None, rd.status().get("error"))
+            elif self.requeue_lost:
+                self.store.update(job.id, state="lost", error="its process was gone when a worker restarted")
+                self.store.requeue(job.id, resume=True)
+            else:
+                self.store.finish(job.id, "lost", None, "its process was gone when a worker restarted")
+
+    def fill(self) -> int:
+        launched = 0
+        while not self.stopping:
+            room = self._can_take()
+            if room == -1:
+                break
+            job = self.store.claim(self.id, self.host, room)
+            if job is None:
+                break
+            self.launch(job)
+            launched += 1
+        return launched
+
+    def launch(self, job: Job) -> None:
+        rd = RunDir(Path(job.run_dir))
+        devices = self._free_gpus()[: max(1, job.gpus)] if self.gpus else []
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices), PYTHONUNBUFFERED="1")
+        if len(devices) > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
+                   "-m", "engine", "train", str(rd.path)]
+        else:
+            cmd = [sys.executable, "-m", "engine", "train", str(rd.path)]
+        if job.resume:
+            cmd.append("--resume")
+        with open(rd.log_file, "ab") as log:
+            log.write(f"[worker {self.id}] launch {' '.join(cmd)} devices={devices or 'cpu'}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True, cwd=str(rd.path))
+        self.store.update(job.id, pid=proc.pid, devices=",".join(devices))
+        self.running[job.id] = Running(job, devices, proc, proc.pid)
+
+    def reap(self) -> None:
+        for job_id, r in list(self.running.items()):
+            if r.proc is not None:
+                code = r.proc.poll()
+                if code is None:
+                    continue
+            elif pid_alive(r.pid):
+                continue
+            else:
+                code = None
+            del self.running[job_id]
+            self._record_end(r, code)
+
+    def _record_end(self, r: Running, code: int | None) -> None:
+        rd = RunDir(Path(r.job.run_dir))
+        st = rd.status()
+        state = st.get("state")
+        cancel = self.store.get_id(r.job.id).cancel
+        if state == "done":
+            self.store.finish(r.job.id, "done", code)
+        elif state == "diverged":
+            self.store.finish(r.job.id, "diverged", code, st.get("error"))
+        elif cancel:
+            self.store.finish(r.job.id, "cancelled", code, "cancelled by request")
+        elif state == "stopped" and self.stopping:
+            self.store.requeue(r.job.id, resume=True)
+        elif state == "stopped":
+            self.store.finish(r.job.id, "stopped", code)
+        else:
+            why = st.get("error") or f"process exited with code {code}"
+            self.store.finish(r.job.id, "failed", code, f"{why}\n--- log tail ---\n{log_tail(rd)}")
+            if state not in ("failed",):
+                rd.write_status(state="failed", error=why, ended=time.time())
+
+    def handle_cancels(self) -> None:
+        for job in self.store.jobs(state="running", worker=self.id):
+            r = self.running.get(job.id)
+            if job.cancel and r and not r.term_sent:
+                self._terminate(r)
+            elif r and r.term_sent and time.time() - r.term_sent > 60:
+                os.killpg(r.pid, signal.SIGKILL)  # it ignored SIGTERM for a minute
+
+    def _terminate(self, r: Running) -> None:
+        r.term_sent = time.time()
+        try:
+            os.killpg(r.pid, signal.SIGTERM)   # its own session: torchrun and its ranks too
+        except ProcessLookupError:
+            pass
+
+    def shutdown(self, timeout: float = 120.0) -> None:
+        """SIGTERM: every job checkpoints and stops; they are requeued to resume."""
+        for r in self.running.values():
+            self._terminate(r)
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(self.poll)
+        for r in self.running.values():  # still there: kill, and let reconcile requeue them
+            os.killpg(r.pid, signal.SIGKILL)
+            self.store.requeue(r.job.id, resume=True)
+
+
+def live_workers(store: JobStore, host: str | None = None) -> list[dict]:
+    host = host or socket.gethostname()
+    return [w for w in store.workers() if w["host"] == host and not w["stopped"] and pid_alive(w["pid"])]

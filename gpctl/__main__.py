@@ -1,0 +1,3 @@
+from gpctl.cli import main
+
+main()

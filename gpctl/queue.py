@@ -1,0 +1,161 @@
+"""The queue's faces: enqueue-and-serve, wait with progress, worker, cancel, logs."""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.jobs import TERMINAL, JobStore
+from engine.rundir import RunDir, UnknownRun, resolve
+from engine.worker import Worker, live_workers, visible_gpus
+from gpctl.common import RunArg, State, err, friendly, out
+
+OK_STATES = ("done", "stopped")
+
+
+def enqueue(rds: list[RunDir], resume: bool = False) -> None:
+    store = JobStore(State.home)
+    for rd in rds:
+        store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=resume)
+    store.close()
+
+
+def ensure_worker(idle_exit: float | None = None) -> bool:
+    """Start a detached local worker unless one serves this home on this host; True if started.
+
+    It exits after `idle_exit` seconds with nothing to do ($GPCTL_WORKER_IDLE_EXIT, default 60).
+    """
+    if idle_exit is None:
+        idle_exit = float(os.environ.get("GPCTL_WORKER_IDLE_EXIT", "60"))
+    store = JobStore(State.home)
+    try:
+        if live_workers(store):
+            return False
+    finally:
+        store.close()
+    log = open(State.home / "worker.log", "ab")
+    subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(State.home), "worker", "--exclusive",
+                      "--idle-exit", str(idle_exit)], stdout=log, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL, start_new_session=True)
+    return True
+
+
+def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
+    """Block with one progress bar per run until every job ends; returns the jobs' final states."""
+    store = JobStore(State.home)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[state]} loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=out) as progress:
+        tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, state="queued", loss="-") for rd in rds}
+        while True:
+            states = {}
+            for rd in rds:
+                job = store.get(rd.id)
+                st = rd.status()
+                states[rd.id] = job.state if job else st.get("state", "?")
+                loss = st.get("loss")
+                progress.update(tasks[rd.id], completed=st.get("step", 0), state=states[rd.id],
+                                loss=f"{loss:.4f}" if loss is not None else "-")
+            if all(s in TERMINAL for s in states.values()):
+                break
+            time.sleep(poll)
+    store.close()
+    return [states[rd.id] for rd in rds]
+
+
+@friendly
+def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, e.g. 0,1 (default: all visible).")] = None,
+           jobs_per_gpu: Annotated[int, typer.Option("--jobs-per-gpu")] = 1,
+           cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Concurrent jobs on a machine without GPUs.")] = 1,
+           idle_exit: Annotated[float, typer.Option("--idle-exit", help="Exit after this many idle seconds (0: never).")] = 0.0,
+           no_requeue: Annotated[bool, typer.Option("--no-requeue", help="Leave lost jobs lost instead of resuming them.")] = False,
+           exclusive: Annotated[bool, typer.Option("--exclusive", help="Exit if another worker already serves this home on this host.")] = False,
+           status: Annotated[bool, typer.Option("--status", help="Show the workers and their jobs, then exit.")] = False) -> None:
+    """Serve the queue: run queued jobs on this machine's GPUs (or CPU), survive crashes."""
+    if status:
+        show_workers()
+        return
+    if exclusive:
+        lock = open(State.home / f"worker.{socket.gethostname()}.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            out.print("another worker serves this home on this host")
+            return
+    ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else visible_gpus()
+    w = Worker(State.home, gpus=ids, jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, idle_exit=idle_exit,
+               requeue_lost=not no_requeue)
+    out.print(f"worker {w.id} serving {State.home} on {'GPUs ' + ','.join(ids) if ids else f'{cpu_slots} CPU slot(s)'}")
+    w.serve()
+
+
+def show_workers() -> None:
+    store = JobStore(State.home)
+    t = Table(title="workers")
+    for col in ("worker", "slots", "alive", "heartbeat", "jobs"):
+        t.add_column(col)
+    from engine.jobs import pid_alive
+    for w in store.workers():
+        jobs = [j.run_id for j in store.jobs(state="running", worker=w["id"])]
+        alive = "yes" if not w["stopped"] and w["host"] == socket.gethostname() and pid_alive(w["pid"]) else "no"
+        t.add_row(w["id"], w["slots"], alive, f"{time.time() - w['heartbeat']:.0f}s ago", ", ".join(jobs) or "-")
+    out.print(t)
+    store.close()
+
+
+@friendly
+def cancel(runs: Annotated[list[str], typer.Argument(help="Runs to cancel.")],
+           wait: Annotated[bool, typer.Option("--wait", help="Wait until running ones have stopped.")] = False,
+           timeout: Annotated[float, typer.Option("--timeout")] = 120.0) -> None:
+    """Cancel queued or running jobs (a running one checkpoints and stops)."""
+    store = JobStore(State.home)
+    rds = [resolve(State.home, r) for r in runs]
+    for rd in rds:
+        try:
+            state = store.request_cancel(rd.id)
+        except KeyError:
+            raise UnknownRun(f"run {rd.id} is not in the queue ({State.home / 'jobs.db'})") from None
+        out.print(f"{rd.id}: {state}")
+    if wait:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(store.get(rd.id).state == "running" for rd in rds):
+            time.sleep(0.2)
+        for rd in rds:
+            out.print(f"{rd.id}: {store.get(rd.id).state}")
+    store.close()
+
+
+@friendly
+def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False) -> None:
+    """Print a run's log.txt (its process's own output)."""
+    rd = resolve(State.home, run)
+    store = JobStore(State.home)
+    pos = 0
+    while True:
+        with open(rd.log_file, "rb") as f:
+            f.seek(pos)
+            chunk = f.read()
+        pos += len(chunk)
+        if chunk:
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        job = store.get(rd.id)
+        if not follow or job is None or job.state in TERMINAL:
+            break
+        time.sleep(0.5)
+    store.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(cancel)
+    app.command()(logs)

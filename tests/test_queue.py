@@ -1,0 +1,189 @@
+"""The job store and the worker, with real processes (CPU)."""
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.jobs import JobStore
+from engine.rundir import RunDir
+from engine.train import train
+from gpctl.cli import app
+from tests.conftest import TINY_IMAGES, TINY_LM, tiny
+
+SLOW = ["steps=400", "log_every=2", "eval_every=0", "checkpoint_every=10", "batch_size=64",
+        "data.image_size=16", "model.width=4"]
+
+
+def _enqueue_many(root, tag, n):
+    store = JobStore(Path(root))
+    for i in range(n):
+        store.enqueue(f"{tag}-{i}", Path(root) / f"{tag}-{i}")
+    store.close()
+
+
+def test_concurrent_enqueues_give_distinct_jobs(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_enqueue_many, args=(tmp_path, f"p{k}", 5)) for k in range(10)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    jobs = JobStore(tmp_path).jobs()
+    assert len(jobs) == 50
+    assert len({j.id for j in jobs}) == 50 and len({j.run_id for j in jobs}) == 50
+    assert {j.state for j in jobs} == {"queued"}
+
+
+def _claim_all(root, name, q):
+    store = JobStore(Path(root))
+    got = []
+    while (job := store.claim(name, "host", None)) is not None:
+        got.append(job.run_id)
+    q.put(got)
+
+
+def test_two_claimers_never_take_the_same_job(tmp_path):
+    _enqueue_many(tmp_path, "j", 200)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(tmp_path, f"w{k}", q)) for k in range(2)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert not set(got[0]) & set(got[1])
+    assert sorted(got[0] + got[1]) == sorted(f"j-{i}" for i in range(200))
+
+
+def start_worker(home, *extra):
+    return subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--cpu-slots", "1",
+                             "--idle-exit", "3", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_until(pred, timeout=120.0, poll=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def _strip(rd):
+    return [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
+
+
+@pytest.mark.slow
+def test_two_workers_run_every_job_once(home):
+    store = JobStore(home)
+    rds = [RunDir.create(home, tiny(TINY_IMAGES, "steps=3", "eval_every=0", name=f"a{i}")) for i in range(4)]
+    for rd in rds:
+        store.enqueue(rd.id, rd.path)
+    workers = [start_worker(home), start_worker(home)]
+    wait_until(lambda: all(store.get(rd.id).state == "done" for rd in rds))
+    for w in workers:
+        w.wait(timeout=60)
+    jobs = [store.get(rd.id) for rd in rds]
+    assert [j.attempts for j in jobs] == [1, 1, 1, 1]
+    assert len({j.worker for j in jobs}) == 2   # both worked
+    for rd in rds:
+        assert rd.log_file.read_text().count("launch") == 1
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_then_restarted_finishes_exactly(home):
+    cfg = tiny(TINY_IMAGES, *SLOW, "steps=60")
+    ref = RunDir.create(home / "ref", cfg)
+    assert train(ref) == "done"
+    rd = RunDir.create(home, cfg)
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: rd.status().get("step", 0) >= 25)
+    job = store.get(rd.id)
+    os.kill(w.pid, signal.SIGKILL)        # the worker dies ...
+    os.killpg(job.pid, signal.SIGKILL)    # ... and so does its job, between checkpoints
+    w.wait()
+    wait_until(lambda: not os.path.exists(f"/proc/{job.pid}") or
+               open(f"/proc/{job.pid}/stat").read().split(")")[-1].split()[0] == "Z", 10)
+    w2 = start_worker(home)
+    wait_until(lambda: store.get(rd.id).state == "done")
+    w2.wait(timeout=60)
+    assert store.get(rd.id).attempts == 2
+    assert _strip(rd) == _strip(ref)
+    resumed = [e for e in rd.events()[0] if e["event"] == "resume"]
+    assert resumed and resumed[0]["step"] in (20, 30)
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_within_seconds(home):
+    rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=100000"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: rd.status().get("step", 0) >= 4)
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, ["--home", str(home), "cancel", rd.id, "--wait", "--timeout", "30"])
+    took = time.monotonic() - t0
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [f"{rd.id}: cancelling", f"{rd.id}: cancelled"]
+    assert took < 10
+    assert rd.status()["state"] == "stopped" and rd.list_checkpoints()
+    w.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_killed_job_is_failed_with_exit_code_and_log_tail(home):
+    rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=100000"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: rd.status().get("step", 0) >= 2)
+    os.kill(store.get(rd.id).pid, signal.SIGKILL)
+    wait_until(lambda: store.get(rd.id).state == "failed")
+    job = store.get(rd.id)
+    assert job.exit_code == -9 and "process exited with code -9" in job.error
+    shown = CliRunner().invoke(app, ["--home", str(home), "show", rd.id])
+    assert "exit code -9" in shown.stdout and "--- log tail ---" in shown.stdout and "launch" in shown.stdout
+    assert json.loads(CliRunner().invoke(app, ["--home", str(home), "ls", "--json"]).stdout)[0]["state"] == "failed"
+    w.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_diverged_job_is_not_retried(home):
+    rd = RunDir.create(home, tiny(TINY_LM, "steps=30", "lr=1e6", "optim.grad_clip=0.0", "log_every=1"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: store.get(rd.id).state not in ("queued", "running"))
+    w.wait(timeout=60)
+    job = store.get(rd.id)
+    assert (job.state, job.attempts, job.exit_code) == ("diverged", 1, 1)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_requeues_then_resumes(home):
+    rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=80"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: rd.status().get("step", 0) >= 6)
+    w.send_signal(signal.SIGTERM)
+    w.wait(timeout=60)
+    job = store.get(rd.id)
+    assert (job.state, job.resume) == ("queued", 1)
+    stopped_at = rd.status()["step"]
+    assert rd.status()["state"] == "stopped" and rd.list_checkpoints()[-1][0] == stopped_at
+    w2 = start_worker(home)
+    wait_until(lambda: store.get(rd.id).state == "done")
+    w2.wait(timeout=60)
+    assert [r["step"] for r in rd.metrics()[0] if "loss" in r] == list(range(1, 81))
