@@ -19,6 +19,7 @@ from engine.fork import children
 from engine.presets import list_presets
 from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
+from engine import slurm
 from engine.jobs import JobStore
 from gpctl import compare, queue, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
@@ -66,14 +67,29 @@ def run_preset(
     wait: Annotated[bool, typer.Option("--wait", help="Block with progress until the runs end; exit 1 if any failed.")] = False,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Only enqueue; start no worker.")] = False,
     foreground: Annotated[bool, typer.Option("--foreground", help="Train here, one run after another, without the queue.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="local (workers on this machine) or slurm (sbatch).")] = "local",
+    partition: Annotated[str, typer.Option("--partition", help="Slurm partition.")] = "",
+    gres: Annotated[str, typer.Option("--gres", help="Slurm generic resources, e.g. gpu:1.")] = "",
+    time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit, e.g. 04:00:00.")] = "",
 ) -> None:
     """Queue the runs of a preset (and make sure a local worker serves them); prints the run ids."""
+    if backend not in ("local", "slurm"):
+        raise ConfigError(f"--backend must be local or slurm, got {backend!r}")
     rds = ops.create_runs(name, overrides or [], State.home, arm)
-    for rd in rds:
-        out.print(rd.id)
     if foreground:
+        for rd in rds:
+            out.print(rd.id)
         states = train_in_foreground(rds, out)
+    elif backend == "slurm":
+        ids = queue.submit_slurm(rds, slurm.SlurmOptions(partition, gres, time_limit))
+        for rd, sid in zip(rds, ids):
+            out.print(f"{rd.id}  slurm job {sid}")
+        if not wait:
+            return
+        states = queue.wait_for(rds)
     else:
+        for rd in rds:
+            out.print(rd.id)
         queue.enqueue(rds)
         if not no_worker and queue.ensure_worker():
             out.print(f"started a worker (log: {State.home / 'worker.log'})")
@@ -118,12 +134,14 @@ def _bayes(rd: RunDir) -> float | None:
 def ls(as_json: JsonOpt = False) -> None:
     """List runs: state, device, step, loss, lr, batch."""
     store = JobStore(State.home)
+    queue.sync(store)
     rows = []
     for rd in list_runs(State.home):
         row, job = rd.summary(), store.get(rd.id)
         if job and (job.state in ("queued", "lost", "cancelled", "failed") or row["state"] == "created"):
             row["state"] = job.state   # the queue knows better before a run starts, and why it ended
         row["job"] = job.state if job else None
+        row["slurm_id"] = job.slurm_id if job else None
         rows.append(row)
     store.close()
     if as_json:
@@ -162,7 +180,8 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
     out.print(f"dir {rd.path}")
     job = info["job"]
     if job:
-        out.print(f"job {job['state']}  attempts {job['attempts']}  worker {job['worker'] or '-'}  "
+        where = f"slurm job {job['slurm_id']}" if job["backend"] == "slurm" else f"worker {job['worker'] or '-'}"
+        out.print(f"job {job['state']}  attempts {job['attempts']}  {where}  "
                   f"devices {job['devices'] or '-'}  exit code {job['exit_code'] if job['exit_code'] is not None else '-'}")
         if job["error"]:
             out.print(job["error"], markup=False)
@@ -179,6 +198,7 @@ def show(run: RunArg, as_json: JsonOpt = False) -> None:
 
 def _job(rd: RunDir) -> dict | None:
     store = JobStore(State.home)
+    queue.sync(store)
     job = store.get(rd.id)
     store.close()
     return vars(job) if job else None

@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engine import slurm
 from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, resolve
 from engine.worker import Worker, live_workers, visible_gpus
@@ -27,6 +28,22 @@ def enqueue(rds: list[RunDir], resume: bool = False) -> None:
     for rd in rds:
         store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=resume)
     store.close()
+
+
+def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = False) -> list[str]:
+    store = JobStore(State.home)
+    try:
+        return [slurm.submit(store, rd, opts, resume) for rd in rds]
+    finally:
+        store.close()
+
+
+def sync(store: JobStore) -> None:
+    """Slurm jobs' states from squeue and their run dirs (local workers keep theirs current)."""
+    try:
+        slurm.sync(store)
+    except slurm.SlurmError as e:
+        err.print(f"warning: {e}", markup=False)
 
 
 def ensure_worker(idle_exit: float | None = None) -> bool:
@@ -57,6 +74,7 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
     with Progress(*columns, console=out) as progress:
         tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, state="queued", loss="-") for rd in rds}
         while True:
+            sync(store)
             states = {}
             for rd in rds:
                 job = store.get(rd.id)
@@ -120,14 +138,17 @@ def cancel(runs: Annotated[list[str], typer.Argument(help="Runs to cancel.")],
     store = JobStore(State.home)
     rds = [resolve(State.home, r) for r in runs]
     for rd in rds:
-        try:
-            state = store.request_cancel(rd.id)
-        except KeyError:
-            raise UnknownRun(f"run {rd.id} is not in the queue ({State.home / 'jobs.db'})") from None
+        job = store.get(rd.id)
+        if job is None:
+            raise UnknownRun(f"run {rd.id} is not in the queue ({State.home / 'jobs.db'})")
+        state = slurm.cancel(store, rd.id) if job.backend == "slurm" else store.request_cancel(rd.id)
         out.print(f"{rd.id}: {state}")
     if wait:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(store.get(rd.id).state == "running" for rd in rds):
+        while time.monotonic() < deadline:
+            sync(store)
+            if all(store.get(rd.id).state in TERMINAL for rd in rds):
+                break
             time.sleep(0.2)
         for rd in rds:
             out.print(f"{rd.id}: {store.get(rd.id).state}")

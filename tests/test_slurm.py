@@ -1,0 +1,158 @@
+"""The Slurm backend against a real single-node Slurm (slurmctld + slurmd + munge) that the tests
+start themselves. Skipped, with the reason, where Slurm is not installed or we are not root
+(`.ci/run` installs Debian's slurm-wlm and munge)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.jobs import JobStore
+from gpctl.cli import app
+
+pytestmark = pytest.mark.slow
+
+CONF = """ClusterName=gpctltest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={port}
+SlurmdPort={port2}
+AuthType=auth/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+KillWait=30
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _munge_up() -> bool:
+    return subprocess.run(["munge", "-n"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged", "munge") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"Slurm not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd needs root")
+    if not _munge_up():
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["munged", "--force"], capture_output=True)
+        time.sleep(1)
+        if not _munge_up():
+            pytest.skip("munged could not be started")
+    d = tmp_path_factory.mktemp("slurm")
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    conf = d / "slurm.conf"
+    conf.write_text(CONF.format(host=socket.gethostname().split(".")[0], d=d, port=26817, port2=26818))
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    subprocess.run(["slurmctld"], env=env, check=True)
+    subprocess.run(["slurmd"], env=env, check=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+        if out.strip() in ("idle", "mix", "alloc"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.skip(f"slurm node did not come up: {(d / 'slurmctld.log').read_text()[-500:]}")
+    yield env
+    subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+    for pidfile in ("slurmd.pid", "slurmctld.pid"):
+        try:
+            os.kill(int((d / pidfile).read_text()), 15)
+        except (OSError, ValueError):
+            pass
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+PRESET = """
+[preset]
+figure = "test"
+[base]
+steps = {steps}
+lr = 0.05
+batch_size = 16
+eval_every = 0
+log_every = 2
+checkpoint_every = 10
+device = "cpu"
+[base.model]
+name = "resnet18"
+width = {width}
+[base.data]
+source = "synthetic_images"
+image_size = {size}
+eval_samples = 32
+teacher_width = 8
+[runs.a]
+"""
+
+
+def _wait(pred, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_sbatch_run_reaches_done_and_ls_shows_it(slurm_cluster, tmp_path):
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "s.toml"
+    preset.write_text(PRESET.format(steps=6, width=2, size=8))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm", "--wait"])
+    assert res.exit_code == 0, res.output
+    run_id, _, slurm_id = res.stdout.splitlines()[0].partition("  slurm job ")
+    assert slurm_id.isdigit()
+    rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
+    assert [(r["id"], r["state"], r["step"], r["slurm_id"]) for r in rows] == [(run_id, "done", 6, slurm_id)]
+    job = JobStore(home).get(run_id)
+    assert (job.backend, job.state) == ("slurm", "done")
+    logs = runner.invoke(app, ["--home", str(home), "logs", run_id]).stdout
+    assert f"{run_id}: done" in logs
+
+
+def test_scancel_stops_a_running_slurm_job(slurm_cluster, tmp_path):
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "long.toml"
+    preset.write_text(PRESET.format(steps=100000, width=4, size=16))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm"])
+    run_id = res.stdout.split()[0]
+    from engine.rundir import resolve
+    rd = resolve(home, run_id)
+    _wait(lambda: rd.status().get("step", 0) >= 4)
+    res = runner.invoke(app, ["--home", str(home), "cancel", run_id, "--wait", "--timeout", "60"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [f"{run_id}: cancelling", f"{run_id}: cancelled"]
+    assert rd.status()["state"] == "stopped" and rd.list_checkpoints()
