@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.control import ControlReader, validate
+from engine.control import ControlReader, Line, validate
+from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.models import build_model, hf_config_dict
 from engine.rundir import RunDir
@@ -35,6 +36,18 @@ from engine.schedule import Schedule
 
 class Diverged(RuntimeError):
     pass
+
+
+class _Follower(RunDir):
+    """A DDP rank other than 0: reads the run directory, never writes it."""
+
+    def append_metrics(self, records): pass
+    def append_event(self, kind, **fields): return {}
+    def write_status(self, **fields): return {}
+    def mark_running(self, device): return {}
+    def log(self, line): pass
+    def truncate_metrics(self, size): return 0
+    def write_tv_cache(self, cache): pass
 
 
 def pick_device(name: str) -> torch.device:
@@ -72,6 +85,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_record: dict = {}
         self.stop_requested = False
+        self.signal_stop = False       # SIGTERM seen (under DDP, acted on when all ranks agree)
         self._pending: list[tuple[dict, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ setup
@@ -79,7 +93,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
+        self.dist = Dist()
+        self.device = self.dist.init(want_cuda=cfg.device != "cpu") or pick_device(cfg.device)
+        if not self.dist.leader:
+            self.rd = _Follower(self.rd.path)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device = {cfg.device!r} but no CUDA device is visible")
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -94,7 +111,13 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model, self.device)
         self.schedule = Schedule(cfg)
         self.tokens_per_sample = cfg.data.seq_len if cfg.is_lm else 1
-        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.fwd = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            if cfg.batch_size % self.dist.world:
+                raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world} ranks")
+            self.fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
         self.control = ControlReader(self.rd)
         if resume and self.rd.list_checkpoints():
             self._resume()
@@ -159,6 +182,8 @@ class Trainer:
         while not self._finished():
             # -- before the step: planned changes, then hooks (control requests)
             self._apply_planned_changes()
+            if self.signal_stop and not self.dist.active:
+                self.stop_requested = True
             self._apply_control()
             for hook in self.hooks:
                 hook(self)
@@ -196,18 +221,24 @@ class Trainer:
         return self.step >= cfg.steps or (cfg.max_lr_time > 0 and self.lr_time >= cfg.max_lr_time - 1e-9)
 
     def _train_step(self, batch: int) -> torch.Tensor:
-        micro = self.cfg.micro_batch_size or batch
         x, y = self.stream.next_batch(batch)
+        if self.dist.active:  # this rank's slice of the global batch
+            per = batch // self.dist.world
+            lo = self.dist.rank * per
+            x, y, batch = x[lo:lo + per], (y[lo:lo + per] if y is not None else None), per
+        micro = self.cfg.micro_batch_size or batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         total = None
-        for i in range(0, batch, micro):   # gradient accumulation; a batch change never lands inside
+        starts = range(0, batch, micro)
+        for i in starts:   # gradient accumulation; a batch change never lands inside
             xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
-            with self.autocast:
+            sync = i == starts[-1] or not self.dist.active
+            with self.autocast, (nullcontext() if sync else self.fwd.no_sync()):
                 loss = loss_fn(self.fwd(xs), xs, ys)
-            if micro < batch:
-                loss = loss * (xs.shape[0] / batch)
-            loss.backward()
+                if micro < batch:
+                    loss = loss * (xs.shape[0] / batch)
+                loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -224,9 +255,19 @@ class Trainer:
             self.rd.append_event("schedule", source="preset", change=i, changed=changed,
                                  step=self.step, lr_time=self.lr_time, samples=self.samples)
 
+    def _control_lines(self) -> list[Line]:
+        """New control lines; under DDP only at flush boundaries, read by rank 0 and broadcast."""
+        if not self.dist.active:
+            return self.control.poll()
+        if self.step % self.cfg.log_every:
+            return []
+        self.stop_requested = self.dist.any(self.stop_requested or self.signal_stop)
+        lines = [vars(line) for line in self.control.poll()] if self.dist.leader else None
+        return [Line(**d) for d in self.dist.broadcast_json(lines)]
+
     def _apply_control(self) -> None:
         """Requests from control.jsonl, each once, in order, at this step boundary."""
-        for item in self.control.poll():
+        for item in self._control_lines():
             self.control.consume(item)
             if item.problem == "blank":
                 continue
@@ -273,7 +314,7 @@ class Trainer:
         """Write buffered step records: one device sync for all of them."""
         if not self._pending:
             return
-        losses = torch.stack([loss for _, loss in self._pending]).cpu().tolist()
+        losses = self.dist.mean(torch.stack([loss for _, loss in self._pending])).cpu().tolist()
         records = [dict(rec, loss=l) for (rec, _), l in zip(self._pending, losses)]
         self._pending.clear()
         self.rd.append_metrics(records)
@@ -323,6 +364,8 @@ class Trainer:
                 "hf_config": hf_config_dict(self.cfg.model), "run": self.rd.id}
         loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
                 "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval}
+        if not self.dist.leader:
+            return
         ckpt.save(path, self.model, self.optimizer, meta,
                   {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict(),
                    "control": self.control.state_dict()})
@@ -339,7 +382,7 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
     old = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):  # checkpoint at the next step boundary, then end cleanly
-        trainer.stop_requested = True
+        trainer.signal_stop = True
 
     in_main = _in_main_thread()
     if in_main:
@@ -369,6 +412,8 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)
+        if getattr(trainer, "dist", None):
+            trainer.dist.close()
 
 
 def _in_main_thread() -> bool:

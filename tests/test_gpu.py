@@ -71,3 +71,14 @@ def test_tv_on_gpu_matches_cpu(tmp_path):
     rds[0].tv_cache_file.unlink()
     gpu = tv_curve(rds[0], rds[1], "step", device="cuda")
     assert [r["tv"] for r in gpu] == pytest.approx([r["tv"] for r in cpu], abs=1e-4)
+
+
+def test_ddp_on_one_gpu_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    cfg = tiny(TINY_LM, "device=\"cuda\"", "steps=4", "batch_size=8")
+    rd = RunDir.create(tmp_path, cfg)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          "-m", "engine", "train", str(rd.path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert rd.status()["state"] == "done" and rd.status()["device"].startswith("cuda")

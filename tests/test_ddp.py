@@ -1,0 +1,62 @@
+"""DDP on the CPU: two gloo ranks under torchrun train like one process on the whole batch."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.rundir import RunDir
+from engine.train import train
+from tests.conftest import TINY_LM, tiny
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(rd, n=2, *extra):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           "-m", "engine", "train", str(rd.path), *extra],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_ranks_match_one_process_and_only_rank0_writes(tmp_path):
+    cfg = tiny(TINY_LM, "steps=6", "batch_size=8", "micro_batch_size=2", "checkpoint_every=3", "eval_every=3")
+    single = RunDir.create(tmp_path, cfg, run_id="single")
+    assert train(single) == "done"
+    ddp = RunDir.create(tmp_path, cfg, run_id="ddp")
+    res = torchrun(ddp)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    a = [r for r in single.metrics()[0] if "loss" in r]
+    b = [r for r in ddp.metrics()[0] if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]           # one record per step: rank 0 alone writes
+    assert [r["samples"] for r in b] == [r["samples"] for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, _ = ckpt.load_weights(single.checkpoint_path(6))
+    wb, _ = ckpt.load_weights(ddp.checkpoint_path(6))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    starts = [e for e in ddp.events()[0] if e["event"] == "start"]
+    assert len(starts) == 1 and ddp.status()["state"] == "done"
+
+
+def test_control_request_applies_on_all_ranks_at_a_flush_boundary(tmp_path):
+    cfg = tiny(TINY_LM, "steps=8", "batch_size=8", "log_every=2", "eval_every=0")
+    rd = RunDir.create(tmp_path, cfg)
+    from engine.control import append_request
+    append_request(rd, {"id": "x", "set": {"lr": 5e-4}})
+    res = torchrun(rd)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control"]
+    assert (ack["id"], ack["status"], ack["step"]) == ("x", "applied", 0)
+    assert {r["lr"] for r in rd.metrics()[0] if "loss" in r} == {5e-4}
+
+
+def test_one_rank_under_torchrun_is_ddp_of_world_one(tmp_path):
+    cfg = tiny(TINY_LM, "steps=3", "batch_size=4", "eval_every=0")
+    single = RunDir.create(tmp_path, cfg, run_id="single")
+    assert train(single) == "done"
+    rd = RunDir.create(tmp_path, cfg, run_id="ddp1")
+    res = torchrun(rd, 1)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["loss"] for r in rd.metrics()[0] if "loss" in r] == pytest.approx(
+        [r["loss"] for r in single.metrics()[0] if "loss" in r], rel=1e-5)
