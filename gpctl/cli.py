@@ -240,6 +240,13 @@ def resume(run: RunArg,
         raise typer.Exit(1)
 
 
+@app.command()
+def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between looks at the run directories.")] = 1.0) -> None:
+    """Live loss curves and steering in the terminal."""
+    from gpctl.tui.app import GpctlApp
+    GpctlApp(State.home, poll=poll).run()
+
+
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 compare.register(app)
 queue.register(app)

@@ -1,0 +1,1 @@
+"""`gpctl tui`: live loss curves and steering in the terminal."""

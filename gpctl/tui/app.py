@@ -1,0 +1,436 @@
+"""The gpctl TUI: every run's loss live, on the right x-axis, and one key to steer.
+
+    runs table (grouped by preset)  |  loss plot (selected + marked runs, change markers)
+    filter                          |  events of the selected run
+                                    |  GPUs
+A thread worker polls the run directories (only new bytes) and posts a merged message; the UI
+redraws only when something changed. Every action calls the same functions as the CLI.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Footer, Header, Input
+
+from engine.control import ControlError, append_request
+from engine.curves import AXES
+from engine.jobs import JobStore
+from engine.rundir import RunDir, list_runs
+from gpctl.tui.data import RunTail
+from gpctl.tui.dialogs import Ask, Help, Pick
+from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
+from gpctl.tui.widgets.plot import COLORS, LossPlot
+
+EMAS = (0.0, 0.8, 0.9, 0.99)
+ZOOMS = (1.0, 0.25, 0.05)
+
+
+class DataChanged(Message):
+    """New records or states; many merge into one while the UI is busy."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, DataChanged)
+
+
+class GpctlApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "gpctl"
+    BINDINGS = [
+        Binding("space", "mark", "Mark"),
+        Binding("x", "cycle_x", "X-axis"),
+        Binding("e", "cycle_ema", "EMA"),
+        Binding("l", "logy", "Log-y"),
+        Binding("v", "toggle_eval", "Eval", show=False),
+        Binding("z", "zoom", "Zoom", show=False),
+        Binding("d", "drop", "Drop"),
+        Binding("r", "raise_noise", "Raise"),
+        Binding("s", "set", "Set", show=False),
+        Binding("t", "stop", "Stop", show=False),
+        Binding("c", "checkpoint", "Ckpt", show=False),
+        Binding("f", "fork", "Fork", show=False),
+        Binding("delete,C", "cancel", "Cancel", show=False),
+        Binding("u", "resume", "Resume", show=False),
+        Binding("n", "enqueue", "Enqueue", show=False),
+        Binding("T", "tv", "TV", show=False),
+        Binding("o", "sort", "Sort", show=False),
+        Binding("slash", "filter", "Filter", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+    KEYS_HELP = """gpctl tui — keys
+
+ space  mark/unmark a run (marked runs are overlaid)   o  sort by the next column
+ x      x-axis: step → samples → lr_time → wall        /  filter runs by text
+ e      EMA smoothing: 0 → 0.8 → 0.9 → 0.99            z  zoom: all → last 25% → last 5%
+ l      log-y                                          v  eval loss as a second series
+ d      drop noise (lr ÷ K or batch × K)               r  raise noise (lr × K ramped, or batch ÷ K)
+ s      set lr / batch exactly                         t  stop (checkpoint, then end)
+ c      checkpoint now                                 f  fork at the latest checkpoint (+ overrides)
+ C/del  cancel the job                                 u  resume (re-queue from its checkpoint)
+ n      enqueue a preset                               T  TV of the two marked runs (matched loss)
+ ?      this help                                      q  quit"""
+
+    def __init__(self, home: Path, poll: float = 1.0, live: bool = True):
+        super().__init__()
+        self.home, self.poll, self.live = home, poll, live
+        self.tails: dict[str, RunTail] = {}
+        self.rows: list[dict] = []
+        self.marked: set[str] = set()
+        self.x_axis, self.ema_i, self.logy, self.with_eval, self.zoom_i = "step", 1, False, False, 0
+        self.filter_text, self.sort_key = "", None
+        self._plotted = None
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield Input(placeholder="filter runs…", id="filter")
+                yield RunsTable(id="runs")
+            with Vertical(id="right"):
+                yield LossPlot(id="plot")
+                yield EventsPane(id="events", wrap=False, markup=False)
+                yield GpuPanel(id="gpus")
+        yield Footer()
+
+    @property
+    def table(self) -> RunsTable:
+        return self.query_one(RunsTable)
+
+    @property
+    def plot(self) -> LossPlot:
+        return self.query_one(LossPlot)
+
+    @property
+    def events_pane(self) -> EventsPane:
+        return self.query_one(EventsPane)
+
+    def on_mount(self) -> None:
+        self.table.focus()
+        self.refresh_data()
+        self.gpu_refresh()
+        if self.live:
+            self.tail_worker()
+            self.set_interval(5.0, self.gpu_refresh)
+
+    # ------------------------------------------------------------------ data
+    @work(thread=True, exclusive=True)
+    def tail_worker(self) -> None:
+        """Poll the run directories; post a (mergeable) message when something changed."""
+        seen = None
+        while self.is_running:
+            key = [(rd.id, rd.status_file.stat().st_mtime_ns if rd.status_file.exists() else 0,
+                    rd.events_file.stat().st_size if rd.events_file.exists() else 0)
+                   for rd in list_runs(self.home)]
+            if key != seen:
+                seen = key
+                self.post_message(DataChanged())
+            time.sleep(self.poll)
+
+    def on_data_changed(self, message: DataChanged) -> None:
+        self.refresh_data()
+
+    def refresh_data(self) -> None:
+        store = JobStore(self.home)
+        rows = []
+        for rd in list_runs(self.home):
+            r = rd.summary()
+            job = store.get(rd.id)
+            if job and job.state in ("queued", "lost", "cancelled", "failed"):
+                r["state"] = job.state
+            r["steps"] = self._steps(rd)
+            r["loss_ema"] = r["loss"]
+            rows.append(r)
+        store.close()
+        text = self.filter_text.lower()
+        rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
+        key = self.sort_key
+        rows.sort(key=lambda r: (r["preset"], (r.get(key) if key else 0) or 0, r["created"]))
+        self.rows = rows
+        self.table.show(rows, self.marked)
+        self.redraw()
+
+    def _steps(self, rd: RunDir) -> int:
+        try:
+            return rd.config().steps
+        except Exception:  # noqa: BLE001 - a run dir being written
+            return 0
+
+    def tail(self, run_id: str) -> RunTail:
+        if run_id not in self.tails:
+            self.tails[run_id] = RunTail(RunDir(self.home / "runs" / run_id))
+        t = self.tails[run_id]
+        t.poll()
+        return t
+
+    def redraw(self) -> None:
+        sel = self.table.selected_id
+        shown = [sel] if sel else []
+        shown += sorted(m for m in self.marked if m != sel)
+        series, markers = [], []
+        for i, rid in enumerate(shown):
+            t = self.tail(rid)
+            color = COLORS[i % len(COLORS)]
+            x, y = t.series(self.x_axis, EMAS[self.ema_i])
+            if ZOOMS[self.zoom_i] < 1 and len(x):
+                keep = x >= x[-1] - (x[-1] - x[0]) * ZOOMS[self.zoom_i]
+                x, y = x[keep], y[keep]
+            series.append((x, y, color, rid))
+            if self.with_eval:
+                ex, ey = t.series(self.x_axis, 0, evals=True)
+                series.append((ex, ey, "bright_" + color if not color.startswith("bright") else color, rid + " eval"))
+            if rid == sel:
+                markers = t.markers(self.x_axis)
+        self.plot.set_data(series, markers, self.x_axis, self.logy)
+        if sel:
+            self.events_pane.show(sel, self.tail(sel).events)
+
+    def gpu_refresh(self) -> None:
+        store = JobStore(self.home)
+        on = {}
+        for j in store.jobs(state="running"):
+            for d in (j.devices or "").split(","):
+                if d:
+                    on[d] = j.run_id
+        store.close()
+        self.query_one(GpuPanel).show(on)
+
+    @on(RunsTable.RowHighlighted)
+    def _row_changed(self, event) -> None:
+        self.redraw()
+
+    # ------------------------------------------------------------------ view keys
+    def action_mark(self) -> None:
+        sel = self.table.selected_id
+        if sel:
+            self.marked ^= {sel}
+            self.table.show(self.rows, self.marked)
+            self.redraw()
+
+    def action_cycle_x(self) -> None:
+        self.x_axis = AXES[(AXES.index(self.x_axis) + 1) % len(AXES)]
+        self.redraw()
+
+    def action_cycle_ema(self) -> None:
+        self.ema_i = (self.ema_i + 1) % len(EMAS)
+        self.notify(f"EMA {EMAS[self.ema_i]}")
+        self.redraw()
+
+    def action_logy(self) -> None:
+        self.logy = not self.logy
+        self.redraw()
+
+    def action_toggle_eval(self) -> None:
+        self.with_eval = not self.with_eval
+        self.redraw()
+
+    def action_zoom(self) -> None:
+        self.zoom_i = (self.zoom_i + 1) % len(ZOOMS)
+        self.redraw()
+
+    def action_sort(self) -> None:
+        keys = (None, "step", "loss", "eval_loss", "lr", "batch_size")
+        self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
+        self.notify(f"sort by {self.sort_key or 'creation'}")
+        self.refresh_data()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("visible")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self.refresh_data()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        self.table.focus()
+
+    def action_help(self) -> None:
+        self.push_screen(Help(self.KEYS_HELP))
+
+    # ------------------------------------------------------------------ steering keys
+    def _selected(self) -> RunDir | None:
+        sel = self.table.selected_id
+        if sel is None:
+            self.notify("no run selected", severity="warning")
+            return None
+        return RunDir(self.home / "runs" / sel)
+
+    def _send(self, rd: RunDir, request: dict) -> None:
+        try:
+            rid = append_request(rd, request)
+        except ControlError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.notify(f"{rd.id}: request {rid} sent: {request}")
+
+    def _noise(self, lower: bool) -> None:
+        from gpctl.steer import _noise_request
+        rd = self._selected()
+        if rd is None:
+            return
+
+        def done(answer: str | None) -> None:
+            if not answer:
+                return
+            what, _, k = answer.partition(" ")
+            try:
+                factor = float(k) if k else None
+                if what == "batch":
+                    req = _noise_request(rd, None, int(factor or 16), lower, ramp=0.0)
+                elif what == "lr":
+                    req = _noise_request(rd, factor or 10.0, None, lower, ramp=0.0 if lower else 100.0)
+                else:
+                    raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
+            except (ControlError, ValueError) as e:
+                self.notify(str(e), severity="error")
+                return
+            self._send(rd, req)
+
+        verb = "drop" if lower else "raise"
+        self.push_screen(Ask(f"{verb} noise of {rd.id}: 'lr K' (lr {'÷' if lower else '×'} K) or 'batch K'",
+                             "lr 10" if lower else "lr 10"), done)
+
+    def action_drop(self) -> None:
+        self._noise(lower=True)
+
+    def action_raise_noise(self) -> None:
+        self._noise(lower=False)
+
+    def action_set(self) -> None:
+        from engine.config import parse_value
+        rd = self._selected()
+        if rd is None:
+            return
+
+        def done(answer: str | None) -> None:
+            if not answer:
+                return
+            changes, ramp = {}, 0.0
+            for item in answer.split():
+                key, _, text = item.partition("=")
+                if key == "ramp":
+                    ramp = float(text)
+                elif key in ("lr", "batch_size"):
+                    changes[key] = parse_value(text)
+                else:
+                    self.notify(f"unknown key {key!r} (lr, batch_size, ramp)", severity="error")
+                    return
+            self._send(rd, {"set": changes, **({"ramp": ramp} if ramp else {})})
+
+        self.push_screen(Ask(f"set on {rd.id}: lr=… batch_size=… [ramp=N]"), done)
+
+    def action_stop(self) -> None:
+        rd = self._selected()
+        if rd:
+            self._send(rd, {"action": "stop"})
+
+    def action_checkpoint(self) -> None:
+        rd = self._selected()
+        if rd:
+            self._send(rd, {"action": "checkpoint"})
+
+    def action_fork(self) -> None:
+        from engine.fork import fork
+        from gpctl import queue
+        from gpctl.common import State
+        rd = self._selected()
+        if rd is None:
+            return
+
+        def done(answer: str | None) -> None:
+            if answer is None:
+                return
+            try:
+                child = fork(self.home, rd, overrides=answer.split())
+            except Exception as e:  # noqa: BLE001 - shown, not fatal
+                self.notify(f"fork failed: {e}", severity="error")
+                return
+            State.home = self.home
+            queue.enqueue([child])
+            queue.ensure_worker()
+            self.notify(f"forked {child.id} (queued)")
+            self.refresh_data()
+
+        self.push_screen(Ask(f"fork {rd.id} at its latest checkpoint; overrides (k=v …):", ""), done)
+
+    def action_cancel(self) -> None:
+        rd = self._selected()
+        if rd is None:
+            return
+        store = JobStore(self.home)
+        try:
+            self.notify(f"{rd.id}: {store.request_cancel(rd.id)}")
+        except KeyError:
+            self.notify(f"{rd.id} is not in the queue", severity="warning")
+        store.close()
+        self.refresh_data()
+
+    def action_resume(self) -> None:
+        from gpctl import queue
+        from gpctl.common import State
+        rd = self._selected()
+        if rd is None:
+            return
+        store = JobStore(self.home)
+        try:
+            store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
+        except ValueError as e:
+            self.notify(str(e), severity="warning")
+            return
+        finally:
+            store.close()
+        State.home = self.home
+        queue.ensure_worker()
+        self.notify(f"{rd.id}: queued to resume")
+        self.refresh_data()
+
+    def action_enqueue(self) -> None:
+        from engine.presets import list_presets
+        from gpctl import queue
+        from gpctl import runs as ops
+        from gpctl.common import State
+
+        def done(name: str | None) -> None:
+            if not name:
+                return
+            try:
+                rds = ops.create_runs(name.split()[0], [], self.home)
+            except Exception as e:  # noqa: BLE001 - one line, not a crash
+                self.notify(str(e), severity="error")
+                return
+            State.home = self.home
+            queue.enqueue(rds)
+            queue.ensure_worker()
+            self.notify(f"queued {len(rds)} runs of {name.split()[0]}")
+            self.refresh_data()
+
+        self.push_screen(Pick("enqueue a preset", [f"{p.name}  ({p.figure})" for p in list_presets()]), done)
+
+    def action_tv(self) -> None:
+        if len(self.marked) != 2:
+            self.notify("mark exactly two runs (space) to compare them by TV", severity="warning")
+            return
+        a, b = sorted(self.marked)
+        self.notify(f"TV {a} vs {b}: computing…")
+        self.compute_tv(a, b)
+
+    @work(thread=True)
+    def compute_tv(self, a: str, b: str) -> None:
+        from engine.tv import tv_curve
+        try:
+            rows = tv_curve(RunDir(self.home / "runs" / a), RunDir(self.home / "runs" / b), "loss")
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            self.call_from_thread(self.notify, f"TV failed: {e}", severity="error")
+            return
+        text = "; ".join(f"step {r['step_a']}↔{r['step_b']} TV {r['tv']:.3f} (gap {r['loss_gap']:+.3f})" for r in rows)
+        self.call_from_thread(self.notify, f"TV {a} vs {b}: {text or 'no checkpoint pairs'}", timeout=20)

@@ -1,0 +1,64 @@
+"""What the TUI shows, read through the engine's run-directory API, incrementally.
+
+A RunTail keeps the byte offsets of a run's metrics and events and grows numpy arrays with only
+the new records, so a long run is never re-read. The table needs only summaries (a file's tail),
+so start-up does not parse every record of every run: a run's full series is loaded when it is
+first plotted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.curves import ema
+from engine.rundir import RunDir
+
+FIELDS = ("step", "samples", "lr_time", "wall", "loss")
+EVAL_FIELDS = ("step", "samples", "lr_time", "wall", "eval_loss")
+MARK_EVENTS = ("schedule", "control", "fork", "resume")
+
+
+class RunTail:
+    def __init__(self, rd: RunDir):
+        self.rd = rd
+        self.offset = self.ev_offset = 0
+        self._train = {k: [] for k in FIELDS}
+        self._eval = {k: [] for k in EVAL_FIELDS}
+        self.events: list[dict] = []
+        self._arrays: dict | None = None
+
+    def poll(self) -> bool:
+        """Read what was appended since the last poll; True if anything was."""
+        recs, self.offset = self.rd.metrics(self.offset)
+        evs, self.ev_offset = self.rd.events(self.ev_offset)
+        for r in recs:
+            if "loss" in r:
+                for k in FIELDS:
+                    self._train[k].append(r.get(k, np.nan))
+            elif "eval_loss" in r:
+                for k in EVAL_FIELDS:
+                    self._eval[k].append(r.get(k, np.nan))
+        self.events += evs
+        if recs or evs:
+            self._arrays = None
+        return bool(recs or evs)
+
+    def arrays(self) -> dict:
+        if self._arrays is None:
+            self._arrays = {"train": {k: np.asarray(v, dtype=float) for k, v in self._train.items()},
+                            "eval": {k: np.asarray(v, dtype=float) for k, v in self._eval.items()}}
+        return self._arrays
+
+    def series(self, x: str, coef: float, evals: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        a = self.arrays()["eval" if evals else "train"]
+        y = a["eval_loss" if evals else "loss"]
+        return a[x], (ema(y, coef) if coef and not evals and len(y) else y)
+
+    def markers(self, x: str) -> list[tuple[float, str]]:
+        """Where noise changes (planned, by control request, fork, resume) took effect."""
+        out = []
+        for e in self.events:
+            if e.get("event") in MARK_EVENTS and e.get("status", "applied") == "applied" and x in e:
+                what = e.get("changed") or e.get("action") or e["event"]
+                label = ",".join(k for k in what if k != "skipped") if isinstance(what, dict) else str(what)
+                out.append((float(e[x]), label or e["event"]))
+        return out

@@ -1,0 +1,142 @@
+"""The TUI driven by Textual's Pilot against run directories made by tiny runs."""
+import asyncio
+import json
+
+import pytest
+
+from engine.rundir import RunDir
+from engine.train import train
+from gpctl.tui.app import GpctlApp
+from gpctl.tui.widgets.plot import column_minmax, render
+from tests.conftest import TINY_IMAGES, tiny
+
+
+@pytest.fixture
+def runs(tmp_path):
+    home = tmp_path / "home"
+    done = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=4", name="a"))
+    assert train(done) == "done"
+    done2 = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=4", "seed=1", name="b"))
+    assert train(done2) == "done"
+    live = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", name="c"))   # created, not started: takes requests
+    return home, done, done2, live
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def _select(app, rid):
+    app.table.move_cursor(row=app.table.get_row_index(rid))
+
+
+def test_table_plot_axis_and_overlay(runs):
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            assert app.table.row_count == 3
+            assert [app.table.get_row_at(i)[2].plain for i in range(3)] == ["done", "done", "created"]
+            _select(app, a.id)
+            await pilot.pause()
+            assert len(app.plot.series) == 1 and app.plot.series[0][3] == a.id
+            assert app.plot.border_title == "loss vs step"
+            await pilot.press("x")
+            assert app.plot.border_title == "loss vs samples" and app.plot.x_label == "samples"
+            await pilot.press("x", "x")
+            assert app.plot.x_label == "wall"
+            await pilot.press("space")
+            _select(app, b.id)
+            await pilot.pause()
+            assert [s[3] for s in app.plot.series] == [b.id, a.id]   # the overlay has two series
+            await pilot.press("l")
+            assert app.plot.logy and app.plot.border_title.endswith("(log)")
+            await pilot.press("v")
+            assert len(app.plot.series) == 4
+            await pilot.press("e")
+            assert app.ema_i == 2
+            await pilot.press("question_mark")
+            assert app.screen.__class__.__name__ == "Help"
+            await pilot.press("escape")
+    run(go())
+
+
+def test_keys_write_the_control_file(runs):
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, c.id)
+            await pilot.pause()
+            await pilot.press("d")
+            await pilot.press("enter")                       # default: lr 10
+            await pilot.press("r")
+            for _ in range(5):
+                await pilot.press("backspace")
+            await pilot.press(*"batch 2", "enter")
+            await pilot.press("s")
+            await pilot.press(*"lr=0.02 batch_size=32", "enter")
+            await pilot.press("c", "t")
+            await pilot.pause()
+        lines = [json.loads(x) for x in c.control_file.read_text().splitlines()]
+        strip = [{k: v for k, v in r.items() if k not in ("id", "time", "by")} for r in lines]
+        assert strip == [{"set": {"lr": 0.005}}, {"set": {"batch_size": 8}}, {"set": {"lr": 0.02, "batch_size": 32}},
+                         {"action": "checkpoint"}, {"action": "stop"}]
+    run(go())
+
+
+def test_done_run_refuses_and_events_pane_shows_acks(runs):
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, a.id)
+            await pilot.pause()
+            await pilot.press("t")
+            await pilot.pause()
+            assert a.control_file.read_text() == ""
+            assert any("is done: it takes no more requests" in n.message for n in app._notifications)
+            assert "checkpoint" in "\n".join(str(line) for line in app.events_pane.lines)
+    run(go())
+
+
+def test_fork_cancel_and_filter(runs, monkeypatch):
+    home, a, b, c = runs
+    from gpctl import queue
+    monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: False)
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, a.id)
+            await pilot.pause()
+            await pilot.press("f")
+            await pilot.press(*"lr=0.005", "enter")
+            await pilot.pause()
+            assert app.table.row_count == 4
+            forked = [r for r in app.rows if r["arm"] == "a-fork8"]
+            assert forked and forked[0]["state"] == "queued"
+            _select(app, forked[0]["id"])
+            await pilot.pause()
+            await pilot.press("C")
+            await pilot.pause()
+            assert [r["state"] for r in app.rows if r["id"] == forked[0]["id"]] == ["cancelled"]
+            await pilot.press("slash", *"fork")
+            await pilot.pause()
+            assert app.table.row_count == 1
+    run(go())
+
+
+def test_minmax_downsampling_keeps_extremes():
+    import numpy as np
+    x = np.arange(1000, dtype=float)
+    y = np.zeros(1000)
+    y[500] = 10.0
+    lo, hi = column_minmax(x, y, 0, 999, 10)
+    assert hi.max() == 10.0 and lo.min() == 0.0
+    rows, (x0, x1, y0, y1) = render([(x, y, "red")], 20, 5)
+    assert (x0, x1, y0, y1) == (0.0, 999.0, 0.0, 10.0) and len(rows) == 5
+    assert sum(ch != " " for row in rows for ch in row.plain) > 20
