@@ -214,32 +214,41 @@ class RunDir:
         """What `gpctl ls` shows: status plus the last train and eval records."""
         st = self.status()
         last, last_eval = _tail_records(self.metrics_file)
+        if not last_eval and st.get("eval_loss") is not None:  # far back in a long file: status has it
+            last_eval = {"eval_loss": st["eval_loss"], "eval_error": st.get("eval_error")}
         try:
             cfg = self.config()
-            preset, arm = cfg.preset, cfg.name
+            preset, arm, steps = cfg.preset, cfg.name, cfg.steps
         except ConfigError:
             preset = arm = "?"
+            steps = 0
         return {"id": self.id, "preset": preset, "arm": arm, "state": st.get("state", "unknown"),
                 "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
                 "loss": last.get("loss"), "eval_loss": last_eval.get("eval_loss"),
                 "eval_error": last_eval.get("eval_error"), "error": st.get("error"),
-                "created": st.get("created", 0.0)}
+                "created": st.get("created", 0.0), "steps": steps}
 
 
-def _tail_records(path: Path, window: int = 1 << 16) -> tuple[dict, dict]:
-    """The last train record and the last eval record, reading only the file's tail."""
+def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tuple[dict, dict]:
+    """The last train record and the last eval record, reading backwards at most `limit` bytes
+    (the trainer also keeps the last eval in status.json, for evals further back)."""
+    last: dict | None = None
+    last_eval: dict | None = None
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            last = last_eval = None
-            start = size
-            while start > 0 and (last is None or last_eval is None):
-                start = max(0, start - window)
-                f.seek(start)
-                chunk = f.read(size - start)
-                lines = chunk.splitlines()[1:] if start else chunk.splitlines()
+            pos = size = f.seek(0, 2)
+            carry = b""
+            while pos > 0 and (last is None or last_eval is None) and size - pos < limit:
+                step = min(chunk, pos)
+                pos -= step
+                f.seek(pos)
+                lines = (f.read(step) + carry).split(b"\n")
+                carry = lines.pop(0) if pos > 0 else b""   # maybe a partial line: finish it next round
                 for line in reversed(lines):
+                    is_eval = b'"eval_loss"' in line
+                    if not line.strip() or (last is not None and not is_eval) or (last_eval is not None and is_eval):
+                        continue
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
@@ -248,11 +257,9 @@ def _tail_records(path: Path, window: int = 1 << 16) -> tuple[dict, dict]:
                         last_eval = last_eval or rec
                     elif "loss" in rec:
                         last = last or rec
-                if size - start > (1 << 24):
-                    break
-            return last or {}, last_eval or {}
     except FileNotFoundError:
-        return {}, {}
+        pass
+    return last or {}, last_eval or {}
 
 
 def list_runs(root: Path) -> list[RunDir]:

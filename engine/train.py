@@ -84,6 +84,7 @@ class Trainer:
         self.lr_time = self.wall_offset = 0.0
         self.last_eval: dict = {}
         self.last_record: dict = {}
+        self.last_checkpoint = -1
         self.stop_requested = False
         self.signal_stop = False       # SIGTERM seen (under DDP, acted on when all ranks agree)
         self._pending: list[tuple[dict, torch.Tensor]] = []
@@ -213,7 +214,8 @@ class Trainer:
         self.flush()
         if self.last_eval.get("step") != self.step:
             self.evaluate()
-        self.save_checkpoint()
+        if self.last_checkpoint != self.step:
+            self.save_checkpoint()
         return "stopped" if self.stop_requested and not self._finished() else "done"
 
     def _finished(self) -> bool:
@@ -351,6 +353,7 @@ class Trainer:
                "eval_loss": float(total) / count, "eval_error": float(errors) / count,
                "unique_samples": self.stream.unique_seen * self.tokens_per_sample}
         self.rd.append_metrics([rec])
+        self.rd.write_status(eval_loss=rec["eval_loss"], eval_error=rec["eval_error"], eval_step=self.step)
         self.last_eval = rec
         self.rd.log(f"step {self.step}: eval loss {rec['eval_loss']:.4f} error {rec['eval_error']:.4f}")
         return rec
@@ -369,6 +372,7 @@ class Trainer:
         ckpt.save(path, self.model, self.optimizer, meta,
                   {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict(),
                    "control": self.control.state_dict()})
+        self.last_checkpoint = self.step
         self.rd.append_event("checkpoint", step=self.step, lr_time=self.lr_time, samples=self.samples,
                              path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"])
 

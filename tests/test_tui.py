@@ -140,3 +140,38 @@ def test_minmax_downsampling_keeps_extremes():
     rows, (x0, x1, y0, y1) = render([(x, y, "red")], 20, 5)
     assert (x0, x1, y0, y1) == (0.0, 999.0, 0.0, 10.0) and len(rows) == 5
     assert sum(ch != " " for row in rows for ch in row.plain) > 20
+
+
+def test_tui_in_a_real_terminal_under_tmux(runs):
+    import shutil
+    import subprocess
+    import sys
+    import time
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed (apt-get install tmux)")
+    home, a, b, c = runs
+    session = f"gpctl-test-{a.id[-6:]}"
+    gpctl = [sys.executable, "-m", "gpctl", "--home", str(home), "tui"]
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "48",
+                    " ".join(gpctl)], check=True)
+
+    def screen():
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+    def wait_for(text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in screen():
+                return screen()
+            time.sleep(0.3)
+        raise AssertionError(f"{text!r} not on screen:\n{screen()}")
+
+    try:
+        shown = wait_for("loss vs step")
+        assert a.id in shown and b.id in shown and c.id in shown
+        assert any(ch in shown for ch in "⡀⡄⠆⠃⣀⠤⠒⠉⢀")   # braille dots: the plot is drawn
+        subprocess.run(["tmux", "send-keys", "-t", session, "x"], check=True)
+        wait_for("loss vs samples")
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

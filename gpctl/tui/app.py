@@ -144,8 +144,10 @@ class GpctlApp(App):
             job = store.get(rd.id)
             if job and job.state in ("queued", "lost", "cancelled", "failed"):
                 r["state"] = job.state
-            r["steps"] = self._steps(rd)
             r["loss_ema"] = r["loss"]
+            st = rd.status()
+            if r["state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
+                r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
             rows.append(r)
         store.close()
         text = self.filter_text.lower()
@@ -155,12 +157,6 @@ class GpctlApp(App):
         self.rows = rows
         self.table.show(rows, self.marked)
         self.redraw()
-
-    def _steps(self, rd: RunDir) -> int:
-        try:
-            return rd.config().steps
-        except Exception:  # noqa: BLE001 - a run dir being written
-            return 0
 
     def tail(self, run_id: str) -> RunTail:
         if run_id not in self.tails:
