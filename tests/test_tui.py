@@ -175,3 +175,46 @@ def test_tui_in_a_real_terminal_under_tmux(runs):
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):
+    home, a, b, c = runs
+    from gpctl import queue
+    monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: False)
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, a.id)
+            await pilot.pause()
+            full = app.plot.series[0][0].copy()
+            await pilot.press("z")
+            cut = full[-1] - (full[-1] - full[0]) * 0.25
+            assert list(app.plot.series[0][0]) == [v for v in full if v >= cut] == [7.0, 8.0]
+            await pilot.press("o")
+            assert app.sort_key == "step"
+            _select(app, c.id)
+            await pilot.pause()
+            await pilot.press("u")
+            await pilot.pause()
+            assert [r["state"] for r in app.rows if r["id"] == c.id] == ["queued"]
+            _select(app, a.id)
+            await pilot.press("u")
+            assert any("is already done" in n.message for n in app._notifications)
+            await pilot.press("n")
+            await pilot.pause()
+            options = app.screen.query_one("#options")
+            demo = next(i for i, o in enumerate(app.screen.options) if o.startswith("demo "))
+            options.highlighted = demo
+            await pilot.press("enter")
+            await pilot.pause()
+            assert sum(r["preset"] == "demo" and r["state"] == "queued" for r in app.rows) == 3
+            _select(app, a.id)
+            await pilot.press("space")
+            _select(app, b.id)
+            await pilot.press("space", "T")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            msgs = [n.message for n in app._notifications if n.message.startswith(f"TV {a.id} vs {b.id}:")]
+            assert msgs and "step 4↔" in msgs[-1] and "TV 0." in msgs[-1]
+    run(go())

@@ -377,6 +377,9 @@ class GpctlApp(App):
         rd = self._selected()
         if rd is None:
             return
+        if rd.status().get("state") == "done":
+            self.notify(f"{rd.id} is already done", severity="warning")
+            return
         store = JobStore(self.home)
         try:
             store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
