@@ -190,3 +190,17 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
             rows[i] = cache[key] = row
         rd_a.write_tv_cache(cache)
     return rows
+
+
+def tv_files(path_a: Path, path_b: Path, cfg: Config, eval_samples: int = 0, device: str = "auto") -> dict:
+    """TV of two checkpoint files (any compatible gpctl safetensors), on the held-out set of `cfg`."""
+    from engine.train import pick_device
+
+    dev = pick_device(device)
+    ma, meta_a = load_model(path_a, dev)
+    mb, meta_b = load_model(path_b, dev)
+    check_compatible(meta_a, meta_b, path_a, path_b)
+    res = compare_models(ma, mb, EvalSet(cfg, dev, eval_samples), autocast_for(cfg, dev))
+    return {"run_a": str(path_a), "run_b": str(path_b), "step_a": meta_a.get("step"), "step_b": meta_b.get("step"),
+            "lr_time_a": meta_a.get("lr_time"), "lr_time_b": meta_b.get("lr_time"), **asdict(res),
+            "loss_gap": res.loss_a - res.loss_b}

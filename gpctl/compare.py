@@ -28,8 +28,27 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
        eval_samples: Annotated[int, typer.Option("--eval-samples", help="First N held-out examples (0 = all).")] = 0,
        device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
        as_json: JsonOpt = False,
-       plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a TV figure (.png or .svg).")] = None) -> None:
-    """Average total-variation distance of two runs' softmax outputs, checkpoint by checkpoint."""
+       plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a TV figure (.png or .svg).")] = None,
+       eval_from: Annotated[Optional[str], typer.Option("--eval-from", help="With two checkpoint files: the run whose held-out set to use.")] = None) -> None:
+    """Average total-variation distance of two runs' softmax outputs, checkpoint by checkpoint.
+
+    RUN_A and RUN_B may also be two checkpoint files (.safetensors); then --eval-from names the run
+    whose held-out examples they are compared on."""
+    if run_a.endswith(".safetensors") or run_b.endswith(".safetensors"):
+        from engine.tv import tv_files
+        if not eval_from:
+            raise ConfigError("comparing checkpoint files needs --eval-from RUN (whose held-out set to use)")
+        for f in (run_a, run_b):
+            if not Path(f).is_file():
+                raise ConfigError(f"{f}: no such checkpoint file")
+        row = dict(tv_files(Path(run_a), Path(run_b), resolve(State.home, eval_from).config(), eval_samples, device),
+                   curve="files")
+        if as_json:
+            out.print_json(json.dumps([row]))
+        else:
+            out.print(f"TV {fmt(row['tv'])}  loss A {fmt(row['loss_a'])}  loss B {fmt(row['loss_b'])}  "
+                      f"gap {row['loss_gap']:+.4f}  ({row['examples']} examples)")
+        return
     if by not in ("step", "lr-time"):
         raise ConfigError(f"--by must be step or lr-time, got {by!r}")
     pairing = "loss" if match_loss else by.replace("-", "_")

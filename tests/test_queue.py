@@ -187,3 +187,22 @@ def test_sigterm_checkpoints_and_requeues_then_resumes(home):
     wait_until(lambda: store.get(rd.id).state == "done")
     w2.wait(timeout=60)
     assert [r["step"] for r in rd.metrics()[0] if "loss" in r] == list(range(1, 81))
+
+
+@pytest.mark.slow
+def test_gpu_slots_give_each_job_its_own_device(home):
+    """A worker owning GPUs 0 and 1 (one job each) hands out distinct devices; on a CPU machine the
+    jobs still run (CUDA_VISIBLE_DEVICES names a GPU torch cannot see, so device=auto picks the CPU)."""
+    store = JobStore(home)
+    rds = [RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=30", name=f"g{i}")) for i in range(3)]
+    for rd in rds:
+        store.enqueue(rd.id, rd.path)
+    w = subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--gpus", "0,1",
+                          "--idle-exit", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: all(store.get(rd.id).state == "running" for rd in rds[:2]))
+    assert sorted(store.get(rd.id).devices for rd in rds[:2]) == ["0", "1"]
+    assert store.get(rds[2].id).state == "queued"          # both GPUs busy
+    wait_until(lambda: all(store.get(rd.id).state == "done" for rd in rds))
+    w.wait(timeout=60)
+    assert store.get(rds[2].id).devices in ("0", "1")
+    assert "devices=['0']" in rds[0].log_file.read_text() or "devices=['1']" in rds[0].log_file.read_text()

@@ -159,3 +159,17 @@ def test_fit_shift_recovers_a_known_translation():
     drop = np.where(x <= 100, 3.0 - x / 200, 2.0 * np.exp(-(x - 37) / 100) + 0.5)
     fit = fit_shift(x, drop, x, ref, t0=100, settle=5)
     assert fit["tau"] == pytest.approx(37, abs=0.5) and fit["residual"] < 0.01
+
+
+def test_tv_of_two_checkpoint_files(three_runs):
+    home, rds = three_runs
+    a, b = rds["drop"].checkpoint_path(8), rds["low"].checkpoint_path(8)
+    runner = CliRunner()
+    res = runner.invoke(app, ["--home", str(home), "tv", str(a), str(b), "--eval-from", "low", "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)
+    cached = [r for r in tv_curve(rds["drop"], rds["low"], "step") if r["step_a"] == 8][0]
+    assert row["tv"] == pytest.approx(cached["tv"], rel=1e-6) and (row["step_a"], row["step_b"]) == (8, 8)
+    bad = runner.invoke(app, ["--home", str(home), "tv", str(a), str(b)])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: comparing checkpoint files needs --eval-from RUN (whose held-out set to use)"
