@@ -45,12 +45,7 @@ def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.
     ax.set_ylabel(f"train loss (EMA {coef})" if coef else "train loss")
     if logy:
         ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _finish(plt, fig, ax, out, title, legend_size=8)
     return fit
 
 
@@ -68,8 +63,12 @@ def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "") -
     ax.set_ylabel("average TV distance")
     if x == "loss_a":
         ax.invert_xaxis()  # training goes left to right: loss decreases
+    _finish(plt, fig, ax, out, title, legend_size=7)
+
+
+def _finish(plt, fig, ax, out: Path, title: str, legend_size: int) -> None:
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)

@@ -50,7 +50,7 @@ def current(rd: RunDir) -> tuple[float, int]:
     return (s["lr"] or cfg.lr), (s["batch_size"] or cfg.batch_size)
 
 
-def _noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None, lower: bool, ramp: float) -> dict:
+def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None, lower: bool, ramp: float) -> dict:
     if lr_factor is not None and batch_factor is not None:
         raise ControlError("give one of --lr-factor or --batch-factor")
     lr, batch = current(rd)
@@ -94,7 +94,7 @@ def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = No
          wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
     """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16)."""
     rd = resolve(State.home, run)
-    send(rd.id, _noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout)
+    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout)
 
 
 @friendly
@@ -103,7 +103,7 @@ def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = 
            wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
     """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K."""
     rd = resolve(State.home, run)
-    send(rd.id, _noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout)
+    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout)
 
 
 @friendly

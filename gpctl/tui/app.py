@@ -270,7 +270,7 @@ class GpctlApp(App):
         self.notify(f"{rd.id}: request {rid} sent: {request}")
 
     def _noise(self, lower: bool) -> None:
-        from gpctl.steer import _noise_request
+        from gpctl.steer import noise_request
         rd = self._selected()
         if rd is None:
             return
@@ -282,9 +282,9 @@ class GpctlApp(App):
             try:
                 factor = float(k) if k else None
                 if what == "batch":
-                    req = _noise_request(rd, None, int(factor or 16), lower, ramp=0.0)
+                    req = noise_request(rd, None, int(factor or 16), lower, ramp=0.0)
                 elif what == "lr":
-                    req = _noise_request(rd, factor or 10.0, None, lower, ramp=0.0 if lower else 100.0)
+                    req = noise_request(rd, factor or 10.0, None, lower, ramp=0.0 if lower else 100.0)
                 else:
                     raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
             except (ControlError, ValueError) as e:
@@ -294,7 +294,7 @@ class GpctlApp(App):
 
         verb = "drop" if lower else "raise"
         self.push_screen(Ask(f"{verb} noise of {rd.id}: 'lr K' (lr {'÷' if lower else '×'} K) or 'batch K'",
-                             "lr 10" if lower else "lr 10"), done)
+                             "lr 10"), done)
 
     def action_drop(self) -> None:
         self._noise(lower=True)
