@@ -125,9 +125,10 @@ class Worker:
 
     def reconcile(self) -> None:
         """Jobs this host ran whose worker is gone: adopt live processes, requeue or mark the dead."""
+        others = {w["id"] for w in live_workers(self.store, self.host)} - {self.id}
         for job in self.store.jobs(state="running"):
-            if job.host != self.host or job.backend != "local":
-                continue
+            if job.host != self.host or job.backend != "local" or job.worker in others:
+                continue  # another machine's, Slurm's, or a live worker's (it may not have its pid yet)
             if job.worker != self.id and pid_alive(job.pid):
                 devices = job.devices.split(",") if job.devices else []
                 self.store.update(job.id, worker=self.id)

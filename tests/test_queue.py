@@ -206,3 +206,24 @@ def test_gpu_slots_give_each_job_its_own_device(home):
     w.wait(timeout=60)
     assert store.get(rds[2].id).devices in ("0", "1")
     assert "devices=['0']" in rds[0].log_file.read_text() or "devices=['1']" in rds[0].log_file.read_text()
+
+
+def test_reconcile_leaves_a_live_workers_jobs_alone(home):
+    """A job another live worker has just claimed (its pid not yet recorded) is not 'lost'."""
+    import socket
+    from engine.worker import Worker
+    store = JobStore(home)
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", name="claimed"))
+    store.enqueue(rd.id, rd.path)
+    host = socket.gethostname()
+    other = f"{host}:other"                  # this (live) test process stands in for the other worker
+    store.register_worker(other, host, os.getpid(), "cpu=1")
+    assert store.claim(other, host, None).run_id == rd.id
+    w = Worker(home)
+    w.reconcile()
+    job = store.get(rd.id)
+    assert (job.state, job.worker, job.attempts) == ("running", other, 1)
+    store.worker_stopped(other)              # once that worker is gone, the job is lost and requeued
+    Worker(home).reconcile()
+    job = store.get(rd.id)
+    assert (job.state, job.resume) == ("queued", 1)
