@@ -244,9 +244,3 @@ def wait_for_ack(rd: RunDir, request_id: str, timeout: float = 60.0, poll: float
             return next((e for e in events if e.get("event") == "control" and e.get("id") == request_id), None)
         time.sleep(poll)
 
-
-def read_requests(rd: RunDir) -> list[dict]:
-    """All well-formed requests in the control file (for display)."""
-    return read_jsonl(rd.control_file)[0]
-
-

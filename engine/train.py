@@ -105,7 +105,7 @@ class Trainer:
         self.precision = "bf16" if use_bf16 else "fp32"
         torch.manual_seed(cfg.seed)
         self.stream = build_stream(cfg, self.device)
-        self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+        self.model = build_model(cfg.model).to(self.device)
         self.channels_last = cfg.channels_last and self.device.type == "cuda" and not cfg.is_lm
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -63,6 +63,13 @@ def test_two_claimers_never_take_the_same_job(tmp_path):
     assert sorted(got[0] + got[1]) == sorted(f"j-{i}" for i in range(200))
 
 
+def enqueue(home, *rds):
+    store = JobStore(home)
+    for rd in rds:
+        store.enqueue(rd.id, rd.path)
+    return store
+
+
 def start_worker(home, *extra):
     return subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--cpu-slots", "1",
                              "--idle-exit", "3", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -105,8 +112,7 @@ def test_worker_killed_mid_run_then_restarted_finishes_exactly(home):
     ref = RunDir.create(home / "ref", cfg)
     assert train(ref) == "done"
     rd = RunDir.create(home, cfg)
-    store = JobStore(home)
-    store.enqueue(rd.id, rd.path)
+    store = enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: rd.status().get("step", 0) >= 25)
     job = store.get(rd.id)
@@ -127,8 +133,7 @@ def test_worker_killed_mid_run_then_restarted_finishes_exactly(home):
 @pytest.mark.slow
 def test_cancel_stops_a_running_job_within_seconds(home):
     rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=100000"))
-    store = JobStore(home)
-    store.enqueue(rd.id, rd.path)
+    store = enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: rd.status().get("step", 0) >= 4)
     t0 = time.monotonic()
@@ -144,8 +149,7 @@ def test_cancel_stops_a_running_job_within_seconds(home):
 @pytest.mark.slow
 def test_a_killed_job_is_failed_with_exit_code_and_log_tail(home):
     rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=100000"))
-    store = JobStore(home)
-    store.enqueue(rd.id, rd.path)
+    store = enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: rd.status().get("step", 0) >= 2)
     os.kill(store.get(rd.id).pid, signal.SIGKILL)
@@ -161,8 +165,7 @@ def test_a_killed_job_is_failed_with_exit_code_and_log_tail(home):
 @pytest.mark.slow
 def test_diverged_job_is_not_retried(home):
     rd = RunDir.create(home, tiny(TINY_LM, "steps=30", "lr=1e6", "optim.grad_clip=0.0", "log_every=1"))
-    store = JobStore(home)
-    store.enqueue(rd.id, rd.path)
+    store = enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: store.get(rd.id).state not in ("queued", "running"))
     w.wait(timeout=60)
@@ -173,8 +176,7 @@ def test_diverged_job_is_not_retried(home):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_requeues_then_resumes(home):
     rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=80"))
-    store = JobStore(home)
-    store.enqueue(rd.id, rd.path)
+    store = enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: rd.status().get("step", 0) >= 6)
     w.send_signal(signal.SIGTERM)

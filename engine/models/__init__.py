@@ -6,7 +6,7 @@ import torch.nn as nn
 from engine.config import ModelConfig
 
 
-def build_model(mc: ModelConfig, image_size: int = 32) -> nn.Module:
+def build_model(mc: ModelConfig) -> nn.Module:
     if mc.name == "resnet18":
         from engine.models.resnet import resnet18_cifar
         model = resnet18_cifar(num_classes=mc.num_classes, width=mc.width)
