@@ -201,7 +201,8 @@ def test_gpu_slots_give_each_job_its_own_device(home):
         store.enqueue(rd.id, rd.path)
     w = subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--gpus", "0,1",
                           "--idle-exit", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_until(lambda: all(store.get(rd.id).state == "running" for rd in rds[:2]))
+    # running, and launched: the worker records pid and devices right after it starts the process
+    wait_until(lambda: all(store.get(rd.id).state == "running" and store.get(rd.id).pid for rd in rds[:2]))
     assert sorted(store.get(rd.id).devices for rd in rds[:2]) == ["0", "1"]
     assert store.get(rds[2].id).state == "queued"          # both GPUs busy
     wait_until(lambda: all(store.get(rd.id).state == "done" for rd in rds))
