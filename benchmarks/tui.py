@@ -2,8 +2,10 @@
 
     python benchmarks/tui.py [--runs 20 --points 100000] [--startup-runs 100 --startup-steps 50000]
 
-Frame: gpctl's braille renderer (min/max per pixel column) on a 150×40-cell plot, against plotext
-drawing the same series naively (when plotext is installed; it is not a dependency).
+Frame: what the TUI does per redraw (EMA of each series, cached and extended; min/max per pixel
+column; braille rows) on a 150×40-cell plot. Widgets: the same series drawn by gpctl's renderer,
+textual-plotext and textual-plot (when installed; neither is a dependency), with every point and
+with our downsample first.
 Start-up: run directories whose metrics.jsonl have 50k step records each; the time from creating
 the app to its first full table and plot (Textual's headless test driver, 160×48).
 """
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from textual.app import App
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,31 +30,101 @@ from engine.rundir import RunDir  # noqa: E402
 from gpctl.tui.widgets.plot import render  # noqa: E402
 
 
-def frame(runs: int, points: int, repeats: int = 5) -> None:
+def _series(runs: int, points: int) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     x = np.arange(points, dtype=float)
-    series = [(x, 2 + np.exp(-x / (points / 5)) + 0.05 * rng.standard_normal(points), "cyan") for _ in range(runs)]
+    return [(x, 2 + np.exp(-x / (points / 5)) + 0.05 * rng.standard_normal(points)) for _ in range(runs)]
+
+
+def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        render(series, 150, 40)
+        fn()
         times.append(time.perf_counter() - t0)
-    ours = statistics.median(times)
-    print(f"frame, {runs} runs x {points} points, 150x40 cells: {ours * 1e3:.1f} ms (median of {repeats}; goal <= 50 ms)")
+    return statistics.median(times) * 1e3
+
+
+def frame(runs: int, points: int, repeats: int = 5) -> float:
+    """The TUI's own frame: each series' EMA (cached, extended with new points only), min/max per
+    pixel column and the braille rows, for a 150x40-cell plot."""
+    from gpctl.tui.data import RunTail
+
+    series = _series(runs, points)
+    tails = []
+    for x, y in series:   # RunTails filled in memory, as after their first poll
+        t = RunTail.__new__(RunTail)
+        t.__init__(None)
+        t._train = {"step": x.tolist(), "samples": (x * 32).tolist(), "lr_time": x.tolist(),
+                    "wall": (x / 10).tolist(), "loss": y.tolist()}
+        tails.append(t)
+    for t in tails:
+        t.series("step", 0.8)   # first EMA: computed once per run (then only new points)
+    draw = [(lambda: render([(*t.series("step", 0.8), "cyan") for t in tails], 150, 40))]
+    ours = _median_ms(draw[0], repeats)
+    print(f"frame, {runs} runs x {points} points, 150x40 cells (EMA 0.8 + min/max columns + braille): "
+          f"{ours:.1f} ms (median of {repeats}; goal <= 50 ms)")
+    return ours
+
+
+def widgets(runs: int, points: int, repeats: int = 3) -> None:
+    """The plotting widgets the issue names, each drawing the same series into a 150x40 area:
+    given every point (naive), and given our 2-points-per-pixel-column downsample."""
+    from gpctl.tui.widgets.plot import column_minmax
+
+    series = _series(runs, points)
+    x0, x1 = 0.0, float(points - 1)
+    down = []
+    for x, y in series:
+        lo, hi = column_minmax(x, y, x0, x1, 300)
+        xs = np.repeat(np.linspace(x0, x1, 300), 2)
+        down.append((xs, np.column_stack([lo, hi]).ravel()))
+    rows = [("gpctl braille renderer (min/max columns built in)",
+             lambda: render([(x, y, "cyan") for x, y in series], 150, 40), None)]
     try:
-        import plotext as plt
-        plt.clear_figure
-    except (ImportError, AttributeError):
-        print("plotext (with the classic plot/build API) not installed: no naive baseline")
-        return
-    t0 = time.perf_counter()
-    plt.clear_figure()
-    plt.plotsize(150, 40)
-    for _, y, _ in series:
-        plt.plot(x.tolist(), y.tolist())
-    plt.build()
-    naive = time.perf_counter() - t0
-    print(f"plotext, same series, no downsampling: {naive * 1e3:.0f} ms ({naive / ours:.0f}x slower)")
+        from textual_plotext.plotext_plot import Plot as PlotextPlot
+
+        def plotext(data):
+            def go():
+                p = PlotextPlot()
+                p.plotsize(150, 40)
+                for x, y in data:
+                    p.plot(x.tolist(), y.tolist(), marker="braille")
+                p.build()
+            return go
+        rows += [("textual-plotext, every point", plotext(series), None),
+                 ("textual-plotext, downsampled first", plotext(down), None)]
+    except ImportError:
+        print("textual-plotext not installed: skipped")
+    try:
+        from textual_plot import HiResMode, PlotWidget
+
+        def textual_plot(data):
+            async def go():
+                class Bench(App):
+                    def compose(self):
+                        yield PlotWidget()
+                app = Bench()
+                async with app.run_test(size=(150, 40)) as pilot:
+                    w = app.query_one(PlotWidget)
+                    await pilot.pause()
+                    t0 = time.perf_counter()
+                    for x, y in data:
+                        w.plot(x, y, hires_mode=HiResMode.BRAILLE)
+                    w._needs_rerender = True
+                    w.render()                      # draws every dataset onto its canvas
+                    return time.perf_counter() - t0
+            return lambda: asyncio.run(go())
+        rows += [("textual-plot, every point", None, textual_plot(series)),
+                 ("textual-plot, downsampled first", None, textual_plot(down))]
+    except ImportError:
+        print("textual-plot not installed: skipped")
+    base = None
+    for name, fn, timed in rows:
+        n = 1 if "every point" in name else repeats   # tens of seconds each: once is enough
+        ms = _median_ms(fn, n) if fn else statistics.median(timed() for _ in range(n)) * 1e3
+        base = base or ms
+        print(f"  {name:<52} {ms:9.1f} ms  ({ms / base:6.1f}x)")
 
 
 def startup(runs: int, steps: int) -> None:
@@ -87,9 +160,14 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=100_000)
     ap.add_argument("--startup-runs", type=int, default=100)
     ap.add_argument("--startup-steps", type=int, default=50_000)
+    ap.add_argument("--no-widgets", action="store_true", help="skip the textual-plot / textual-plotext comparison")
     args = ap.parse_args()
     frame(args.runs, args.points)
-    startup(args.startup_runs, args.startup_steps)
+    if not args.no_widgets:
+        print(f"plotting widgets, {args.runs} runs x {args.points} points, 150x40 cells:")
+        widgets(args.runs, args.points)
+    if args.startup_runs:
+        startup(args.startup_runs, args.startup_steps)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"          # resnet18 | convnext | gpt2
-    width: int = 64                 # resnet18: channels of the first stage (64 = the standard net)
+    name: str = "resnet18"          # resnet18 | cnn | convnext | gpt2
+    width: int = 64                 # resnet18: channels of the first stage (64 = the standard net); cnn: first layer
+    depth: int = 3                  # cnn: conv layers (stride 2 and twice the channels on every second one)
     bn_momentum: float = 0.1        # resnet18: BatchNorm running-stat momentum (PyTorch's default)
     num_classes: int = 10
     depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])        # convnext stages (T)
@@ -142,7 +143,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.name": ("resnet18", "convnext", "gpt2"),
+    "model.name": ("resnet18", "cnn", "convnext", "gpt2"),
     "data.source": ("synthetic_images", "synthetic_tokens", "cifar5m", "cifar10", "c4", "imagenet"),
     "data.mode": ("online", "offline"),
     "optim.name": ("sgd", "adamw"),

@@ -11,14 +11,15 @@ from engine.rundir import RunDir
 AXES = ("step", "samples", "lr_time", "wall")
 
 
-def ema(values: np.ndarray, coef: float) -> np.ndarray:
-    """s_t = coef * s_{t-1} + (1 - coef) * x_t, started at x_0 (the paper: coef 0.8 for CIFAR)."""
-    out = np.empty(len(values), dtype=float)
-    s = None
-    for i, v in enumerate(values):
+def ema(values: np.ndarray, coef: float, start: float | None = None) -> np.ndarray:
+    """s_t = coef * s_{t-1} + (1 - coef) * x_t, started at x_0 (the paper: coef 0.8 for CIFAR), or
+    continued from `start` (the last value of an earlier call, to extend a smoothed series)."""
+    out = []
+    s = start
+    for v in np.asarray(values, dtype=float).tolist():   # Python floats: ~10x faster than numpy scalars
         s = v if s is None else coef * s + (1 - coef) * v
-        out[i] = s
-    return out
+        out.append(s)
+    return np.asarray(out, dtype=float)
 
 
 def train_curve(rd: RunDir, x: str = "step", coef: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,45 @@ def home(tmp_path, monkeypatch):
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
+
+
+T_FIXED = 1_800_000_000.0   # 2027-01-15 08:00 UTC: the fixed clock of fixed_runs
+
+
+def fixed_runs(home: Path) -> list:
+    """The demo's three arms as finished runs with fixed ids, times and loss curves (no training):
+    input for the TUI's snapshot tests and the README's capture, identical on every machine."""
+    import math
+
+    from engine.presets import load_preset
+    from engine.rundir import RunDir
+
+    out = []
+    for k, cfg in enumerate(load_preset("demo").configs()):
+        rd = RunDir.create(home, cfg, run_id=f"demo-{cfg.name}-00000{k}")
+        t0 = T_FIXED + 300 * k
+        recs, events = [], [{"event": "start", "time": t0, "step": 0, "lr_time": 0.0, "device": "cpu"}]
+        for s in range(1, cfg.steps + 1):
+            batch = cfg.changes[0].batch_size if cfg.changes and s > cfg.changes[0].at_step else cfg.batch_size
+            wiggle = 0.04 * math.sin(1.7 * s + k) * (4.0 if batch == 32 else 1.0)
+            if batch == 32:        # high noise: a slower curve; after the drop, batch 512's curve 30 steps later
+                loss = 0.95 + 1.6 * math.exp(-s / 140) + wiggle
+            else:
+                loss = 0.7 + 1.6 * math.exp(-(s - (30 if cfg.changes else 0)) / 70) + wiggle
+            recs.append({"step": s, "samples": s * batch, "lr_time": float(s), "wall": 0.5 * s, "lr": cfg.lr,
+                         "batch_size": batch, "loss": round(loss, 6)})
+            if s % cfg.eval_every == 0:
+                recs.append({"step": s, "samples": s * batch, "lr_time": float(s), "wall": 0.5 * s,
+                             "eval_loss": round(loss - wiggle + 0.02, 6), "eval_error": 0.3})
+            if cfg.changes and s == cfg.changes[0].at_step:
+                events.append({"event": "schedule", "time": t0 + 0.5 * s, "source": "preset", "change": 0, "step": s, "samples": s * 32,
+                               "lr_time": float(s), "changed": {"batch_size": [32, 512]}})
+            if s % cfg.checkpoint_every == 0:
+                events.append({"event": "checkpoint", "time": t0 + 0.5 * s, "step": s, "lr_time": float(s)})
+        events.append({"event": "end", "time": t0 + 0.5 * cfg.steps, "state": "done", "step": cfg.steps})
+        rd.append_metrics(recs)
+        with open(rd.events_file, "a") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in events))
+        rd.write_status(state="done", device="cpu", created=t0, started=t0, step=cfg.steps)
+        out.append(rd)
+    return out

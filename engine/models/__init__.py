@@ -14,6 +14,9 @@ def build_model(mc: ModelConfig) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = mc.bn_momentum
         return model
+    if mc.name == "cnn":
+        from engine.models.cnn import PlainCNN
+        return PlainCNN(num_classes=mc.num_classes, width=mc.width, depth=mc.depth)
     if mc.name == "convnext":
         from engine.models.convnext import convnext
         return convnext(depths=mc.depths, dims=mc.dims, num_classes=mc.num_classes)

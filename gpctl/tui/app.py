@@ -41,6 +41,7 @@ class DataChanged(Message):
 class GpctlApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]   # screen classes used by app.tcss
     BINDINGS = [
         Binding("space", "mark", "Mark"),
         Binding("x", "cycle_x", "X-axis"),
@@ -195,7 +196,7 @@ class GpctlApp(App):
                 if d:
                     on[d] = j.run_id
         store.close()
-        self.query_one(GpuPanel).show(on)
+        self.sub_title = self.query_one(GpuPanel).show(on)
 
     @on(RunsTable.RowHighlighted)
     def _row_changed(self, event) -> None:

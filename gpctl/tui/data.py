@@ -3,7 +3,7 @@
 A RunTail keeps the byte offsets of a run's metrics and events and grows numpy arrays with only
 the new records, so a long run is never re-read. The table needs only summaries (a file's tail),
 so start-up does not parse every record of every run: a run's full series is loaded when it is
-first plotted.
+first plotted. Smoothed series are cached per EMA coefficient and extended with new points only.
 """
 from __future__ import annotations
 
@@ -25,9 +25,12 @@ class RunTail:
         self._eval = {k: [] for k in EVAL_FIELDS}
         self.events: list[dict] = []
         self._arrays: dict | None = None
+        self._ema: dict[float, np.ndarray] = {}
 
     def poll(self) -> bool:
         """Read what was appended since the last poll; True if anything was."""
+        if self.offset and self.rd.metrics_size() < self.offset:   # a resume dropped records: re-read
+            self.__init__(self.rd)
         recs, self.offset = self.rd.metrics(self.offset)
         evs, self.ev_offset = self.rd.events(self.ev_offset)
         for r in recs:
@@ -51,7 +54,16 @@ class RunTail:
     def series(self, x: str, coef: float, evals: bool = False) -> tuple[np.ndarray, np.ndarray]:
         a = self.arrays()["eval" if evals else "train"]
         y = a["eval_loss" if evals else "loss"]
-        return a[x], (ema(y, coef) if coef and not evals and len(y) else y)
+        return a[x], (self._smoothed(coef) if coef and not evals and len(y) else y)
+
+    def _smoothed(self, coef: float) -> np.ndarray:
+        loss = self._train["loss"]
+        old = self._ema.get(coef)
+        done = 0 if old is None else len(old)
+        if done < len(loss):
+            new = ema(np.asarray(loss[done:], dtype=float), coef, start=None if old is None else old[-1])
+            self._ema[coef] = new if old is None else np.concatenate([old, new])
+        return self._ema[coef]
 
     def markers(self, x: str) -> list[tuple[float, str]]:
         """Where noise changes (planned, by control request, fork, resume) took effect."""

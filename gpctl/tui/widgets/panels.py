@@ -7,13 +7,20 @@ import time
 from rich.text import Text
 from textual.widgets import DataTable, RichLog, Static
 
-COLUMNS = ("id", "preset/arm", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval", "ETA")
+# the most useful first: an 80-column terminal shows about the first eight
+COLUMNS = ("run", "state", "step", "loss", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
                "stopped": "magenta", "cancelled": "grey50", "lost": "red"}
 
 
 def _f(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def short_id(r: dict) -> str:
+    """The run id without its preset prefix (the rows are grouped by preset, shown in its own column)."""
+    prefix = f"{r['preset']}-"
+    return r["id"][len(prefix):] if r["preset"] and r["id"].startswith(prefix) else r["id"]
 
 
 class RunsTable(DataTable):
@@ -36,11 +43,10 @@ class RunsTable(DataTable):
             if r["state"] == "running" and r.get("rate"):
                 eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
             mark = "● " if r["id"] in marked else "  "
-            self.add_row(Text(mark + r["id"]), f"{r['preset']}/{r['arm']}",
-                         Text(r["state"], style=STATE_STYLE.get(r["state"], "")), r["device"] or "-",
-                         str(r["step"]), str(r["samples"]), _f(r["lr_time"], ".1f"), _f(r["lr"], ".3g"),
-                         str(r["batch_size"] or "-"), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"), eta,
-                         key=r["id"])
+            self.add_row(Text(mark + short_id(r)), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+                         str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
+                         _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
+                         _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"], key=r["id"])
         if current is not None and current in self.rows:
             self.move_cursor(row=self.get_row_index(current))
 
@@ -79,24 +85,31 @@ class GpuPanel(Static):
     def on_mount(self) -> None:
         self.border_title = "GPUs"
 
-    def show(self, running_on: dict[str, str]) -> None:
-        self.update(gpu_lines(running_on))
+    def show(self, running_on: dict[str, str]) -> str:
+        """Fill the panel; returns a one-line summary (the header shows it when the panel is hidden)."""
+        gpus = gpu_stats()
+        if gpus is None:
+            self.update("no GPU (NVML not available)")
+            return "no GPU"
+        self.update("\n".join(f"GPU {g['index']}: {g['util']:3d}%  {g['used_gib']:5.1f}/{g['total_gib']:.0f} GiB  "
+                              f"{running_on.get(str(g['index']), '-')}" for g in gpus) or "no GPU")
+        return "  ".join(f"GPU{g['index']} {g['util']}% {g['used_gib']:.0f}/{g['total_gib']:.0f}G" for g in gpus) or "no GPU"
 
 
-def gpu_lines(running_on: dict[str, str]) -> str:
+def gpu_stats() -> list[dict] | None:
+    """Utilization and memory of each GPU through NVML; None where NVML is not available."""
     try:
         import pynvml
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - no library, no driver, no GPU
-        return "no GPU (NVML not available)"
-    lines = []
+        return None
+    out = []
     try:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            lines.append(f"GPU {i}: {util:3d}%  {mem.used / 2**30:5.1f}/{mem.total / 2**30:.0f} GiB  "
-                         f"{running_on.get(str(i), '-')}")
+            out.append({"index": i, "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                        "used_gib": mem.used / 2**30, "total_gib": mem.total / 2**30})
     finally:
         pynvml.nvmlShutdown()
-    return "\n".join(lines) or "no GPU"
+    return out

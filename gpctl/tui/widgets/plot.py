@@ -132,7 +132,7 @@ class LossPlot(Widget):
         self.refresh()
 
     def render(self) -> Text:
-        w, h = max(10, self.size.width - 10), max(3, self.size.height - 3)
+        w, h = max(10, self.size.width - 10), max(3, self.size.height - 2)
         rows, (x0, x1, y0, y1) = render([(x, y, c) for x, y, c, _ in self.series], w, h, self.logy, self.markers)
         out = Text()
         legend = Text("  ".join(""), no_wrap=True)
