@@ -35,16 +35,19 @@ def eval_curve(rd: RunDir, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_shift(x_drop: np.ndarray, y_drop: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,
-              t0: float, settle: float = 0.0, grid: int = 400) -> dict:
-    """The right-translation tau for which y_ref(x - tau) best fits the dropped run after t0 + settle.
+              t0: float, settle: float = 0.0, grid: int = 400, taus: tuple[float, float] | None = None) -> dict:
+    """The translation tau for which y_ref(x - tau) best fits the changed run after t0 + settle.
 
-    Returns tau, the fit's RMS residual, and the RMS gap between the two curves before t0 (the
-    scale to judge the residual against).
+    tau is searched over `taus` (default 0..t0: a dropped run follows the low-noise curve shifted
+    right; a raised run follows the high-noise curve shifted left, tau < 0). Returns tau, the fit's
+    RMS residual, and the RMS gap between the two curves before t0 (the scale to judge the residual
+    against; NaN if the changed run has no points before t0, e.g. a fork).
     """
     after = x_drop > t0 + settle
     xa, ya = x_drop[after], y_drop[after]
     best = (np.inf, 0.0)
-    for tau in np.linspace(0.0, max(t0, 1e-9), grid):
+    lo, hi = taus if taus is not None else (0.0, max(t0, 1e-9))
+    for tau in np.linspace(lo, hi, grid):
         shifted = xa - tau
         ok = (shifted >= x_ref[0]) & (shifted <= x_ref[-1])
         if ok.sum() < max(3, len(xa) // 4):
@@ -52,7 +55,13 @@ def fit_shift(x_drop: np.ndarray, y_drop: np.ndarray, x_ref: np.ndarray, y_ref: 
         r = np.sqrt(np.mean((ya[ok] - np.interp(shifted[ok], x_ref, y_ref)) ** 2))
         if r < best[0]:
             best = (r, tau)
-    before = x_drop <= t0
-    common = before & (x_drop >= x_ref[0]) & (x_drop <= x_ref[-1])
-    gap = float(np.sqrt(np.mean((y_drop[common] - np.interp(x_drop[common], x_ref, y_ref)) ** 2))) if common.any() else float("nan")
-    return {"tau": float(best[1]), "residual": float(best[0]), "gap_before": gap}
+    return {"tau": float(best[1]), "residual": float(best[0]),
+            "gap_before": rms_gap(x_drop[x_drop <= t0], y_drop[x_drop <= t0], x_ref, y_ref)}
+
+
+def rms_gap(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray) -> float:
+    """RMS of a - b over A's points inside B's x range (B interpolated); NaN if none."""
+    common = (xa >= xb[0]) & (xa <= xb[-1]) if len(xb) else np.zeros(len(xa), bool)
+    if not common.any():
+        return float("nan")
+    return float(np.sqrt(np.mean((ya[common] - np.interp(xa[common], xb, yb)) ** 2)))

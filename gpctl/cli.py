@@ -21,7 +21,7 @@ from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
-from gpctl import compare, queue, steer
+from gpctl import compare, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.progress import train_in_foreground
@@ -250,6 +250,7 @@ def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between look
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 compare.register(app)
 queue.register(app)
+repro.register(app)
 
 
 def main() -> None:

@@ -85,13 +85,14 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or 
 @friendly
 def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
          x: AxisOpt = "step", ema: EmaOpt = 0.8, out_file: OutOpt = Path("loss.png"),
-         logy: Annotated[bool, typer.Option("--logy")] = False) -> None:
+         logy: Annotated[bool, typer.Option("--logy")] = False,
+         evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss.")] = False) -> None:
     """Loss curves of some runs in one figure."""
     from gpctl.figures import loss_figure
     if x not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     rds = [resolve(State.home, r) for r in runs]
-    loss_figure(rds, out_file, x=x, coef=ema, logy=logy)
+    loss_figure(rds, out_file, x=x, coef=ema, logy=logy, evals=evals)
     out.print(f"wrote {out_file}")
 
 

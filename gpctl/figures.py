@@ -3,14 +3,14 @@
 - loss vs step (batch experiments) or LR-normalized steps (lr experiments), EMA-smoothed,
   online solid, offline dotted;
 - for a run whose noise was dropped at T0, the low-noise curve translated right to best fit it after
-  T0 (Fig. 4's dashed red), with the fitted shift in the legend;
+  T0 (Fig. 4's dashed line, in the reference's colour), with the fitted shift in the legend;
 - TV vs loss (or step) with its baseline (Figs. 7-8).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.curves import fit_shift, train_curve
+from engine.curves import eval_curve, fit_shift, train_curve
 from engine.rundir import RunDir
 
 LABELS = {"step": "steps", "samples": "samples", "lr_time": "LR-normalized steps", "wall": "seconds"}
@@ -24,25 +24,33 @@ def _plt():
 
 
 def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.8, title: str = "",
-                shift: tuple[RunDir, RunDir, float] | None = None, logy: bool = False) -> dict | None:
-    """Loss curves of `runs`; shift = (dropped run, low-noise run, T0) draws the translated fit."""
+                shift: tuple[RunDir, RunDir, float] | None = None, logy: bool = False,
+                evals: bool = False, taus: tuple[float, float] | None = None) -> dict | None:
+    """Loss curves of `runs` (train loss with EMA `coef`, or held-out loss with `evals`);
+    shift = (changed run, reference run, T0) draws the reference translated to fit it after T0."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     fit = None
+
+    def curve(rd: RunDir):
+        return eval_curve(rd, x) if evals else train_curve(rd, x, coef)
+
+    colors = {}
     for rd in runs:
         cfg = rd.config()
-        xs, ys = train_curve(rd, x, coef)
-        ax.plot(xs, ys, ls=":" if cfg.data.mode == "offline" else "-", lw=1.4, label=f"{cfg.name}")
+        xs, ys = curve(rd)
+        (line,) = ax.plot(xs, ys, ls=":" if cfg.data.mode == "offline" else "-", lw=1.4, label=f"{cfg.name}")
+        colors[rd.id] = line.get_color()
     if shift:
         drop, ref, t0 = shift
-        xd, yd = train_curve(drop, x, coef)
-        xr, yr = train_curve(ref, x, coef)
-        fit = fit_shift(xd, yd, xr, yr, t0)
-        ax.plot(xr + fit["tau"], yr, "--", color="tab:red", lw=1.2,
+        xd, yd = curve(drop)
+        xr, yr = curve(ref)
+        fit = fit_shift(xd, yd, xr, yr, t0, taus=taus)
+        ax.plot(xr + fit["tau"], yr, "--", color=colors.get(ref.id, "tab:red"), lw=1.2,
                 label=f"{ref.config().name} shifted by {fit['tau']:.0f}")
         ax.axvline(t0, color="grey", lw=0.8, ls="-.")
     ax.set_xlabel(LABELS[x])
-    ax.set_ylabel(f"train loss (EMA {coef})" if coef else "train loss")
+    ax.set_ylabel("held-out loss" if evals else f"train loss (EMA {coef})" if coef else "train loss")
     if logy:
         ax.set_yscale("log")
     _finish(plt, fig, ax, out, title, legend_size=8)

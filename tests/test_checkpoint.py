@@ -113,3 +113,15 @@ def test_nan_loss_ends_the_run_as_diverged(tmp_path):
     assert st["state"] == "diverged" and st["error"].startswith("loss is nan at step")
     ev = [e for e in rd.events()[0] if e["event"] == "diverged"]
     assert len(ev) == 1 and ev[0]["step"] < 30
+
+
+def test_plain_cnn_student_shapes_and_parameters():
+    """The reproduction's student: 3x3 convs 3->8, 8->16 (stride 2), 16->16, mean pool, linear."""
+    from engine.config import ModelConfig
+    from engine.models import build_model
+    model = build_model(ModelConfig(name="cnn", width=8, depth=3))
+    assert sum(p.numel() for p in model.parameters()) == (3 * 8 * 9 + 8) + (8 * 16 * 9 + 16) + (16 * 16 * 9 + 16) + (16 * 10 + 10)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(4, 3, 16, 16)
+    assert model(x).shape == (4, 10)
+    assert torch.equal(model.train()(x), model.eval()(x))   # no batch statistics: one function

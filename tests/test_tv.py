@@ -173,3 +173,22 @@ def test_tv_of_two_checkpoint_files(three_runs):
     bad = runner.invoke(app, ["--home", str(home), "tv", str(a), str(b)])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: comparing checkpoint files needs --eval-from RUN (whose held-out set to use)"
+
+
+def test_fit_shift_left_translation_of_a_raised_run():
+    """A raised run is ahead on the high-noise path: the fit finds a negative shift; the gap before
+    T0 is NaN for a fork (no points before T0) and rms_gap measures it from the parent instead."""
+    import numpy as np
+    from engine.curves import fit_shift, rms_gap
+    x = np.arange(0, 600, dtype=float)
+    high = 2.0 * np.exp(-x / 200) + 0.8
+    low = 2.0 * np.exp(-x / 100) + 0.5
+    raised_x = x[x > 200]
+    raised = 2.0 * np.exp(-(raised_x + 120) / 200) + 0.8       # high's curve, 120 steps ahead
+    fit = fit_shift(raised_x, raised, x, high, t0=200, settle=10, taus=(-400.0, 0.0))
+    assert fit["tau"] == pytest.approx(-120, abs=1.5) and fit["residual"] < 0.005
+    assert np.isnan(fit["gap_before"])
+    before = x <= 200
+    expected = np.sqrt(np.mean((low[before] - high[before]) ** 2))
+    assert rms_gap(x[before], low[before], x, high) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(rms_gap(x[before], low[before], x[400:], high[400:]))   # no overlap
