@@ -277,11 +277,11 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               f".venv/bin/{command}", "```", "",
               "What it does, in the CLI's words (each step calls the function behind that command):", "", "```",
               f"gpctl run preset {rep.preset} --wait",
-              f"gpctl fork {rep.preset}-high-… --step {t0} --name high_live --no-start   "
-              f"# queued; then, before it starts:",
+              f"gpctl fork {rep.preset}-high-… --step {t0} --name high_live --queue   "
+              f"# then, before it starts:",
               f"gpctl drop {rep.preset}-high_live-… --batch-factor {BATCH_FACTOR}          "
               f"# applied at its first step boundary, T0 = {t0}",
-              f"gpctl fork {rep.preset}-low-… --step {t0} --name low_raise --no-start",
+              f"gpctl fork {rep.preset}-low-… --step {t0} --name low_raise --queue",
               f"gpctl raise {rep.preset}-low_raise-… --batch-factor {BATCH_FACTOR}",
               f"gpctl tv {rep.preset}-high_drop-… {rep.preset}-low-… --match-loss --baseline {rep.preset}-low_seed2-…",
               f"gpctl plot … --eval                                   # the figures above",

@@ -125,13 +125,19 @@ def fork(run: RunArg,
          latest: Annotated[bool, typer.Option("--latest", help="Fork at the latest checkpoint (the default).")] = False,
          overrides: SetOpt = None,
          name: Annotated[Optional[str], typer.Option("--name", help="Arm name of the new run.")] = None,
-         start: Annotated[bool, typer.Option("--start/--no-start", help="Train it now, in the foreground.")] = True) -> None:
+         start: Annotated[bool, typer.Option("--start/--no-start", help="Train it now, in the foreground.")] = True,
+         enqueue: Annotated[bool, typer.Option("--queue", help="Queue it for a worker instead (and make sure one serves it).")] = False) -> None:
     """A new run from RUN's checkpoint, with overrides from its first step; it shares RUN's past."""
     if sum(x is not None and x is not False for x in (step, lr_time, latest or None)) > 1:
         raise ConfigError("give one of --step, --lr-time, --latest")
     parent = resolve(State.home, run)
     child = fork_run(State.home, parent, step=step, lr_time=lr_time, overrides=overrides or [], name=name)
     out.print(child.id)
+    if enqueue:
+        from gpctl import queue
+        queue.enqueue([child])
+        queue.ensure_worker()
+        return
     if start:
         from gpctl.progress import train_in_foreground
         state = train_in_foreground([child], out)[0]

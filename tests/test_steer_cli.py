@@ -106,3 +106,20 @@ def test_fork_cli_links_parent_and_child(home):
     from engine.rundir import resolve
     recs = [r for r in resolve(home, child_id).metrics()[0] if "loss" in r]
     assert [r["step"] for r in recs] == [4, 5, 6] and {r["lr"] for r in recs} == {0.005}
+
+
+def test_fork_queue_enqueues_the_child(home, monkeypatch):
+    from engine.jobs import JobStore
+    from gpctl import queue
+    started = []
+    monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: started.append(1) or True)
+    parent = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0", "checkpoint_every=3"))
+    assert train(parent) == "done"
+    res = invoke(home, "fork", parent.id, "--step", "3", "--name", "branch", "--queue")
+    assert res.exit_code == 0, res.output
+    child_id = res.stdout.strip()
+    store = JobStore(home)
+    job = store.get(child_id)
+    store.close()
+    assert job.state == "queued" and started == [1]
+    assert RunDir(home / "runs" / child_id).status()["state"] == "created"   # not trained here
