@@ -213,7 +213,10 @@ class RunDir:
     def summary(self) -> dict:
         """What `gpctl ls` shows: status plus the last train and eval records."""
         st = self.status()
-        last, last_eval = _tail_records(self.metrics_file)
+        last, last_eval, losses = _tail_records(self.metrics_file)
+        smoothed = None
+        for v in losses:
+            smoothed = v if smoothed is None else EMA_COEF * smoothed + (1 - EMA_COEF) * v
         if not last_eval and st.get("eval_loss") is not None:  # far back in a long file: status has it
             last_eval = {"eval_loss": st["eval_loss"], "eval_error": st.get("eval_error")}
         try:
@@ -225,21 +228,26 @@ class RunDir:
         return {"id": self.id, "preset": preset, "arm": arm, "state": st.get("state", "unknown"),
                 "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
-                "loss": last.get("loss"), "eval_loss": last_eval.get("eval_loss"),
+                "loss": last.get("loss"), "loss_ema": smoothed, "eval_loss": last_eval.get("eval_loss"),
                 "eval_error": last_eval.get("eval_error"), "error": st.get("error"),
                 "created": st.get("created", 0.0), "steps": steps}
 
 
-def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tuple[dict, dict]:
-    """The last train record and the last eval record, reading backwards at most `limit` bytes
-    (the trainer also keeps the last eval in status.json, for evals further back)."""
+EMA_COEF, EMA_TAIL = 0.8, 64   # the summary's smoothed loss: EMA 0.8 over the last 64 step records
+
+
+def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tuple[dict, dict, list[float]]:
+    """The last train record, the last eval record and up to EMA_TAIL last train losses (oldest
+    first), reading backwards at most `limit` bytes (the trainer also keeps the last eval in
+    status.json, for evals further back)."""
     last: dict | None = None
     last_eval: dict | None = None
+    losses: list[float] = []
     try:
         with open(path, "rb") as f:
             pos = size = f.seek(0, 2)
             carry = b""
-            while pos > 0 and (last is None or last_eval is None) and size - pos < limit:
+            while pos > 0 and (len(losses) < EMA_TAIL or last_eval is None) and size - pos < limit:
                 step = min(chunk, pos)
                 pos -= step
                 f.seek(pos)
@@ -247,7 +255,7 @@ def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tup
                 carry = lines.pop(0) if pos > 0 else b""   # maybe a partial line: finish it next round
                 for line in reversed(lines):
                     is_eval = b'"eval_loss"' in line
-                    if not line.strip() or (last is not None and not is_eval) or (last_eval is not None and is_eval):
+                    if not line.strip() or (len(losses) >= EMA_TAIL and not is_eval) or (last_eval is not None and is_eval):
                         continue
                     try:
                         rec = json.loads(line)
@@ -257,9 +265,10 @@ def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tup
                         last_eval = last_eval or rec
                     elif "loss" in rec:
                         last = last or rec
+                        losses.append(rec["loss"])
     except FileNotFoundError:
         pass
-    return last or {}, last_eval or {}
+    return last or {}, last_eval or {}, losses[::-1]
 
 
 def list_runs(root: Path) -> list[RunDir]:

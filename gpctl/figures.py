@@ -66,7 +66,8 @@ def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "") -
         curves.setdefault((r["run_a"], r["run_b"]), []).append(r)
     for (a, b), rs in curves.items():
         rs = sorted(rs, key=lambda r: r[x])
-        ax.plot([r[x] for r in rs], [r["tv"] for r in rs], "o-", ms=3, label=f"{a} vs {b}")
+        style = "o-" if len(rs) <= 30 else "o"   # many noisy checkpoints: points, not a zigzag
+        ax.plot([r[x] for r in rs], [r["tv"] for r in rs], style, ms=3, label=f"{a} vs {b}")
     ax.set_xlabel({"loss_a": "loss (of A)", "step_a": "steps (of A)"}.get(x, x))
     ax.set_ylabel("average TV distance")
     if x == "loss_a":

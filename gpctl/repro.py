@@ -173,7 +173,7 @@ def check_snap(rep: Report) -> dict:
         ok = ack.get("status") == "applied" and ack.get("step") == t0 and diff <= th and len(common) == len(ss)
         rep.claims.append(Claim("2. live drop (control file) = scheduled drop at the same step",
                                 {"ack step": ack.get("step"), "ack": ack.get("status"), "steps compared": len(common),
-                                 "max |loss difference|": diff},
+                                 "max abs loss difference": diff},
                                 f"applied at T0 and max difference <= {th:g}", ok))
     if "low_raise" in r:
         xr, yr = eval_curve(r["low_raise"], "step")
@@ -266,11 +266,15 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               f"\"the last part\" = the last {int(LAST * 100)}% of the x-axis; fits leave out {SETTLE} steps after T0.", "",
               "## Figures", ""]
     lines += [f"![{title}]({name})" for name, title in rep.figures]
-    lines += ["", "## Runs", "", "| arm | run id | batch | lr | steps | mode | final held-out loss |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| arm | run id | batch | lr | steps | mode | last held-out loss |", "|---|---|---|---|---|---|---|"]
     for name, rd in rep.runs.items():
         cfg = rd.config()
-        lines.append(f"| {name} | `{rd.id}` | {cfg.batch_size} | {cfg.lr:g} | {cfg.steps} | {cfg.data.mode} | "
-                     f"{_final(rd, 1):.4f} |")
+        recs = [m for m in rd.metrics()[0] if "loss" in m]
+        # from the config (a fork's is its parent's at T0) to the last record
+        batch, lr = (f"{a:g} → {b:g}" if a != b else f"{a:g}"
+                     for a, b in ((cfg.batch_size, recs[-1]["batch_size"]), (cfg.lr, recs[-1]["lr"])))
+        start = f"{recs[0]['step'] - 1}–" if recs[0]["step"] > 1 else ""
+        lines.append(f"| {name} | `{rd.id}` | {batch} | {lr} | {start}{cfg.steps} | {cfg.data.mode} | {_final(rd, 1):.4f} |")
     t0 = t0_of(rep)
     lines += ["", "## Rerun", "", "```",
               "python3 -m venv .venv && .venv/bin/pip install -e .",

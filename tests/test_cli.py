@@ -104,7 +104,7 @@ def test_resume_continues_a_stopped_run(home, preset, monkeypatch):
 @pytest.mark.parametrize("args, line", [
     (["run", "preset", "nosuch"], "error: unknown preset 'nosuch': no nosuch.toml in"),
     (["run", "preset", "demo", "--set", "lr=-1"], "error: "),
-    (["run", "preset", "demo", "--set", "model.depth=3"], "error: --set model.depth: unknown key 'model.depth' (did you mean 'depths'?)"),
+    (["run", "preset", "demo", "--set", "model.dept=3"], "error: --set model.dept: unknown key 'model.dept' (did you mean 'depth'?)"),
     (["show", "zzz"], "error: unknown run 'zzz' in"),
     (["resume", "zzz"], "error: unknown run 'zzz' in"),
 ])

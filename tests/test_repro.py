@@ -36,7 +36,7 @@ def test_repro_ci_reproduces_the_claims(tmp_path):
         assert claims[name]["passed"] is True, json.dumps(claims[name], indent=1)
     live = claims["2. live drop (control file) = scheduled drop at the same step"]["measured"]
     assert live["ack step"] == 200 and live["ack"] == "applied" and live["steps compared"] == 400
-    assert live["max |loss difference|"] <= THRESHOLDS["live_equal"]
+    assert live["max abs loss difference"] <= THRESHOLDS["live_equal"]
     assert set(report["runs"]) == {"low", "low_seed2", "high", "high_drop", "high_live", "low_raise"}
     text = (out / "REPRODUCTION.md").read_text()
     assert "| 1. online, batch 512 vs 32, equal steps |" in text

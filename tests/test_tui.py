@@ -221,3 +221,18 @@ def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):
             msgs = [n.message for n in app._notifications if n.message.startswith(f"TV {a.id} vs {b.id}:")]
             assert msgs and "step 4↔" in msgs[-1] and "TV 0." in msgs[-1]
     run(go())
+
+
+def test_table_loss_is_the_ema_of_the_last_records(tmp_path):
+    """The table's loss column: EMA 0.8 over the last 64 step records (from the file's tail only)."""
+    rd = RunDir.create(tmp_path, tiny(TINY_IMAGES, name="e"))
+    losses = [2.0 + ((7 * i) % 11) / 10 for i in range(300)]
+    rd.append_metrics([{"step": i + 1, "samples": 16 * (i + 1), "lr_time": i + 1.0, "wall": 0.1, "lr": 0.05,
+                        "batch_size": 16, "loss": v} for i, v in enumerate(losses)])
+    rd.append_metrics([{"step": 300, "samples": 4800, "lr_time": 300.0, "wall": 1.0, "eval_loss": 1.5}])
+    s = None
+    for v in losses[-64:]:
+        s = v if s is None else 0.8 * s + 0.2 * v
+    summary = rd.summary()
+    assert summary["loss_ema"] == pytest.approx(s, rel=1e-12) and summary["loss"] == losses[-1]
+    assert summary["eval_loss"] == 1.5

@@ -145,7 +145,6 @@ class GpctlApp(App):
             job = store.get(rd.id)
             if job and job.state in ("queued", "lost", "cancelled", "failed"):
                 r["state"] = job.state
-            r["loss_ema"] = r["loss"]
             st = rd.status()
             if r["state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
                 r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
