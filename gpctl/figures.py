@@ -25,7 +25,7 @@ def _plt():
 
 def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.8, title: str = "",
                 shift: tuple[RunDir, RunDir, float] | None = None, logy: bool = False,
-                evals: bool = False, taus: tuple[float, float] | None = None) -> dict | None:
+                evals: bool = False, taus: tuple[float, float] | None = None, settle: float = 0.0) -> dict | None:
     """Loss curves of `runs` (train loss with EMA `coef`, or held-out loss with `evals`);
     shift = (changed run, reference run, T0) draws the reference translated to fit it after T0."""
     plt = _plt()
@@ -45,7 +45,7 @@ def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.
         drop, ref, t0 = shift
         xd, yd = curve(drop)
         xr, yr = curve(ref)
-        fit = fit_shift(xd, yd, xr, yr, t0, taus=taus)
+        fit = fit_shift(xd, yd, xr, yr, t0, settle=settle, taus=taus)
         ax.plot(xr + fit["tau"], yr, "--", color=colors.get(ref.id, "tab:red"), lw=1.2,
                 label=f"{ref.config().name} shifted by {fit['tau']:.0f}")
         ax.axvline(t0, color="grey", lw=0.8, ls="-.")

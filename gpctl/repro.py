@@ -227,7 +227,7 @@ def figures(rep: Report, outdir: Path, tv_rows: list[dict]) -> None:
               ["low", "high", "off_low", "off_high"], "step", None, None),
              ("repro_fig3_lr.png", "Fig. 3 (bottom): lr 0.0125 vs 0.05 at batch 32, online and offline",
               ["low_lr", "high", "off_low_lr", "off_high"], "lr_time", None, None),
-             ("repro_fig4_drop.png", f"Fig. 4: batch 32 -> 512 at T0 = {t0} (scheduled and live)",
+             ("repro_fig4_drop.png", f"Fig. 4: batch 32 -> 512 at T0 = {t0} (high_live lies on high_drop)",
               ["low", "high", "high_drop", "high_live"], "step", ("high_drop", "low"), None),
              ("repro_fig5_raise.png", f"Fig. 5: batch 512 -> 32 at T0 = {t0} (live)",
               ["low", "high", "low_raise"], "step", ("low_raise", "high"),
@@ -237,7 +237,7 @@ def figures(rep: Report, outdir: Path, tv_rows: list[dict]) -> None:
         if len(rds) < 2 or (shift and shift[0] not in r):
             continue
         sh = (r[shift[0]], r[shift[1]], float(t0)) if shift else None
-        loss_figure(rds, outdir / name, x=x, title=title, shift=sh, evals=True, taus=taus)
+        loss_figure(rds, outdir / name, x=x, title=title, shift=sh, evals=True, taus=taus, settle=SETTLE)
         rep.figures.append((name, title))
     tv_figure(tv_rows, outdir / "repro_fig7_tv.png", title="Fig. 7: TV to `low` at matched held-out loss")
     rep.figures.append(("repro_fig7_tv.png", "Fig. 7: TV to the low-noise run at matched loss"))
