@@ -53,8 +53,7 @@ def frame(runs: int, points: int, repeats: int = 5) -> float:
     series = _series(runs, points)
     tails = []
     for x, y in series:   # RunTails filled in memory, as after their first poll
-        t = RunTail.__new__(RunTail)
-        t.__init__(None)
+        t = RunTail(None)
         t._train = {"step": x.tolist(), "samples": (x * 32).tolist(), "lr_time": x.tolist(),
                     "wall": (x / 10).tolist(), "loss": y.tolist()}
         tails.append(t)
