@@ -194,6 +194,13 @@ def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):
             await pilot.press("z")
             cut = full[-1] - (full[-1] - full[0]) * 0.25
             assert list(app.plot.series[0][0]) == [v for v in full if v >= cut] == [7.0, 8.0]
+            await pilot.press("Z", *"2 5", "enter")
+            assert app.x_range == (2.0, 5.0) and list(app.plot.series[0][0]) == [2.0, 3.0, 4.0, 5.0]
+            await pilot.press("Z", *"5 2", "enter")                    # refused: FROM must be < TO
+            assert app.x_range == (2.0, 5.0) and any("expected 'FROM TO'" in n.message for n in app._notifications)
+            await pilot.press("x")                     # a new axis drops the range; the zoom (last 25 %) stays
+            assert app.x_range is None and list(app.plot.series[0][0]) == [16.0 * 7, 16.0 * 8]
+            await pilot.press("x", "x", "x")                           # back to step
             await pilot.press("o")
             assert app.sort_key == "step"
             _select(app, c.id)

@@ -49,6 +49,7 @@ class GpctlApp(App):
         Binding("l", "logy", "Log-y"),
         Binding("v", "toggle_eval", "Eval", show=False),
         Binding("z", "zoom", "Zoom", show=False),
+        Binding("Z", "zoom_range", "Range", show=False),
         Binding("d", "drop", "Drop"),
         Binding("r", "raise_noise", "Raise"),
         Binding("s", "set", "Set", show=False),
@@ -75,6 +76,7 @@ class GpctlApp(App):
  c      checkpoint now                                 f  fork at the latest checkpoint (+ overrides)
  C/del  cancel the job                                 u  resume (re-queue from its checkpoint)
  n      enqueue a preset                               T  TV of the two marked runs (matched loss)
+ Z      zoom to a range of the x-axis: FROM TO (empty: all)
  ?      this help                                      q  quit"""
 
     def __init__(self, home: Path, poll: float = 1.0, live: bool = True):
@@ -84,6 +86,7 @@ class GpctlApp(App):
         self.rows: list[dict] = []
         self.marked: set[str] = set()
         self.x_axis, self.ema_i, self.logy, self.with_eval, self.zoom_i = "step", 1, False, False, 0
+        self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
         self.filter_text, self.sort_key = "", None
         self._plotted = None
 
@@ -174,18 +177,27 @@ class GpctlApp(App):
             t = self.tail(rid)
             color = COLORS[i % len(COLORS)]
             x, y = t.series(self.x_axis, EMAS[self.ema_i])
-            if ZOOMS[self.zoom_i] < 1 and len(x):
-                keep = x >= x[-1] - (x[-1] - x[0]) * ZOOMS[self.zoom_i]
-                x, y = x[keep], y[keep]
-            series.append((x, y, color, rid))
+            lo, hi = self._window(x)
+            keep = (x >= lo) & (x <= hi)
+            series.append((x[keep], y[keep], color, rid))
             if self.with_eval:
                 ex, ey = t.series(self.x_axis, 0, evals=True)
-                series.append((ex, ey, "bright_" + color if not color.startswith("bright") else color, rid + " eval"))
+                keep = (ex >= lo) & (ex <= hi)
+                series.append((ex[keep], ey[keep], "bright_" + color if not color.startswith("bright") else color,
+                               rid + " eval"))
             if rid == sel:
                 markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         if sel:
             self.events_pane.show(sel, self.tail(sel).events)
+
+    def _window(self, x) -> tuple[float, float]:
+        """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
+        if self.x_range is not None:
+            return self.x_range
+        if ZOOMS[self.zoom_i] < 1 and len(x):
+            return x[-1] - (x[-1] - x[0]) * ZOOMS[self.zoom_i], float("inf")
+        return float("-inf"), float("inf")
 
     def gpu_refresh(self) -> None:
         store = JobStore(self.home)
@@ -211,6 +223,7 @@ class GpctlApp(App):
 
     def action_cycle_x(self) -> None:
         self.x_axis = AXES[(AXES.index(self.x_axis) + 1) % len(AXES)]
+        self.x_range = None
         self.redraw()
 
     def action_cycle_ema(self) -> None:
@@ -228,7 +241,27 @@ class GpctlApp(App):
 
     def action_zoom(self) -> None:
         self.zoom_i = (self.zoom_i + 1) % len(ZOOMS)
+        self.x_range = None
         self.redraw()
+
+    def action_zoom_range(self) -> None:
+        def done(answer: str | None) -> None:
+            if answer is None:
+                return
+            if not answer:
+                self.x_range = None
+            else:
+                try:
+                    lo, hi = (float(v) for v in answer.replace(",", " ").split())
+                    if not lo < hi:
+                        raise ValueError
+                except ValueError:
+                    self.notify(f"expected 'FROM TO' with FROM < TO, got {answer!r}", severity="error")
+                    return
+                self.x_range = (lo, hi)
+            self.redraw()
+
+        self.push_screen(Ask(f"zoom to a range of {self.x_axis}: FROM TO (empty: all)"), done)
 
     def action_sort(self) -> None:
         keys = (None, "step", "loss", "eval_loss", "lr", "batch_size")
