@@ -336,6 +336,8 @@ def repro(ci: Annotated[bool, typer.Option("--ci", help="The small version (pres
     """Reproduce the paper's three claims end to end (runs, forks, live requests, TV, figures)."""
     preset = "repro_ci" if ci else "repro"
     outdir = out_dir or State.home / "repro"
+    if outdir.exists() and not outdir.is_dir():
+        raise ConfigError(f"--out {outdir}: exists and is not a folder")
     command = "gpctl repro" + (" --ci" if ci else "") + (f" --out {out_dir}" if out_dir else "")
     rep = reproduce(preset, outdir, command)
     for c in rep.claims:

@@ -128,3 +128,12 @@ def test_missing_real_data_stops_before_anything_is_created(home, tmp_path):
                                   f"{tmp_path}/none (set data.path=DIR); or run its CPU twin: "
                                   f"gpctl run preset cifar_bs32_512_tiny")
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_repro_out_must_be_a_folder_and_nothing_is_queued(tmp_path):
+    home, f = tmp_path / "home", tmp_path / "report.md"
+    f.write_text("mine\n")
+    res = CliRunner().invoke(app, ["--home", str(home), "repro", "--ci", "--out", str(f)])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == f"error: --out {f}: exists and is not a folder"
+    assert f.read_text() == "mine\n" and not (home / "runs").exists()
