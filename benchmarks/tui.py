@@ -59,8 +59,7 @@ def frame(runs: int, points: int, repeats: int = 5) -> float:
         tails.append(t)
     for t in tails:
         t.series("step", 0.8)   # first EMA: computed once per run (then only new points)
-    draw = [(lambda: render([(*t.series("step", 0.8), "cyan") for t in tails], 150, 40))]
-    ours = _median_ms(draw[0], repeats)
+    ours = _median_ms(lambda: render([(*t.series("step", 0.8), "cyan") for t in tails], 150, 40), repeats)
     print(f"frame, {runs} runs x {points} points, 150x40 cells (EMA 0.8 + min/max columns + braille): "
           f"{ours:.1f} ms (median of {repeats}; goal <= 50 ms)")
     return ours
