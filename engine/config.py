@@ -51,10 +51,13 @@ class DataConfig:
     hf_config: str = "en"
     tokenizer: str = "gpt2"         # hub name or local folder for AutoTokenizer.from_pretrained
     seq_len: int = 2048             # tokens per training sequence
-    image_size: int = 32            # pixels; synthetic images and the ImageNet crop
+    image_size: int = 32            # pixels; synthetic images, and the crop of larger stored images
+    resize: int = 0                 # imagenet: pixels; each image is resized to resize x resize once decoded
+                                    # (App. A.2: 256), then cropped to image_size (random: augment "crop";
+                                    # else centred); 0 = shorter side to image_size, centre crop
     normalize: bool = True          # per-channel mean/std normalization
     augment: list[str] = field(default_factory=list)  # any of "crop", "flip" (App. A.2: RandomCrop+Flip)
-    crop_padding: int = 4           # pixels, RandomCrop(32, padding=4)
+    crop_padding: int = 4           # pixels, RandomCrop(image_size, padding=crop_padding) (CIFAR: 4)
     eval_samples: int = 10_000      # held-out examples (sequences for LMs)
     on_device: bool = True          # keep in-memory image sets on the training device as uint8
     teacher_width: int = 48         # synthetic_images: channels of the random teacher CNN
@@ -62,6 +65,8 @@ class DataConfig:
     teacher_sharpness: float = 4.0  # synthetic: logit scale; larger = lower Bayes loss, harder to fit
     vocab_size: int = 512           # synthetic_tokens: alphabet size
     workers: int = 4                # imagenet: decoding threads
+    online_epochs: float = 1.0      # online: passes over a finite set allowed (1 = single pass; the paper's
+                                    # ImageNet "online" arm is 10 epochs, App. A.2); `gpctl presets check`
 
 
 @dataclass
@@ -78,8 +83,11 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "constant"          # constant | cosine (with linear warmup, over `steps`)
-    warmup_steps: int = 0           # steps of linear warmup from 0
+    kind: str = "constant"          # constant | cosine (after a linear warmup)
+    clock: str = "steps"            # what warmup and cosine count: "steps" (cosine over `steps`) or
+                                    # "lr_time" (LR-normalized steps; cosine over `max_lr_time`, App. A.3)
+    warmup_steps: int = 0           # clock "steps": steps of linear warmup from 0
+    warmup_lr_time: float = 0.0     # clock "lr_time": LR-normalized steps of linear warmup from 0
     final_lr_ratio: float = 0.1     # cosine ends at this fraction of lr (Mosaic alpha_f = 0.1)
 
 
@@ -105,9 +113,10 @@ class Config:
     name: str = ""                  # run name (arm), set by the preset
     preset: str = ""
     steps: int = 1000               # optimizer steps
-    max_lr_time: float = 0.0        # stop earlier once lr_time reaches this; 0 = off
+    max_lr_time: float = 0.0        # stop once lr_time reaches this (the LR-normalized training duration of
+                                    # App. A.3: the same for every lr); 0 = off
     lr: float = 0.025               # base learning rate (App. A.1)
-    lr_ref: float = 0.0             # reference lr for lr_time = sum(lr_i)/lr_ref; 0 = `lr`
+    lr_ref: float = 0.0             # reference lr: lr_time = sum of base lr / lr_ref (see engine/schedule.py); 0 = `lr`
     batch_size: int = 512           # samples (sequences) per optimizer step
     micro_batch_size: int = 0       # samples per forward/backward; 0 = the whole batch
     seed: int = 0                   # model init and data order
@@ -149,6 +158,7 @@ _CHOICES = {
     "optim.name": ("sgd", "adamw"),
     "optim.fused": ("auto", "on", "off"),
     "schedule.kind": ("constant", "cosine"),
+    "schedule.clock": ("steps", "lr_time"),
     "precision": ("auto", "fp32", "bf16"),
 }
 _AUGMENTS = ("crop", "flip")
@@ -230,11 +240,12 @@ def validate(cfg: Config, where: str) -> Config:
     """Value checks beyond types: choices, ranges, consistency."""
     flat = {"model.name": cfg.model.name, "data.source": cfg.data.source, "data.mode": cfg.data.mode,
             "optim.name": cfg.optim.name, "optim.fused": cfg.optim.fused,
-            "schedule.kind": cfg.schedule.kind, "precision": cfg.precision}
+            "schedule.kind": cfg.schedule.kind, "schedule.clock": cfg.schedule.clock,
+            "precision": cfg.precision}
     for key, value in flat.items():
         if value not in _CHOICES[key]:
             raise ConfigError(f"{where}: '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
-    positive = {"steps": cfg.steps, "gpus": cfg.gpus, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
+    positive = {"steps": cfg.steps, "data.image_size": cfg.data.image_size, "gpus": cfg.gpus, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
                 "data.eval_samples": cfg.data.eval_samples, "data.seq_len": cfg.data.seq_len,
                 "data.offline_size": cfg.data.offline_size}
     for key, value in positive.items():
@@ -245,6 +256,12 @@ def validate(cfg: Config, where: str) -> Config:
     for key in ("eval_every", "checkpoint_every", "micro_batch_size", "lr_ref", "max_lr_time"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
+    _check_schedule(cfg, where)
+    if cfg.data.resize and cfg.data.resize < cfg.data.image_size:
+        raise ConfigError(f"{where}: 'data.resize' = {cfg.data.resize} is smaller than "
+                          f"'data.image_size' = {cfg.data.image_size}")
+    if cfg.data.resize < 0 or cfg.data.crop_padding < 0:
+        raise ConfigError(f"{where}: 'data.resize' and 'data.crop_padding' must be >= 0")
     for a in cfg.data.augment:
         if a not in _AUGMENTS:
             raise ConfigError(f"{where}: 'data.augment' entry {a!r} is not one of {', '.join(_AUGMENTS)}")
@@ -272,6 +289,32 @@ def validate(cfg: Config, where: str) -> Config:
         raise ConfigError(f"{where}: 'data.seq_len' = {cfg.data.seq_len} exceeds "
                           f"'model.n_positions' = {cfg.model.n_positions}")
     return cfg
+
+
+def _check_schedule(cfg: Config, where: str) -> None:
+    sc = cfg.schedule
+    if sc.warmup_steps < 0 or sc.warmup_lr_time < 0:
+        raise ConfigError(f"{where}: 'schedule.warmup_steps' and 'schedule.warmup_lr_time' must be >= 0")
+    if not 0 <= sc.final_lr_ratio <= 1:
+        raise ConfigError(f"{where}: 'schedule.final_lr_ratio' must be in [0, 1], got {sc.final_lr_ratio}")
+    if sc.clock == "steps" and sc.warmup_lr_time:
+        raise ConfigError(f"{where}: 'schedule.warmup_lr_time' needs schedule.clock = \"lr_time\" "
+                          f"(on the steps clock use 'schedule.warmup_steps')")
+    if sc.clock == "lr_time":
+        if sc.warmup_steps:
+            raise ConfigError(f"{where}: 'schedule.warmup_steps' is for schedule.clock = \"steps\" "
+                              f"(on the lr_time clock use 'schedule.warmup_lr_time')")
+        if cfg.max_lr_time <= 0:
+            raise ConfigError(f"{where}: schedule.clock = \"lr_time\" needs 'max_lr_time' > 0 "
+                              f"(the LR-normalized horizon the schedule spans)")
+        if sc.warmup_lr_time >= cfg.max_lr_time and sc.kind == "cosine":
+            raise ConfigError(f"{where}: 'schedule.warmup_lr_time' = {sc.warmup_lr_time} leaves no cosine "
+                              f"before 'max_lr_time' = {cfg.max_lr_time}")
+    elif sc.kind == "cosine" and sc.warmup_steps >= cfg.steps:
+        raise ConfigError(f"{where}: 'schedule.warmup_steps' = {sc.warmup_steps} leaves no cosine "
+                          f"before 'steps' = {cfg.steps}")
+    if cfg.data.online_epochs <= 0:
+        raise ConfigError(f"{where}: 'data.online_epochs' must be > 0, got {cfg.data.online_epochs}")
 
 
 def _check_batch(where: str, key: str, batch: int, micro: int) -> None:

@@ -26,6 +26,7 @@ never re-applied; new lines appended after that are read as usual.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -42,8 +43,44 @@ FINISHED = ("done", "diverged", "cancelled")   # take no more requests (stopped/
 LIVE = ("created", "running")
 
 
+MAX_LINE = 64 * 1024       # bytes: a longer line is rejected (naming its size), never parsed or stored
+MAX_READ = 4 * 1024 * 1024 # bytes read per poll; the rest waits for the next poll
+QUOTE = 60                 # characters of a bad value quoted in an event or a log line
+
+
 class ControlError(ValueError):
     """A request that cannot be sent (finished run, bad value); str(e) is the line to print."""
+
+
+def _quote(value: object) -> str:
+    """A bad value as JSON, cut to QUOTE characters: a 10 MB value never reaches events or logs."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= QUOTE else text[:QUOTE] + f"… ({len(text)} characters)"
+
+
+def _num_text(value: object) -> str:
+    try:
+        return _cut(repr(value))
+    except ValueError:    # an int too long to print
+        return "an integer of more than 4300 digits"
+
+
+def _number(value: object) -> float | None:
+    """value as a finite float, or None (bools, strings, huge integers that overflow a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 # ------------------------------------------------------------------ validation
@@ -55,12 +92,12 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
         return f"a request must be a JSON object, got {type(req).__name__}"
     unknown = [k for k in req if k not in REQUEST_KEYS]
     if unknown:
-        return f"unknown key '{unknown[0]}' (known: {', '.join(REQUEST_KEYS)})"
+        return f"unknown key '{_cut(unknown[0])}' (known: {', '.join(REQUEST_KEYS)})"
     if ("set" in req) == ("action" in req):
         return "a request needs exactly one of 'set' or 'action'"
     if "action" in req:
         if req["action"] not in ACTIONS:
-            return f"unknown action {json.dumps(req['action'])} (known: {', '.join(ACTIONS)})"
+            return f"unknown action {_quote(req['action'])} (known: {', '.join(ACTIONS)})"
         if "ramp" in req:
             return "'ramp' goes with 'set'"
         return None
@@ -69,32 +106,39 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
         return "'set' must be a non-empty object, e.g. {\"lr\": 0.005}"
     bad = [k for k in changes if k not in SET_KEYS]
     if bad:
-        return f"unknown key 'set.{bad[0]}' (known: {', '.join(SET_KEYS)})"
+        return f"unknown key 'set.{_cut(bad[0])}' (known: {', '.join(SET_KEYS)})"
     if "lr" in changes:
-        lr = changes["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            return f"'lr' must be a number, got {json.dumps(lr)}"
-        if not math.isfinite(lr) or lr <= 0:
-            return f"'lr' must be finite and > 0, got {lr}"
+        v = changes["lr"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"'lr' must be a number, got {_quote(v)}"
+        lr = _number(v)
+        if lr is None or lr <= 0:
+            return f"'lr' must be finite and > 0, got {_num_text(v)}"
         if lr > max_lr_factor * base_lr:
-            return f"'lr' = {lr} exceeds the sanity bound {max_lr_factor * base_lr:g} (control.max_lr_factor × lr)"
+            return f"'lr' = {_num_text(v)} exceeds the sanity bound {max_lr_factor * base_lr:g} (control.max_lr_factor × lr)"
     if "batch_size" in changes:
         b = changes["batch_size"]
         if isinstance(b, bool) or not isinstance(b, int):
-            return f"'batch_size' must be an integer, got {json.dumps(b)}"
+            return f"'batch_size' must be an integer, got {_quote(b)}"
         if b <= 0:
-            return f"'batch_size' must be > 0, got {b}"
+            return f"'batch_size' must be > 0, got {_num_text(b)}"
         if b > max_batch:
-            return f"'batch_size' = {b} exceeds the sanity bound {max_batch} (control.max_batch_size)"
-        if micro_batch and b > micro_batch and b % micro_batch:
+            return f"'batch_size' = {_num_text(b)} exceeds the sanity bound {max_batch} (control.max_batch_size)"
+        if micro_batch and b % micro_batch:
             return f"'batch_size' = {b} is not a multiple of micro_batch_size = {micro_batch}"
     if "ramp" in req:
-        r = req["ramp"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
-            return f"'ramp' must be a number >= 0, got {json.dumps(r)}"
+        r = _number(req["ramp"])
+        if r is None or r < 0:
+            return f"'ramp' must be a number >= 0, got {_quote(req['ramp'])}"
         if "lr" not in changes:
             return "'ramp' needs 'set.lr'"
     return None
+
+
+def request_id(req: object) -> str | None:
+    """The request's own id when it is a short string (a long one is not copied into events)."""
+    rid = req.get("id") if isinstance(req, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
 def untrusted_reason(st: os.stat_result) -> str | None:
@@ -107,12 +151,17 @@ def untrusted_reason(st: os.stat_result) -> str | None:
 
 # ------------------------------------------------------------------ the reader (engine side)
 
+TAIL = 256                 # bytes before the offset whose digest notices a rewrite of what was consumed
+
+
 @dataclass
 class ControlState:
     offset: int = 0          # bytes consumed
     lines: int = 0           # complete lines consumed
-    tail: str = ""           # the last consumed line, to notice a rewrite of what was consumed
+    tail_len: int = 0        # the last min(TAIL, offset) consumed bytes ...
+    tail_sha: str = ""       # ... and their sha256: bounded, whatever a line's length (checkpoint metadata)
     inode: int = 0
+    skipping: int = 0        # bytes of an over-long line seen so far whose newline has not come yet
     stat_key: list = field(default_factory=list)
 
 
@@ -122,7 +171,8 @@ class Line:
     end: int                 # byte offset just past its newline
     text: str
     request: dict | None     # parsed JSON (not yet validated), or None
-    problem: str | None      # why it cannot be a request (invalid JSON, untrusted, blank)
+    problem: str | None      # why it cannot be a request (invalid JSON, untrusted, blank, too long)
+    then_skip: int = 0       # bytes of an unfinished over-long line after this one, passed over with it
 
 
 class ControlReader:
@@ -133,10 +183,12 @@ class ControlReader:
 
     def poll(self) -> list["Line"]:
         """New complete lines, in order. Call `consume(line)` as each is applied, so that a
-        checkpoint taken in between records exactly the lines already applied."""
+        checkpoint taken in between records exactly the lines already applied.
+
+        Never raises for what the file contains: every line comes back as a request or a problem."""
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
         if key == self.state.stat_key:
@@ -147,43 +199,79 @@ class ControlReader:
             self._rewritten(st)
             return []
         s.inode = st.st_ino
-        with open(self.path, "rb") as f:
-            f.seek(s.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        if not end:
-            return []  # a line without its newline yet: wait for it
         trust = untrusted_reason(st)
-        out, pos, number = [], s.offset, s.lines
-        for raw in data[:end].split(b"\n")[:-1]:
-            pos += len(raw) + 1
-            number += 1
-            tail = raw.decode(errors="replace")
-            if not raw.strip():
-                out.append(Line(number, pos, tail, None, "blank"))
-                continue
-            if trust:
-                out.append(Line(number, pos, tail, None, f"untrusted: {trust}"))
-                continue
-            try:
-                req = json.loads(raw)
-            except json.JSONDecodeError as e:
-                out.append(Line(number, pos, tail, None, f"invalid JSON: {e.msg} at column {e.colno}"))
-                continue
-            out.append(Line(number, pos, tail, req, None))
+        out: list[Line] = []
+        pos, number, skipping = s.offset - s.skipping, s.lines, s.skipping   # pos: where the unfinished line starts
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(s.offset)
+                buf = b""
+                while chunk := f.read(MAX_READ):   # memory stays under MAX_LINE + MAX_READ
+                    buf += chunk
+                    start = 0
+                    while (nl := buf.find(b"\n", start)) >= 0:
+                        raw, start = buf[start:nl], nl + 1
+                        size = skipping + len(raw)
+                        pos, number = pos + skipping + len(raw) + 1, number + 1
+                        if size > MAX_LINE:
+                            out.append(Line(number, pos, "", None,
+                                            f"line is {size} bytes, over the {MAX_LINE}-byte limit"))
+                        else:
+                            out.append(self._parse(number, pos, raw, trust))
+                        skipping = 0
+                    buf = buf[start:]
+                    if skipping or len(buf) > MAX_LINE:   # an over-long line without its newline yet
+                        skipping += len(buf)
+                        buf = b""
+        except OSError:
+            return []             # not a readable file (a folder, a broken link): nothing to apply
+        if skipping != s.skipping or (skipping and not out):
+            # pass over the over-long line's bytes: with the last line returned, or now if there is none
+            if out:
+                out[-1].then_skip = skipping
+            else:
+                s.offset, s.skipping, s.tail_len, s.tail_sha = pos + skipping, skipping, 0, ""
         return out
 
+    @staticmethod
+    def _parse(number: int, pos: int, raw: bytes, trust: str | None) -> "Line":
+        if not raw.strip():
+            return Line(number, pos, "", None, "blank")
+        if trust:
+            return Line(number, pos, "", None, f"untrusted: {trust}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Line(number, pos, "", None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        try:
+            req = json.loads(text)
+        except json.JSONDecodeError as e:
+            return Line(number, pos, text, None, f"invalid JSON: {e.msg} at column {e.colno}")
+        except RecursionError:
+            return Line(number, pos, text, None, "invalid JSON: nested too deeply")
+        except ValueError as e:   # e.g. an integer of more than 4300 digits
+            return Line(number, pos, text, None, f"invalid JSON: {str(e).split(':')[0][:2 * QUOTE]}")
+        return Line(number, pos, text, req, None)
+
     def consume(self, line: "Line") -> None:
-        self.state.offset, self.state.lines, self.state.tail = line.end, line.number, line.text
+        s = self.state
+        s.offset, s.lines, s.skipping = line.end + line.then_skip, line.number, line.then_skip
+        s.tail_len, s.tail_sha = self._digest(line.end) if not line.then_skip else (0, "")
+
+    def _digest(self, end: int) -> tuple[int, str]:
+        n = min(TAIL, end)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(end - n)
+                return n, hashlib.sha256(f.read(n)).hexdigest()
+        except OSError:
+            return 0, ""
 
     def _tail_intact(self) -> bool:
         s = self.state
-        if not s.tail:
+        if not s.tail_len:
             return True
-        n = len(s.tail.encode()) + 1
-        with open(self.path, "rb") as f:
-            f.seek(max(0, s.offset - n))
-            return f.read(n) == s.tail.encode() + b"\n"
+        return self._digest(s.offset) == (s.tail_len, s.tail_sha)
 
     def _rewritten(self, st: os.stat_result) -> None:
         with open(self.path, "rb") as f:
@@ -195,9 +283,9 @@ class ControlReader:
                              skipped_lines=skipped,
                              detail="control.jsonl was truncated or rewritten; its present lines are "
                                     "not applied (append new requests instead)")
-        tail = data[:end].splitlines()[-1].decode(errors="replace") if skipped else ""
-        self.state = ControlState(offset=end, lines=s.lines + skipped, tail=tail, inode=st.st_ino,
+        self.state = ControlState(offset=end, lines=s.lines + skipped, inode=st.st_ino,
                                   stat_key=[st.st_size, st.st_mtime_ns, st.st_ino])
+        self.state.tail_len, self.state.tail_sha = self._digest(end)
 
     def state_dict(self) -> dict:
         d = dict(vars(self.state))
@@ -205,7 +293,11 @@ class ControlReader:
         return d
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = ControlState(**d)
+        d = dict(d)
+        old_tail = d.pop("tail", None)   # checkpoints before the digest kept the last line itself
+        self.state = ControlState(**{k: v for k, v in d.items() if k in ControlState.__dataclass_fields__})
+        if old_tail is not None and self.state.offset:
+            self.state.tail_len, self.state.tail_sha = self._digest(self.state.offset)
 
 
 # ------------------------------------------------------------------ the writer (people and tools)

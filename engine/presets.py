@@ -41,8 +41,13 @@ class Preset:
     base: dict
     runs: dict[str, dict]
 
-    def configs(self, overrides: list[str] = (), arms: list[str] | None = None) -> list[Config]:
-        """The resolved, validated config of each arm (overrides apply to every arm)."""
+    def configs(self, overrides: list[str] = (), arms: list[str] | None = None, check: bool = True) -> list[Config]:
+        """The resolved, validated config of each arm (overrides apply to every arm).
+
+        check: also step each arm's plan (engine/plan.py) and refuse one that would not be the
+        experiment it says (a change that never fires, an online arm that repeats data, ...).
+        """
+        from engine import plan
         chosen = arms or list(self.runs)
         for arm in chosen:
             if arm not in self.runs:
@@ -52,7 +57,9 @@ class Preset:
             data = merge(self.base, self.runs[arm])
             data = apply_overrides(data, list(overrides))
             data["name"], data["preset"] = arm, self.name
-            out.append(build(data, f"{self.path} [runs.{arm}]"))
+            where = f"{self.path} [runs.{arm}]"
+            cfg = build(data, where)
+            out.append(plan.check(cfg, where) if check else cfg)
         return out
 
 
@@ -74,7 +81,7 @@ def find_preset(name_or_path: str) -> Path:
     raise ConfigError(f"unknown preset '{name_or_path}': no {name_or_path}.toml in {where}{hint}")
 
 
-def load_preset(name_or_path: str) -> Preset:
+def load_preset(name_or_path: str, check: bool = True) -> Preset:
     path = find_preset(name_or_path)
     raw = load_toml(path)
     unknown = set(raw) - {"preset", "base", "runs"}
@@ -93,7 +100,7 @@ def load_preset(name_or_path: str) -> Preset:
     preset = Preset(name=path.stem, path=path, figure=meta.get("figure", ""),
                     description=meta.get("description", ""), twin=meta.get("twin", ""),
                     base=raw.get("base", {}), runs=runs)
-    preset.configs()  # validate every arm now, so errors surface before anything runs
+    preset.configs(check=check)  # validate every arm now, so errors surface before anything runs
     return preset
 
 
@@ -102,5 +109,5 @@ def list_presets() -> list[Preset]:
     for d in preset_dirs():
         for p in sorted(d.glob("*.toml")):
             if p.stem not in seen:
-                seen[p.stem] = load_preset(str(p))
+                seen[p.stem] = load_preset(str(p), check=False)
     return sorted(seen.values(), key=lambda p: p.name)

@@ -1,13 +1,22 @@
 """Learning-rate and batch-size schedules, and the LR-normalized clock.
 
-The effective learning rate of step s is   lr_s = base(lr_time) * shape(s)
-  - shape(s): the preset's schedule kind — 1 for constant, warmup then cosine to final_lr_ratio;
-  - base:     the preset's `lr`, replaced by each change (planned `changes`, or requests from the
-              control file); with `ramp` R it moves linearly to the new value over R LR-normalized
-              steps (the paper ramps lr increases over 100).
-A manual lr (control file, fork) is exact from then on: shape(s) = 1 and planned lr changes are
+Two learning rates per step s:
+  - base lr b_s:   the preset's `lr`, replaced by each change (planned `changes`, or requests from
+                   the control file); with `ramp` R it moves linearly to the new value over R
+                   LR-normalized steps (the paper ramps lr increases over 100);
+  - effective lr:  lr_s = b_s * shape(s), what the optimizer uses; shape is 1 for a constant
+                   schedule, else a linear warmup and then a cosine down to final_lr_ratio.
+The LR-normalized clock counts the base lr:   lr_time after s steps = sum_{i<s} b_i / lr_ref.
+It is the paper's clock (App. A.3): an arm at lr 6e-5 = lr_ref / 10 advances 0.1 per step, so it
+"trains for 4800 LR-normalized steps" in 48000 steps, and a change "after 2880 LR-normalized
+steps" fires at 60 % of that whatever the schedule's shape. With a constant schedule it is
+exactly sum lr_i / lr_ref (App. A.1's sum of eta_i).
+The shape runs on one of two clocks (`schedule.clock`):
+  steps:    warmup over `warmup_steps` steps, cosine over `steps`;
+  lr_time:  warmup over `warmup_lr_time`, cosine over `max_lr_time`. Every arm then has the same
+            shape at the same lr_time, so arms compared on lr_time differ only by their base lr.
+A manual lr (control file, fork) is exact from then on: shape = 1 and planned lr changes are
 skipped; planned batch changes still apply.
-lr_time after s steps is  sum_{i<s} lr_i / lr_ref.
 A batch-size change takes effect at a step boundary, never inside gradient accumulation.
 """
 from __future__ import annotations
@@ -30,6 +39,17 @@ class Noise:
     manual: bool = False            # an lr was set by hand: the schedule's lr no longer applies
 
 
+def reached(lr_time: float, target: float) -> bool:
+    """lr_time >= target, forgiving the rounding of a float sum: 28800 steps of 6e-5 / 6e-4 add up to
+    2879.99999999x, and a change "at 2880" must fire at step 28800, not one step late."""
+    return lr_time >= target - 1e-9 * max(1.0, abs(target))
+
+
+def ended(cfg: Config, step: int, lr_time: float) -> bool:
+    """The run's end: `steps` taken, or `max_lr_time` reached."""
+    return step >= cfg.steps or (cfg.max_lr_time > 0 and reached(lr_time, cfg.max_lr_time))
+
+
 class Schedule:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -38,15 +58,23 @@ class Schedule:
                            applied=[False] * len(cfg.changes))
 
     # ------------------------------------------------------------ the two knobs
-    def shape(self, step: int) -> float:
+    def shape(self, step: int, lr_time: float, base: float) -> float:
+        """Warmup/cosine factor of this step (base: this step's base lr, for the lr_time clock)."""
         sc = self.cfg.schedule
         if self.noise.manual:
             return 1.0
-        if sc.warmup_steps and step < sc.warmup_steps:
-            return (step + 1) / sc.warmup_steps
+        if sc.clock == "lr_time":
+            now, warmup, end = lr_time, sc.warmup_lr_time, self.cfg.max_lr_time
+            after_step = lr_time + base / self.lr_ref
+            span = max(end - warmup, 1e-12)
+        else:
+            now, warmup, end = step, sc.warmup_steps, self.cfg.steps
+            after_step = step + 1
+            span = max(1, end - warmup)
+        if warmup and now < warmup:
+            return min(1.0, after_step / warmup)
         if sc.kind == "cosine":
-            span = max(1, self.cfg.steps - sc.warmup_steps)
-            t = min(1.0, (step - sc.warmup_steps) / span)
+            t = min(1.0, (now - warmup) / span)
             return sc.final_lr_ratio + (1 - sc.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         return 1.0
 
@@ -59,8 +87,13 @@ class Schedule:
             n.ramp_len = 0.0
         return n.base_lr
 
+    def rates(self, step: int, lr_time: float) -> tuple[float, float]:
+        """(effective lr, base lr) of this step; lr_time advances by base / lr_ref."""
+        base = self.base_lr(lr_time)
+        return base * self.shape(step, lr_time, base), base
+
     def lr(self, step: int, lr_time: float) -> float:
-        return self.base_lr(lr_time) * self.shape(step)
+        return self.rates(step, lr_time)[0]
 
     @property
     def batch_size(self) -> int:
@@ -99,7 +132,7 @@ class Schedule:
         for i, ch in enumerate(self.cfg.changes):
             if self.noise.applied[i]:
                 continue
-            if (ch.at_step >= 0 and step >= ch.at_step) or (0 <= ch.at_lr_time <= lr_time + 1e-9):
+            if (ch.at_step >= 0 and step >= ch.at_step) or (ch.at_lr_time >= 0 and reached(lr_time, ch.at_lr_time)):
                 self.noise.applied[i] = True
                 lr = 0.0 if self.noise.manual else ch.lr
                 changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp)

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.control import ControlReader, Line, validate
+from engine.control import ControlReader, Line, request_id, validate
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.models import build_model, hf_config_dict
 from engine.rundir import RunDir
-from engine.schedule import Schedule
+from engine.schedule import Schedule, ended, reached
 
 
 class Diverged(RuntimeError):
@@ -191,21 +191,21 @@ class Trainer:
             if self.stop_requested:
                 break
             # -- the step
-            lr = self.schedule.lr(self.step, self.lr_time)
+            lr, base = self.schedule.rates(self.step, self.lr_time)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = self.schedule.batch_size
             loss = self._train_step(batch)
             self.step += 1
             self.samples += batch * self.tokens_per_sample
-            self.lr_time += lr / self.schedule.lr_ref
+            lr_time_before, self.lr_time = self.lr_time, self.lr_time + base / self.schedule.lr_ref
             # -- record (no sync: the loss stays a tensor until the flush)
             self._pending.append(({"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
                                    "wall": self.wall(), "lr": lr, "batch_size": batch}, loss))
             if self.step % cfg.log_every == 0:
                 self.flush()
             # -- eval and checkpoint
-            want_ckpt = self._checkpoint_due(lr)
+            want_ckpt = self._checkpoint_due(lr_time_before)
             if want_ckpt or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self.evaluate()
             if want_ckpt:
@@ -219,8 +219,7 @@ class Trainer:
         return "stopped" if self.stop_requested and not self._finished() else "done"
 
     def _finished(self) -> bool:
-        cfg = self.cfg
-        return self.step >= cfg.steps or (cfg.max_lr_time > 0 and self.lr_time >= cfg.max_lr_time - 1e-9)
+        return ended(self.cfg, self.step, self.lr_time)
 
     def _train_step(self, batch: int) -> torch.Tensor:
         x, y = self.stream.next_batch(batch)
@@ -274,11 +273,14 @@ class Trainer:
             if item.problem == "blank":
                 continue
             line, req = item.number, item.request
-            rid = req.get("id") if isinstance(req, dict) and isinstance(req.get("id"), str) else None
+            rid = request_id(req)
             where = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
             cc = self.cfg.control
-            reason = item.problem or validate(req, base_lr=self.cfg.lr, micro_batch=self.cfg.micro_batch_size,
-                                              max_lr_factor=cc.max_lr_factor, max_batch=cc.max_batch_size)
+            try:   # nothing a line contains may end the run: a surprise is a rejection
+                reason = item.problem or validate(req, base_lr=self.cfg.lr, micro_batch=self.cfg.micro_batch_size,
+                                                  max_lr_factor=cc.max_lr_factor, max_batch=cc.max_batch_size)
+            except Exception as e:  # noqa: BLE001
+                reason = f"could not be read as a request ({type(e).__name__})"
             if reason:
                 self.rd.append_event("control", id=rid or f"line-{line}", line=line, status="rejected",
                                      reason=reason, **where)
@@ -302,14 +304,14 @@ class Trainer:
                 self.stop_requested = True
                 self.rd.append_event("control", id=rid, line=line, status="applied", action="stop", **where)
 
-    def _checkpoint_due(self, lr: float) -> bool:
+    def _checkpoint_due(self, lr_time_before: float) -> bool:
         cfg = self.cfg
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             return True
         if self.step in cfg.checkpoint_at_steps:
             return True
-        before = self.lr_time - lr / self.schedule.lr_ref   # crossed a listed lr_time in this step?
-        return any(before < t <= self.lr_time + 1e-9 for t in cfg.checkpoint_at_lr_times)
+        # crossed a listed lr_time in this step?
+        return any(not reached(lr_time_before, t) and reached(self.lr_time, t) for t in cfg.checkpoint_at_lr_times)
 
     # ------------------------------------------------------------------ records
     def flush(self) -> None:

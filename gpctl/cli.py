@@ -16,12 +16,11 @@ from rich.table import Table
 from engine.checkpoint import CheckpointError, read_meta
 from engine.config import ConfigError
 from engine.fork import children
-from engine.presets import list_presets
 from engine.rundir import RunDir, home, list_runs, resolve
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
-from gpctl import compare, queue, repro, steer
+from gpctl import compare, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.progress import train_in_foreground
@@ -40,21 +39,7 @@ def main_callback(
 
 
 # ---------------------------------------------------------------- presets
-@app.command()
-@friendly
-def presets(as_json: JsonOpt = False) -> None:
-    """List the presets: name, paper figure, description, runs."""
-    found = list_presets()
-    if as_json:
-        out.print_json(json.dumps([{"name": p.name, "figure": p.figure, "description": p.description,
-                                    "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found]))
-        return
-    t = Table(title="presets")
-    for col in ("name", "figure", "runs", "description"):
-        t.add_column(col, overflow="fold")
-    for p in found:
-        t.add_row(p.name, p.figure, ", ".join(p.runs), p.description)
-    out.print(t)
+app.add_typer(presetcheck.app, name="presets")
 
 
 # ---------------------------------------------------------------- run

@@ -57,10 +57,15 @@ def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.
     return fit
 
 
-def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "") -> None:
-    """TV curves: one line per (run_a, run_b) pair of runs, against A's loss (or step)."""
+def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "",
+              span: tuple[float, float] | None = None) -> None:
+    """TV curves: one line per (run_a, run_b) pair of runs, against A's loss (or step).
+
+    span: an x range to shade (the matched-loss range the TV ratios are computed over)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    if span is not None:
+        ax.axvspan(*span, color="0.85", zorder=0, label="range the ratios use")
     curves: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         curves.setdefault((r["run_a"], r["run_b"]), []).append(r)

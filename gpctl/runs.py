@@ -22,7 +22,7 @@ def check_data(preset: Preset, configs: list[Config]) -> None:
 
 
 def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | None = None) -> list[RunDir]:
-    preset = load_preset(name)
+    preset = load_preset(name, check=False)  # the arms are checked below, with the overrides
     configs = preset.configs(overrides, arms)
     check_data(preset, configs)
     return [RunDir.create(root, cfg) for cfg in configs]

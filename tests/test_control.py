@@ -252,3 +252,59 @@ def test_fork_at_a_missing_step_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         fork(tmp_path, parent, step=3)
     assert str(e.value) == f"run {parent.id} has no checkpoint at step 3 (checkpoints: 2, 4)"
+
+
+HOSTILE = [   # (raw bytes, the reason the run answers with); issue 11: each of these used to end the run
+    (b'{"set": {"lr": 0.01}}\xff\xfe\n', "not UTF-8 text (byte 0xff at column 22)"),
+    (b'{"set": {"lr": ' + b"9" * 400 + b'}}\n', "'lr' must be finite and > 0, got " + "9" * 60 + "… (400 characters)"),
+    (b'{"set": {"lr": 0.01}, "ramp": ' + b"7" * 400 + b'}\n', "'ramp' must be a number >= 0, got " + "7" * 60 + "… (400 characters)"),
+    (b'{"set": {"lr": ' + b"9" * 5000 + b'}}\n', "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
+    (b"[" * 60_000 + b"\n", "invalid JSON: nested too deeply"),
+    (b"[" * 100_000 + b"\n", "line is 100000 bytes, over the 65536-byte limit"),
+    (b'{"set": {"lr": "' + b"x" * 10_000_000 + b'"}}\n', "line is 10000019 bytes, over the 65536-byte limit"),
+    (b'{"id": "' + b"i" * 1000 + b'", "set": {"lr": "' + b"y" * 1000 + b'"}}\n',
+     "'lr' must be a number, got \"" + "y" * 59 + "… (1002 characters)"),
+    (b'{"set": {"batch_size": 8}}\n', "'batch_size' = 8 is not a multiple of micro_batch_size = 16"),
+    (b'{"set": {"batch_size": ' + b"1" * 400 + b'}}\n', "'batch_size' = " + "1" * 60 + "… (400 characters) exceeds the sanity bound 65536 (control.max_batch_size)"),
+]
+
+
+def test_no_line_can_end_a_run_or_its_resume(tmp_path):
+    """Each hostile input is rejected with a short event; the records equal a run without them; the
+    checkpoint metadata stays small; resume is clean and reads none of it again."""
+    clean = _run(tmp_path, "steps=8", "micro_batch_size=16", "checkpoint_every=4", run_id="clean")
+    assert train(clean) == "done"
+
+    def write(t):
+        if t.step == 2:
+            with open(t.rd.control_file, "ab") as f:
+                for raw, _ in HOSTILE:
+                    f.write(raw)
+        if t.step == 5:   # a 40 MB line still being written when a checkpoint is taken
+            with open(t.rd.control_file, "ab") as f:
+                f.write(b'{"set": {"lr": "' + b"z" * 40_000_000)
+    dirty = _run(tmp_path, "steps=8", "micro_batch_size=16", "checkpoint_every=4", run_id="dirty")
+    assert train(dirty, hooks=[write]) == "done"
+    strip = lambda rd: [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
+    assert strip(dirty) == strip(clean)
+    acks = _acks(dirty)
+    assert [a["reason"] for a in acks] == [reason for _, reason in HOSTILE]
+    assert all(a["status"] == "rejected" and a["step"] == 3 for a in acks)
+    assert [a["id"] for a in acks][7] == "line-8"         # a 1000-character id is not copied
+    assert os.path.getsize(dirty.events_file) < 20_000
+    assert os.path.getsize(dirty.path / "log.txt") < 20_000
+    assert max(os.path.getsize(p) for _, p in dirty.list_checkpoints()) < 2 * max(
+        os.path.getsize(p) for _, p in clean.list_checkpoints())
+    # the 40 MB line ends now: the resumed run answers it once, by its size, and trains on as before
+    with open(dirty.control_file, "ab") as f:
+        f.write(b'"}}\n{"id": "after", "set": {"lr": 0.02}}\n')
+    dirty.write_status(state="stopped")
+    cfg = dirty.config()
+    cfg.steps = 12
+    (dirty.path / "config.toml").write_text(__import__("engine.config", fromlist=["x"]).dump_toml(
+        __import__("engine.config", fromlist=["x"]).to_dict(cfg)))
+    assert train(dirty, resume=True) == "done"
+    late = _acks(dirty)[len(HOSTILE):]
+    assert [(a["id"], a["status"]) for a in late] == [("line-11", "rejected"), ("after", "applied")]
+    assert late[0]["reason"] == "line is 40000019 bytes, over the 65536-byte limit"
+    assert [r["lr"] for r in _steps(dirty)][-1] == 0.02

@@ -90,18 +90,19 @@ def cifar10(dc: DataConfig, device: torch.device) -> _Indexed:
 class ImageFolderSource:
     """ImageNet-style folder (class subfolders of JPEGs), decoded by a thread pool into uint8 NCHW.
 
-    Each image is resized (shorter side) and center-cropped to `image_size` once it is decoded;
-    RandomCrop(image_size, padding=crop_padding) + RandomHorizontalFlip (App. A.2) then happen in the
-    Stream, on the device.
+    Each image is resized to `resize` x `resize` once it is decoded (App. A.2: "resized to 256×256");
+    RandomCrop(image_size) + RandomHorizontalFlip then happen in the Stream, on the device, and eval
+    images are centre-cropped there. With resize = 0 the shorter side goes to `image_size` and the
+    image is centre-cropped at decode time.
     """
     kind = "image"
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    def __init__(self, folder: Path, size: int, workers: int):
+    def __init__(self, folder: Path, size: int, workers: int, resize: int = 0):
         from torchvision.datasets import ImageFolder
 
         self.ds = ImageFolder(str(folder))
-        self.size, self.length = size, len(self.ds)
+        self.size, self.resize, self.length = size, resize, len(self.ds)
         self.labels = torch.tensor(self.ds.targets)
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
@@ -109,7 +110,10 @@ class ImageFolderSource:
         from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
         img = self.ds.loader(self.ds.samples[i][0]).convert("RGB")
-        img = center_crop(resize(img, self.size), [self.size, self.size])
+        if self.resize:
+            img = resize(img, [self.resize, self.resize])
+        else:
+            img = center_crop(resize(img, self.size), [self.size, self.size])
         return pil_to_tensor(img)
 
     def get(self, idx: torch.Tensor):
@@ -122,8 +126,8 @@ def imagenet(dc: DataConfig) -> ImageFolderSource:
     root = _folder(dc, "~/data/imagenet")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise DataMissing(f"ImageNet not found: no train/ and val/ class folders in {root} (point data.path at it)")
-    src = ImageFolderSource(root / "train", dc.image_size, dc.workers)
-    ev = ImageFolderSource(root / "val", dc.image_size, dc.workers)
+    src = ImageFolderSource(root / "train", dc.image_size, dc.workers, dc.resize)
+    ev = ImageFolderSource(root / "val", dc.image_size, dc.workers, dc.resize)
     if dc.eval_samples < ev.length:  # a fixed, class-spread subset of val
         keep = torch.linspace(0, ev.length - 1, dc.eval_samples).long()
         ev.ds.samples = [ev.ds.samples[i] for i in keep]

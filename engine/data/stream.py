@@ -144,7 +144,9 @@ class Stream:
         if x.dtype == torch.uint8 and x.shape[-1] == 3:   # NHWC bytes (CIFAR-5m layout) -> NCHW
             x = x.permute(0, 3, 1, 2)
         if train and self.dc.augment:
-            x = augment(x, self.dc.augment, self.dc.crop_padding, step_seed)
+            x = augment(x, self.dc.augment, self.dc.crop_padding, step_seed, self.dc.image_size)
+        if x.shape[-1] > self.dc.image_size:   # stored larger (ImageNet at 256): eval / no-crop take the centre
+            x = center_crop(x, self.dc.image_size)
         return self._norm(x), y
 
     # ------------------------------------------------------------ resume
@@ -173,20 +175,30 @@ def _normalizer(source, dc: DataConfig, device: torch.device):
     return norm
 
 
-def augment(x: torch.Tensor, which: list[str], pad: int, seed: int) -> torch.Tensor:
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size of an NCHW batch (torchvision's CenterCrop offsets)."""
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def augment(x: torch.Tensor, which: list[str], pad: int, seed: int, size: int = 0) -> torch.Tensor:
     """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a whole NCHW batch, on its device.
 
+    size: the crop (0 or >= the image: the image's own size). CIFAR: 32 of 32 padded by 4;
+    ImageNet (App. A.2): 224 of 256, no padding, so every crop is real image.
     Offsets are drawn on the CPU from `seed` (the stream position), so a resumed run and a GPU run
     crop the same way.
     """
     n, c, h, w = x.shape
+    out_h, out_w = (min(size, h), min(size, w)) if size else (h, w)
     g = torch.Generator().manual_seed(seed)
-    if "crop" in which and pad > 0:
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]      # n,h,1
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]      # n,1,w
+    if "crop" in which and (pad > 0 or (out_h, out_w) != (h, w)):
+        dy = torch.randint(0, h + 2 * pad - out_h + 1, (n,), generator=g).to(x.device)
+        dx = torch.randint(0, w + 2 * pad - out_w + 1, (n,), generator=g).to(x.device)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+        rows = (dy[:, None] + torch.arange(out_h, device=x.device))[:, :, None]      # n,h,1
+        cols = (dx[:, None] + torch.arange(out_w, device=x.device))[:, None, :]      # n,1,w
         bidx = torch.arange(n, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)   # n,c,h,w
     if "flip" in which:

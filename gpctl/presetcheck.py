@@ -1,0 +1,101 @@
+"""`gpctl presets` and `gpctl presets check`: what a preset will do, proven before a GPU-hour is spent.
+
+`check` steps every arm's schedule and sample count exactly as the training loop would (engine/plan.py)
+and prints, per arm: steps, samples (tokens), epochs of its data, lr_time at the end, each planned
+change with the step / lr_time where it fires, and the final lr. It exits 1 when a change never fires,
+an online arm repeats data, a horizon is not reached, or the arms end at different LR-normalized times.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from engine.plan import Plan, compare_ends, plan
+from engine.presets import list_presets, load_preset
+from gpctl.common import JsonOpt, friendly, out
+
+app = typer.Typer(invoke_without_command=True, help="The presets: list them, or check what they will run.")
+
+
+@app.callback()
+@friendly
+def presets(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the presets: name, paper figure, description, runs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    found = list_presets()
+    if as_json:
+        out.print_json(json.dumps([{"name": p.name, "figure": p.figure, "description": p.description,
+                                    "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found]))
+        return
+    t = Table(title="presets")
+    for col in ("name", "figure", "runs", "description"):
+        t.add_column(col, overflow="fold")
+    for p in found:
+        t.add_row(p.name, p.figure, ", ".join(p.runs), p.description)
+    out.print(t)
+
+
+@app.command("check")
+@friendly
+def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset names or .toml paths (default: all).")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Step every arm's schedule without training; exit 1 if a preset is not the experiment it says."""
+    presets = [load_preset(n, check=False) for n in names] if names else list_presets()
+    report, failed = [], 0
+    for p in presets:
+        plans = [plan(cfg) for cfg in p.configs(check=False)]
+        problems = [f"{pl.cfg.name}: {msg}" for pl in plans for msg in pl.problems] + compare_ends(plans)
+        failed += bool(problems)
+        report.append({"preset": p.name, "path": str(p.path), "arms": [_arm_json(pl) for pl in plans],
+                       "problems": problems})
+        if not as_json:
+            _print_preset(p.name, p.figure, plans, problems)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        out.print(f"{len(presets) - failed} of {len(presets)} presets pass" + (f"; {failed} fail" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _arm_json(pl: Plan) -> dict:
+    return {"arm": pl.cfg.name, "steps": pl.steps, "samples": pl.samples, "tokens": pl.cfg.is_lm,
+            "epochs": pl.epochs, "data": pl.data_note, "lr_time": pl.lr_time, "final_lr": pl.final_lr,
+            "ended_by": pl.ended_by,
+            "changes": [{"change": f.index, "step": f.step, "lr_time": f.lr_time, "samples": f.samples,
+                         "changed": f.changed} for f in pl.fired],
+            "never_fire": pl.unfired, "problems": pl.problems}
+
+
+def _print_preset(name: str, figure: str, plans: list[Plan], problems: list[str]) -> None:
+    t = Table(title=f"{name} ({figure})" if figure else name, title_justify="left")
+    for col in ("arm", "steps", "samples", "epochs", "lr_time", "changes (step / lr_time)", "final lr"):
+        t.add_column(col, justify="left" if col in ("arm", "changes (step / lr_time)") else "right",
+                     overflow="fold")
+    for pl in plans:
+        unit = " tok" if pl.cfg.is_lm else ""
+        epochs = "endless" if pl.epochs is None else f"{pl.epochs:.3g}"
+        fired = [f"{_what(f.changed)} @ {f.step} / {f.lr_time:.1f}" for f in pl.fired]
+        fired += [f"changes[{i}] NEVER FIRES" for i in pl.unfired]
+        t.add_row(pl.cfg.name, str(pl.steps), _si(pl.samples) + unit, epochs, f"{pl.lr_time:.1f}",
+                  "; ".join(fired) or "-", f"{pl.final_lr:.3g}")
+    out.print(t)
+    for msg in problems:
+        out.print(f"  FAIL {name}: {msg}", markup=False)
+
+
+def _what(changed: dict) -> str:
+    names = {"lr": "lr", "batch_size": "batch"}
+    return ", ".join(f"{names.get(k, k)} {v[1]:.3g}" for k, v in changed.items() if isinstance(v, list)) or "-"
+
+
+def _si(n: int) -> str:
+    """3 significant digits with a unit: 6.14M, 25.2B (exact counts are in --json)."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(n)

@@ -1,0 +1,236 @@
+"""Schedules in the paper's terms, and `gpctl presets check`: a preset is proven before it trains."""
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from engine.config import Change, ConfigError
+from engine.plan import plan
+from engine.presets import load_preset
+from engine.rundir import RunDir
+from engine.schedule import Schedule
+from engine.train import train
+from gpctl.cli import app
+from tests.conftest import REPO, TINY_IMAGES, tiny
+
+runner = CliRunner()
+
+
+def hand_stepped(n_steps, lr, lr_ref, horizon, warmup, final_ratio):
+    """The App. A.3 schedule written out independently: base lr b, lr_time += b / lr_ref, a linear
+    warmup and then a cosine over the LR-normalized horizon."""
+    lrs, t, b = [], 0.0, lr
+    for _ in range(n_steps):
+        if t < warmup:
+            shape = min(1.0, (t + b / lr_ref) / warmup)
+        else:
+            frac = min(1.0, (t - warmup) / (horizon - warmup))
+            shape = final_ratio + (1 - final_ratio) * 0.5 * (1 + np.cos(np.pi * frac))
+        lrs.append(b * shape)
+        t += b / lr_ref
+        if t >= horizon - 1e-9 * horizon:
+            break
+    return np.array(lrs), t
+
+
+LR_CLOCK = ("lr=0.04", "lr_ref=0.04", "max_lr_time=30.0", "steps=1000", "eval_every=0", "log_every=5",
+            'schedule.kind="cosine"', 'schedule.clock="lr_time"', "schedule.warmup_lr_time=4.0",
+            "schedule.final_lr_ratio=0.1")
+
+
+def test_lr_time_clock_cosine_matches_a_hand_stepped_schedule(tmp_path):
+    """A 10x lower lr trains 10x the steps over the same LR-normalized horizon, with the same shape."""
+    for lr, steps in ((0.04, 30), (0.004, 300)):
+        cfg = tiny(TINY_IMAGES, *LR_CLOCK, f"lr={lr}", name=f"lr{lr}")
+        rd = RunDir.create(tmp_path, cfg)
+        assert train(rd) == "done"
+        recs = [r for r in rd.metrics()[0] if "loss" in r]
+        want, end = hand_stepped(1000, lr, 0.04, 30.0, 4.0, 0.1)
+        assert len(recs) == len(want) == steps
+        assert [r["lr"] for r in recs] == pytest.approx(want, rel=1e-12)
+        assert recs[-1]["lr_time"] == pytest.approx(30.0) and end == pytest.approx(30.0)
+        assert lr * 0.1 <= recs[-1]["lr"] < lr * 0.11                      # annealed to alpha_f
+    # negative control: the same arm on the steps clock is not the paper's schedule
+    cfg = tiny(TINY_IMAGES, *LR_CLOCK, "lr=0.004", 'schedule.clock="steps"', "schedule.warmup_lr_time=0.0",
+               "schedule.warmup_steps=4")
+    s, lrs, t = Schedule(cfg), [], 0.0
+    for step in range(300):
+        lr, base = s.rates(step, t)
+        lrs.append(lr)
+        t += base / s.lr_ref
+    want, _ = hand_stepped(1000, 0.004, 0.04, 30.0, 4.0, 0.1)
+    assert not np.allclose(lrs, want, rtol=1e-3)
+
+
+def test_plan_predicts_the_steps_a_real_run_applies_changes_at(tmp_path):
+    cfg = tiny(TINY_IMAGES, *LR_CLOCK, "lr=0.004", name="drop")
+    cfg.changes = [Change(at_lr_time=6.0, lr=0.04), Change(at_step=100, batch_size=32),
+                   Change(at_lr_time=21.3, lr=0.008)]
+    p = plan(cfg)
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    events = [e for e in rd.events()[0] if e["event"] == "schedule"]
+    assert [(e["change"], e["step"], e["lr_time"], e["samples"]) for e in events] == \
+        [(f.index, f.step, f.lr_time, f.samples) for f in p.fired]
+    last = [r for r in rd.metrics()[0] if "loss" in r][-1]
+    assert (last["step"], last["samples"], last["lr_time"], last["lr"]) == (p.steps, p.samples, p.lr_time, p.final_lr)
+    # by hand: 60 steps of 0.1 reach lr_time 6 (step 60, within rounding); then 1.0 per step reaches
+    # 21.3 at step 76 (lr_time 22); then 0.2 per step: 26.8 at step 100 (the batch change), 30 at step 116
+    assert [(f.index, f.step) for f in p.fired] == [(0, 60), (2, 76), (1, 100)]
+    assert (p.steps, p.samples) == (116, 100 * 16 + 16 * 32)
+    assert p.problems == []
+
+
+def test_a_change_at_exactly_the_paper_lr_time_fires_on_its_step():
+    """28800 steps of 6e-5 / 6e-4 sum to 2879.99999999x in floats; the raise must fire at 28800."""
+    p = plan(load_preset("c4_lr_up").configs()[0])
+    assert [(f.step, round(f.lr_time, 6)) for f in p.fired] == [(28800, 2880.0)]
+
+
+def test_c4_presets_train_every_arm_for_4800_lr_normalized_steps_as_app_a3():
+    """App. A.3: 6e-4 for 4800 steps, 6e-5 for 48000; changes after 2880 LR-normalized steps (60 %)."""
+    for name, want_steps, want_fired in (
+            ("c4_lr_down", {"lr6e4to6e5": 2880 + 19200, "lr6e5": 48000}, {"lr6e4to6e5": 2880}),
+            ("c4_lr_up", {"lr6e4": 4800}, {"lr6e5to6e4": 28800}),
+            ("c4_online_offline_lr", {"online_lr6e4": 4800, "offline_lr6e5": 48000}, {}),
+            ("c4_tv_lr", {"lr6e5": 48000, "lr6e5_seed2": 48000}, {"lr6e4to6e5": 2880})):
+        plans = {c.name: plan(c) for c in load_preset(name).configs()}
+        assert all(p.lr_time == pytest.approx(4800.0, abs=0.11) for p in plans.values()), name
+        assert all(p.problems == [] for p in plans.values()), name
+        for arm, steps in want_steps.items():
+            assert plans[arm].steps == steps, (name, arm)
+        for arm, step in want_fired.items():
+            assert [f.step for f in plans[arm].fired] == [step], (name, arm)
+    # cosine presets anneal every arm to alpha_f = 0.1 of its lr; Fig. 8's ground truth is constant 6e-5
+    p = {c.name: plan(c) for c in load_preset("c4_online_offline_lr").configs()}
+    assert p["online_lr6e4"].final_lr == pytest.approx(6e-5, rel=1e-3)
+    assert p["online_lr6e5"].final_lr == pytest.approx(6e-6, rel=1e-3)
+    assert plan(load_preset("c4_tv_lr").configs()[1]).final_lr == 6e-5
+
+
+def test_cifar_online_arms_take_at_most_one_pass():
+    for name in ("cifar_bs32_512", "cifar_bs_up", "cifar_lr_down", "cifar_online_offline_bs",
+                 "cifar_online_offline_lr", "cifar_lr05_005"):
+        for cfg in load_preset(name).configs():
+            p = plan(cfg)
+            if cfg.data.mode == "online":
+                assert p.samples <= 6_002_688 - cfg.data.eval_samples, (name, cfg.name)
+                assert 0 < p.epochs <= 1.0
+
+
+BROKEN = """
+[preset]
+figure = "test"
+
+[base]
+steps = 100
+lr = 0.05
+device = "cpu"
+model.name = "cnn"
+data.source = "synthetic_images"
+
+[runs.late]
+[[runs.late.changes]]
+at_step = 150
+batch_size = 1024
+
+[runs.plain]
+"""
+
+
+def test_a_change_that_cannot_fire_fails_check_and_load(tmp_path):
+    f = tmp_path / "broken.toml"
+    f.write_text(BROKEN)
+    res = runner.invoke(app, ["presets", "check", str(f)])
+    assert res.exit_code == 1
+    assert "FAIL broken: late: changes[0] (at_step 150) never fires: the run ends at step 100, lr_time 100.0" in res.stdout
+    assert "0 of 1 presets pass; 1 fail" in res.stdout
+    with pytest.raises(ConfigError, match=r"\[runs.late\]: changes\[0\] \(at_step 150\) never fires"):
+        load_preset(str(f))
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(f), "--no-worker"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().startswith("error: ") and "never fires" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+    # the same preset, long enough: passes
+    res = runner.invoke(app, ["presets", "check", "--json", str(f)])
+    assert res.exit_code == 1
+    f.write_text(BROKEN.replace("steps = 100", "steps = 200"))
+    res = runner.invoke(app, ["presets", "check", "--json", str(f)])
+    assert res.exit_code == 0, res.stdout
+    arms = {a["arm"]: a for a in json.loads(res.stdout)[0]["arms"]}
+    assert arms["late"]["changes"] == [{"change": 0, "step": 150, "lr_time": 150.0, "samples": 150 * 512,
+                                        "changed": {"batch_size": [512, 1024]}}]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('data.source = "synthetic_images"', 'data.source = "cifar5m"\ndata.path = "/nonexistent"'),
+     "plain: the online arm repeats data: 102,400 samples"),   # 200 x 512 of a stand-in size below
+    (("[runs.plain]", "[runs.plain]\nlr = 0.1"), "arms meant to be compared end at different LR-normalized times"),
+    (("steps = 200", "steps = 200\nmax_lr_time = 400.0"), "the horizon is not reached"),
+    (("steps = 200", 'steps = 200\nmax_lr_time = 120.0\nschedule.kind = "cosine"'), "the cosine over 'steps' = 200 is cut"),
+])
+def test_check_fails_each_kind_of_wrong_experiment(tmp_path, monkeypatch, edit, message):
+    from engine import plan as plan_mod
+    monkeypatch.setitem(plan_mod.KNOWN_SIZES, "cifar5m", 60_000)   # so 102,400 samples is > 1 epoch
+    f = tmp_path / "p.toml"
+    base = BROKEN.replace("steps = 100", "steps = 200").replace("lr = 0.05\n", "lr = 0.05\nlr_ref = 0.05\n")
+    f.write_text(base.replace(*edit))
+    res = runner.invoke(app, ["presets", "check", str(f)])
+    assert res.exit_code == 1, res.stdout
+    assert message in " ".join(res.stdout.split())
+    # the negative control: the unedited preset passes
+    f.write_text(base)
+    assert runner.invoke(app, ["presets", "check", str(f)]).exit_code == 0
+
+
+def test_every_shipped_preset_passes_check():
+    res = runner.invoke(app, ["presets", "check"])
+    assert res.exit_code == 0, res.stdout
+    n = len(list((REPO / "presets").glob("*.toml")))
+    assert f"{n} of {n} presets pass" in res.stdout
+
+
+def test_imagenet_is_resized_to_256_then_randomly_cropped_to_224_without_padding(tmp_path):
+    """App. A.2 at a small scale: resize 20x20, RandomCrop 16 (no padding) + flip; eval = centre 16."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    from engine.data import build_stream
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            d = tmp_path / "im" / split / cls
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(d / "0.png")
+    cfg = tiny(TINY_IMAGES, 'data.source="imagenet"', f'data.path="{tmp_path / "im"}"', "data.image_size=16",
+               "data.resize=20", "data.crop_padding=0", 'data.augment=["crop"]', "data.eval_samples=2",
+               "data.normalize=false", "data.workers=1")
+    s = build_stream(cfg, torch.device("cpu"))
+    ref = {}   # the resized images, computed independently with torchvision on the PIL image
+    for i, (path, label) in enumerate(s.source.ds.samples):
+        ref[i] = pil_to_tensor(resize(Image.open(path).convert("RGB"), [20, 20])).float() / 255
+    windows = {(i, dy, dx): ref[i][:, dy:dy + 16, dx:dx + 16] for i in ref for dy in range(5) for dx in range(5)}
+    seen = set()
+    for _ in range(6):
+        x, _ = s.next_batch(2)
+        assert x.shape == (2, 3, 16, 16)
+        for img in x:
+            match = [k for k, w in windows.items() if torch.equal(w, img)]
+            assert len(match) == 1          # a real 16x16 window of the 20x20 image: no zero padding
+            seen.add(match[0][1:])
+    assert len(seen) > 3                    # and the offsets vary
+    ev = torch.cat([x for x, _ in s.eval_batches(2)])
+    val = [pil_to_tensor(resize(Image.open(p).convert("RGB"), [20, 20])).float() / 255 for p, _ in
+           s.source.eval_set.ds.samples]
+    assert torch.equal(ev, torch.stack([v[:, 2:18, 2:18] for v in val]))
+    # negative control: the old path (shorter side to 16, centre crop, zero-padded crop) is not a window
+    old = tiny(TINY_IMAGES, 'data.source="imagenet"', f'data.path="{tmp_path / "im"}"', "data.image_size=16",
+               "data.crop_padding=2", 'data.augment=["crop"]', "data.eval_samples=2", "data.normalize=false",
+               "data.workers=1")
+    x, _ = build_stream(old, torch.device("cpu")).next_batch(2)
+    assert not all(any(torch.equal(w, img) for w in windows.values()) for img in x)
