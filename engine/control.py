@@ -38,7 +38,7 @@ from engine.rundir import FILE_MODE, RunDir, read_jsonl
 
 SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
-REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by")
+REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok")
 FINISHED = ("done", "diverged", "cancelled")   # take no more requests (stopped/failed runs resume)
 LIVE = ("created", "running")
 

@@ -88,6 +88,7 @@ class Trainer:
         self.stop_requested = False
         self.signal_stop = False       # SIGTERM seen (under DDP, acted on when all ranks agree)
         self._pending: list[tuple[dict, torch.Tensor]] = []
+        self._consumed_since_checkpoint = False   # control lines consumed after the last checkpoint
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool) -> None:
@@ -214,8 +215,8 @@ class Trainer:
         self.flush()
         if self.last_eval.get("step") != self.step:
             self.evaluate()
-        if self.last_checkpoint != self.step:
-            self.save_checkpoint()
+        if self.last_checkpoint != self.step or self._consumed_since_checkpoint:
+            self.save_checkpoint()   # also when a line (a stop) was consumed after this step's checkpoint
         return "stopped" if self.stop_requested and not self._finished() else "done"
 
     def _finished(self) -> bool:
@@ -270,6 +271,7 @@ class Trainer:
         """Requests from control.jsonl, each once, in order, at this step boundary."""
         for item in self._control_lines():
             self.control.consume(item)
+            self._consumed_since_checkpoint = True
             if item.problem == "blank":
                 continue
             line, req = item.number, item.request
@@ -293,6 +295,8 @@ class Trainer:
                                             batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
                                             manual=True)
                 extra = {"overrides_schedule": True} if "lr" in new else {}
+                if req.get("queued_ok") is True:   # sent before the run was running, on purpose
+                    extra["queued_ok"] = True
                 self.rd.append_event("control", id=rid, line=line, status="applied", changed=changed,
                                      ramp=req.get("ramp", 0.0), **extra, **where)
             elif req["action"] == "checkpoint":
@@ -375,6 +379,7 @@ class Trainer:
                   {"loop": loop, "schedule": self.schedule.state_dict(), "stream": self.stream.state_dict(),
                    "control": self.control.state_dict()})
         self.last_checkpoint = self.step
+        self._consumed_since_checkpoint = False
         self.rd.append_event("checkpoint", step=self.step, lr_time=self.lr_time, samples=self.samples,
                              path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"])
 

@@ -1,8 +1,9 @@
 """`gpctl repro`: the paper's three claims, end to end on a CPU, with gpctl's own functions.
 
-    gpctl repro [--ci] [--out DIR]
+    gpctl repro [--ci] [--seed K] [--out DIR]
 
-1. Queue the preset `repro` (or `repro_ci`) like `gpctl run preset`, and wait for its runs.
+1. Queue the preset `repro` (or `repro_ci`) like `gpctl run preset`, every arm's seed moved by K,
+   and wait for its runs. The noisy batch-32 arms have three seeds (`high`, `high_s2`, `high_s3`).
 2. Like `gpctl fork RUN --step T0` plus `gpctl drop/raise --batch-factor 16`: fork `high` at T0 and
    send it a batch x16 request through its control file (the live drop), and fork `low` at T0 with a
    batch /16 request (the raise). Queue both and wait. The request is in the control file when the
@@ -12,7 +13,15 @@
    `gpctl tv --match-loss --baseline` and `gpctl figure`, and write REPRODUCTION.md with the numbers,
    the verdicts, the figures and the time it took.
 
-Loss here is the held-out loss (2000 fixed examples, every 10 steps), as in the paper's figures.
+The rules every check follows (issue 17):
+  1. held-out curves are smoothed with the paper's EMA (0.8) before any fit or comparison, and a
+     family of seeds is compared by its mean curve;
+  2. every check has a negative control, the same rule on a run the claim says it must fail for;
+     a claim holds only if its check passes and its control fails;
+  3. both TV ratios use the same matched-loss range (covered by the high, dropped-after-T0+100, low
+     and baseline runs, >= 10 checkpoints each) and the same two-seed baseline;
+  4. offline is judged by the early-stopped (best) held-out loss, and by tracking online at first;
+  5. thresholds were fixed on calibration seeds; `--seed K` records on fresh ones.
 """
 from __future__ import annotations
 
@@ -113,11 +122,11 @@ def run_all(preset: str, seed: int = 0) -> Report:
     forks = []
     if "high" in rep.runs:   # the live drop: high forked at T0, batch x16 through the control file
         live = fork_run(State.home, rep.runs["high"], step=t0, name="high_live")
-        append_request(live, dict(noise_request(live, None, BATCH_FACTOR, lower=True, ramp=0.0), by="gpctl repro"))
+        append_request(live, dict(noise_request(live, None, BATCH_FACTOR, lower=True, ramp=0.0), queued_ok=True))
         forks.append(live)
     if "low" in rep.runs:    # the raise: low forked at T0, batch /16 through the control file
         raised = fork_run(State.home, rep.runs["low"], step=t0, name="low_raise")
-        append_request(raised, dict(noise_request(raised, None, BATCH_FACTOR, lower=False, ramp=0.0), by="gpctl repro"))
+        append_request(raised, dict(noise_request(raised, None, BATCH_FACTOR, lower=False, ramp=0.0), queued_ok=True))
         forks.append(raised)
     rep.runs.update({rd.config().name: rd for rd in forks})
     _queue_and_wait(forks)
@@ -131,13 +140,21 @@ def t0_of(rep: Report) -> int:
 
 # ------------------------------------------------------------------ checking
 
-def curve(rd: RunDir, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
-    """The held-out loss curve, EMA-smoothed as the paper plots it (rule 1)."""
-    xs, ys = eval_curve(rd, x)
-    return xs, ema(ys, EMA)
+def family(rep: Report, arm: str) -> list[RunDir]:
+    """An arm and its extra seeds (`high`, `high_s2`, `high_s3`): rule 5's seeds of the noisy arms."""
+    r = rep.runs
+    return [r[k] for k in sorted(r, key=lambda k: (k != arm, k))
+            if k == arm or (k.startswith(arm + "_s") and k[len(arm) + 2:].isdigit())]
 
 
-def _window_means(a: RunDir, b: RunDir, x: str) -> tuple[float, float, float]:
+def curve(runs: RunDir | list[RunDir], x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """The held-out loss curve, EMA-smoothed as the paper plots it (rule 1); for several seeds, their mean."""
+    cs = [eval_curve(rd, x) for rd in (runs if isinstance(runs, list) else [runs])]
+    n = min(len(c[0]) for c in cs)
+    return cs[0][0][:n], np.mean([ema(c[1][:n], EMA) for c in cs], axis=0)
+
+
+def _window_means(a, b, x: str) -> tuple[float, float, float]:
     """Mean smoothed held-out loss of A and of B (at A's points) over the last LAST of the common x range."""
     xa, ya = curve(a, x)
     xb, yb = curve(b, x)
@@ -148,16 +165,16 @@ def _window_means(a: RunDir, b: RunDir, x: str) -> tuple[float, float, float]:
     return ma, mb, float(lo)
 
 
-def _final(rd: RunDir, n: int = 1) -> float:
-    return float(curve(rd, "step")[1][-n:].mean())
+def _final(runs, n: int = 1) -> float:
+    return float(curve(runs, "step")[1][-n:].mean())
 
 
-def _best(rd: RunDir) -> float:
+def _best(runs) -> float:
     """The early-stopped held-out loss: the best of the smoothed curve (Fig. 1: "early stopping (true) loss")."""
-    return float(curve(rd, "step")[1].min())
+    return float(curve(runs, "step")[1].min())
 
 
-def _track(off: RunDir, on: RunDir, first: bool) -> float:
+def _track(off, on, first: bool) -> float:
     """Mean |offline - online| smoothed held-out loss over the first FIRST (or the last LAST) of the steps."""
     xo, yo = curve(off, "step")
     xn, yn = curve(on, "step")
@@ -172,7 +189,7 @@ def check_online_offline(rep: Report) -> None:
                                ("low_lr", "high", "lr_time", "lr 0.0125 vs 0.05 (batch 32), equal LR-normalized steps")):
         if low not in r:
             continue
-        m_high, m_low, lo = _window_means(r[high], r[low], x)
+        m_high, m_low, lo = _window_means(family(rep, high), family(rep, low), x)
         c_a, c_b, _ = _window_means(r["low_seed2"], r["low"], x)
         gap, c_gap = m_high - m_low, c_a - c_b
         rep.claims.append(Claim(f"1. online, {what}", {"high noise": m_high, "low noise": m_low, "gap": gap,
@@ -185,12 +202,12 @@ def check_online_offline(rep: Report) -> None:
                                              ("off_low_lr", "off_high", "low_lr", "high", "lr 0.0125 vs 0.05 (batch 32)")):
         if low not in r:
             continue
-        b_low, b_high = _best(r[low]), _best(r[high])
-        c_low, c_high = _best(r[on_low]), _best(r[on_high])
+        b_low, b_high = _best(family(rep, low)), _best(family(rep, high))
+        c_low, c_high = _best(family(rep, on_low)), _best(family(rep, on_high))
         gap, c_gap = b_low - b_high, c_low - c_high
         rep.claims.append(Claim(f"1. offline, {what}: high noise's early-stopped loss is lower",
                                 {"high noise, best": b_high, "low noise, best": b_low, "gap": gap,
-                                 "low noise, final": _final(r[low])},
+                                 "low noise, final": _final(family(rep, low))},
                                 f"gap > {th}", gap > th,
                                 control="the same rule on the online pair",
                                 control_measured={"online high, best": c_high, "online low, best": c_low, "gap": c_gap},
@@ -198,7 +215,7 @@ def check_online_offline(rep: Report) -> None:
     for off, on in (("off_low", "low"), ("off_high", "high")):
         if off not in r:
             continue
-        first, last = _track(r[off], r[on], True), _track(r[off], r[on], False)
+        first, last = _track(family(rep, off), family(rep, on), True), _track(family(rep, off), family(rep, on), False)
         rep.claims.append(Claim(f"1. offline tracks online at first ({off} vs {on})",
                                 {f"mean abs gap, first {int(FIRST * 100)}%": first},
                                 f"<= {th_t}", first <= th_t,
@@ -206,7 +223,7 @@ def check_online_offline(rep: Report) -> None:
                                 control_measured={"mean abs gap": last}, control_passed=last <= th_t))
 
 
-def _fit_ratio(changed: RunDir, ref: RunDir, t0: int, taus=None) -> dict:
+def _fit_ratio(changed, ref, t0: int, taus=None) -> dict:
     xd, yd = curve(changed, "step")
     xr, yr = curve(ref, "step")
     fit = fit_shift(xd, yd, xr, yr, t0, settle=SETTLE, taus=taus)
@@ -215,10 +232,11 @@ def _fit_ratio(changed: RunDir, ref: RunDir, t0: int, taus=None) -> dict:
 
 def check_snap(rep: Report) -> dict:
     r, t0, th = rep.runs, t0_of(rep), THRESHOLDS["snap_residual"]
-    fit = _fit_ratio(r["high_drop"], r["low"], t0)
-    ctl = _fit_ratio(r["high"], r["low"], t0)    # the never-dropped run must not fit
+    fit = _fit_ratio(family(rep, "high_drop"), r["low"], t0)
+    ctl = _fit_ratio(family(rep, "high"), r["low"], t0)    # the never-dropped run must not fit
     rep.claims.append(Claim("2. drop at T0 (scheduled): a right-translation of the low-noise curve",
-                            {"T0": t0, "tau": fit["tau"], "residual": fit["residual"],
+                            {"T0": t0, "seeds": len(family(rep, "high_drop")), "tau": fit["tau"],
+                             "residual": fit["residual"],
                              "gap before T0": fit["gap_before"], "residual / gap": fit["ratio"]},
                             f"residual / gap <= {th}", fit["ratio"] <= th,
                             control="the never-dropped high-noise run",
@@ -249,10 +267,10 @@ def check_snap(rep: Report) -> dict:
         steps = r["low"].config().steps
         taus = (-float(steps - t0), 0.0)
         xl, yl = curve(r["low"], "step")
-        xh, yh = curve(r["high"], "step")
+        xh, yh = curve(family(rep, "high"), "step")
         gap = rms_gap(xl[xl <= t0], yl[xl <= t0], xh, yh)
-        fit_r = _fit_ratio(r["low_raise"], r["high"], t0, taus)
-        ctl_r = _fit_ratio(r["low"], r["high"], t0, taus)   # the never-raised run must not fit
+        fit_r = _fit_ratio(r["low_raise"], family(rep, "high"), t0, taus)
+        ctl_r = _fit_ratio(r["low"], family(rep, "high"), t0, taus)   # the never-raised run must not fit
         ratio_r, ratio_c = fit_r["residual"] / gap, ctl_r["residual"] / gap
         rep.claims.append(Claim("2. raise at T0 (control file): a left-translation of the high-noise curve",
                                 {"tau": fit_r["tau"], "residual": fit_r["residual"], "gap before T0": gap,
@@ -274,12 +292,21 @@ def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict], tuple[flo
     from engine.tv import checkpoints
 
     r, t0 = rep.runs, t0_of(rep)
-    ck = {k: [c for c in checkpoints(r[k]) if c.eval_loss is not None] for k in ("high", "high_drop", "low", "low_seed2")}
-    ck["high_drop"] = [c for c in ck["high_drop"] if c.step >= t0 + TV_AFTER]
-    lo, hi = shared_loss_range({k: [c.eval_loss for c in v] for k, v in ck.items()})
-    inside = {k: [c.step for c in v if lo <= c.eval_loss <= hi] for k, v in ck.items()}
-    drop = tv_curve(r["high_drop"], r["low"], "loss", at_steps=inside["high_drop"]) if inside["high_drop"] else []
-    high = tv_curve(r["high"], r["low"], "loss", at_steps=inside["high"]) if inside["high"] else []
+    ck = {k: [(rd, c) for rd in family(rep, k) for c in checkpoints(rd) if c.eval_loss is not None]
+          for k in ("high", "high_drop")}
+    ck.update({k: [(r[k], c) for c in checkpoints(r[k]) if c.eval_loss is not None] for k in ("low", "low_seed2")})
+    ck["high_drop"] = [(rd, c) for rd, c in ck["high_drop"] if c.step >= t0 + TV_AFTER]
+    lo, hi = shared_loss_range({k: [c.eval_loss for _, c in v] for k, v in ck.items()})
+    inside = {k: [(rd, c) for rd, c in v if lo <= c.eval_loss <= hi] for k, v in ck.items()}
+
+    def tv_rows(arm: str) -> list[dict]:   # each seed's in-range checkpoints against low, matched by loss
+        rows = []
+        for rd in family(rep, arm):
+            steps = [c.step for q, c in inside[arm] if q is rd]
+            rows += tv_curve(rd, r["low"], "loss", at_steps=steps) if steps else []
+        return rows
+
+    drop, high = tv_rows("high_drop"), tv_rows("high")
     base = tv_curve(r["low_seed2"], r["low"], "loss")
     bl = sorted((b["loss_a"], b["tv"]) for b in base)
     bx, by = np.array([p[0] for p in bl]), np.array([p[1] for p in bl])

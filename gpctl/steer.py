@@ -17,13 +17,53 @@ from engine.fork import fork as fork_run
 from engine.rundir import RunDir, resolve
 from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, fmt, friendly, out
 
-LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="Scale the lr by this factor.")]
-BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="Scale the batch size by this factor.")]
+LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="K > 1: drop divides the lr by K, raise multiplies it.")]
+BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="K > 1: drop multiplies the batch by K, raise divides it.")]
+QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run that is not running yet (queued, stopped, failed): "
+                                                            "it applies at the run's first step boundary and is recorded as such.")]
 
 
-def send(run: str, request: dict, wait: bool, timeout: float) -> None:
+def run_state(rd: RunDir) -> str:
+    """The run's state as `gpctl ls` shows it: the queue knows better before a run starts."""
+    from engine.jobs import JobStore
+
+    home = rd.path.parent.parent
+    state = rd.status().get("state", "unknown")
+    if (home / "jobs.db").exists():
+        store = JobStore(home)
+        try:
+            job = store.get(rd.id)
+        finally:
+            store.close()
+        if job and (job.state in ("queued", "lost", "cancelled") or state == "created"):
+            state = job.state
+    return state
+
+
+def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
+    """Refuse, before anything is written, a request the run would reject or one that would silently
+    change an experiment that is not running."""
+    from engine.control import validate
+
+    state = run_state(rd)
+    if state in ("done", "diverged", "cancelled"):
+        raise ControlError(f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})")
+    if state != "running" and "action" not in request and not queued_ok:
+        hint = (f"give it at creation (--set) or fork it (gpctl fork {rd.id} --set …)" if state in ("created", "queued")
+                else f"it would apply when it resumes")
+        raise ControlError(f"run {rd.id} is {state}, not running: {hint}; --queued-ok sends it anyway, "
+                           f"to apply at its first step boundary")
+    cfg = rd.config()
+    reason = validate(request, base_lr=cfg.lr, micro_batch=cfg.micro_batch_size,
+                      max_lr_factor=cfg.control.max_lr_factor, max_batch=cfg.control.max_batch_size)
+    if reason:
+        raise ControlError(f"run {rd.id} would reject it: {reason}")
+    return dict(request, queued_ok=True) if state != "running" and queued_ok else request
+
+
+def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> None:
     rd = resolve(State.home, run)
-    rid = append_request(rd, request)
+    rid = append_request(rd, check_request(rd, request, queued_ok))
     out.print(rid)
     if not wait:
         return
@@ -55,16 +95,18 @@ def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None,
         raise ControlError("give one of --lr-factor or --batch-factor")
     lr, batch = current(rd)
     if batch_factor is not None:
-        if batch_factor < 1:
-            raise ControlError(f"--batch-factor must be >= 1, got {batch_factor}")
+        if batch_factor <= 1:
+            raise ControlError(f"--batch-factor must be > 1, got {batch_factor} "
+                               f"({'drop' if lower else 'raise'} {'multiplies' if lower else 'divides'} the batch by it)")
         if lower:
             return {"set": {"batch_size": batch * batch_factor}}
         if batch % batch_factor:
             raise ControlError(f"batch {batch} is not divisible by --batch-factor {batch_factor}")
         return {"set": {"batch_size": batch // batch_factor}}
     k = 10.0 if lr_factor is None else lr_factor
-    if not k > 0:
-        raise ControlError(f"--lr-factor must be > 0, got {k}")
+    if not k > 1 or k == float("inf"):
+        raise ControlError(f"--lr-factor must be a number > 1, got {k:g} "
+                           f"({'drop divides' if lower else 'raise multiplies'} the lr by it)")
     req = {"set": {"lr": lr / k if lower else lr * k}}
     if not lower and ramp > 0:
         req["ramp"] = ramp
@@ -75,7 +117,7 @@ def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None,
 def set_(run: RunArg,
          values: Annotated[list[str], typer.Argument(help="lr=… and/or batch_size=…")],
          ramp: Annotated[float, typer.Option("--ramp", help="Reach the new lr over N LR-normalized steps.")] = 0.0,
-         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
     """Set the lr and/or batch size of a running job (absolute values)."""
     changes = {}
     for item in values:
@@ -86,24 +128,24 @@ def set_(run: RunArg,
     req = {"set": changes}
     if ramp:
         req["ramp"] = ramp
-    send(run, req, wait, timeout)
+    send(run, req, wait, timeout, queued_ok)
 
 
 @friendly
 def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
-         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
     """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16)."""
     rd = resolve(State.home, run)
-    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout)
+    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout, queued_ok)
 
 
 @friendly
 def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
            ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = 100.0,
-           wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+           wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
     """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K."""
     rd = resolve(State.home, run)
-    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout)
+    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout, queued_ok)
 
 
 @friendly

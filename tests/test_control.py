@@ -91,7 +91,7 @@ def test_checkpoint_and_stop_actions(tmp_path):
 
 BAD_LINES = [
     ("{not json}\n", "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
-    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by)"),
+    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok)"),
     ('{"set": {"momentum": 0.5}}\n', "unknown key 'set.momentum' (known: lr, batch_size)"),
     ('{"set": {"lr": "0.1"}}\n', "'lr' must be a number, got \"0.1\""),
     ('{"set": {"lr": 0}}\n', "'lr' must be finite and > 0, got 0"),
@@ -308,3 +308,18 @@ def test_no_line_can_end_a_run_or_its_resume(tmp_path):
     assert [(a["id"], a["status"]) for a in late] == [("line-11", "rejected"), ("after", "applied")]
     assert late[0]["reason"] == "line is 40000019 bytes, over the 65536-byte limit"
     assert [r["lr"] for r in _steps(dirty)][-1] == 0.02
+
+
+def test_stop_on_a_checkpoint_step_then_resume_continues(tmp_path):
+    """Issue 11: the stop landed where a periodic checkpoint had just been saved (before the stop was
+    consumed); the end skipped its own checkpoint, so `resume` read the stop again and stopped at once."""
+    whole = _run(tmp_path, "steps=12", "checkpoint_every=4", run_id="whole")
+    assert train(whole) == "done"
+    rd = _run(tmp_path, "steps=12", "checkpoint_every=4", run_id="stopped")
+    assert train(rd, hooks=[_write_at(3, '{"id": "s", "action": "stop"}\n')]) == "stopped"
+    assert _steps(rd)[-1]["step"] == 4 and [s for s, _ in rd.list_checkpoints()] == [4]
+    assert train(rd, resume=True) == "done"
+    assert _steps(rd)[-1]["step"] == 12
+    assert [(a["id"], a["step"]) for a in _acks(rd)] == [("s", 4)]        # the stop was applied once
+    strip = lambda r: [{k: v for k, v in x.items() if k != "wall"} for x in r.metrics()[0]]
+    assert strip(rd) == strip(whole)

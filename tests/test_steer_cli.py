@@ -21,7 +21,9 @@ def invoke(home, *args):
 def run(home):
     cfg = tiny(TINY_IMAGES, "steps=40", "eval_every=0", "lr=0.05", "batch_size=16", "micro_batch_size=8",
                "checkpoint_every=10")
-    return RunDir.create(home, cfg)
+    rd = RunDir.create(home, cfg)
+    rd.write_status(state="running")   # as a worker's job would be; the CLI steers running runs only
+    return rd
 
 
 def _last_request(rd):
@@ -53,10 +55,19 @@ def test_commands_append_the_right_line(home, run, args, expect):
     (["raise", "{id}", "--batch-factor", "3"], "error: batch 16 is not divisible by --batch-factor 3"),
     (["drop", "{id}", "--lr-factor", "2", "--batch-factor", "2"], "error: give one of --lr-factor or --batch-factor"),
     (["stop", "nosuchrun"], "error: unknown run 'nosuchrun' in"),
+    # issue 11: refused before anything is written
+    (["drop", "{id}", "--lr-factor", "0.5"], "error: --lr-factor must be a number > 1, got 0.5 (drop divides the lr by it)"),
+    (["raise", "{id}", "--lr-factor", "1"], "error: --lr-factor must be a number > 1, got 1 (raise multiplies the lr by it)"),
+    (["drop", "{id}", "--batch-factor", "0"], "error: --batch-factor must be > 1, got 0 (drop multiplies the batch by it)"),
+    (["set", "{id}", "lr=0.001,0.002"], "error: run {id} would reject it: 'lr' must be a number, got \"0.001,0.002\""),
+    (["set", "{id}", "batch_size=12"], "error: run {id} would reject it: 'batch_size' = 12 is not a multiple of micro_batch_size = 8"),
+    (["set", "{id}", "lr=1e9"], "error: run {id} would reject it: 'lr' = 1000000000.0 exceeds the sanity bound 5"),
+    (["set", "{id}", "lr=0.1", "--ramp", "-3"], "error: run {id} would reject it: 'ramp' must be a number >= 0, got -3.0"),
 ])
 def test_bad_steering_is_one_line(home, run, args, line):
     res = invoke(home, *[a.format(id=run.id) for a in args])
-    assert res.exit_code == 2 and res.stderr.strip().startswith(line), res.output
+    assert res.exit_code == 2 and res.stderr.strip().startswith(line.format(id=run.id)), res.output
+    assert len(res.stderr.strip().splitlines()) == 1
     assert run.control_file.read_text() == ""
 
 
@@ -65,7 +76,7 @@ def test_finished_run_refuses_requests(home):
     assert train(rd) == "done"
     res = invoke(home, "drop", rd.id)
     assert res.exit_code == 2
-    assert res.stderr.strip() == f"error: run {rd.id} is done: it takes no more requests"
+    assert res.stderr.strip() == f"error: run {rd.id} is done: it takes no more requests (fork it: gpctl fork {rd.id})"
 
 
 def test_wait_prints_where_it_took_effect(home, run):
@@ -86,8 +97,9 @@ def test_wait_prints_where_it_took_effect(home, run):
     ack = next(e for e in run.events()[0] if e.get("id") == rid)
     assert applied == (f"applied at step {ack['step']} (lr_time {ack['lr_time']:.2f}, samples {ack['samples']}): "
                        f"batch_size 16 -> 32")
-    assert bad.exit_code == 1
-    assert bad.stderr.strip() == "rejected: 'batch_size' = 12 is not a multiple of micro_batch_size = 8"
+    assert bad.exit_code == 2   # refused before it is written (issue 11), not answered by the run
+    assert bad.stderr.strip() == (f"error: run {run.id} would reject it: 'batch_size' = 12 is not a multiple of "
+                                  f"micro_batch_size = 8")
 
 
 def test_fork_cli_links_parent_and_child(home):
@@ -123,3 +135,33 @@ def test_fork_queue_enqueues_the_child(home, monkeypatch):
     store.close()
     assert job.state == "queued" and started == [1]
     assert RunDir(home / "runs" / child_id).status()["state"] == "created"   # not trained here
+
+
+def test_steering_a_run_that_is_not_running_is_refused_unless_asked(home):
+    """Issue 11: `drop` on a queued baseline used to change the experiment silently at step 0."""
+    from gpctl.common import State
+    from gpctl.queue import enqueue
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0", "lr=0.05"))
+    State.home = home
+    enqueue([rd])
+    res = invoke(home, "drop", rd.id)
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (f"error: run {rd.id} is queued, not running: give it at creation (--set) or fork "
+                                  f"it (gpctl fork {rd.id} --set …); --queued-ok sends it anyway, to apply at its "
+                                  f"first step boundary")
+    assert rd.control_file.read_text() == ""
+    assert invoke(home, "stop", rd.id).exit_code == 0      # an action is no change of the experiment
+    rd.control_file.write_text("")
+    res = invoke(home, "drop", rd.id, "--queued-ok")
+    assert res.exit_code == 0, res.output
+    assert _last_request(rd)["queued_ok"] is True
+    assert train(rd) == "done"
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control"]
+    assert (ack["status"], ack["step"], ack["queued_ok"], ack["changed"]["lr"]) == ("applied", 0, True, [0.05, 0.005])
+    # cancelled in the queue: refused outright, even with --queued-ok
+    rd2 = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0"))
+    enqueue([rd2])
+    assert invoke(home, "cancel", rd2.id).exit_code == 0
+    res = invoke(home, "drop", rd2.id, "--queued-ok")
+    assert res.exit_code == 2 and "is cancelled: it takes no more requests" in res.stderr
+    assert rd2.control_file.read_text() == ""

@@ -18,7 +18,8 @@ def runs(tmp_path):
     assert train(done) == "done"
     done2 = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=4", "seed=1", name="b"))
     assert train(done2) == "done"
-    live = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", name="c"))   # created, not started: takes requests
+    live = RunDir.create(home, tiny(TINY_IMAGES, "steps=8", name="c"))
+    live.write_status(state="running")   # as a worker's job would be: the TUI steers running runs only
     return home, done, done2, live
 
 
@@ -37,7 +38,7 @@ def test_table_plot_axis_and_overlay(runs):
         app = GpctlApp(home, live=False)
         async with app.run_test(size=(160, 48)) as pilot:
             assert app.table.row_count == 3
-            assert [app.table.get_row_at(i)[1].plain for i in range(3)] == ["done", "done", "created"]
+            assert [app.table.get_row_at(i)[1].plain for i in range(3)] == ["done", "done", "running"]
             _select(app, a.id)
             await pilot.pause()
             assert len(app.plot.series) == 1 and app.plot.series[0][3] == a.id
@@ -84,6 +85,52 @@ def test_keys_write_the_control_file(runs):
         strip = [{k: v for k, v in r.items() if k not in ("id", "time", "by")} for r in lines]
         assert strip == [{"set": {"lr": 0.005}}, {"set": {"batch_size": 8}}, {"set": {"lr": 0.02, "batch_size": 32}},
                          {"action": "checkpoint"}, {"action": "stop"}]
+    run(go())
+
+
+def test_garbage_in_every_dialog_never_crashes_and_writes_nothing(runs):
+    """Issue 11: `ramp=abc` crashed the TUI, `lr=abc` was sent; now each is refused with a notice."""
+    home, a, b, c = runs
+    answers = {"s": ["ramp=abc lr=0.01", "lr=abc", "lr=0.001,0.002", "batch_size=12.5", "lr=-1", "ramp=5",
+                     "momentum=0.9", "lr=1e999", "batch_size=" + "9" * 400, "=", "lr="],
+               "d": ["lr inf", "lr -2", "lr 0.5", "lr 0", "batch abc", "batch 0", "foo", "batch 1e400"],
+               "r": ["lr nan", "batch 3", "lr 1", "x y z"]}
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        seen, notify = [], app.notify
+        app.notify = lambda message, **kw: (seen.append((message, kw.get("severity"))), notify(message, **kw))[1]
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, c.id)
+            await pilot.pause()
+            for key, texts in answers.items():
+                for text in texts:
+                    await pilot.press(key)
+                    for _ in range(8):
+                        await pilot.press("backspace")
+                    await pilot.press(*text, "enter")
+                    await pilot.pause()
+                    assert app.screen.__class__.__name__ != "Ask"     # the dialog closed, the app lives
+            assert app.is_running
+            errors = [m for m, sev in seen if sev == "error"]
+            assert len(errors) == sum(len(v) for v in answers.values()), "\n".join(f"{m} [{s}]" for m, s in seen)
+        assert c.control_file.read_text() == ""
+    run(go())
+
+
+def test_a_run_that_is_not_running_is_not_steered_from_the_tui(runs, tmp_path):
+    home, a, b, c = runs
+    c.write_status(state="created")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, c.id)
+            await pilot.pause()
+            await pilot.press("d", "enter")
+            await pilot.pause()
+            assert any("is created, not running" in n.message for n in app._notifications)
+        assert c.control_file.read_text() == ""
     run(go())
 
 

@@ -18,6 +18,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Footer, Header, Input
 
+from engine.config import ConfigError
 from engine.control import ControlError, append_request
 from engine.curves import AXES
 from engine.jobs import JobStore
@@ -295,9 +296,10 @@ class GpctlApp(App):
         return RunDir(self.home / "runs" / sel)
 
     def _send(self, rd: RunDir, request: dict) -> None:
-        try:
-            rid = append_request(rd, request)
-        except ControlError as e:
+        from gpctl.steer import check_request
+        try:   # validated as the CLI does, before anything is written
+            rid = append_request(rd, check_request(rd, request, queued_ok=False))
+        except (ControlError, ConfigError, OSError) as e:
             self.notify(str(e), severity="error")
             return
         self.notify(f"{rd.id}: request {rid} sent: {request}")
@@ -314,13 +316,14 @@ class GpctlApp(App):
             what, _, k = answer.partition(" ")
             try:
                 factor = float(k) if k else None
-                if what == "batch":
-                    req = noise_request(rd, None, int(factor or 16), lower, ramp=0.0)
+                if what == "batch":   # "batch 0" is a bad factor, not the default
+                    req = noise_request(rd, None, 16 if factor is None else int(factor), lower, ramp=0.0)
                 elif what == "lr":
-                    req = noise_request(rd, factor or 10.0, None, lower, ramp=0.0 if lower else 100.0)
+                    req = noise_request(rd, 10.0 if factor is None else factor, None, lower,
+                                        ramp=0.0 if lower else 100.0)
                 else:
                     raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
-            except (ControlError, ValueError) as e:
+            except (ControlError, ValueError, OverflowError) as e:
                 self.notify(str(e), severity="error")
                 return
             self._send(rd, req)
@@ -348,7 +351,7 @@ class GpctlApp(App):
             for item in answer.split():
                 key, _, text = item.partition("=")
                 if key == "ramp":
-                    ramp = float(text)
+                    ramp = parse_value(text)   # a bad value is refused by the request's validation
                 elif key in ("lr", "batch_size"):
                     changes[key] = parse_value(text)
                 else:
