@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.rundir import RunDir
+from engine.rundir import RunDir, private_files
 from engine.train import train
 
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("run_dir", type=Path)
     t.add_argument("--resume", action="store_true", help="continue from its last checkpoint")
     args = ap.parse_args(argv)
+    private_files()
     rd = RunDir(args.run_dir.resolve())
     if not rd.config_file.exists():
         print(f"error: {rd.config_file}: no such run config", file=sys.stderr)

@@ -38,7 +38,10 @@ from engine.rundir import FILE_MODE, RunDir, read_jsonl
 
 SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
-REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok")
+CONDITIONS = ("at_step", "at_lr_time", "when")
+REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok") + CONDITIONS
+WHEN_KEYS = ("loss", "eval_loss")   # loss: EMA (0.8) of the train loss at the last flush; eval_loss: the last eval
+LOSS_EMA = 0.8
 FINISHED = ("done", "diverged", "cancelled")   # take no more requests (stopped/failed runs resume)
 LIVE = ("created", "running")
 
@@ -95,6 +98,13 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
         return f"unknown key '{_cut(unknown[0])}' (known: {', '.join(REQUEST_KEYS)})"
     if ("set" in req) == ("action" in req):
         return "a request needs exactly one of 'set' or 'action'"
+    given = [k for k in CONDITIONS if k in req]
+    if len(given) > 1:
+        return f"give at most one condition, got {', '.join(given)}"
+    if given:
+        problem = _condition_problem(given[0], req[given[0]])
+        if problem:
+            return problem
     if "action" in req:
         if req["action"] not in ACTIONS:
             return f"unknown action {_quote(req['action'])} (known: {', '.join(ACTIONS)})"
@@ -135,17 +145,116 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
     return None
 
 
+def _condition_problem(key: str, value: object) -> str | None:
+    if key == "at_step":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"'at_step' must be an integer >= 0, got {_quote(value)}"
+    elif key == "at_lr_time":
+        v = _number(value)
+        if v is None or v < 0:
+            return f"'at_lr_time' must be a number >= 0, got {_quote(value)}"
+    elif parse_when(value) is None:
+        return (f"'when' must compare {' or '.join(WHEN_KEYS)} with a number, e.g. \"eval_loss<1.45\", "
+                f"got {_quote(value)}")
+    return None
+
+
+_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b}
+
+
+def parse_when(text: object) -> tuple[str, str, float] | None:
+    """"eval_loss<1.45" -> ("eval_loss", "<", 1.45); None if it is not such a comparison."""
+    if not isinstance(text, str) or len(text) > 100:
+        return None
+    for op in ("<=", ">=", "<", ">"):
+        key, sep, num = text.partition(op)
+        if sep:
+            key = key.strip()
+            try:
+                value = float(num)
+            except ValueError:
+                return None
+            return (key, op, value) if key in WHEN_KEYS and math.isfinite(value) else None
+    return None
+
+
+def condition_met(req: dict, step: int, lr_time: float, loss: float | None, eval_loss: float | None) -> dict | None:
+    """The values that meet the request's condition at this step boundary (an unconditional request:
+    {}), or None while it is not met. Conditions on lr_time forgive float rounding, as schedules do."""
+    from engine.schedule import reached
+
+    if "at_step" in req:
+        return {"at_step": req["at_step"], "step": step} if step >= req["at_step"] else None
+    if "at_lr_time" in req:
+        return ({"at_lr_time": req["at_lr_time"], "lr_time": lr_time}
+                if reached(lr_time, float(req["at_lr_time"])) else None)
+    if "when" in req:
+        key, op, value = parse_when(req["when"])
+        now = loss if key == "loss" else eval_loss
+        return {"when": req["when"], key: now} if now is not None and _OPS[op](now, value) else None
+    return {}
+
+
+def describe(ack: dict, run_id: str = "") -> str:
+    """An acknowledgement as a sentence: "RUN: lr 0.05 → 0.005 at step 152 (lr_time 151.0, samples 77 824)"."""
+    who = f"{run_id}: " if run_id else ""
+    samples = f"{ack.get('samples') or 0:,}".replace(",", " ")
+    where = f"at step {ack.get('step')} (lr_time {ack.get('lr_time') or 0:.1f}, samples {samples})"
+    if ack.get("status") == "rejected":
+        return f"{who}rejected {where}: {ack.get('reason')}"
+    if ack.get("status") == "waiting":
+        cond = next((f"{k} {ack[k]}" for k in CONDITIONS if k in ack), "")
+        return f"{who}waiting since step {ack.get('step')} until {cond}"
+    what = ", ".join(f"{ {'batch_size': 'batch'}.get(k, k)} {v[0]:.4g} → {v[1]:.4g}"
+                     for k, v in ack.get("changed", {}).items() if isinstance(v, list))
+    what = what or {"stop": "stopped", "checkpoint": "checkpoint saved"}.get(ack.get("action"), "applied")
+    met = ack.get("met") or {}
+    cond = f", when {', '.join(f'{k} {_fmt_num(v)}' for k, v in met.items())}" if met else ""
+    return f"{who}{what} {where}{cond}"
+
+
+def _fmt_num(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def request_id(req: object) -> str | None:
     """The request's own id when it is a short string (a long one is not copied into events)."""
     rid = req.get("id") if isinstance(req, dict) else None
     return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
-def untrusted_reason(st: os.stat_result) -> str | None:
+def untrusted_reason(st: os.stat_result, dir_st: os.stat_result | None = None) -> str | None:
+    """Why the control file's lines cannot be trusted to come from the run's user, or None.
+
+    The boundary (README, "Security"): only the run's user may steer it. Lines are refused while the
+    file or its run directory is writable by anyone else, and also when the file's mode or owner changed
+    after its last write (ctime > mtime): a line may have been written while others could, and gpctl
+    cannot tell when, so it refuses rather than guesses."""
     if st.st_uid != os.getuid():
         return f"control file is owned by uid {st.st_uid}, not this run's user ({os.getuid()})"
     if st.st_mode & 0o022:
         return f"control file is writable by others (mode {oct(st.st_mode & 0o777)})"
+    if dir_st is not None:
+        if dir_st.st_uid != os.getuid():
+            return f"run directory is owned by uid {dir_st.st_uid}, not this run's user ({os.getuid()})"
+        if dir_st.st_mode & 0o022:
+            return f"run directory is writable by others (mode {oct(dir_st.st_mode & 0o777)})"
+    if st.st_ctime_ns > st.st_mtime_ns:
+        return ("control file's mode or owner changed after its last write: its lines may have been written "
+                "while others could; send them again")
+    return None
+
+
+def run_dir_untrusted(path) -> str | None:
+    """Why a run directory may not start, resume or take requests (writable by others), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {oct(st.st_mode & 0o777)}); chmod go-w it to run it"
     return None
 
 
@@ -162,6 +271,8 @@ class ControlState:
     tail_sha: str = ""       # ... and their sha256: bounded, whatever a line's length (checkpoint metadata)
     inode: int = 0
     skipping: int = 0        # bytes of an over-long line seen so far whose newline has not come yet
+    waiting: list = field(default_factory=list)   # conditional requests read but not yet applied:
+                                                   # [line number, request id, request], in order
     stat_key: list = field(default_factory=list)
 
 
@@ -199,7 +310,10 @@ class ControlReader:
             self._rewritten(st)
             return []
         s.inode = st.st_ino
-        trust = untrusted_reason(st)
+        try:
+            trust = untrusted_reason(st, os.stat(self.path.parent))
+        except OSError:
+            trust = "run directory cannot be read"
         out: list[Line] = []
         pos, number, skipping = s.offset - s.skipping, s.lines, s.skipping   # pos: where the unfinished line starts
         try:
@@ -321,18 +435,29 @@ def append_request(rd: RunDir, request: dict) -> str:
     return req["id"]
 
 
-def wait_for_ack(rd: RunDir, request_id: str, timeout: float = 60.0, poll: float = 0.1) -> dict | None:
-    """The control event answering `request_id`, or None after `timeout` seconds."""
+def wait_for_ack(rd: RunDir, request_id: str, timeout: float = 60.0, poll: float = 0.1,
+                 on_waiting=None) -> dict | None:
+    """The control event that settles `request_id` (applied or rejected), or None after `timeout`
+    seconds. A conditional request is first answered "waiting": `on_waiting(event)` is called then."""
     offset, deadline = 0, time.monotonic() + timeout
-    while True:
-        events, offset = read_jsonl(rd.events_file, offset)
+
+    def settled(events: list[dict]) -> dict | None:
         for ev in events:
             if ev.get("event") == "control" and ev.get("id") == request_id:
-                return ev
+                if ev.get("status") != "waiting":
+                    return ev
+                if on_waiting:
+                    on_waiting(ev)
+        return None
+
+    while True:
+        events, offset = read_jsonl(rd.events_file, offset)
+        if (ev := settled(events)) is not None:
+            return ev
         if time.monotonic() >= deadline:
             return None
         if rd.status().get("state") not in LIVE:  # nothing will answer until it is resumed
             events, offset = read_jsonl(rd.events_file, offset)
-            return next((e for e in events if e.get("event") == "control" and e.get("id") == request_id), None)
+            return settled(events)
         time.sleep(poll)
 

@@ -78,7 +78,8 @@ class Job:
 
 class JobStore:
     def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from engine.rundir import make_home
+        make_home(root)
         self.path = root / "jobs.db"
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row

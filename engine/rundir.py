@@ -39,6 +39,18 @@ class UnknownRun(LookupError):
     """No run (or more than one) matches what the user typed; str(e) is the line to print."""
 
 
+def make_home(root: Path) -> None:
+    """The home, owner-only when gpctl creates it (its parents keep the usual modes)."""
+    if not root.exists():
+        root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        root.chmod(DIR_MODE)
+
+
+def private_files() -> None:
+    """Files and folders gpctl and its jobs create are owner-only (README, "Security")."""
+    os.umask(0o077)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` (temp file + rename), keeping the file's mode."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -110,8 +122,9 @@ class RunDir:
     # ------------------------------------------------------------ creation
     @classmethod
     def create(cls, root: Path, cfg: Config, run_id: str | None = None) -> "RunDir":
+        make_home(root)
         runs = root / "runs"
-        runs.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        runs.mkdir(exist_ok=True, mode=DIR_MODE)
         run_id = run_id or new_run_id(cfg.preset or "run", cfg.name or "main")
         rd = cls(runs / run_id)
         rd.path.mkdir(mode=DIR_MODE)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.control import ControlReader, Line, request_id, validate
+from engine.control import (CONDITIONS, LOSS_EMA, ControlReader, Line, condition_met, request_id,
+                            run_dir_untrusted, validate)
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.models import build_model, hf_config_dict
@@ -89,10 +90,14 @@ class Trainer:
         self.signal_stop = False       # SIGTERM seen (under DDP, acted on when all ranks agree)
         self._pending: list[tuple[dict, torch.Tensor]] = []
         self._consumed_since_checkpoint = False   # control lines consumed after the last checkpoint
+        self.loss_ema: float | None = None         # EMA (LOSS_EMA) of the train loss at the last flush: `when loss<…`
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool) -> None:
         cfg = self.cfg
+        untrusted = run_dir_untrusted(self.rd.path)
+        if untrusted:   # others could steer it or replace its files: refuse to start or resume
+            raise RuntimeError(f"refusing to train: {untrusted}")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist = Dist()
@@ -142,6 +147,7 @@ class Trainer:
         loop = state["loop"]
         self.step, self.samples = loop["step"], loop["samples"]
         self.lr_time, self.wall_offset = loop["lr_time"], loop["wall"]
+        self.loss_ema = loop.get("loss_ema")
         self.schedule.load_state_dict(state["schedule"])
         self.stream.load_state_dict(state["stream"])
         return state
@@ -268,15 +274,16 @@ class Trainer:
         return [Line(**d) for d in self.dist.broadcast_json(lines)]
 
     def _apply_control(self) -> None:
-        """Requests from control.jsonl, each once, in order, at this step boundary."""
+        """Requests from control.jsonl, each once, in order, at this step boundary. A conditional one
+        (at_step / at_lr_time / when) waits, in the control state that checkpoints keep, until it holds."""
+        self._apply_waiting()
         for item in self._control_lines():
             self.control.consume(item)
             self._consumed_since_checkpoint = True
             if item.problem == "blank":
                 continue
             line, req = item.number, item.request
-            rid = request_id(req)
-            where = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
+            rid = request_id(req) or f"line-{line}"
             cc = self.cfg.control
             try:   # nothing a line contains may end the run: a surprise is a rejection
                 reason = item.problem or validate(req, base_lr=self.cfg.lr, micro_batch=self.cfg.micro_batch_size,
@@ -284,29 +291,58 @@ class Trainer:
             except Exception as e:  # noqa: BLE001
                 reason = f"could not be read as a request ({type(e).__name__})"
             if reason:
-                self.rd.append_event("control", id=rid or f"line-{line}", line=line, status="rejected",
-                                     reason=reason, **where)
+                self.rd.append_event("control", id=rid, line=line, status="rejected", reason=reason, **self._where())
                 self.rd.log(f"control line {line} rejected: {reason}")
                 continue
-            rid = rid or f"line-{line}"
-            if "set" in req:
-                new = req["set"]
-                changed = self.schedule.set(self.step, self.lr_time, lr=new.get("lr", 0.0),
-                                            batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
-                                            manual=True)
-                extra = {"overrides_schedule": True} if "lr" in new else {}
-                if req.get("queued_ok") is True:   # sent before the run was running, on purpose
-                    extra["queued_ok"] = True
-                self.rd.append_event("control", id=rid, line=line, status="applied", changed=changed,
-                                     ramp=req.get("ramp", 0.0), **extra, **where)
-            elif req["action"] == "checkpoint":
-                if self.last_eval.get("step") != self.step:
-                    self.evaluate()
-                self.save_checkpoint()
-                self.rd.append_event("control", id=rid, line=line, status="applied", action="checkpoint", **where)
-            else:  # stop: checkpoint (at the end of run()) and end cleanly
-                self.stop_requested = True
-                self.rd.append_event("control", id=rid, line=line, status="applied", action="stop", **where)
+            met = self._condition_met(req)
+            if met is None:
+                self.control.state.waiting.append([line, rid, req])
+                self.rd.append_event("control", id=rid, line=line, status="waiting",
+                                     **{k: req[k] for k in CONDITIONS if k in req}, **self._where())
+                continue
+            self._apply_request(line, rid, req, met)
+
+    def _apply_waiting(self) -> None:
+        waiting, still = self.control.state.waiting, []
+        for line, rid, req in waiting:
+            met = self._condition_met(req)
+            if met is None:
+                still.append([line, rid, req])
+            else:
+                self._apply_request(line, rid, req, met)
+        if len(still) != len(waiting):
+            self.control.state.waiting = still
+            self._consumed_since_checkpoint = True
+
+    def _condition_met(self, req: dict) -> dict | None:
+        return condition_met(req, self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"))
+
+    def _where(self) -> dict:
+        return {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
+
+    def _apply_request(self, line: int, rid: str, req: dict, met: dict) -> None:
+        extra = {"met": met} if met else {}
+        if req.get("queued_ok") is True:   # sent before the run was running, on purpose
+            extra["queued_ok"] = True
+        if "set" in req:
+            new = req["set"]
+            changed = self.schedule.set(self.step, self.lr_time, lr=new.get("lr", 0.0),
+                                        batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
+                                        manual=True)
+            if "lr" in new:
+                extra["overrides_schedule"] = True
+            self.rd.append_event("control", id=rid, line=line, status="applied", changed=changed,
+                                 ramp=req.get("ramp", 0.0), **extra, **self._where())
+        elif req["action"] == "checkpoint":
+            if self.last_eval.get("step") != self.step:
+                self.evaluate()
+            self.save_checkpoint()
+            self.rd.append_event("control", id=rid, line=line, status="applied", action="checkpoint",
+                                 **extra, **self._where())
+        else:  # stop: checkpoint (at the end of run()) and end cleanly
+            self.stop_requested = True
+            self.rd.append_event("control", id=rid, line=line, status="applied", action="stop",
+                                 **extra, **self._where())
 
     def _checkpoint_due(self, lr_time_before: float) -> bool:
         cfg = self.cfg
@@ -324,6 +360,9 @@ class Trainer:
             return
         losses = self.dist.mean(torch.stack([loss for _, loss in self._pending])).cpu().tolist()
         records = [dict(rec, loss=l) for (rec, _), l in zip(self._pending, losses)]
+        for l in losses:
+            if math.isfinite(l):
+                self.loss_ema = l if self.loss_ema is None else LOSS_EMA * self.loss_ema + (1 - LOSS_EMA) * l
         self._pending.clear()
         self.rd.append_metrics(records)
         last = self.last_record = records[-1]
@@ -372,7 +411,7 @@ class Trainer:
                 "model": self.cfg.model.name, "model_config": vars(self.cfg.model),
                 "hf_config": hf_config_dict(self.cfg.model), "run": self.rd.id}
         loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
-                "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval}
+                "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval, "loss_ema": self.loss_ema}
         if not self.dist.leader:
             return
         ckpt.save(path, self.model, self.optimizer, meta,

@@ -16,7 +16,7 @@ from rich.table import Table
 from engine.checkpoint import CheckpointError, read_meta
 from engine.config import ConfigError
 from engine.fork import children
-from engine.rundir import RunDir, home, list_runs, resolve
+from engine.rundir import RunDir, home, list_runs, private_files, resolve
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
@@ -36,6 +36,7 @@ def main_callback(
                         help="Where runs live (default ./gpctl-runs).")] = None,
 ) -> None:
     State.home = home(home_dir)
+    private_files()
 
 
 # ---------------------------------------------------------------- presets

@@ -12,13 +12,17 @@ from typing import Annotated, Optional
 import typer
 
 from engine.config import ConfigError, parse_value
-from engine.control import ControlError, append_request, wait_for_ack
+from engine.control import ControlError, append_request, describe, wait_for_ack
 from engine.fork import fork as fork_run
 from engine.rundir import RunDir, resolve
-from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, fmt, friendly, out
+from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, friendly, out
 
 LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="K > 1: drop divides the lr by K, raise multiplies it.")]
 BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="K > 1: drop multiplies the batch by K, raise divides it.")]
+AtStep = Annotated[Optional[int], typer.Option("--at-step", help="Wait in the control file; apply at this step.")]
+AtLrTime = Annotated[Optional[float], typer.Option("--at-lr-time", help="Wait; apply once lr_time reaches this.")]
+When = Annotated[Optional[str], typer.Option("--when", help="Wait; apply once e.g. 'eval_loss<1.45' or 'loss<2.1' holds "
+                                                              "(loss: EMA 0.8 of the train loss, checked at each flush).")]
 QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run that is not running yet (queued, stopped, failed): "
                                                             "it applies at the run's first step boundary and is recorded as such.")]
 
@@ -61,13 +65,20 @@ def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
     return dict(request, queued_ok=True) if state != "running" and queued_ok else request
 
 
+def conditioned(request: dict, at_step: int | None, at_lr_time: float | None, when: str | None) -> dict:
+    given = {k: v for k, v in (("at_step", at_step), ("at_lr_time", at_lr_time), ("when", when)) if v is not None}
+    if len(given) > 1:
+        raise ControlError("give one of --at-step, --at-lr-time or --when")
+    return {**request, **given}
+
+
 def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> None:
     rd = resolve(State.home, run)
     rid = append_request(rd, check_request(rd, request, queued_ok))
     out.print(rid)
     if not wait:
         return
-    ack = wait_for_ack(rd, rid, timeout)
+    ack = wait_for_ack(rd, rid, timeout, on_waiting=lambda ev: out.print(describe(ev, rd.id), markup=False))
     if ack is None:
         state = rd.status().get("state")
         if state in ("stopped", "failed"):
@@ -78,9 +89,7 @@ def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = 
     if ack["status"] == "rejected":
         err.print(f"rejected: {ack['reason']}", markup=False)
         raise typer.Exit(1)
-    what = ", ".join(f"{k} {v[0]:g} -> {v[1]:g}" for k, v in ack.get("changed", {}).items()
-                     if isinstance(v, list)) or ack.get("action", "")
-    out.print(f"applied at step {ack['step']} (lr_time {fmt(ack['lr_time'], 2)}, samples {ack['samples']}): {what}")
+    out.print(describe(ack, rd.id), markup=False)
 
 
 def current(rd: RunDir) -> tuple[float, int]:
@@ -117,7 +126,8 @@ def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None,
 def set_(run: RunArg,
          values: Annotated[list[str], typer.Argument(help="lr=… and/or batch_size=…")],
          ramp: Annotated[float, typer.Option("--ramp", help="Reach the new lr over N LR-normalized steps.")] = 0.0,
-         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
+         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
     """Set the lr and/or batch size of a running job (absolute values)."""
     changes = {}
     for item in values:
@@ -128,36 +138,42 @@ def set_(run: RunArg,
     req = {"set": changes}
     if ramp:
         req["ramp"] = ramp
-    send(run, req, wait, timeout, queued_ok)
+    send(run, conditioned(req, at_step, at_lr_time, when), wait, timeout, queued_ok)
 
 
 @friendly
 def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
-         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
-    """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16)."""
+         wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
+         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+    """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16), now or when a condition holds."""
     rd = resolve(State.home, run)
-    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), wait, timeout, queued_ok)
+    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), at_step, at_lr_time, when)
+    send(rd.id, req, wait, timeout, queued_ok)
 
 
 @friendly
 def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
            ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = 100.0,
-           wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False) -> None:
-    """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K."""
+           wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
+           at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+    """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K, now or when a condition holds."""
     rd = resolve(State.home, run)
-    send(rd.id, noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), wait, timeout, queued_ok)
+    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), at_step, at_lr_time, when)
+    send(rd.id, req, wait, timeout, queued_ok)
 
 
 @friendly
-def stop(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
+def stop(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0,
+         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
     """Checkpoint, then end the run cleanly (state "stopped"; `gpctl resume` continues it)."""
-    send(run, {"action": "stop"}, wait, timeout)
+    send(run, conditioned({"action": "stop"}, at_step, at_lr_time, when), wait, timeout)
 
 
 @friendly
-def checkpoint(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0) -> None:
-    """Checkpoint the run at its next step boundary."""
-    send(run, {"action": "checkpoint"}, wait, timeout)
+def checkpoint(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0,
+               at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+    """Checkpoint the run at its next step boundary (or when a condition holds)."""
+    send(run, conditioned({"action": "checkpoint"}, at_step, at_lr_time, when), wait, timeout)
 
 
 @friendly
@@ -165,26 +181,48 @@ def fork(run: RunArg,
          step: Annotated[Optional[int], typer.Option("--step", help="Fork at the checkpoint of this step.")] = None,
          lr_time: Annotated[Optional[float], typer.Option("--lr-time", help="Fork at the checkpoint nearest this lr_time.")] = None,
          latest: Annotated[bool, typer.Option("--latest", help="Fork at the latest checkpoint (the default).")] = False,
+         now: Annotated[bool, typer.Option("--now", help="Ask the running job for a checkpoint at its next step boundary, "
+                                                         "wait for it, and fork there.")] = False,
          overrides: SetOpt = None,
          name: Annotated[Optional[str], typer.Option("--name", help="Arm name of the new run.")] = None,
-         start: Annotated[bool, typer.Option("--start/--no-start", help="Train it now, in the foreground.")] = True,
-         enqueue: Annotated[bool, typer.Option("--queue", help="Queue it for a worker instead (and make sure one serves it).")] = False) -> None:
-    """A new run from RUN's checkpoint, with overrides from its first step; it shares RUN's past."""
-    if sum(x is not None and x is not False for x in (step, lr_time, latest or None)) > 1:
-        raise ConfigError("give one of --step, --lr-time, --latest")
+         start: Annotated[bool, typer.Option("--start/--no-start", help="--no-start: only create the run directory.")] = True,
+         foreground: Annotated[bool, typer.Option("--foreground", help="Train it here, now, instead of queueing it.")] = False,
+         enqueue: Annotated[bool, typer.Option("--queue", help="Queue it for a worker (the default).", hidden=True)] = False,
+         timeout: TimeoutOpt = 120.0) -> None:
+    """A new run from RUN's checkpoint, with overrides from its first step; it shares RUN's past.
+    Queued for a worker like `gpctl run` (`--foreground` trains it here)."""
+    if sum(x is not None and x is not False for x in (step, lr_time, latest or None, now or None)) > 1:
+        raise ConfigError("give one of --step, --lr-time, --latest, --now")
     parent = resolve(State.home, run)
+    if now:
+        step = checkpoint_now(parent, timeout)
     child = fork_run(State.home, parent, step=step, lr_time=lr_time, overrides=overrides or [], name=name)
     out.print(child.id)
-    if enqueue:
-        from gpctl import queue
-        queue.enqueue([child])
-        queue.ensure_worker()
+    if not start:
         return
-    if start:
+    if foreground:
         from gpctl.progress import train_in_foreground
         state = train_in_foreground([child], out)[0]
         if state not in ("done", "stopped"):
             raise typer.Exit(1)
+        return
+    from gpctl import queue
+    queue.enqueue([child])
+    if queue.ensure_worker():
+        out.print(f"started a worker (log: {State.home / 'worker.log'})")
+
+
+def checkpoint_now(rd: RunDir, timeout: float) -> int:
+    """The step of a checkpoint the running job takes at its next boundary, on request."""
+    if run_state(rd) != "running":
+        raise ControlError(f"run {rd.id} is {run_state(rd)}, not running: --now needs a running job "
+                           f"(fork a checkpoint it has with --step or --latest)")
+    rid = append_request(rd, {"action": "checkpoint"})
+    ack = wait_for_ack(rd, rid, timeout)
+    if ack is None or ack.get("status") != "applied":
+        why = ack.get("reason") if ack else f"no answer within {timeout:g}s"
+        raise ControlError(f"run {rd.id} did not checkpoint: {why}")
+    return int(ack["step"])
 
 
 def register(app: typer.Typer) -> None:

@@ -91,7 +91,7 @@ def test_checkpoint_and_stop_actions(tmp_path):
 
 BAD_LINES = [
     ("{not json}\n", "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
-    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok)"),
+    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok, at_step, at_lr_time, when)"),
     ('{"set": {"momentum": 0.5}}\n', "unknown key 'set.momentum' (known: lr, batch_size)"),
     ('{"set": {"lr": "0.1"}}\n', "'lr' must be a number, got \"0.1\""),
     ('{"set": {"lr": 0}}\n', "'lr' must be finite and > 0, got 0"),
@@ -323,3 +323,75 @@ def test_stop_on_a_checkpoint_step_then_resume_continues(tmp_path):
     assert [(a["id"], a["step"]) for a in _acks(rd)] == [("s", 4)]        # the stop was applied once
     strip = lambda r: [{k: v for k, v in x.items() if k != "wall"} for x in r.metrics()[0]]
     assert strip(rd) == strip(whole)
+
+
+def _other_user():
+    """A second local user for the trust tests (created when running as root, e.g. in CI)."""
+    import pwd
+    import shutil
+    import subprocess
+    if os.getuid() != 0 or not shutil.which("useradd") or not shutil.which("su"):
+        pytest.skip("needs root with useradd and su, to create a second local user")
+    try:
+        pwd.getpwnam("gpctl-other")
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", "gpctl-other"], check=True)
+    return "gpctl-other"
+
+
+def test_a_line_written_while_others_could_is_never_applied(tmp_path):
+    """Issue 11: another user appends while the file is open to them; the mode is restored before the
+    run reads it (here: while the run is stopped). The run refuses the line, and refuses to start while
+    its directory is writable by others."""
+    import subprocess
+    import shutil
+    import tempfile
+    from pathlib import Path
+    other = _other_user()
+    root = Path(tempfile.mkdtemp(prefix="gpctl-trust-", dir="/tmp"))   # a path the other user can reach
+    root.chmod(0o755)
+    try:
+        _untrusted_line_is_refused(root, other)
+    finally:
+        shutil.rmtree(root)
+
+
+def _untrusted_line_is_refused(root, other):
+    import subprocess
+    rd = _run(root, "steps=6")
+    assert (rd.path.stat().st_mode & 0o777, rd.control_file.stat().st_mode & 0o777) == (0o700, 0o600)
+    (root / "runs").chmod(0o755)
+    rd.path.chmod(0o777)
+    rd.control_file.chmod(0o666)
+    line = '{"id": "evil", "set": {"lr": 0.5}}'
+    subprocess.run(["su", other, "-c", f"echo '{line}' >> {rd.control_file}"], check=True)
+    assert train(rd) == "failed"                                          # refuses to start meanwhile
+    assert "refusing to train:" in rd.status()["error"] and "writable by others (mode 0o777)" in rd.status()["error"]
+    assert _steps(rd) == []
+    rd.path.chmod(0o700)
+    rd.control_file.chmod(0o600)                                          # the mode restored: looks clean
+    rd.write_status(state="created")
+    assert train(rd) == "done"
+    (ack,) = _acks(rd)
+    assert (ack["id"], ack["status"]) == ("line-1", "rejected")   # an untrusted line is not even parsed
+    assert ack["reason"].startswith("untrusted: control file's mode or owner changed after its last write")
+    assert {r["lr"] for r in _steps(rd)} == {0.05}
+
+
+def test_gpctl_creates_everything_owner_only(tmp_path):
+    import stat
+    import subprocess
+    import sys
+    home = tmp_path / "newhome"
+    preset = tmp_path / "p.toml"
+    preset.write_text('[base]\nsteps = 4\ndevice = "cpu"\nmodel.name = "cnn"\nmodel.width = 2\n'
+                      'data.source = "synthetic_images"\ndata.image_size = 8\ndata.eval_samples = 16\n'
+                      'data.teacher_width = 4\n[runs.a]\n')
+    res = subprocess.run([sys.executable, "-m", "gpctl", "--home", str(home), "run", "preset", str(preset), "--wait"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "GPCTL_WORKER_IDLE_EXIT": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    time.sleep(2)   # the worker's own files
+    loose = [str(p) for p in [home, *home.rglob("*")]
+             if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert loose == []
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and (home / "worker.log").exists()

@@ -2,9 +2,10 @@
 
 It checks the claims that hold at this size together with their negative controls, with the
 thresholds of docs/REPRODUCTION.md (gpctl.repro.THRESHOLDS). The raise and the TV claims are
-reported but do not hold at this size: at 600 steps the noisy runs' curves are too short (the TV
-claims have no shared matched-loss range at all).
-About 3 minutes on 2 cores.
+reported but do not hold at this size: at 600 steps the noisy runs' curves are too short, and the
+never-dropped run passes the TV-close threshold too (its control). The drop's snap is checked by its
+numbers (near the threshold here) and its control (far from it).
+About 4 minutes on 2 cores.
 """
 import json
 import subprocess
@@ -16,9 +17,8 @@ from gpctl.repro import THRESHOLDS
 
 pytestmark = pytest.mark.slow
 
-HOLD_AT_CI_SIZE = (
+HOLD_AT_CI_SIZE = (   # with a wide margin: the drop's snap (0.237 against 0.25 here) is too close to assert
     "1. online, batch 512 vs 32, equal steps",
-    "2. drop at T0 (scheduled): a right-translation of the low-noise curve",
     "determinism (not a claim of the paper): live drop = scheduled drop",
 )
 
@@ -44,12 +44,17 @@ def test_repro_ci_reproduces_the_claims_that_hold_at_its_size_with_their_control
     assert live["measured"]["max abs loss difference"] <= THRESHOLDS["live_equal"]
     assert live["control_measured"]["max abs loss difference"] > 100 * THRESHOLDS["live_equal"]
     snap = claims["2. drop at T0 (scheduled): a right-translation of the low-noise curve"]
-    assert snap["control_measured"]["residual / gap"] > 2 * THRESHOLDS["snap_residual"]
-    # TV at CI size: the high-noise run never reaches the dropped run's losses, so the shared range is
-    # empty and both TV claims fail rather than compare different loss ranges (rule 3)
-    tv = claims["3. TV at matched loss: dropped vs low noise, against two low-noise seeds"]
-    assert tv["measured"]["checkpoints in range (dropped/high/low/seed 2)"] == "0/0/0/0"
-    assert tv["verdict"] is False
+    assert snap["measured"]["residual / gap"] < 0.5 < 2 < snap["control_measured"]["residual / gap"]
+    assert snap["control_passed"] is False
+    # TV (rule 3): both ratios over one matched-loss range against one baseline, so each claim's control
+    # is the other claim's measurement; at CI size neither holds (the never-dropped run also passes <= 1.3)
+    close = claims["3. TV at matched loss: dropped vs low noise, against two low-noise seeds"]
+    apart = claims["3. TV at matched loss: high noise vs low noise, against two low-noise seeds"]
+    assert close["control_measured"]["ratio"] == apart["measured"]["ratio"]
+    assert apart["control_measured"]["ratio"] == close["measured"]["ratio"]
+    lo, hi = map(float, close["measured"]["loss range"].split("–"))
+    assert lo < hi
+    assert close["verdict"] is False and apart["verdict"] is False
     assert set(report["runs"]) == {"low", "low_seed2", "high", "high_drop", "high_live", "low_raise", "high_s2",
                                    "high_s3", "high_drop_s2", "high_drop_s3"}
     assert snap["measured"]["seeds"] == 3

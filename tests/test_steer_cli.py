@@ -95,8 +95,9 @@ def test_wait_prints_where_it_took_effect(home, run):
     assert res.exit_code == 0, res.output
     rid, applied = res.stdout.strip().splitlines()
     ack = next(e for e in run.events()[0] if e.get("id") == rid)
-    assert applied == (f"applied at step {ack['step']} (lr_time {ack['lr_time']:.2f}, samples {ack['samples']}): "
-                       f"batch_size 16 -> 32")
+    samples = f"{ack['samples']:,}".replace(",", " ")
+    assert applied == (f"{run.id}: batch 16 → 32 at step {ack['step']} (lr_time {ack['lr_time']:.1f}, "
+                       f"samples {samples})")
     assert bad.exit_code == 2   # refused before it is written (issue 11), not answered by the run
     assert bad.stderr.strip() == (f"error: run {run.id} would reject it: 'batch_size' = 12 is not a multiple of "
                                   f"micro_batch_size = 8")
@@ -165,3 +166,49 @@ def test_steering_a_run_that_is_not_running_is_refused_unless_asked(home):
     res = invoke(home, "drop", rd2.id, "--queued-ok")
     assert res.exit_code == 2 and "is cancelled: it takes no more requests" in res.stderr
     assert rd2.control_file.read_text() == ""
+
+
+def test_conditional_requests_wait_and_apply_at_the_exact_step(home):
+    """Issue 11: drop at a step, at an lr_time, or when the (EMA) loss reaches a value; exact steps."""
+    cfg = tiny(TINY_IMAGES, "steps=30", "eval_every=5", "log_every=1", "lr=0.05", "batch_size=16")
+    rd = RunDir.create(home, cfg)
+    rd.write_status(state="running")
+    assert invoke(home, "drop", rd.id, "--at-step", "7").exit_code == 0
+    assert invoke(home, "raise", rd.id, "--batch-factor", "2", "--at-lr-time", "12.5").exit_code == 0
+    assert invoke(home, "checkpoint", rd.id, "--when", "eval_loss<99").exit_code == 0
+    assert invoke(home, "stop", rd.id, "--when", "loss>1e9").exit_code == 0          # never holds
+    bad = invoke(home, "drop", rd.id, "--when", "accuracy>0.5")
+    assert bad.exit_code == 2 and "'when' must compare loss or eval_loss with a number" in bad.stderr
+    two = invoke(home, "drop", rd.id, "--at-step", "3", "--when", "loss<1")
+    assert two.exit_code == 2 and two.stderr.strip() == "error: give one of --at-step, --at-lr-time or --when"
+    assert train(rd) == "done"
+    acks = [e for e in rd.events()[0] if e["event"] == "control"]
+    waiting = [a for a in acks if a["status"] == "waiting"]
+    applied = {a["line"]: a for a in acks if a["status"] == "applied"}
+    assert [(a["line"], a["step"]) for a in waiting] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    # lr 0.05 until step 7, then 0.005: lr_time 7 at step 7, then +0.1 per step reaches 12.5 at step 62
+    # -- beyond the run's 30 steps, so the batch raise never applies; the eval at step 5 meets eval_loss<99
+    assert applied[1]["step"] == 7 and applied[1]["met"] == {"at_step": 7, "step": 7}
+    assert applied[1]["changed"]["lr"] == [0.05, 0.005]
+    assert applied[3]["step"] == 5 and applied[3]["action"] == "checkpoint"
+    assert applied[3]["met"]["when"] == "eval_loss<99" and applied[3]["met"]["eval_loss"] < 99
+    assert set(applied) == {1, 3}
+    recs = [r for r in rd.metrics()[0] if "loss" in r]
+    assert [r["lr"] for r in recs] == [0.05] * 7 + [0.005] * 23
+    assert 5 in [s for s, _ in rd.list_checkpoints()]
+
+
+def test_a_waiting_request_survives_a_resume(home):
+    cfg = tiny(TINY_IMAGES, "steps=12", "eval_every=0", "lr=0.05", "checkpoint_every=4")
+    rd = RunDir.create(home, cfg)
+    rd.write_status(state="running")
+    assert invoke(home, "drop", rd.id, "--at-step", "9").exit_code == 0
+    assert invoke(home, "stop", rd.id, "--at-step", "5").exit_code == 0
+    assert train(rd) == "stopped"
+    assert [r["step"] for r in rd.metrics()[0] if "loss" in r][-1] == 5
+    rd.write_status(state="running")
+    assert train(rd, resume=True) == "done"
+    recs = [r for r in rd.metrics()[0] if "loss" in r]
+    assert [r["lr"] for r in recs] == [0.05] * 9 + [0.005] * 3
+    applied = [(a["line"], a["step"]) for a in rd.events()[0] if a["event"] == "control" and a["status"] == "applied"]
+    assert applied == [(2, 5), (1, 9)]

@@ -7,6 +7,8 @@ import time
 from rich.text import Text
 from textual.widgets import DataTable, RichLog, Static
 
+from engine.control import describe
+
 # the most useful first: an 80-column terminal shows about the first eight
 COLUMNS = ("run", "state", "step", "loss", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
@@ -70,9 +72,13 @@ class EventsPane(RichLog):
         self.border_title = f"events: {run_id or '-'}"
         for e in events[-200:]:
             t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
-            detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}
             style = "red" if e.get("status") == "rejected" or e["event"] in ("error", "diverged") else ""
-            self.write(Text(f"{t} {e['event']:<10} {json.dumps(detail)[:300]}", style=style))
+            if e["event"] == "control":   # a request's answer as a sentence: what changed, where, or why not
+                text = describe(e)
+            else:
+                detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}
+                text = json.dumps(detail)
+            self.write(Text(f"{t} {e['event']:<10} {text[:300]}", style=style))
 
 
 class GpuPanel(Static):
