@@ -99,6 +99,8 @@ class Change:
     lr: float = 0.0                 # new base lr (0 = unchanged)
     batch_size: int = 0             # new batch size (0 = unchanged)
     ramp: float = 0.0               # reach the new lr linearly over this many LR-normalized steps
+    manual: bool = False            # apply as a control request does: the lr is exact from then on (the
+                                    # schedule's shape and later planned lr changes stop); `preset from-run`
 
 
 @dataclass

@@ -39,7 +39,7 @@ from engine.rundir import FILE_MODE, RunDir, read_jsonl
 SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
 CONDITIONS = ("at_step", "at_lr_time", "when")
-REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok") + CONDITIONS
+REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok", "twin") + CONDITIONS
 WHEN_KEYS = ("loss", "eval_loss")   # loss: EMA (0.8) of the train loss at the last flush; eval_loss: the last eval
 LOSS_EMA = 0.8
 FINISHED = ("done", "diverged", "cancelled")   # take no more requests (stopped/failed runs resume)
@@ -98,6 +98,8 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
         return f"unknown key '{_cut(unknown[0])}' (known: {', '.join(REQUEST_KEYS)})"
     if ("set" in req) == ("action" in req):
         return "a request needs exactly one of 'set' or 'action'"
+    if "twin" in req and (req["twin"] is not True or "set" not in req):
+        return "'twin' must be true, on a 'set' request (an unsteered copy forked where the change applies)"
     given = [k for k in CONDITIONS if k in req]
     if len(given) > 1:
         return f"give at most one condition, got {', '.join(given)}"
@@ -210,7 +212,8 @@ def describe(ack: dict, run_id: str = "") -> str:
     what = what or {"stop": "stopped", "checkpoint": "checkpoint saved"}.get(ack.get("action"), "applied")
     met = ack.get("met") or {}
     cond = f", when {', '.join(f'{k} {_fmt_num(v)}' for k, v in met.items())}" if met else ""
-    return f"{who}{what} {where}{cond}"
+    twin = f"; unsteered twin {ack['twin']} queued" if ack.get("twin") else ""
+    return f"{who}{what} {where}{cond}{twin}"
 
 
 def _fmt_num(v: object) -> str:

@@ -134,9 +134,10 @@ class Schedule:
                 continue
             if (ch.at_step >= 0 and step >= ch.at_step) or (ch.at_lr_time >= 0 and reached(lr_time, ch.at_lr_time)):
                 self.noise.applied[i] = True
-                lr = 0.0 if self.noise.manual else ch.lr
-                changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp)
-                if ch.lr and self.noise.manual:
+                skip_lr = self.noise.manual and not ch.manual
+                lr = 0.0 if skip_lr else ch.lr
+                changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp, manual=ch.manual)
+                if ch.lr and skip_lr:
                     changed["skipped"] = "lr (a manual lr overrides the schedule)"
                 out.append((i, ch, changed))
         return out

@@ -326,6 +326,14 @@ class Trainer:
             extra["queued_ok"] = True
         if "set" in req:
             new = req["set"]
+            if req.get("twin") is True:
+                try:
+                    extra["twin"] = self._fork_twin(rid)
+                except Exception as e:  # noqa: BLE001 - no twin, no change: the pair is the experiment
+                    self.rd.append_event("control", id=rid, line=line, status="rejected",
+                                         reason=f"could not fork the twin: {type(e).__name__}: {str(e)[:200]}",
+                                         **self._where())
+                    return
             changed = self.schedule.set(self.step, self.lr_time, lr=new.get("lr", 0.0),
                                         batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
                                         manual=True)
@@ -343,6 +351,27 @@ class Trainer:
             self.stop_requested = True
             self.rd.append_event("control", id=rid, line=line, status="applied", action="stop",
                                  **extra, **self._where())
+
+    def _fork_twin(self, rid: str) -> str:
+        """An unsteered copy of this run, forked at this boundary before the request applies, and queued:
+        the control of the intervention (the paper's Fig. 4 pair) without retraining the prefix."""
+        from engine.fork import fork
+        from engine.jobs import JobStore
+
+        if self.dist.active:
+            raise RuntimeError("twins are not made under DDP yet")
+        if self.last_eval.get("step") != self.step:
+            self.evaluate()
+        self.save_checkpoint()
+        home = self.rd.path.parent.parent
+        child = fork(home, self.rd, step=self.step, name=f"{self.cfg.name}-twin{self.step}")
+        child.append_event("twin_of", run=self.rd.id, request=rid, step=self.step, lr_time=self.lr_time)
+        store = JobStore(home)
+        try:
+            store.enqueue(child.id, child.path, gpus=self.cfg.gpus)
+        finally:
+            store.close()
+        return child.id
 
     def _checkpoint_due(self, lr_time_before: float) -> bool:
         cfg = self.cfg

@@ -41,6 +41,7 @@ def main_callback(
 
 # ---------------------------------------------------------------- presets
 app.add_typer(presetcheck.app, name="presets")
+app.add_typer(presetcheck.app, name="preset", hidden=True)   # `gpctl preset from-run RUN` reads naturally too
 
 
 # ---------------------------------------------------------------- run

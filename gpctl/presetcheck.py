@@ -8,11 +8,13 @@ an online arm repeats data, a horizon is not reached, or the arms end at differe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from engine.config import ConfigError
 from engine.plan import Plan, compare_ends, plan
 from engine.presets import list_presets, load_preset
 from gpctl.common import JsonOpt, friendly, out
@@ -60,6 +62,28 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
         out.print(f"{len(presets) - failed} of {len(presets)} presets pass" + (f"; {failed} fail" if failed else ""))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("from-run")
+@friendly
+def from_run(run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+             out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the preset here (default: stdout).")] = None) -> None:
+    """A preset that replays RUN: its config, with the requests it applied as planned changes."""
+    from engine.replay import preset_from_run
+    from engine.rundir import resolve
+    from gpctl.common import State
+
+    text = preset_from_run(resolve(State.home, run))
+    if out_file is None:
+        print(text, end="")
+        return
+    if out_file.exists() and out_file.is_dir():
+        raise ConfigError(f"--out {out_file}: is a folder")
+    try:
+        out_file.write_text(text)
+    except OSError as e:
+        raise ConfigError(f"--out {out_file}: {e.strerror}") from None
+    out.print(f"wrote {out_file} (gpctl run preset {out_file})")
 
 
 def _arm_json(pl: Plan) -> dict:

@@ -23,6 +23,8 @@ AtStep = Annotated[Optional[int], typer.Option("--at-step", help="Wait in the co
 AtLrTime = Annotated[Optional[float], typer.Option("--at-lr-time", help="Wait; apply once lr_time reaches this.")]
 When = Annotated[Optional[str], typer.Option("--when", help="Wait; apply once e.g. 'eval_loss<1.45' or 'loss<2.1' holds "
                                                               "(loss: EMA 0.8 of the train loss, checked at each flush).")]
+Twin = Annotated[bool, typer.Option("--twin", help="Also fork an unsteered copy at the step where the change "
+                                                    "applies, queued as its control (the paper's Fig. 4 pair).")]
 QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run that is not running yet (queued, stopped, failed): "
                                                             "it applies at the run's first step boundary and is recorded as such.")]
 
@@ -65,11 +67,12 @@ def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
     return dict(request, queued_ok=True) if state != "running" and queued_ok else request
 
 
-def conditioned(request: dict, at_step: int | None, at_lr_time: float | None, when: str | None) -> dict:
+def conditioned(request: dict, at_step: int | None, at_lr_time: float | None, when: str | None,
+                twin: bool = False) -> dict:
     given = {k: v for k, v in (("at_step", at_step), ("at_lr_time", at_lr_time), ("when", when)) if v is not None}
     if len(given) > 1:
         raise ControlError("give one of --at-step, --at-lr-time or --when")
-    return {**request, **given}
+    return {**request, **given, **({"twin": True} if twin else {})}
 
 
 def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> None:
@@ -127,7 +130,7 @@ def set_(run: RunArg,
          values: Annotated[list[str], typer.Argument(help="lr=… and/or batch_size=…")],
          ramp: Annotated[float, typer.Option("--ramp", help="Reach the new lr over N LR-normalized steps.")] = 0.0,
          wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
-         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Set the lr and/or batch size of a running job (absolute values)."""
     changes = {}
     for item in values:
@@ -138,16 +141,16 @@ def set_(run: RunArg,
     req = {"set": changes}
     if ramp:
         req["ramp"] = ramp
-    send(run, conditioned(req, at_step, at_lr_time, when), wait, timeout, queued_ok)
+    send(run, conditioned(req, at_step, at_lr_time, when, twin), wait, timeout, queued_ok)
 
 
 @friendly
 def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
          wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
-         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+         at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Lower the noise: lr ÷ K (default K = 10) or batch × K (the paper: 16), now or when a condition holds."""
     rd = resolve(State.home, run)
-    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), at_step, at_lr_time, when)
+    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=True, ramp=0.0), at_step, at_lr_time, when, twin)
     send(rd.id, req, wait, timeout, queued_ok)
 
 
@@ -155,10 +158,10 @@ def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = No
 def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
            ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = 100.0,
            wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
-           at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
+           at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K, now or when a condition holds."""
     rd = resolve(State.home, run)
-    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), at_step, at_lr_time, when)
+    req = conditioned(noise_request(rd, lr_factor, batch_factor, lower=False, ramp=ramp), at_step, at_lr_time, when, twin)
     send(rd.id, req, wait, timeout, queued_ok)
 
 

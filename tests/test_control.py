@@ -91,7 +91,7 @@ def test_checkpoint_and_stop_actions(tmp_path):
 
 BAD_LINES = [
     ("{not json}\n", "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
-    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok, at_step, at_lr_time, when)"),
+    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok, twin, at_step, at_lr_time, when)"),
     ('{"set": {"momentum": 0.5}}\n', "unknown key 'set.momentum' (known: lr, batch_size)"),
     ('{"set": {"lr": "0.1"}}\n', "'lr' must be a number, got \"0.1\""),
     ('{"set": {"lr": 0}}\n', "'lr' must be finite and > 0, got 0"),

@@ -212,3 +212,68 @@ def test_a_waiting_request_survives_a_resume(home):
     assert [r["lr"] for r in recs] == [0.05] * 9 + [0.005] * 3
     applied = [(a["line"], a["step"]) for a in rd.events()[0] if a["event"] == "control" and a["status"] == "applied"]
     assert applied == [(2, 5), (1, 9)]
+
+
+def test_preset_from_run_replays_a_steered_run_bit_for_bit(home, tmp_path):
+    """Issue 11: the applied requests become planned changes; trained again, the records are equal."""
+    from engine.presets import load_preset
+    from tests.test_control import _write_at
+    cfg = tiny(TINY_IMAGES, "steps=14", "eval_every=5", "lr=0.05", "lr_ref=0.05", "batch_size=16",
+               "micro_batch_size=8", 'schedule.kind="cosine"', "schedule.warmup_steps=2")
+    steered = RunDir.create(home, cfg, run_id="tiny-t-steered")
+    lines = ['{"set": {"lr": 0.02}}\n', '{"set": {"batch_size": 32, "lr": 0.04}, "ramp": 0.5}\n',
+             '{"action": "checkpoint"}\n', '{"set": {"lr": -1}}\n', '{"set": {"batch_size": 8}}\n']
+    hooks = [_write_at(2, lines[0]), _write_at(5, lines[1]), _write_at(7, lines[2]), _write_at(9, lines[3] + lines[4])]
+    assert train(steered, hooks=hooks) == "done"
+    out_file = tmp_path / "replay.toml"
+    res = invoke(home, "preset", "from-run", steered.id, "--out", str(out_file))
+    assert res.exit_code == 0, res.output
+    preset = load_preset(str(out_file))
+    (rcfg,) = preset.configs()
+    assert [(c.at_step, c.lr, c.batch_size, c.ramp, c.manual) for c in rcfg.changes] == [
+        (3, 0.02, 0, 0.0, True), (6, 0.04, 32, 0.5, True), (10, 0.0, 8, 0.0, True)]
+    assert rcfg.checkpoint_at_steps == [8]
+    replay = RunDir.create(home, rcfg, run_id="tiny-t-replay")
+    assert train(replay) == "done"
+    strip = lambda rd: [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
+    assert strip(replay) == strip(steered)
+    assert [s for s, _ in replay.list_checkpoints()] == [s for s, _ in steered.list_checkpoints()]
+    # negative control: the same config without the replayed changes is another run
+    plain = RunDir.create(home, tiny(TINY_IMAGES, "steps=14", "eval_every=5", "lr=0.05", "lr_ref=0.05",
+                                     "batch_size=16", "micro_batch_size=8", 'schedule.kind="cosine"',
+                                     "schedule.warmup_steps=2"), run_id="tiny-t-plain")
+    assert train(plain) == "done"
+    assert strip(plain) != strip(steered)
+
+
+def test_drop_at_matched_loss_with_a_twin(home):
+    """Issue 11's worked example: `gpctl drop RUN --when 'eval_loss<X' --twin`. The drop applies at the
+    first eval that meets X (the step an unsteered run predicts), and the twin, forked there and queued,
+    continues exactly as the unsteered run."""
+    from engine.jobs import JobStore
+    args = ("steps=20", "eval_every=5", "log_every=1", "lr=0.02", "batch_size=16", "checkpoint_every=0")
+    plain = RunDir.create(home, tiny(TINY_IMAGES, *args), run_id="tiny-t-plain")
+    assert train(plain) == "done"
+    evals = [r for r in plain.metrics()[0] if "eval_loss" in r][:-1]
+    best = min(evals, key=lambda r: r["eval_loss"])     # the first eval that gets below `target`
+    target, at = best["eval_loss"] + 1e-12, best["step"]
+    assert all(r["eval_loss"] >= target for r in evals if r["step"] < at) and 0 < at < 20
+    rd = RunDir.create(home, tiny(TINY_IMAGES, *args), run_id="tiny-t-steered")
+    rd.write_status(state="running")
+    res = invoke(home, "drop", rd.id, "--when", f"eval_loss<{target!r}", "--twin")
+    assert res.exit_code == 0, res.output
+    assert train(rd) == "done"
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control" and e["status"] == "applied"]
+    assert ack["step"] == at and ack["met"]["eval_loss"] == best["eval_loss"] and ack["changed"]["lr"] == [0.02, 0.002]
+    twin = RunDir(home / "runs" / ack["twin"])
+    assert twin.config().parent == rd.id and twin.config().parent_overrides == []
+    store = JobStore(home)
+    assert store.get(twin.id).state == "queued"
+    store.close()
+    assert train(twin) == "done"
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "wall"} for r in recs if "loss" in r]
+    assert strip(twin.metrics()[0]) == strip(plain.metrics()[0])[at:]       # the control: no intervention
+    assert strip(rd.metrics()[0])[:at] == strip(plain.metrics()[0])[:at]   # the shared prefix
+    assert strip(rd.metrics()[0])[at:] != strip(plain.metrics()[0])[at:]   # and the drop after it
+    from engine.control import describe
+    assert describe(ack, rd.id).endswith(f"; unsteered twin {twin.id} queued")
