@@ -220,6 +220,23 @@ def _fmt_num(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def parse_words(words: list[str], ramp: float = 0.0) -> dict:
+    """A request from `k=v` words (`lr=0.005 batch_size=512 ramp=100`), the CLI's and the TUI's one
+    parser. Values are TOML values; what they mean is checked by `validate`, like any line."""
+    from engine.config import parse_value
+
+    changes: dict = {}
+    for item in words:
+        key, _, text = item.partition("=")
+        if key == "ramp" and text:
+            ramp = parse_value(text)
+        elif key in SET_KEYS and text:
+            changes[key] = parse_value(text)
+        else:
+            raise ControlError(f"expected lr=VALUE, batch_size=VALUE or ramp=N, got {_quote(item)}")
+    return {"set": changes, **({"ramp": ramp} if ramp else {})}
+
+
 def request_id(req: object) -> str | None:
     """The request's own id when it is a short string (a long one is not copied into events)."""
     rid = req.get("id") if isinstance(req, dict) else None

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from engine.config import ConfigError, parse_value
-from engine.control import ControlError, append_request, describe, wait_for_ack
+from engine.config import ConfigError
+from engine.control import ControlError, append_request, describe, parse_words, wait_for_ack
 from engine.fork import fork as fork_run
 from engine.rundir import RunDir, resolve
 from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, friendly, out
@@ -132,15 +132,7 @@ def set_(run: RunArg,
          wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
          at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Set the lr and/or batch size of a running job (absolute values)."""
-    changes = {}
-    for item in values:
-        key, _, text = item.partition("=")
-        if key not in ("lr", "batch_size") or not text:
-            raise ControlError(f"expected lr=VALUE or batch_size=VALUE, got {item!r}")
-        changes[key] = parse_value(text)
-    req = {"set": changes}
-    if ramp:
-        req["ramp"] = ramp
+    req = parse_words(values, ramp)
     send(run, conditioned(req, at_step, at_lr_time, when, twin), wait, timeout, queued_ok)
 
 

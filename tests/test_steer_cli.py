@@ -51,7 +51,7 @@ def test_commands_append_the_right_line(home, run, args, expect):
 
 
 @pytest.mark.parametrize("args, line", [
-    (["set", "{id}", "momentum=0.5"], "error: expected lr=VALUE or batch_size=VALUE, got 'momentum=0.5'"),
+    (["set", "{id}", "momentum=0.5"], 'error: expected lr=VALUE, batch_size=VALUE or ramp=N, got "momentum=0.5"'),
     (["raise", "{id}", "--batch-factor", "3"], "error: batch 16 is not divisible by --batch-factor 3"),
     (["drop", "{id}", "--lr-factor", "2", "--batch-factor", "2"], "error: give one of --lr-factor or --batch-factor"),
     (["stop", "nosuchrun"], "error: unknown run 'nosuchrun' in"),

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import Footer, Header, Input
 
 from engine.config import ConfigError
-from engine.control import ControlError, append_request
+from engine.control import ControlError, append_request, parse_words
 from engine.curves import AXES
 from engine.jobs import JobStore
 from engine.rundir import RunDir, list_runs
@@ -339,7 +339,6 @@ class GpctlApp(App):
         self._noise(lower=False)
 
     def action_set(self) -> None:
-        from engine.config import parse_value
         rd = self._selected()
         if rd is None:
             return
@@ -347,17 +346,12 @@ class GpctlApp(App):
         def done(answer: str | None) -> None:
             if not answer:
                 return
-            changes, ramp = {}, 0.0
-            for item in answer.split():
-                key, _, text = item.partition("=")
-                if key == "ramp":
-                    ramp = parse_value(text)   # a bad value is refused by the request's validation
-                elif key in ("lr", "batch_size"):
-                    changes[key] = parse_value(text)
-                else:
-                    self.notify(f"unknown key {key!r} (lr, batch_size, ramp)", severity="error")
-                    return
-            self._send(rd, {"set": changes, **({"ramp": ramp} if ramp else {})})
+            try:
+                request = parse_words(answer.split())
+            except ControlError as e:
+                self.notify(str(e), severity="error")
+                return
+            self._send(rd, request)
 
         self.push_screen(Ask(f"set on {rd.id}: lr=… batch_size=… [ramp=N]"), done)
 
