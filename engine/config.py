@@ -255,6 +255,7 @@ def validate(cfg: Config, where: str) -> Config:
             raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"{where}: 'lr' must be > 0, got {cfg.lr}")
+    _check_ranges(cfg, where)
     for key in ("eval_every", "checkpoint_every", "micro_batch_size", "lr_ref", "max_lr_time"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
@@ -269,8 +270,6 @@ def validate(cfg: Config, where: str) -> Config:
             raise ConfigError(f"{where}: 'data.augment' entry {a!r} is not one of {', '.join(_AUGMENTS)}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{where}: 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
-        raise ConfigError(f"{where}: 'device' = {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     _check_batch(where, "batch_size", cfg.batch_size, cfg.micro_batch_size)
     for i, ch in enumerate(cfg.changes):
         key = f"changes[{i}]"
@@ -291,6 +290,52 @@ def validate(cfg: Config, where: str) -> Config:
         raise ConfigError(f"{where}: 'data.seq_len' = {cfg.data.seq_len} exceeds "
                           f"'model.n_positions' = {cfg.model.n_positions}")
     return cfg
+
+
+_RANGES = {   # key: (lowest, highest) for values beyond "> 0" that a run cannot work without
+    "steps": (1, 10**12), "seed": (0, 2**63 - 1), "data_seed": (0, 2**63 - 1), "threads": (0, 4096),
+    "gpus": (1, 4096), "model.width": (1, 65536), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
+    "model.n_layer": (1, 1000), "model.n_head": (1, 1000), "model.n_embd": (1, 10**6),
+    "model.vocab_size": (2, 10**8), "model.n_positions": (1, 10**7), "data.image_size": (1, 65536),
+    "data.seq_len": (1, 10**7), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),
+    "data.teacher_width": (1, 65536), "data.teacher_depth": (1, 1000), "data.vocab_size": (2, 10**8),
+    "data.workers": (1, 1024), "control.max_batch_size": (1, 2**31),
+}
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_ranges(cfg: Config, where: str) -> None:
+    import re
+    for key, (lo, hi) in _RANGES.items():
+        v = _get(cfg, key)
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where}: '{key}' must be in [{lo}, {hi}], got {v}")
+    for key in ("model.depths", "model.dims"):
+        if any(v < 1 for v in _get(cfg, key)):
+            raise ConfigError(f"{where}: '{key}' entries must be >= 1, got {_get(cfg, key)}")
+    if cfg.is_lm and cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError(f"{where}: 'model.n_embd' = {cfg.model.n_embd} is not a multiple of "
+                          f"'model.n_head' = {cfg.model.n_head}")
+    if not (0 <= cfg.model.dropout < 1 and 0 <= cfg.model.bn_momentum <= 1):
+        raise ConfigError(f"{where}: 'model.dropout' must be in [0, 1) and 'model.bn_momentum' in [0, 1]")
+    if any(s < 0 for s in cfg.checkpoint_at_steps) or any(t < 0 for t in cfg.checkpoint_at_lr_times):
+        raise ConfigError(f"{where}: 'checkpoint_at_steps' and 'checkpoint_at_lr_times' must be >= 0")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"{where}: 'device' = {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0 or cfg.optim.grad_clip < 0:
+        raise ConfigError(f"{where}: 'optim.momentum', 'optim.weight_decay' and 'optim.grad_clip' must be >= 0 "
+                          f"and 'optim.eps' > 0")
+    from engine.rundir import is_name
+    for key in ("name", "preset"):
+        v = getattr(cfg, key)
+        if v and not is_name(v):
+            raise ConfigError(f"{where}: '{key}' = {v!r} is not a plain name (letters, digits, _ . -; no '..')")
 
 
 def _check_schedule(cfg: Config, where: str) -> None:
@@ -376,6 +421,10 @@ def load_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
 
 
 def dump_toml(data: dict) -> str:

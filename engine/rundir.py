@@ -77,26 +77,51 @@ def _append_lines(path: Path, lines: list[str]) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Complete lines from byte `offset` on, and the offset after the last complete line.
+_NUMBERS = ("loss", "eval_loss", "eval_error", "lr", "lr_time", "wall", "samples", "step", "batch_size",
+            "unique_samples", "time")
 
-    A trailing line without its newline (a writer mid-append) is left for the next call.
+
+def record_ok(rec: object) -> bool:
+    """A metrics record or event a reader can use: an object whose known numeric fields are numbers
+    (a record whose `loss` is a string, say, is skipped rather than crash every reader of the home)."""
+    if not isinstance(rec, dict):
+        return False
+    for key in _NUMBERS:
+        v = rec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return False
+    return "event" not in rec or isinstance(rec["event"], str)
+
+
+def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete, well-formed records from byte `offset` on, and the offset after the last complete line.
+
+    A trailing line without its newline (a writer mid-append) is left for the next call. A line that is
+    not UTF-8, not JSON, or not a record (see record_ok) is skipped, never fatal to a reader.
     """
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
         return [], offset
     end = data.rfind(b"\n") + 1
     out = []
     for line in data[:end].splitlines():
         if line.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a damaged record is skipped, never fatal to a reader
+                rec = json.loads(line)
+            except (ValueError, RecursionError):   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                continue
+            if record_ok(rec):
+                out.append(rec)
     return out, offset + end
+
+
+def is_name(text: str) -> bool:
+    """Preset, arm and run names become paths: letters, digits, '_', '.', '-'; no '..'; not empty."""
+    import re
+    return bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", text)) and ".." not in text and not text.startswith(".")
 
 
 def new_run_id(preset: str, arm: str) -> str:
@@ -127,6 +152,8 @@ class RunDir:
         runs.mkdir(exist_ok=True, mode=DIR_MODE)
         run_id = run_id or new_run_id(cfg.preset or "run", cfg.name or "main")
         rd = cls(runs / run_id)
+        if not is_name(run_id) or rd.path.resolve().parent != runs.resolve():
+            raise ConfigError(f"run id {run_id!r} is not a plain name (letters, digits, _ . -; no '..')")
         rd.path.mkdir(mode=DIR_MODE)
         rd.checkpoints.mkdir(mode=DIR_MODE)
         write_atomic(rd.config_file, dump_toml(to_dict(cfg)))
@@ -150,9 +177,10 @@ class RunDir:
 
     def status(self) -> dict:
         try:
-            return json.loads(self.status_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            st = json.loads(self.status_file.read_bytes())
+        except (OSError, ValueError, RecursionError):
             return {"state": "unknown"}
+        return st if isinstance(st, dict) and isinstance(st.get("state", ""), str) else {"state": "unknown"}
 
     def write_status(self, **fields: Any) -> dict:
         st = self.status() if self.status_file.exists() else {}
@@ -201,9 +229,10 @@ class RunDir:
     def read_tv_cache(self) -> dict:
         """TV results computed with this run as A, keyed by checkpoints and eval size."""
         try:
-            return json.loads(self.tv_cache_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            cache = json.loads(self.tv_cache_file.read_bytes())
+        except (OSError, ValueError, RecursionError):
             return {}
+        return cache if isinstance(cache, dict) else {}
 
     def write_tv_cache(self, cache: dict) -> None:
         write_atomic(self.tv_cache_file, json.dumps(cache, sort_keys=True))
@@ -216,7 +245,7 @@ class RunDir:
         """Complete checkpoints (weights and resume state both present), by step."""
         out = []
         for p in self.checkpoints.glob("step_*.safetensors"):
-            if p.name.endswith(".state.safetensors"):
+            if p.name.endswith(".state.safetensors") or not p.name[5:12].isdigit():
                 continue
             step = int(p.name[5:12])
             if p.with_name(p.name.replace(".safetensors", ".state.safetensors")).exists():
@@ -272,14 +301,16 @@ def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tup
                         continue
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):
+                        continue
+                    if not record_ok(rec):
                         continue
                     if "eval_loss" in rec:
                         last_eval = last_eval or rec
                     elif "loss" in rec:
                         last = last or rec
                         losses.append(rec["loss"])
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         pass
     return last or {}, last_eval or {}, losses[::-1]
 
@@ -294,6 +325,8 @@ def list_runs(root: Path) -> list[RunDir]:
 
 def resolve(root: Path, text: str) -> RunDir:
     """A run by its id or a unique prefix of it."""
+    if not text.strip():
+        raise UnknownRun("a run id cannot be empty")
     runs = list_runs(root)
     exact = [r for r in runs if r.id == text]
     if exact:

@@ -23,6 +23,7 @@ from engine.jobs import JobStore
 from gpctl import compare, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, err, friendly, out
 from gpctl.common import fmt as _f
+from gpctl.common import plain_table
 from gpctl.progress import train_in_foreground
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, steer and compare SGD-noise experiments.")
@@ -134,14 +135,12 @@ def ls(as_json: JsonOpt = False) -> None:
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    t = Table(title=str(State.home / "runs"))
-    for col in ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss"):
-        t.add_column(col, justify="left" if col in ("id", "state", "device") else "right")
-    for r in rows:
-        t.add_row(r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]),
-                  _f(r["lr_time"], 1), _f(r["lr"], 5) if r["lr"] else "-", str(r["batch_size"] or "-"),
-                  _f(r["loss"]), _f(r["eval_loss"]))
-    out.print(t)
+    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss")
+    cells = [[r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
+              f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"])]
+             for r in rows]
+    print(State.home / "runs")
+    print(plain_table(cols, cells, left=3))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,8 +40,25 @@ def friendly(fn):
         except USER_ERRORS as e:
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(2) from None
+        except OSError as e:   # an unwritable home, a --home that is a file, a full disk: name the path
+            where = f"{e.filename}: " if e.filename else ""
+            err.print(f"error: {where}{e.strerror or e}", markup=False)
+            raise typer.Exit(2) from None
+        except sqlite3.Error as e:
+            err.print(f"error: {State.home / 'jobs.db'}: {e}", markup=False)
+            raise typer.Exit(2) from None
     return wrapper
 
 
 def fmt(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def plain_table(headers: tuple[str, ...], rows: list[list[str]], left: int = 1) -> str:
+    """Aligned columns that are never cut, whatever the terminal's width or a pipe (kubectl-style):
+    the first `left` columns are left-aligned, the rest right-aligned."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(headers)] + [line(r) for r in rows])

@@ -1,0 +1,117 @@
+"""Issue 12: one bad file never takes down the others. A home with one healthy run and one run for
+each kind of corruption: every reader shows the healthy run, and no command prints a traceback."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.rundir import RunDir
+from engine.train import train
+from gpctl.cli import app
+from tests.conftest import TINY_IMAGES, tiny
+
+runner = CliRunner()
+
+CORRUPTIONS = {
+    "config_bytes": lambda rd: rd.config_file.write_bytes(b"steps = 3\n\xff\xfe\x00garbage"),
+    "metrics_bytes": lambda rd: rd.metrics_file.write_bytes(b"\x00\xff\xfe" * 100 + b"\n"),
+    "loss_string": lambda rd: rd.metrics_file.write_text('{"step": 1, "loss": "high", "lr": 0.1}\n'
+                                                         '{"step": "two", "loss": 1.0}\n[1, 2]\n'),
+    "events_bytes": lambda rd: rd.events_file.write_bytes(b"\xff" * 50 + b"\n{\"event\": 5}\n"),
+    "status_garbage": lambda rd: rd.status_file.write_bytes(b"\xff\xfe not json"),
+    "status_list": lambda rd: rd.status_file.write_text("[1, 2, 3]"),
+    "nested": lambda rd: rd.metrics_file.write_text("[" * 50_000 + "\n"),
+}
+
+
+@pytest.fixture
+def corrupt_home(tmp_path):
+    home = tmp_path / "home"
+    healthy = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "eval_every=2", "checkpoint_every=2", name="healthy"))
+    assert train(healthy) == "done"
+    bad = {}
+    for kind, corrupt in CORRUPTIONS.items():
+        rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", name=kind.replace("_", "-")))
+        assert train(rd) == "done"
+        corrupt(rd)
+        bad[kind] = rd
+    return home, healthy, bad
+
+
+def invoke(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args])
+
+
+def test_every_reader_shows_the_healthy_run(corrupt_home):
+    home, healthy, bad = corrupt_home
+    res = invoke(home, "ls", "--json")
+    assert res.exit_code == 0, res.output
+    rows = {r["id"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == {healthy.id, *(rd.id for rd in bad.values())}
+    h = rows[healthy.id]
+    assert (h["state"], h["step"], h["preset"]) == ("done", 4, "tiny")
+    assert rows[bad["loss_string"].id]["loss"] is None           # the bad records were skipped
+    assert rows[bad["status_list"].id]["state"] == "unknown"
+    assert rows[bad["config_bytes"].id]["preset"] == "?"
+    res = invoke(home, "ls")
+    assert res.exit_code == 0 and healthy.id[:10] in res.stdout, res.output
+    res = invoke(home, "show", healthy.id)
+    assert res.exit_code == 0 and "done" in res.stdout, res.output
+    for kind, rd in bad.items():
+        res = invoke(home, "show", rd.id)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (kind, res.exception)
+        if res.exit_code:
+            assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (kind, res.output)
+    res = invoke(home, "plot", healthy.id, "--out", str(home / "p.png"))
+    assert res.exit_code == 0, res.output
+    assert (home / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fork", "{id}", "--no-start", "--set", "preset=../../x"], "'preset' = '../../x' is not a plain name"),
+    (["fork", "{id}", "--no-start", "--name", "a/../../../x"], "'name' = 'a/../../../x' is not a plain name"),
+    (["fork", "{id}", "--no-start", "--name", "../x"], "'name' = '../x' is not a plain name"),
+    (["cancel", ""], "a run id cannot be empty"),
+    (["show", " "], "a run id cannot be empty"),
+])
+def test_names_cannot_escape_the_home(corrupt_home, args, message):
+    home, healthy, _ = corrupt_home
+    before = sorted(p.name for p in home.parent.rglob("*") if p.is_dir())
+    res = invoke(home, *[a.format(id=healthy.id) for a in args])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in home.parent.rglob("*") if p.is_dir()) == before
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.width=0", "'model.width' must be in [1, 65536], got 0"),
+    ("model.width=-3", "'model.width' must be in [1, 65536], got -3"),
+    ("threads=-1", "'threads' must be in [0, 4096], got -1"),
+    ('device="cuda:abc"', "'device' = 'cuda:abc' is not one of auto, cpu, cuda, cuda:N"),
+    ("data.image_size=0", "'data.image_size' must be > 0, got 0"),
+    ("steps=1e26", "'steps' must be an integer, got 1e+26"),
+    ("checkpoint_at_steps=[-5]", "'checkpoint_at_steps' and 'checkpoint_at_lr_times' must be >= 0"),
+    ("seed=-1", "'seed' must be in [0, 9223372036854775807], got -1"),
+])
+def test_a_preset_that_cannot_work_is_refused_before_queueing(tmp_path, setting, message):
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", "demo", "--no-worker", "--set", setting])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_a_home_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "home"
+    f.write_text("not a folder")
+    for args in (["ls"], ["run", "preset", "demo", "--no-worker"], ["worker", "--status"], ["show", "x"]):
+        res = runner.invoke(app, ["--home", str(f), *args])
+        assert res.exit_code == 2 and res.stderr.startswith("error: "), (args, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+
+
+def test_a_non_utf8_preset_file_is_one_line(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_bytes(b"[base]\nsteps = 3\n\xff\xfe\n")
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "run", "preset", str(p), "--no-worker"])
+    assert res.exit_code == 2 and res.stderr.strip() == f"error: {p}: not UTF-8 text (byte 18)", res.output
