@@ -115,3 +115,36 @@ def test_a_non_utf8_preset_file_is_one_line(tmp_path):
     p.write_bytes(b"[base]\nsteps = 3\n\xff\xfe\n")
     res = runner.invoke(app, ["--home", str(tmp_path / "h"), "run", "preset", str(p), "--no-worker"])
     assert res.exit_code == 2 and res.stderr.strip() == f"error: {p}: not UTF-8 text (byte 18)", res.output
+
+
+def test_the_tui_shows_the_healthy_run_in_a_corrupt_home(corrupt_home):
+    import asyncio
+
+    from gpctl.tui.app import GpctlApp
+    home, healthy, bad = corrupt_home
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            assert app.table.row_count == 1 + len(bad)
+            app.table.move_cursor(row=app.table.get_row_index(healthy.id))
+            await pilot.pause()
+            assert [s[3] for s in app.plot.series] == [healthy.id]
+            for rd in bad.values():                  # each corrupt run selected, overlaid, with evals
+                app.table.move_cursor(row=app.table.get_row_index(rd.id))
+                await pilot.press("space")
+                await pilot.pause()
+            await pilot.press("v")
+            await pilot.pause()
+            assert app.is_running
+    asyncio.run(go())
+
+
+def test_eight_runs_with_evals_have_colours(tmp_path):
+    """Issue 12: the eighth run's eval series asked for `bright_orange1`, which does not exist."""
+    from rich.style import Style
+
+    from gpctl.tui.widgets.plot import COLORS, eval_color
+    for c in COLORS:
+        Style.parse(eval_color(c))   # raises for a colour that does not exist

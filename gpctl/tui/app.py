@@ -26,7 +26,7 @@ from engine.rundir import RunDir, list_runs
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Help, Pick
 from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
-from gpctl.tui.widgets.plot import COLORS, LossPlot
+from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
 EMAS = (0.0, 0.8, 0.9, 0.99)
 ZOOMS = (1.0, 0.25, 0.05)
@@ -184,7 +184,7 @@ class GpctlApp(App):
             if self.with_eval:
                 ex, ey = t.series(self.x_axis, 0, evals=True)
                 keep = (ex >= lo) & (ex <= hi)
-                series.append((ex[keep], ey[keep], "bright_" + color if not color.startswith("bright") else color,
+                series.append((ex[keep], ey[keep], eval_color(color),
                                rid + " eval"))
             if rid == sel:
                 markers = t.markers(self.x_axis)

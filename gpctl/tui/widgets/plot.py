@@ -13,6 +13,13 @@ from rich.text import Text
 from textual.widget import Widget
 
 COLORS = ("cyan", "magenta", "yellow", "green", "red", "blue", "bright_white", "orange1")
+_ANSI = ("black", "red", "green", "yellow", "blue", "magenta", "cyan", "white")
+
+
+def eval_color(color: str) -> str:
+    """The eval series' colour: the bright ANSI variant where there is one, else bold (any number of
+    runs: `bright_orange1` does not exist)."""
+    return f"bright_{color}" if color in _ANSI else f"bold {color}"
 _BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # braille dot bit for (row, col)
 
 
@@ -55,7 +62,8 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
         yv = np.log10(np.clip(y, 1e-12, None)) if logy else y
         lo, hi = column_minmax(x, yv, x0, x1, pw)
         cols.append((lo, hi, color))
-    finite = [v for lo, hi, _ in cols for v in (np.nanmin(lo), np.nanmax(hi)) if np.isfinite(v)]
+    finite = [v for lo, hi, _ in cols if np.isfinite(lo).any()   # a series with no point in view adds nothing
+              for v in (np.nanmin(lo), np.nanmax(hi)) if np.isfinite(v)]
     if not finite:
         return [Text(" " * width) for _ in range(height)], (x0, x1, 0, 1)
     y0, y1 = min(finite), max(finite)
