@@ -22,11 +22,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT = "gpctl-checkpoint-1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; str(e) is the one line to print."""
+from engine.ckptmeta import FORMAT, read_meta  # noqa: F401  (torch-free; re-exported here)
+from engine.errors import CheckpointError  # noqa: F401  (re-exported: engine.checkpoint.CheckpointError)
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -88,20 +85,6 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: d
     _save_atomic(model_weights(model), path, {"format": "pt", "gpctl": FORMAT,
                                               **{k: json.dumps(v) for k, v in meta.items()}})
     return path
-
-
-def read_meta(path: Path) -> dict:
-    """The metadata of a weights file, JSON-decoded (step, samples, lr_time, eval_loss, model, ...)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    if raw.get("gpctl") != FORMAT:
-        raise CheckpointError(f"{path}: not a gpctl checkpoint (no '{FORMAT}' metadata)")
-    return {k: json.loads(v) for k, v in raw.items() if k not in ("format", "gpctl")}
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.checkpoint import read_meta
+from engine.ckptmeta import read_meta
 from engine.config import ConfigError, apply_overrides, build, to_dict
 from engine.rundir import RunDir, new_run_id
 

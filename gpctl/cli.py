@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from engine.checkpoint import CheckpointError, read_meta
+from engine.ckptmeta import read_meta
+from engine.errors import CheckpointError
 from engine.config import ConfigError
 from engine.fork import children
 from engine.rundir import RunDir, home, list_runs, private_files, resolve

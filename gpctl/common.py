@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 from engine.control import ControlError
-from engine.data.stream import DataMissing
+from engine.errors import CheckpointError, DataMissing
 from engine.rundir import UnknownRun, home
 
 out = Console(highlight=False, soft_wrap=True)

@@ -12,7 +12,6 @@ from engine.config import ConfigError
 from engine.curves import AXES
 from engine.presets import load_preset
 from engine.rundir import RunDir, list_runs, resolve
-from engine.tv import tv_curve
 from gpctl.common import JsonOpt, State, fmt, friendly, out
 
 By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr-time (without --match-loss).")]
@@ -54,6 +53,7 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     pairing = "loss" if match_loss else by.replace("-", "_")
     steps = [int(s) for s in at_steps.split(",")] if at_steps else None
     a, b = resolve(State.home, run_a), resolve(State.home, run_b)
+    from engine.tv import tv_curve   # torch: only when a TV is computed
     rows = [dict(r, curve="main") for r in tv_curve(a, b, pairing, steps, eval_samples, device)]
     if baseline:
         c = resolve(State.home, baseline)

@@ -5,7 +5,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine.rundir import RunDir
-from engine.train import Trainer, train
 
 
 def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = False) -> list[str]:
@@ -18,10 +17,11 @@ def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = Fals
         for rd in rds:
             task = tasks[rd.id]
 
-            def update(t: Trainer, task=task) -> None:
+            def update(t, task=task) -> None:   # t: engine.train.Trainer
                 loss = t.last_record.get("loss")
                 progress.update(task, completed=t.step, loss=f"{loss:.4f}" if loss is not None else "-")
 
+            from engine.train import train   # torch: only when training here
             state = train(rd, resume=resume, on_progress=update)
             progress.update(task, description=f"{rd.id} [{state}]")
             states.append(state)

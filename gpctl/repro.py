@@ -41,7 +41,6 @@ from engine.curves import ema, eval_curve, fit_shift, rms_gap
 from engine.fork import fork as fork_run
 from engine.presets import load_preset
 from engine.rundir import RunDir
-from engine.tv import tv_curve
 from gpctl import queue
 from gpctl.common import State, friendly, out
 from gpctl.steer import noise_request
@@ -289,7 +288,7 @@ def shared_loss_range(sets: dict[str, list[float]]) -> tuple[float, float]:
 
 def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict], tuple[float, float]]:
     """Rule 3: both ratios over the same matched-loss range, against the same two-seed baseline."""
-    from engine.tv import checkpoints
+    from engine.tv import checkpoints, tv_curve   # torch: only when the checks run
 
     r, t0 = rep.runs, t0_of(rep)
     ck = {k: [(rd, c) for rd in family(rep, k) for c in checkpoints(rd) if c.eval_loss is not None]

@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.config import Config
-from engine.data import preflight
-from engine.data.stream import DataMissing
+from engine.errors import DataMissing
 from engine.presets import Preset, load_preset
 from engine.rundir import RunDir
 
@@ -14,6 +13,7 @@ def check_data(preset: Preset, configs: list[Config]) -> None:
     """Stop before anything is created if a real preset's data is missing, naming the CPU twin."""
     for cfg in configs:
         try:
+            from engine.data import preflight
             preflight(cfg)
         except DataMissing as e:
             twin = f"; or run its CPU twin: gpctl run preset {preset.twin}" if preset.twin and \

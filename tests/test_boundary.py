@@ -19,3 +19,16 @@ def test_no_pickle_loads_in_sources():
         for f in (root / pkg).rglob("*.py"):
             text = f.read_text()
             assert "pickle.load" not in text and "torch.load(" not in text, f
+
+
+def test_the_cli_starts_without_torch():
+    """Issue 15: `gpctl --help`, `ls` and an enqueue pay for no torch, transformers, datasets or textual."""
+    code = ("import sys, gpctl.cli\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'datasets', 'textual', 'matplotlib') "
+            "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == ""
+    # negative control: the trainer does import torch
+    code = "import sys, engine.train\nprint('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "True"

@@ -10,13 +10,20 @@ Sources:  synthetic_images (teacher CNN), synthetic_tokens (order-2 Markov), cif
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from engine.config import Config
-from engine.data.stream import DataMissing, Stream
+from engine.errors import DataMissing
+
+if TYPE_CHECKING:  # torch is imported by the streams, not by `import engine.data` (the CLI starts without it)
+    import torch
+
+    from engine.data.stream import Stream
 
 
-def build_stream(cfg: Config, device: torch.device) -> Stream:
+def build_stream(cfg: Config, device: "torch.device") -> "Stream":
+    from engine.data.stream import Stream
+
     dc = cfg.data
     if dc.source == "synthetic_images":
         from engine.data.synthetic import TeacherImages
@@ -42,6 +49,13 @@ def build_stream(cfg: Config, device: torch.device) -> Stream:
 
 
 __all__ = ["build_stream", "Stream", "DataMissing"]
+
+
+def __getattr__(name: str):
+    if name == "Stream":
+        from engine.data.stream import Stream
+        return Stream
+    raise AttributeError(name)
 
 
 def preflight(cfg: Config) -> None:

@@ -15,13 +15,10 @@ from typing import Iterator
 import torch
 
 from engine.config import DataConfig
+from engine.errors import DataMissing  # noqa: F401  (re-exported)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-class DataMissing(FileNotFoundError):
-    """A real data set is not where the config says; str(e) is the one line to print."""
 
 
 def mix_seed(*parts: int) -> int:

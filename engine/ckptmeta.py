@@ -1,0 +1,33 @@
+"""A checkpoint's metadata, read without torch (listing checkpoints must not pay torch's import)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.errors import CheckpointError
+
+FORMAT = "gpctl-checkpoint-1"
+
+
+def read_meta(path: Path) -> dict:
+    """The metadata of a weights file, JSON-decoded (step, samples, lr_time, eval_loss, model, ...).
+
+    Read from the safetensors header itself (8-byte little-endian length, then JSON), so listing
+    checkpoints needs neither torch nor the tensors."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 * 2**20:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        raw = header.get("__metadata__") or {}
+        if not isinstance(raw, dict):
+            raise ValueError("metadata is not an object")
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if raw.get("gpctl") != FORMAT:
+        raise CheckpointError(f"{path}: not a gpctl checkpoint (no '{FORMAT}' metadata)")
+    try:
+        return {k: json.loads(v) for k, v in raw.items() if k not in ("format", "gpctl")}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged gpctl metadata ({e})") from None
