@@ -126,6 +126,9 @@ class Trainer:
             self.fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
         self.control = ControlReader(self.rd)
+        if resume and not self.rd.list_checkpoints() and self.rd.metrics_size() > 0:
+            raise RuntimeError(f"cannot resume: no checkpoint in {self.rd.checkpoints} (the records are kept)")
+        self.rd.checkpoints.mkdir(mode=0o700, exist_ok=True)
         if resume and self.rd.list_checkpoints():
             self._resume()
         elif cfg.parent_checkpoint:
@@ -217,9 +220,9 @@ class Trainer:
                 self.evaluate()
             if want_ckpt:
                 self.save_checkpoint()
-        # -- end
+        # -- end (a stop takes no eval: the resumed run's records must equal an uninterrupted run's)
         self.flush()
-        if self.last_eval.get("step") != self.step:
+        if self.last_eval.get("step") != self.step and self._finished():
             self.evaluate()
         if self.last_checkpoint != self.step or self._consumed_since_checkpoint:
             self.save_checkpoint()   # also when a line (a stop) was consumed after this step's checkpoint

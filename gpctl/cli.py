@@ -208,6 +208,9 @@ def resume(run: RunArg,
     rd = resolve(State.home, run)
     if rd.status().get("state") == "done":
         raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
+    if not rd.list_checkpoints() and rd.metrics_size() > 0:
+        raise ConfigError(f"run {rd.id} has records but no checkpoint in {rd.checkpoints}: it cannot resume "
+                          f"(its records are kept; fork it or start a new run)")
     if foreground:
         states = train_in_foreground([rd], out, resume=True)
     else:

@@ -395,3 +395,17 @@ def test_gpctl_creates_everything_owner_only(tmp_path):
              if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert loose == []
     assert stat.S_IMODE(home.stat().st_mode) == 0o700 and (home / "worker.log").exists()
+
+
+def test_stop_and_resume_records_equal_an_uninterrupted_run_eval_included(tmp_path):
+    """Issue 12: a stop between checkpoints used to add an eval record at the stop step."""
+    args = ("steps=12", "checkpoint_every=4", "eval_every=3")
+    whole = _run(tmp_path, *args, run_id="whole")
+    assert train(whole) == "done"
+    rd = _run(tmp_path, *args, run_id="stopped")
+    assert train(rd, hooks=[_write_at(4, '{"action": "stop"}\n')]) == "stopped"   # stops at step 5
+    assert _steps(rd)[-1]["step"] == 5
+    assert train(rd, resume=True) == "done"
+    strip = lambda r: [{k: v for k, v in x.items() if k != "wall"} for x in r.metrics()[0]]
+    assert strip(rd) == strip(whole)
+    assert [x["step"] for x in rd.metrics()[0] if "eval_loss" in x] == [3, 4, 6, 8, 9, 12]

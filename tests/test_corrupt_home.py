@@ -148,3 +148,19 @@ def test_eight_runs_with_evals_have_colours(tmp_path):
     from gpctl.tui.widgets.plot import COLORS, eval_color
     for c in COLORS:
         Style.parse(eval_color(c))   # raises for a colour that does not exist
+
+
+def test_resume_without_checkpoints_keeps_the_records(tmp_path):
+    """Issue 12: `resume` with checkpoints/ missing emptied metrics.jsonl and retrained from step 0."""
+    import shutil
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "eval_every=2"))
+    assert train(rd) == "done"
+    rd.write_status(state="stopped")
+    shutil.rmtree(rd.checkpoints)
+    before = rd.metrics_file.read_bytes()
+    res = invoke(home, "resume", rd.id)
+    assert res.exit_code == 2 and "has records but no checkpoint" in res.stderr, res.output
+    assert train(rd, resume=True) == "failed"                    # the engine refuses too
+    assert "cannot resume: no checkpoint" in rd.status()["error"]
+    assert rd.metrics_file.read_bytes() == before
