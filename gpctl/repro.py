@@ -395,6 +395,7 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
         cpass = "-" if c.control_passed is None else "passes (bad)" if c.control_passed else "fails (good)"
         verdict = "reported" if c.verdict is None else "**holds**" if c.verdict else "**does not hold**"
         lines.append(f"| {c.name} | {measured} | {c.rule} | {check} | {c.control}: {ctl} | {cpass} | {verdict} |")
+    lines += ["", "## What shows at this size", ""] + [f"- {line}" for line in plain_verdicts(rep)]
     lines += ["", f"Thresholds (fixed in `gpctl/repro.py` before the recorded run): `{json.dumps(THRESHOLDS)}`; "
               f"\"the last part\" = the last {int(LAST * 100)}% of the x-axis, \"at first\" the first "
               f"{int(FIRST * 100)}%; fits leave out {SETTLE} steps after T0; TV uses dropped-run checkpoints from "
@@ -447,6 +448,27 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
 def _cpus() -> int:
     import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def plain_verdicts(rep: Report) -> list[str]:
+    """Each claim in one plain sentence: it holds, or why not (its check failed, its control passed
+    too so the check proves nothing, or there was too little to measure)."""
+    out = []
+    for c in rep.claims:
+        if c.verdict:
+            out.append(f"**Holds**: {c.name}.")
+        elif "checkpoints in range (dropped/high/low/seed 2)" in c.measured and not all(
+                int(n) >= THRESHOLDS["tv_min_checkpoints"] for n in c.measured[
+                    "checkpoints in range (dropped/high/low/seed 2)"].split("/")):
+            out.append(f"**Not shown**: {c.name}: too few checkpoints in the shared loss range "
+                       f"({c.measured['checkpoints in range (dropped/high/low/seed 2)']}, "
+                       f"{THRESHOLDS['tv_min_checkpoints']} each needed) to measure it.")
+        elif c.passed and c.control_passed:
+            out.append(f"**Not shown**: {c.name}: the check passes, but so does its negative control "
+                       f"({c.control}), so at this size it cannot tell the two apart.")
+        else:
+            out.append(f"**Does not hold here**: {c.name}: the check fails ({c.rule}).")
+    return out
 
 
 def _cpu_model() -> str:
