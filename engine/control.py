@@ -205,15 +205,27 @@ def describe(ack: dict, run_id: str = "") -> str:
     if ack.get("status") == "rejected":
         return f"{who}rejected {where}: {ack.get('reason')}"
     if ack.get("status") == "waiting":
-        cond = next((f"{k} {ack[k]}" for k in CONDITIONS if k in ack), "")
-        return f"{who}waiting since step {ack.get('step')} until {cond}"
+        return f"{who}waiting since step {ack.get('step')} until {_condition_text(ack)}"
     what = ", ".join(f"{ {'batch_size': 'batch'}.get(k, k)} {v[0]:.4g} → {v[1]:.4g}"
                      for k, v in ack.get("changed", {}).items() if isinstance(v, list))
     what = what or {"stop": "stopped", "checkpoint": "checkpoint saved"}.get(ack.get("action"), "applied")
     met = ack.get("met") or {}
-    cond = f", when {', '.join(f'{k} {_fmt_num(v)}' for k, v in met.items())}" if met else ""
+    cond = ""
+    if "when" in met:
+        key = next(k for k in met if k != "when")
+        cond = f", as {met['when']} held ({key} {_fmt_num(met[key])})"
+    elif "at_lr_time" in met:
+        cond = f", once lr_time reached {_fmt_num(met['at_lr_time'])}"
     twin = f"; unsteered twin {ack['twin']} queued" if ack.get("twin") else ""
     return f"{who}{what} {where}{cond}{twin}"
+
+
+def _condition_text(req: dict) -> str:
+    if "at_step" in req:
+        return f"step {req['at_step']}"
+    if "at_lr_time" in req:
+        return f"lr_time {_fmt_num(req['at_lr_time'])}"
+    return str(req.get("when", ""))
 
 
 def _fmt_num(v: object) -> str:

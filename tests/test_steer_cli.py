@@ -128,9 +128,10 @@ def test_fork_queue_enqueues_the_child(home, monkeypatch):
     monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: started.append(1) or True)
     parent = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0", "checkpoint_every=3"))
     assert train(parent) == "done"
-    res = invoke(home, "fork", parent.id, "--step", "3", "--name", "branch", "--queue")
+    res = invoke(home, "fork", parent.id, "--step", "3", "--name", "branch")   # queued: the default
     assert res.exit_code == 0, res.output
-    child_id = res.stdout.strip()
+    child_id, started_line = res.stdout.strip().splitlines()
+    assert started_line.startswith("started a worker")
     store = JobStore(home)
     job = store.get(child_id)
     store.close()
