@@ -278,3 +278,37 @@ def test_drop_at_matched_loss_with_a_twin(home):
     assert strip(rd.metrics()[0])[at:] != strip(plain.metrics()[0])[at:]   # and the drop after it
     from engine.control import describe
     assert describe(ack, rd.id).endswith(f"; unsteered twin {twin.id} queued")
+
+
+def test_fork_now_asks_the_running_job_for_a_checkpoint_and_forks_there(home, run):
+    """Issue 11: `--latest` on a young run found no checkpoint; `--now` makes one where the job is."""
+    def slow(t):
+        time.sleep(0.05)
+    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
+    th.start()
+    try:
+        while not [r for r in run.metrics()[0] if "loss" in r]:
+            time.sleep(0.02)
+        res = invoke(home, "fork", run.id, "--now", "--no-start", "--name", "now", "--timeout", "30")
+    finally:
+        invoke(home, "stop", run.id)
+        th.join()
+    assert res.exit_code == 0, res.output
+    child = RunDir(home / "runs" / res.stdout.strip())
+    ack = next(e for e in run.events()[0] if e["event"] == "control" and e.get("action") == "checkpoint")
+    assert ack["status"] == "applied" and 0 < ack["step"] < 40
+    assert child.config().parent_checkpoint.endswith(f"step_{ack['step']:07d}.safetensors")
+    res = invoke(home, "fork", run.id, "--now")          # the run has stopped: --now needs a running job
+    assert res.exit_code == 2 and "not running: --now needs a running job" in res.stderr
+
+
+def test_at_lr_time_applies_on_the_exact_step(home):
+    cfg = tiny(TINY_IMAGES, "steps=12", "eval_every=0", "lr=0.05", "lr_ref=0.1")
+    rd = RunDir.create(home, cfg)
+    rd.write_status(state="running")
+    assert invoke(home, "drop", rd.id, "--lr-factor", "5", "--at-lr-time", "3.5").exit_code == 0
+    assert train(rd) == "done"
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control" and e["status"] == "applied"]
+    # 0.5 LR-normalized steps per step: lr_time 3.5 is reached at step 7 (by hand)
+    assert (ack["step"], ack["lr_time"], ack["met"]["at_lr_time"]) == (7, 3.5, 3.5)
+    assert [r["lr"] for r in rd.metrics()[0] if "loss" in r] == [0.05] * 7 + [0.01] * 5
