@@ -13,6 +13,12 @@ once, in order; a line without its newline yet is left for the next poll. Every 
 in events.jsonl with {"event": "control", "id", "line", "status": "applied" | "rejected", ...} and
 the step, samples and lr_time where it took effect, or the reason it was rejected.
 
+One `Request` (below) is the protocol: it validates itself against a run's config, knows when a
+conditional one (at_step / at_lr_time / when) may apply, applies itself to the trainer, and its
+answer reads as a sentence (`describe`). The trainer, the CLI and the TUI all use it; the CLI and
+the TUI check a request with it before they write. No content of the file can end a run: lines over
+MAX_LINE bytes are rejected by size, undecodable or unparsable ones with a reason.
+
 Combination with the preset's schedule: a manual lr replaces the scheduled lr from then on (the
 schedule's shape and its planned lr changes no longer apply; the event says so). Manual and
 planned batch-size changes both apply, in the order they come.
@@ -247,6 +253,70 @@ def parse_words(words: list[str], ramp: float = 0.0) -> dict:
         else:
             raise ControlError(f"expected lr=VALUE, batch_size=VALUE or ramp=N, got {_quote(item)}")
     return {"set": changes, **({"ramp": ramp} if ramp else {})}
+
+
+@dataclass
+class Request:
+    """One request, whatever brought it (a control line, CLI words, a TUI dialog). It validates itself
+    against a run's config, knows when it may apply, applies itself to a trainer at a step boundary,
+    and its answer reads as one sentence (`describe`). A new request key is added here, and only here.
+    """
+    body: dict
+    line: int = 0
+    id: str = ""
+
+    @classmethod
+    def from_words(cls, words: list[str], ramp: float = 0.0) -> "Request":
+        return cls(parse_words(words, ramp))
+
+    def check(self, cfg) -> str | None:
+        """None if the run whose config is `cfg` would take it, else why not. Never raises."""
+        cc = cfg.control
+        try:
+            return validate(self.body, base_lr=cfg.lr, micro_batch=cfg.micro_batch_size,
+                            max_lr_factor=cc.max_lr_factor, max_batch=cc.max_batch_size)
+        except Exception as e:  # noqa: BLE001 - nothing a request contains may end a run
+            return f"could not be read as a request ({type(e).__name__})"
+
+    @property
+    def condition(self) -> dict:
+        return {k: self.body[k] for k in CONDITIONS if k in self.body}
+
+    def met(self, step: int, lr_time: float, loss: float | None, eval_loss: float | None) -> dict | None:
+        return condition_met(self.body, step, lr_time, loss, eval_loss)
+
+    def apply(self, run, met: dict) -> None:
+        """Apply to `run` (an engine.train.Trainer) at this step boundary and answer in its events."""
+        req, where = self.body, {"step": run.step, "samples": run.samples, "lr_time": run.lr_time}
+        answer = {"id": self.id, "line": self.line}
+        extra = {"met": met} if met else {}
+        if req.get("queued_ok") is True:   # sent before the run was running, on purpose
+            extra["queued_ok"] = True
+        if "set" in req:
+            new = req["set"]
+            if req.get("twin") is True:
+                try:
+                    extra["twin"] = run.fork_twin(self.id)
+                except Exception as e:  # noqa: BLE001 - no twin, no change: the pair is the experiment
+                    run.rd.append_event("control", **answer, status="rejected",
+                                        reason=f"could not fork the twin: {type(e).__name__}: {str(e)[:200]}",
+                                        **where)
+                    return
+            changed = run.schedule.set(run.step, run.lr_time, lr=new.get("lr", 0.0),
+                                       batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
+                                       manual=True)
+            if "lr" in new:
+                extra["overrides_schedule"] = True
+            run.rd.append_event("control", **answer, status="applied", changed=changed,
+                                ramp=req.get("ramp", 0.0), **extra, **where)
+        elif req["action"] == "checkpoint":
+            if run.last_eval.get("step") != run.step:
+                run.evaluate()
+            run.save_checkpoint()
+            run.rd.append_event("control", **answer, status="applied", action="checkpoint", **extra, **where)
+        else:  # stop: the trainer checkpoints at the end of run() and ends cleanly
+            run.stop_requested = True
+            run.rd.append_event("control", **answer, status="applied", action="stop", **extra, **where)
 
 
 def request_id(req: object) -> str | None:

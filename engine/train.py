@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.control import (CONDITIONS, LOSS_EMA, ControlReader, Line, condition_met, request_id,
-                            run_dir_untrusted, validate)
+from engine.control import LOSS_EMA, ControlReader, Line, Request, request_id, run_dir_untrusted
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.models import build_model, hf_config_dict
@@ -285,77 +284,41 @@ class Trainer:
             self._consumed_since_checkpoint = True
             if item.problem == "blank":
                 continue
-            line, req = item.number, item.request
-            rid = request_id(req) or f"line-{line}"
-            cc = self.cfg.control
-            try:   # nothing a line contains may end the run: a surprise is a rejection
-                reason = item.problem or validate(req, base_lr=self.cfg.lr, micro_batch=self.cfg.micro_batch_size,
-                                                  max_lr_factor=cc.max_lr_factor, max_batch=cc.max_batch_size)
-            except Exception as e:  # noqa: BLE001
-                reason = f"could not be read as a request ({type(e).__name__})"
+            req = Request(item.request, item.number, request_id(item.request) or f"line-{item.number}")
+            reason = item.problem or req.check(self.cfg)
             if reason:
-                self.rd.append_event("control", id=rid, line=line, status="rejected", reason=reason, **self._where())
-                self.rd.log(f"control line {line} rejected: {reason}")
+                self.rd.append_event("control", id=req.id, line=req.line, status="rejected", reason=reason,
+                                     **self._where())
+                self.rd.log(f"control line {req.line} rejected: {reason}")
                 continue
-            met = self._condition_met(req)
+            met = self._met(req)
             if met is None:
-                self.control.state.waiting.append([line, rid, req])
-                self.rd.append_event("control", id=rid, line=line, status="waiting",
-                                     **{k: req[k] for k in CONDITIONS if k in req}, **self._where())
+                self.control.state.waiting.append([req.line, req.id, req.body])
+                self.rd.append_event("control", id=req.id, line=req.line, status="waiting", **req.condition,
+                                     **self._where())
                 continue
-            self._apply_request(line, rid, req, met)
+            req.apply(self, met)
 
     def _apply_waiting(self) -> None:
         waiting, still = self.control.state.waiting, []
-        for line, rid, req in waiting:
-            met = self._condition_met(req)
+        for line, rid, body in waiting:
+            req = Request(body, line, rid)
+            met = self._met(req)
             if met is None:
-                still.append([line, rid, req])
+                still.append([line, rid, body])
             else:
-                self._apply_request(line, rid, req, met)
+                req.apply(self, met)
         if len(still) != len(waiting):
             self.control.state.waiting = still
             self._consumed_since_checkpoint = True
 
-    def _condition_met(self, req: dict) -> dict | None:
-        return condition_met(req, self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"))
+    def _met(self, req: Request) -> dict | None:
+        return req.met(self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"))
 
     def _where(self) -> dict:
         return {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
 
-    def _apply_request(self, line: int, rid: str, req: dict, met: dict) -> None:
-        extra = {"met": met} if met else {}
-        if req.get("queued_ok") is True:   # sent before the run was running, on purpose
-            extra["queued_ok"] = True
-        if "set" in req:
-            new = req["set"]
-            if req.get("twin") is True:
-                try:
-                    extra["twin"] = self._fork_twin(rid)
-                except Exception as e:  # noqa: BLE001 - no twin, no change: the pair is the experiment
-                    self.rd.append_event("control", id=rid, line=line, status="rejected",
-                                         reason=f"could not fork the twin: {type(e).__name__}: {str(e)[:200]}",
-                                         **self._where())
-                    return
-            changed = self.schedule.set(self.step, self.lr_time, lr=new.get("lr", 0.0),
-                                        batch_size=new.get("batch_size", 0), ramp=req.get("ramp", 0.0),
-                                        manual=True)
-            if "lr" in new:
-                extra["overrides_schedule"] = True
-            self.rd.append_event("control", id=rid, line=line, status="applied", changed=changed,
-                                 ramp=req.get("ramp", 0.0), **extra, **self._where())
-        elif req["action"] == "checkpoint":
-            if self.last_eval.get("step") != self.step:
-                self.evaluate()
-            self.save_checkpoint()
-            self.rd.append_event("control", id=rid, line=line, status="applied", action="checkpoint",
-                                 **extra, **self._where())
-        else:  # stop: checkpoint (at the end of run()) and end cleanly
-            self.stop_requested = True
-            self.rd.append_event("control", id=rid, line=line, status="applied", action="stop",
-                                 **extra, **self._where())
-
-    def _fork_twin(self, rid: str) -> str:
+    def fork_twin(self, rid: str) -> str:
         """An unsteered copy of this run, forked at this boundary before the request applies, and queued:
         the control of the intervention (the paper's Fig. 4 pair) without retraining the prefix."""
         from engine.fork import fork

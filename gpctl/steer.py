@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from engine.config import ConfigError
-from engine.control import ControlError, append_request, describe, parse_words, wait_for_ack
+from engine.control import ControlError, Request, append_request, describe, wait_for_ack
 from engine.fork import fork as fork_run
 from engine.rundir import RunDir, resolve
 from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, friendly, out
@@ -49,8 +49,6 @@ def run_state(rd: RunDir) -> str:
 def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
     """Refuse, before anything is written, a request the run would reject or one that would silently
     change an experiment that is not running."""
-    from engine.control import validate
-
     state = run_state(rd)
     if state in ("done", "diverged", "cancelled"):
         raise ControlError(f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})")
@@ -59,9 +57,7 @@ def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
                 else f"it would apply when it resumes")
         raise ControlError(f"run {rd.id} is {state}, not running: {hint}; --queued-ok sends it anyway, "
                            f"to apply at its first step boundary")
-    cfg = rd.config()
-    reason = validate(request, base_lr=cfg.lr, micro_batch=cfg.micro_batch_size,
-                      max_lr_factor=cfg.control.max_lr_factor, max_batch=cfg.control.max_batch_size)
+    reason = Request(request).check(rd.config())
     if reason:
         raise ControlError(f"run {rd.id} would reject it: {reason}")
     return dict(request, queued_ok=True) if state != "running" and queued_ok else request
@@ -132,7 +128,7 @@ def set_(run: RunArg,
          wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
          at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Set the lr and/or batch size of a running job (absolute values)."""
-    req = parse_words(values, ramp)
+    req = Request.from_words(values, ramp).body
     send(run, conditioned(req, at_step, at_lr_time, when, twin), wait, timeout, queued_ok)
 
 

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import Footer, Header, Input
 
 from engine.config import ConfigError
-from engine.control import ControlError, append_request, parse_words
+from engine.control import ControlError, Request, append_request
 from engine.curves import AXES
 from engine.jobs import JobStore
 from engine.rundir import RunDir, list_runs
@@ -347,7 +347,7 @@ class GpctlApp(App):
             if not answer:
                 return
             try:
-                request = parse_words(answer.split())
+                request = Request.from_words(answer.split()).body
             except ControlError as e:
                 self.notify(str(e), severity="error")
                 return
