@@ -267,7 +267,12 @@ class RunDir:
         except ConfigError:
             preset = arm = "?"
             steps = 0
-        return {"id": self.id, "preset": preset, "arm": arm, "state": st.get("state", "unknown"),
+        state = st.get("state", "unknown")
+        if state == "running" and st.get("host") == socket.gethostname():
+            from engine.jobs import pid_alive
+            if not pid_alive(st.get("pid") if isinstance(st.get("pid"), int) else None):
+                state = "lost"   # its process is gone from this host: say so before a worker reconciles
+        return {"id": self.id, "preset": preset, "arm": arm, "state": state,
                 "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
                 "loss": last.get("loss"), "loss_ema": smoothed, "eval_loss": last_eval.get("eval_loss"),

@@ -164,3 +164,21 @@ def test_resume_without_checkpoints_keeps_the_records(tmp_path):
     assert train(rd, resume=True) == "failed"                    # the engine refuses too
     assert "cannot resume: no checkpoint" in rd.status()["error"]
     assert rd.metrics_file.read_bytes() == before
+
+
+def test_a_running_run_whose_process_is_gone_shows_as_lost(tmp_path):
+    """Issue 12: `ls` showed a run whose process had died as `running` until a worker reconciled."""
+    import os
+    import socket
+    import subprocess
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4"))
+    p = subprocess.Popen(["true"])
+    p.wait()
+    rd.write_status(state="running", pid=p.pid, host=socket.gethostname())
+    rows = json.loads(invoke(home, "ls", "--json").stdout)
+    assert rows[0]["state"] == "lost"
+    rd.write_status(pid=os.getpid())                                  # negative control: alive
+    assert json.loads(invoke(home, "ls", "--json").stdout)[0]["state"] == "running"
+    rd.write_status(pid=p.pid, host="another-host")                   # not ours to judge
+    assert json.loads(invoke(home, "ls", "--json").stdout)[0]["state"] == "running"
