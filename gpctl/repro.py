@@ -420,12 +420,13 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               f".venv/bin/{command}", "```", "",
               "What it does, in the CLI's words (each step calls the function behind that command):", "", "```",
               f"gpctl run preset {rep.preset} --wait",
-              f"gpctl fork {rep.preset}-high-… --step {t0} --name high_live --queue   "
-              f"# then, before it starts:",
-              f"gpctl drop {rep.preset}-high_live-… --batch-factor {BATCH_FACTOR}          "
+              f"gpctl fork {rep.preset}-high-… --step {t0} --name high_live --no-start",
+              f"gpctl drop {rep.preset}-high_live-… --batch-factor {BATCH_FACTOR} --queued-ok   "
               f"# applied at its first step boundary, T0 = {t0}",
-              f"gpctl fork {rep.preset}-low-… --step {t0} --name low_raise --queue",
-              f"gpctl raise {rep.preset}-low_raise-… --batch-factor {BATCH_FACTOR}",
+              f"gpctl resume {rep.preset}-high_live-…                  # queue it",
+              f"gpctl fork {rep.preset}-low-… --step {t0} --name low_raise --no-start",
+              f"gpctl raise {rep.preset}-low_raise-… --batch-factor {BATCH_FACTOR} --queued-ok",
+              f"gpctl resume {rep.preset}-low_raise-…",
               f"gpctl tv {rep.preset}-high_drop-… {rep.preset}-low-… --match-loss --baseline {rep.preset}-low_seed2-…",
               f"gpctl plot … --eval                                   # the figures above",
               "```"]
