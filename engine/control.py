@@ -287,7 +287,7 @@ class Request:
 
     def apply(self, run, met: dict) -> None:
         """Apply to `run` (an engine.train.Trainer) at this step boundary and answer in its events."""
-        req, where = self.body, {"step": run.step, "samples": run.samples, "lr_time": run.lr_time}
+        req, where = self.body, run.where()
         answer = {"id": self.id, "line": self.line}
         extra = {"met": met} if met else {}
         if req.get("queued_ok") is True:   # sent before the run was running, on purpose

@@ -288,14 +288,14 @@ class Trainer:
             reason = item.problem or req.check(self.cfg)
             if reason:
                 self.rd.append_event("control", id=req.id, line=req.line, status="rejected", reason=reason,
-                                     **self._where())
+                                     **self.where())
                 self.rd.log(f"control line {req.line} rejected: {reason}")
                 continue
             met = self._met(req)
             if met is None:
                 self.control.state.waiting.append([req.line, req.id, req.body])
                 self.rd.append_event("control", id=req.id, line=req.line, status="waiting", **req.condition,
-                                     **self._where())
+                                     **self.where())
                 continue
             req.apply(self, met)
 
@@ -315,7 +315,8 @@ class Trainer:
     def _met(self, req: Request) -> dict | None:
         return req.met(self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"))
 
-    def _where(self) -> dict:
+    def where(self) -> dict:
+        """The clocks at this step boundary, as every event records them."""
         return {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
 
     def fork_twin(self, rid: str) -> str:

@@ -127,8 +127,7 @@ def ls(as_json: JsonOpt = False) -> None:
     rows = []
     for rd in list_runs(State.home):
         row, job = rd.summary(), store.get(rd.id)
-        if job and (job.state in ("queued", "lost", "cancelled", "failed") or row["state"] == "created"):
-            row["state"] = job.state   # the queue knows better before a run starts, and why it ended
+        row["state"] = queue.effective_state(row["state"], job)
         row["job"] = job.state if job else None
         row["slurm_id"] = job.slurm_id if job else None
         rows.append(row)

@@ -23,6 +23,14 @@ from gpctl.common import RunArg, State, err, friendly, out
 OK_STATES = ("done", "stopped")
 
 
+def effective_state(run_state: str, job) -> str:
+    """What `ls`, steering and the TUI call a run's state: the queue knows better before a run starts,
+    and why it ended (queued, lost, cancelled, failed)."""
+    if job and (job.state in ("queued", "lost", "cancelled", "failed") or run_state == "created"):
+        return job.state
+    return run_state
+
+
 def enqueue(rds: list[RunDir], resume: bool = False) -> None:
     store = JobStore(State.home)
     for rd in rds:

@@ -30,20 +30,18 @@ QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run th
 
 
 def run_state(rd: RunDir) -> str:
-    """The run's state as `gpctl ls` shows it: the queue knows better before a run starts."""
+    """The run's state as `gpctl ls` shows it (queue.effective_state)."""
     from engine.jobs import JobStore
+    from gpctl.queue import effective_state
 
     home = rd.path.parent.parent
-    state = rd.status().get("state", "unknown")
-    if (home / "jobs.db").exists():
-        store = JobStore(home)
-        try:
-            job = store.get(rd.id)
-        finally:
-            store.close()
-        if job and (job.state in ("queued", "lost", "cancelled") or state == "created"):
-            state = job.state
-    return state
+    if not (home / "jobs.db").exists():
+        return rd.summary()["state"]
+    store = JobStore(home)
+    try:
+        return effective_state(rd.summary()["state"], store.get(rd.id))
+    finally:
+        store.close()
 
 
 def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import threading
 import time
@@ -24,6 +25,22 @@ def run(home):
     rd = RunDir.create(home, cfg)
     rd.write_status(state="running")   # as a worker's job would be; the CLI steers running runs only
     return rd
+
+
+@contextlib.contextmanager
+def training_slowly(home, run, until):
+    """Train `run` in a thread, slowed to 50 ms a step, once `until(run)` holds; stop it on the way out."""
+    def slow(t):
+        time.sleep(0.05)
+    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
+    th.start()
+    try:
+        while not until(run):
+            time.sleep(0.02)
+        yield
+    finally:
+        invoke(home, "stop", run.id)
+        th.join()
 
 
 def _last_request(rd):
@@ -80,18 +97,9 @@ def test_finished_run_refuses_requests(home):
 
 
 def test_wait_prints_where_it_took_effect(home, run):
-    def slow(t):
-        time.sleep(0.05)
-    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
-    th.start()
-    try:
-        while run.status().get("state") != "running":
-            time.sleep(0.02)
+    with training_slowly(home, run, until=lambda r: r.status().get("state") == "running"):
         res = invoke(home, "set", run.id, "batch_size=32", "--wait", "--timeout", "30")
         bad = invoke(home, "set", run.id, "batch_size=12", "--wait", "--timeout", "30")
-    finally:
-        invoke(home, "stop", run.id)
-        th.join()
     assert res.exit_code == 0, res.output
     rid, applied = res.stdout.strip().splitlines()
     ack = next(e for e in run.events()[0] if e.get("id") == rid)
@@ -282,17 +290,8 @@ def test_drop_at_matched_loss_with_a_twin(home):
 
 def test_fork_now_asks_the_running_job_for_a_checkpoint_and_forks_there(home, run):
     """Issue 11: `--latest` on a young run found no checkpoint; `--now` makes one where the job is."""
-    def slow(t):
-        time.sleep(0.05)
-    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
-    th.start()
-    try:
-        while not [r for r in run.metrics()[0] if "loss" in r]:
-            time.sleep(0.02)
+    with training_slowly(home, run, until=lambda r: any("loss" in x for x in r.metrics()[0])):
         res = invoke(home, "fork", run.id, "--now", "--no-start", "--name", "now", "--timeout", "30")
-    finally:
-        invoke(home, "stop", run.id)
-        th.join()
     assert res.exit_code == 0, res.output
     child = RunDir(home / "runs" / res.stdout.strip())
     ack = next(e for e in run.events()[0] if e["event"] == "control" and e.get("action") == "checkpoint")
