@@ -226,6 +226,40 @@ def describe(ack: dict, run_id: str = "") -> str:
     return f"{who}{what} {where}{cond}{twin}"
 
 
+def event_text(e: dict) -> str:
+    """One event of events.jsonl as a short sentence (the TUI's events pane and `gpctl show`)."""
+    kind = e.get("event")
+    at = f" at step {e['step']}" if isinstance(e.get("step"), int) else ""
+    if kind == "control":
+        return describe(e)
+    if kind == "start":
+        return f"started{at} on {e.get('device', '?')} ({e.get('precision', '?')}, {e.get('params', '?')} parameters)"
+    if kind == "resume":
+        return f"resumed{at} from {e.get('checkpoint') or 'the start (no checkpoint yet)'}"
+    if kind == "fork":
+        return f"forked from {e.get('parent')}{at} ({e.get('checkpoint')})"
+    if kind == "forked":
+        return f"fork {e.get('child')} made{at} with {' '.join(e.get('overrides') or []) or 'no overrides'}"
+    if kind == "twin_of":
+        return f"unsteered twin of {e.get('run')}{at}"
+    if kind == "schedule":
+        what = ", ".join(f"{k} {v[0]:.4g} → {v[1]:.4g}" for k, v in (e.get("changed") or {}).items()
+                         if isinstance(v, list) and len(v) == 2)
+        return f"planned change: {what or 'applied'}{at}"
+    if kind == "checkpoint":
+        return f"checkpoint{at}"
+    if kind == "end":
+        return f"ended {e.get('state', '')}{at}"
+    if kind in ("error", "diverged"):
+        return f"{kind}{at}: {e.get('error')}"
+    if kind == "lost":
+        return f"lost{at}: {e.get('reason')}" + ("; queued again to resume" if e.get("requeued") else "")
+    if kind == "slurm_submit":
+        return f"submitted to Slurm as job {e.get('slurm_id')}"
+    detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}
+    return f"{kind} {json.dumps(detail)}"
+
+
 def _condition_text(req: dict) -> str:
     if "at_step" in req:
         return f"step {req['at_step']}"

@@ -41,6 +41,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended     REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS attempts (           -- every attempt's end, kept when the job is retried
+    job_id    INTEGER NOT NULL,
+    attempt   INTEGER NOT NULL,
+    state     TEXT NOT NULL,
+    worker    TEXT,
+    host      TEXT,
+    exit_code INTEGER,
+    error     TEXT,
+    started   REAL,
+    ended     REAL
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id, attempt);
 CREATE TABLE IF NOT EXISTS workers (
     id        TEXT PRIMARY KEY,
     host      TEXT,
@@ -77,6 +89,10 @@ class Job:
 
 
 class JobStore:
+    """The store, opened for writing (created with its schema if missing)."""
+
+    writable = True
+
     def __init__(self, root: Path):
         from engine.rundir import make_home
         make_home(root)
@@ -90,6 +106,39 @@ class JobStore:
                 if statement.strip():
                     self.db.execute(statement)
         os.chmod(self.path, 0o600)
+        st = os.stat(self.path)
+        self.identity = (st.st_dev, st.st_ino)   # the worker checks that this is still the file at `path`
+
+    @classmethod
+    def for_reading(cls, root: Path) -> "JobStore":
+        """A store that creates and changes nothing: what `ls`, `show`, `logs` and the TUI use, so they
+        work on a read-only home (a colleague's, a mounted results disk). No jobs.db yet: an empty store.
+        A home we may write to gets the usual connection (so `ls` can still bring Slurm states up to
+        date); otherwise the file is opened read-only (immutable where its WAL index cannot be made)."""
+        self = cls.__new__(cls)
+        self.path = root / "jobs.db"
+        self.identity = None
+        if not self.path.exists():
+            self.db = _connect(":memory:")
+            self.writable = False
+        elif os.access(self.path, os.W_OK) and os.access(root, os.W_OK):
+            self.db = _connect(str(self.path))
+            self.db.execute("PRAGMA busy_timeout=60000")
+        else:
+            self.writable = False
+            self.db = _connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                self.db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+            except sqlite3.OperationalError:   # WAL needs a -shm file it cannot create: read as immutable
+                self.db.close()
+                self.db = _connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
+        if True:                               # a missing table (no store yet, an older one) reads as empty
+            have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for statement in SCHEMA.split(";"):
+                words = statement.split()
+                if words[:2] == ["CREATE", "TABLE"] and words[5] not in have:
+                    self.db.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+        return self
 
     @contextmanager
     def tx(self):
@@ -145,10 +194,33 @@ class JobStore:
 
     def finish(self, job_id: int, state: str, exit_code: int | None = None, error: str | None = None) -> None:
         assert state in STATES
-        self.update(job_id, state=state, exit_code=exit_code, error=error, ended=time.time(), pid=None)
+        with self.tx() as db:
+            self._end_attempt(db, job_id, state, exit_code, error)
+            db.execute("UPDATE jobs SET state=?, exit_code=?, error=?, ended=?, pid=NULL WHERE id=?",
+                       (state, exit_code, error, time.time(), job_id))
 
-    def requeue(self, job_id: int, resume: bool = True) -> None:
-        self.update(job_id, state="queued", resume=int(resume), worker=None, pid=None, devices=None, cancel=0)
+    def requeue(self, job_id: int, resume: bool = True, ended_as: str | None = None, error: str | None = None) -> None:
+        """Back in the queue; `ended_as` (lost, stopped) records how the attempt that ran ended."""
+        with self.tx() as db:
+            if ended_as:
+                self._end_attempt(db, job_id, ended_as, None, error)
+                db.execute("UPDATE jobs SET error=? WHERE id=?", (error, job_id))
+            db.execute("UPDATE jobs SET state='queued', resume=?, worker=NULL, pid=NULL, devices=NULL, cancel=0 "
+                       "WHERE id=?", (int(resume), job_id))
+
+    @staticmethod
+    def _end_attempt(db, job_id: int, state: str, exit_code: int | None, error: str | None) -> None:
+        row = db.execute("SELECT attempts, worker, host, started, state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["state"] not in ("running", "lost") or not row["attempts"]:
+            return   # never ran (a queued job cancelled): no attempt to record
+        db.execute("INSERT INTO attempts (job_id, attempt, state, worker, host, exit_code, error, started, ended) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (job_id, row["attempts"], state, row["worker"], row["host"],
+                                                        exit_code, error, row["started"], time.time()))
+
+    def attempts(self, job_id: int) -> list[dict]:
+        """How each attempt ended, oldest first (a retried job's earlier errors stay here)."""
+        return [dict(r) for r in self.db.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt, ended",
+                                                 (job_id,))]
 
     def request_cancel(self, run_id: str) -> str:
         """Cancel: a queued job at once; a running one is flagged for its worker. Returns the new state."""
@@ -196,6 +268,12 @@ class JobStore:
 
     def workers(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM workers ORDER BY started")]
+
+
+def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+    db = sqlite3.connect(target, timeout=60, isolation_level=None, uri=uri)
+    db.row_factory = sqlite3.Row
+    return db
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -76,7 +76,7 @@ def find_preset(name_or_path: str) -> Path:
     known = sorted({q.stem for d in preset_dirs() for q in d.glob("*.toml")})
     import difflib
     close = difflib.get_close_matches(name_or_path, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (see `gpctl presets`)"
+    hint = f" (did you mean '{close[0]}'?)" if close else " (see `gpctl presets`)"
     where = ", ".join(str(d) for d in preset_dirs()) or "no preset folder"
     raise ConfigError(f"unknown preset '{name_or_path}': no {name_or_path}.toml in {where}{hint}")
 

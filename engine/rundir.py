@@ -81,23 +81,60 @@ _NUMBERS = ("loss", "eval_loss", "eval_error", "lr", "lr_time", "wall", "samples
             "unique_samples", "time")
 
 
-def record_ok(rec: object) -> bool:
-    """A metrics record or event a reader can use: an object whose known numeric fields are numbers
-    (a record whose `loss` is a string, say, is skipped rather than crash every reader of the home)."""
+def record_problem(rec: object) -> str | None:
+    """Why a metrics record or event cannot be used (None: it can): it must be an object whose known
+    numeric fields are numbers (a record whose `loss` is a string is skipped, not fatal to readers)."""
     if not isinstance(rec, dict):
-        return False
+        return "not a JSON object"
     for key in _NUMBERS:
         v = rec.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            return False
-    return "event" not in rec or isinstance(rec["event"], str)
+            return f"{key!r} is not a number"
+    if "event" in rec and not isinstance(rec["event"], str):
+        return "'event' is not text"
+    return None
 
 
-def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+def record_ok(rec: object) -> bool:
+    return record_problem(rec) is None
+
+
+def parse_line(line: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL line: (record, None) or (None, why it is unreadable)."""
+    try:
+        rec = json.loads(line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except ValueError:
+        return None, "not JSON"
+    except RecursionError:
+        return None, "nested too deep"
+    why = record_problem(rec)
+    return (None, why) if why else (rec, None)
+
+
+@dataclass
+class Unreadable:
+    """Lines a reader skipped in one file: how many, and one's place and reason."""
+    file: str
+    count: int = 0
+    first: str = ""
+
+    def add(self, where: str, why: str) -> None:
+        self.count += 1
+        self.first = self.first or f"{where}: {why}"
+
+    def __str__(self) -> str:
+        lines = "line" if self.count == 1 else "lines"
+        return f"{self.file}: {self.count} unreadable {lines} skipped ({self.first})"
+
+
+def read_jsonl(path: Path, offset: int = 0, skipped: Unreadable | None = None) -> tuple[list[dict], int]:
     """Complete, well-formed records from byte `offset` on, and the offset after the last complete line.
 
     A trailing line without its newline (a writer mid-append) is left for the next call. A line that is
-    not UTF-8, not JSON, or not a record (see record_ok) is skipped, never fatal to a reader.
+    not UTF-8, not JSON, or not a record (see record_problem) is skipped, never fatal to a reader, and
+    counted in `skipped` when one is given.
     """
     try:
         with open(path, "rb") as f:
@@ -107,14 +144,15 @@ def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         return [], offset
     end = data.rfind(b"\n") + 1
     out = []
-    for line in data[:end].splitlines():
+    pos = offset
+    for line in data[:end].split(b"\n"):
         if line.strip():
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                continue
-            if record_ok(rec):
+            rec, why = parse_line(line)
+            if rec is not None:
                 out.append(rec)
+            elif skipped is not None:
+                skipped.add(f"byte {pos}", why)
+        pos += len(line) + 1
     return out, offset + end
 
 
@@ -182,6 +220,39 @@ class RunDir:
             return {"state": "unknown"}
         return st if isinstance(st, dict) and isinstance(st.get("state", ""), str) else {"state": "unknown"}
 
+    def status_problem(self) -> str | None:
+        """Why status.json cannot be read (None: it can)."""
+        try:
+            raw = self.status_file.read_bytes()
+        except FileNotFoundError:
+            return "status.json is missing"
+        except OSError as e:
+            return f"status.json: {e.strerror}"
+        rec, why = parse_line(raw)
+        if rec is not None and not isinstance(rec.get("state"), str):
+            why = "no 'state'"
+        return f"status.json: {why}" if why else None
+
+    def problems(self, full: bool = True) -> list[str]:
+        """Everything about this run a reader could not read, one line each (empty: healthy).
+        `full` reads the whole of metrics.jsonl; otherwise its last 128 KiB, as `ls` does."""
+        found = []
+        try:
+            self.config()
+        except ConfigError as e:
+            found.append(str(e).splitlines()[0])
+        if why := self.status_problem():
+            found.append(why)
+        for path, limit in ((self.metrics_file, None if full else _TAIL_LIMIT), (self.events_file, None)):
+            skipped = Unreadable(path.name)
+            if limit is None:
+                read_jsonl(path, 0, skipped)
+            else:
+                _tail_records(path, limit, skipped=skipped)
+            if skipped.count:
+                found.append(str(skipped))
+        return found
+
     def write_status(self, **fields: Any) -> dict:
         st = self.status() if self.status_file.exists() else {}
         st.update(fields, updated=time.time())
@@ -220,6 +291,16 @@ class RunDir:
             os.truncate(self.metrics_file, size)
         return max(0, cur - size)
 
+    def read_log(self, offset: int = 0) -> tuple[bytes, int]:
+        """log.txt from byte `offset` on, and the offset after it (nothing if it is missing or unreadable)."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            return b"", offset
+        return chunk, offset + len(chunk)
+
     def log(self, line: str) -> None:
         _append_lines(self.log_file, [line.rstrip("\n") + "\n"])
 
@@ -235,7 +316,11 @@ class RunDir:
         return cache if isinstance(cache, dict) else {}
 
     def write_tv_cache(self, cache: dict) -> None:
-        write_atomic(self.tv_cache_file, json.dumps(cache, sort_keys=True))
+        """Keep TV results for later calls; a home we cannot write (read-only) just keeps none."""
+        try:
+            write_atomic(self.tv_cache_file, json.dumps(cache, sort_keys=True))
+        except OSError:
+            pass
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> Path:
@@ -253,9 +338,22 @@ class RunDir:
         return sorted(out)
 
     def summary(self) -> dict:
-        """What `gpctl ls` shows: status plus the last train and eval records."""
+        """What `gpctl ls` shows: status plus the last train and eval records.
+
+        `state` is `unreadable` when a file of the run could not be read (`problem` says which and
+        why, from what `ls` reads: config, status, events and the end of metrics.jsonl); `run_state`
+        is the state the run itself recorded (what steering goes by)."""
         st = self.status()
-        last, last_eval, losses = _tail_records(self.metrics_file)
+        problems = [p for p in (self.status_problem(),) if p]
+        skipped = Unreadable(self.metrics_file.name)
+        last, last_eval, losses = _tail_records(self.metrics_file, skipped=skipped)
+        if skipped.count:
+            problems.append(str(skipped))
+        events_skipped = Unreadable(self.events_file.name)
+        if _size(self.events_file) <= _TAIL_LIMIT:           # a long events file is checked by `show`
+            read_jsonl(self.events_file, 0, events_skipped)
+        if events_skipped.count:
+            problems.append(str(events_skipped))
         smoothed = None
         for v in losses:
             smoothed = v if smoothed is None else EMA_COEF * smoothed + (1 - EMA_COEF) * v
@@ -264,15 +362,17 @@ class RunDir:
         try:
             cfg = self.config()
             preset, arm, steps = cfg.preset, cfg.name, cfg.steps
-        except ConfigError:
+        except ConfigError as e:
             preset = arm = "?"
             steps = 0
+            problems.insert(0, str(e).splitlines()[0])
         state = st.get("state", "unknown")
         if state == "running" and st.get("host") == socket.gethostname():
             from engine.jobs import pid_alive
             if not pid_alive(st.get("pid") if isinstance(st.get("pid"), int) else None):
                 state = "lost"   # its process is gone from this host: say so before a worker reconciles
-        return {"id": self.id, "preset": preset, "arm": arm, "state": state,
+        return {"id": self.id, "preset": preset, "arm": arm, "state": "unreadable" if problems else state,
+                "run_state": state, "problem": "; ".join(problems) or None,
                 "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
                 "loss": last.get("loss"), "loss_ema": smoothed, "eval_loss": last_eval.get("eval_loss"),
@@ -281,12 +381,21 @@ class RunDir:
 
 
 EMA_COEF, EMA_TAIL = 0.8, 64   # the summary's smoothed loss: EMA 0.8 over the last 64 step records
+_TAIL_LIMIT = 1 << 17          # bytes of a file's end that `ls` reads
 
 
-def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tuple[dict, dict, list[float]]:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail_records(path: Path, limit: int = _TAIL_LIMIT, chunk: int = 1 << 15,
+                  skipped: Unreadable | None = None) -> tuple[dict, dict, list[float]]:
     """The last train record, the last eval record and up to EMA_TAIL last train losses (oldest
     first), reading backwards at most `limit` bytes (the trainer also keeps the last eval in
-    status.json, for evals further back)."""
+    status.json, for evals further back). Unreadable lines in what was read are counted in `skipped`."""
     last: dict | None = None
     last_eval: dict | None = None
     losses: list[float] = []
@@ -300,15 +409,20 @@ def _tail_records(path: Path, limit: int = 1 << 17, chunk: int = 1 << 15) -> tup
                 f.seek(pos)
                 lines = (f.read(step) + carry).split(b"\n")
                 carry = lines.pop(0) if pos > 0 else b""   # maybe a partial line: finish it next round
-                for line in reversed(lines):
+                at = pos + len(carry) + 1 if pos > 0 else 0  # the byte offset of lines[0]
+                starts = []
+                for line in lines:
+                    starts.append(at)
+                    at += len(line) + 1
+                for line, where in zip(reversed(lines), reversed(starts)):
                     is_eval = b'"eval_loss"' in line
                     if not line.strip() or (len(losses) >= EMA_TAIL and not is_eval) or (last_eval is not None and is_eval):
                         continue
-                    try:
-                        rec = json.loads(line)
-                    except (ValueError, RecursionError):
-                        continue
-                    if not record_ok(rec):
+                    rec, why = parse_line(line)
+                    if rec is None:
+                        if skipped is not None:   # reading backwards: the earliest one found is named
+                            skipped.first = ""
+                            skipped.add(f"byte {where}", why)
                         continue
                     if "eval_loss" in rec:
                         last_eval = last_eval or rec
@@ -326,6 +440,13 @@ def list_runs(root: Path) -> list[RunDir]:
         return []
     found = [RunDir(p) for p in runs.iterdir() if p.is_dir() and (p / "config.toml").exists()]
     return sorted(found, key=lambda r: (r.status().get("created", 0.0), r.id))
+
+
+def run_dir(root: Path, run_id: str) -> RunDir:
+    """The run `run_id` of the home `root` (an exact id, as the TUI and the job store hold them)."""
+    if not is_name(run_id):
+        raise UnknownRun(f"run id {run_id!r} is not a plain name")
+    return RunDir(root / "runs" / run_id)
 
 
 def resolve(root: Path, text: str) -> RunDir:

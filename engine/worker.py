@@ -74,6 +74,7 @@ class Worker:
         self.store = JobStore(self.root)
         self.running: dict[int, Running] = {}
         self.stopping = False
+        self.ghost = False                 # jobs.db was replaced under it (see store_is_ours)
 
     # ------------------------------------------------------------------ slots
     def _gpu_load(self) -> dict[str, int]:
@@ -104,6 +105,8 @@ class Worker:
         last_beat = 0.0
         try:
             while not self.stopping:
+                if not self.store_is_ours():
+                    break
                 self.reap()
                 self.handle_cancels()
                 launched = self.fill()
@@ -118,7 +121,24 @@ class Worker:
             if self.stopping:
                 self.shutdown()
         finally:
-            self.store.worker_stopped(self.id)
+            if not self.ghost:
+                self.store.worker_stopped(self.id)
+
+    def store_is_ours(self) -> bool:
+        """False (with one loud line) once jobs.db was deleted or replaced under this worker: it would
+        serve a queue nobody else sees. Jobs it started keep running and recording in their run dirs."""
+        try:
+            st = os.stat(self.store.path)
+            same = (st.st_dev, st.st_ino) == self.store.identity
+        except OSError:
+            same = False
+        if not same:
+            running = ", ".join(r.job.run_id for r in self.running.values()) or "none"
+            print(f"error: {self.store.path} was deleted or replaced under worker {self.id}; it stops "
+                  f"(jobs it started keep running: {running}; start a worker again to serve the new queue)",
+                  file=sys.stderr, flush=True)
+            self.ghost = True
+        return same
 
     def _on_term(self, signum, frame) -> None:
         self.stopping = True
@@ -135,14 +155,22 @@ class Worker:
                 self.running[job.id] = Running(job, devices, None, job.pid)
                 continue
             rd = RunDir(Path(job.run_dir))
-            state = rd.status().get("state")
-            if state in ("done", "diverged"):
-                self.store.finish(job.id, state, None, rd.status().get("error"))
-            elif self.requeue_lost:
-                self.store.update(job.id, state="lost", error="its process was gone when a worker restarted")
-                self.store.requeue(job.id, resume=True)
+            st = rd.status()
+            if st.get("state") in ("done", "diverged"):
+                self.store.finish(job.id, st["state"], None, st.get("error"))
+                continue
+            why = f"its process (pid {job.pid or '?'} on {job.host}) was gone when a worker restarted"
+            try:
+                rd.append_event("lost", pid=job.pid, host=job.host, attempt=job.attempts, step=st.get("step"),
+                                requeued=self.requeue_lost, reason=why)
+                if st.get("state") == "running":
+                    rd.write_status(state="lost", error=why)
+            except OSError:
+                pass   # a run directory we cannot write: the queue still records it
+            if self.requeue_lost:
+                self.store.requeue(job.id, resume=True, ended_as="lost", error=why)
             else:
-                self.store.finish(job.id, "lost", None, "its process was gone when a worker restarted")
+                self.store.finish(job.id, "lost", None, why)
 
     def fill(self) -> int:
         launched = 0
@@ -201,7 +229,7 @@ class Worker:
         elif cancel:
             self.store.finish(r.job.id, "cancelled", code, "cancelled by request")
         elif state == "stopped" and self.stopping:
-            self.store.requeue(r.job.id, resume=True)
+            self.store.requeue(r.job.id, resume=True, ended_as="stopped", error="its worker was stopped")
         elif state == "stopped":
             self.store.finish(r.job.id, "stopped", code)
         else:
@@ -235,7 +263,7 @@ class Worker:
             time.sleep(self.poll)
         for r in self.running.values():  # still there: kill, and let reconcile requeue them
             os.killpg(r.pid, signal.SIGKILL)
-            self.store.requeue(r.job.id, resume=True)
+            self.store.requeue(r.job.id, resume=True, ended_as="stopped", error="killed: it ignored SIGTERM")
 
 
 def live_workers(store: JobStore, host: str | None = None) -> list[dict]:

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -23,12 +22,18 @@ from gpctl.common import RunArg, State, err, friendly, out
 OK_STATES = ("done", "stopped")
 
 
-def effective_state(run_state: str, job) -> str:
+def effective_state(run_state: str, job_state: str | None) -> str:
     """What `ls`, steering and the TUI call a run's state: the queue knows better before a run starts,
     and why it ended (queued, lost, cancelled, failed)."""
-    if job and (job.state in ("queued", "lost", "cancelled", "failed") or run_state == "created"):
-        return job.state
+    if job_state and (job_state in ("queued", "lost", "cancelled", "failed") or run_state == "created"):
+        return job_state
     return run_state
+
+
+def shown_state(summary: dict, job_state: str | None) -> str:
+    """The state `ls` and the TUI print: `unreadable` when a file of the run could not be read (its
+    summary's `problem` says why), else effective_state."""
+    return "unreadable" if summary.get("problem") else effective_state(summary["run_state"], job_state)
 
 
 def enqueue(rds: list[RunDir], resume: bool = False) -> None:
@@ -100,7 +105,7 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
 
 @friendly
 def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, e.g. 0,1 (default: all visible).")] = None,
-           jobs_per_gpu: Annotated[int, typer.Option("--jobs-per-gpu")] = 1,
+           jobs_per_gpu: Annotated[int, typer.Option("--jobs-per-gpu", help="Jobs sharing one GPU (small runs pack several per GPU).")] = 1,
            cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Concurrent jobs on a machine without GPUs.")] = 1,
            idle_exit: Annotated[float, typer.Option("--idle-exit", help="Exit after this many idle seconds (0: never).")] = 0.0,
            no_requeue: Annotated[bool, typer.Option("--no-requeue", help="Leave lost jobs lost instead of resuming them.")] = False,
@@ -122,10 +127,12 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
                requeue_lost=not no_requeue)
     out.print(f"worker {w.id} serving {State.home} on {'GPUs ' + ','.join(ids) if ids else f'{cpu_slots} CPU slot(s)'}")
     w.serve()
+    if w.ghost:
+        raise typer.Exit(1)
 
 
 def show_workers() -> None:
-    store = JobStore(State.home)
+    store = JobStore.for_reading(State.home)
     t = Table(title="workers")
     for col in ("worker", "slots", "alive", "heartbeat", "jobs"):
         t.add_column(col)
@@ -141,7 +148,7 @@ def show_workers() -> None:
 @friendly
 def cancel(runs: Annotated[list[str], typer.Argument(help="Runs to cancel.")],
            wait: Annotated[bool, typer.Option("--wait", help="Wait until running ones have stopped.")] = False,
-           timeout: Annotated[float, typer.Option("--timeout")] = 120.0) -> None:
+           timeout: Annotated[float, typer.Option("--timeout", help="With --wait: give up waiting after this many seconds (the jobs still stop).")] = 120.0) -> None:
     """Cancel queued or running jobs (a running one checkpoints and stops)."""
     store = JobStore(State.home)
     rds = [resolve(State.home, r) for r in runs]
@@ -167,13 +174,10 @@ def cancel(runs: Annotated[list[str], typer.Argument(help="Runs to cancel.")],
 def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False) -> None:
     """Print a run's log.txt (its process's own output)."""
     rd = resolve(State.home, run)
-    store = JobStore(State.home)
+    store = JobStore.for_reading(State.home)
     pos = 0
     while True:
-        with open(rd.log_file, "rb") as f:
-            f.seek(pos)
-            chunk = f.read()
-        pos += len(chunk)
+        chunk, pos = rd.read_log(pos)
         if chunk:
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()

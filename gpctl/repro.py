@@ -428,7 +428,7 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               f"gpctl raise {rep.preset}-low_raise-… --batch-factor {BATCH_FACTOR} --queued-ok",
               f"gpctl resume {rep.preset}-low_raise-…",
               f"gpctl tv {rep.preset}-high_drop-… {rep.preset}-low-… --match-loss --baseline {rep.preset}-low_seed2-…",
-              f"gpctl plot … --eval                                   # the figures above",
+              "gpctl plot … --eval                                   # the figures above",
               "```"]
     lines += ["", "## Time", ""]
     lines += [f"- {k}: {v:.0f} s" for k, v in rep.timings.items()]

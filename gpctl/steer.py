@@ -34,12 +34,9 @@ def run_state(rd: RunDir) -> str:
     from engine.jobs import JobStore
     from gpctl.queue import effective_state
 
-    home = rd.path.parent.parent
-    if not (home / "jobs.db").exists():
-        return rd.summary()["state"]
-    store = JobStore(home)
+    store = JobStore.for_reading(rd.path.parent.parent)
     try:
-        return effective_state(rd.summary()["state"], store.get(rd.id))
+        return effective_state(rd.summary()["run_state"], (job := store.get(rd.id)) and job.state)
     finally:
         store.close()
 
@@ -52,7 +49,7 @@ def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
         raise ControlError(f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})")
     if state != "running" and "action" not in request and not queued_ok:
         hint = (f"give it at creation (--set) or fork it (gpctl fork {rd.id} --set …)" if state in ("created", "queued")
-                else f"it would apply when it resumes")
+                else "it would apply when it resumes")
         raise ControlError(f"run {rd.id} is {state}, not running: {hint}; --queued-ok sends it anyway, "
                            f"to apply at its first step boundary")
     reason = Request(request).check(rd.config())

@@ -125,3 +125,25 @@ def test_plain_cnn_student_shapes_and_parameters():
     x = torch.randn(4, 3, 16, 16)
     assert model(x).shape == (4, 10)
     assert torch.equal(model.train()(x), model.eval()(x))   # no batch statistics: one function
+
+
+@pytest.mark.parametrize("stop_at", [5, 6])   # between evals, and at an eval step
+def test_sigterm_then_resume_leaves_the_records_of_an_uninterrupted_run(tmp_path, stop_at):
+    """Issue 12: a SIGTERMed run that was resumed had one extra eval record (at the stop step)."""
+    import os
+    import signal
+    cfg = tiny(TINY_IMAGES, "steps=9", "checkpoint_every=0", "eval_every=3")
+    cfg.changes = []
+    full = RunDir.create(tmp_path, cfg, run_id="full")
+    assert train(full) == "done"
+    cut = RunDir.create(tmp_path, cfg, run_id="cut")
+
+    def term(trainer):
+        if trainer.step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert train(cut, hooks=[term]) == "stopped"
+    assert cut.list_checkpoints()[-1][0] in (stop_at, stop_at + 1)
+    assert train(cut, resume=True) == "done"
+    assert _records(cut) == _records(full)
+    evals = [r["step"] for r in _records(cut) if "eval_loss" in r]
+    assert evals == [3, 6, 9]

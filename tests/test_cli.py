@@ -87,7 +87,6 @@ def test_run_ls_show_resume(home, preset):
 
 
 def test_resume_continues_a_stopped_run(home, preset, monkeypatch):
-    from engine.rundir import list_runs, resolve
     from gpctl import runs as ops
     from engine.train import train
     from pathlib import Path

@@ -1,8 +1,6 @@
 import json
-import math
 import multiprocessing as mp
 import os
-import threading
 import time
 
 import pytest
@@ -343,7 +341,6 @@ def test_a_line_written_while_others_could_is_never_applied(tmp_path):
     """Issue 11: another user appends while the file is open to them; the mode is restored before the
     run reads it (here: while the run is stopped). The run refuses the line, and refuses to start while
     its directory is writable by others."""
-    import subprocess
     import shutil
     import tempfile
     from pathlib import Path

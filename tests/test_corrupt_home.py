@@ -12,6 +12,16 @@ from tests.conftest import TINY_IMAGES, tiny
 
 runner = CliRunner()
 
+REASONS = {   # what `ls --json` and `show` say about each
+    "config_bytes": "config.toml: not UTF-8 text (byte 11)",
+    "metrics_bytes": "metrics.jsonl: 1 unreadable line skipped (byte 0: not JSON)",
+    "loss_string": "metrics.jsonl: 3 unreadable lines skipped (byte 0: 'loss' is not a number)",
+    "events_bytes": "events.jsonl: 2 unreadable lines skipped (byte 0: not UTF-8)",
+    "status_garbage": "status.json: not UTF-8",
+    "status_list": "status.json: not a JSON object",
+    "nested": "metrics.jsonl: 1 unreadable line skipped (byte 0: nested too deep)",
+}
+
 CORRUPTIONS = {
     "config_bytes": lambda rd: rd.config_file.write_bytes(b"steps = 3\n\xff\xfe\x00garbage"),
     "metrics_bytes": lambda rd: rd.metrics_file.write_bytes(b"\x00\xff\xfe" * 100 + b"\n"),
@@ -49,22 +59,36 @@ def test_every_reader_shows_the_healthy_run(corrupt_home):
     rows = {r["id"]: r for r in json.loads(res.stdout)}
     assert set(rows) == {healthy.id, *(rd.id for rd in bad.values())}
     h = rows[healthy.id]
-    assert (h["state"], h["step"], h["preset"]) == ("done", 4, "tiny")
+    assert (h["state"], h["step"], h["preset"], h["problem"]) == ("done", 4, "tiny", None)
+    for kind, rd in bad.items():
+        assert rows[rd.id]["state"] == "unreadable", kind
+        assert rows[rd.id]["problem"].endswith(REASONS[kind]), (kind, rows[rd.id]["problem"])
     assert rows[bad["loss_string"].id]["loss"] is None           # the bad records were skipped
-    assert rows[bad["status_list"].id]["state"] == "unknown"
     assert rows[bad["config_bytes"].id]["preset"] == "?"
+    assert rows[bad["metrics_bytes"].id]["run_state"] == "done"  # what the run itself recorded
     res = invoke(home, "ls")
-    assert res.exit_code == 0 and healthy.id[:10] in res.stdout, res.output
+    assert res.exit_code == 0 and healthy.id in res.stdout, res.output
+    assert sum(" unreadable " in line for line in res.stdout.splitlines()) == len(bad)
     res = invoke(home, "show", healthy.id)
-    assert res.exit_code == 0 and "done" in res.stdout, res.output
+    assert res.exit_code == 0 and res.stdout.splitlines()[0].endswith("tiny/healthy  done  on cpu"), res.output
+    assert "unreadable" not in res.stdout
     for kind, rd in bad.items():
         res = invoke(home, "show", rd.id)
-        assert res.exception is None or isinstance(res.exception, SystemExit), (kind, res.exception)
-        if res.exit_code:
-            assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (kind, res.output)
+        assert res.exit_code == 0, (kind, res.output)
+        assert res.stdout.splitlines()[0].split()[2] == "unreadable", (kind, res.stdout)
+        assert any(line.startswith("unreadable: ") and line.endswith(REASONS[kind])
+                   for line in res.stdout.splitlines()), (kind, res.stdout)
+        shown = json.loads(invoke(home, "show", rd.id, "--json").stdout)
+        assert shown["state"] == "unreadable" and shown["problems"][-1].endswith(REASONS[kind])
     res = invoke(home, "plot", healthy.id, "--out", str(home / "p.png"))
     assert res.exit_code == 0, res.output
     assert (home / "p.png").stat().st_size > 1000
+    for kind, rd in bad.items():                                     # plot and tv: work, or one line
+        for args in (["plot", rd.id, "--out", str(home / "q.png")], ["tv", healthy.id, rd.id]):
+            res = invoke(home, *args)
+            assert res.exception is None or isinstance(res.exception, SystemExit), (kind, args, res.exception)
+            assert res.exit_code == 0 or (res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1), \
+                (kind, args, res.output)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -128,13 +152,17 @@ def test_the_tui_shows_the_healthy_run_in_a_corrupt_home(corrupt_home):
         async with app.run_test(size=(160, 48)) as pilot:
             await pilot.pause()
             assert app.table.row_count == 1 + len(bad)
+            states = {r["id"]: r["state"] for r in app.rows}
+            assert states == {healthy.id: "done", **{rd.id: "unreadable" for rd in bad.values()}}
             app.table.move_cursor(row=app.table.get_row_index(healthy.id))
             await pilot.pause()
             assert [s[3] for s in app.plot.series] == [healthy.id]
-            for rd in bad.values():                  # each corrupt run selected, overlaid, with evals
+            for kind, rd in bad.items():             # each corrupt run selected, overlaid, with evals
                 app.table.move_cursor(row=app.table.get_row_index(rd.id))
                 await pilot.press("space")
                 await pilot.pause()
+                first = app.events_pane.lines[0].text
+                assert first.startswith("unreadable: ") and first.endswith(REASONS[kind]), (kind, first)
             await pilot.press("v")
             await pilot.pause()
             assert app.is_running
@@ -182,3 +210,82 @@ def test_a_running_run_whose_process_is_gone_shows_as_lost(tmp_path):
     assert json.loads(invoke(home, "ls", "--json").stdout)[0]["state"] == "running"
     rd.write_status(pid=p.pid, host="another-host")                   # not ours to judge
     assert json.loads(invoke(home, "ls", "--json").stdout)[0]["state"] == "running"
+
+
+# ---------------------------------------------------------------- a read-only home
+def _as_reader(home):
+    """argv prefix running a command as a user who may read `home` but not write it: ourselves after
+    `chmod a-w`, or, as root (whom modes do not stop), `nobody` with the home readable by all."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+    if os.geteuid() != 0:
+        for p in [home, *home.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        return [sys.executable]
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop to a user a read-only home stops")
+    for p in [home, *home.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable]
+    probe = subprocess.run([*prefix, "-c", "import gpctl.cli"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"user nobody cannot import gpctl from this checkout: {probe.stderr.strip()[-200:]}")
+    return prefix
+
+
+def test_a_read_only_home_is_read_and_never_written(tmp_path):
+    """Issue 12: every command opened jobs.db for writing and created its schema first, so `ls`,
+    `show`, `worker --status`, ... gave tracebacks on a colleague's or a mounted read-only home."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from engine.jobs import JobStore
+    top = Path(tempfile.mkdtemp(dir="/tmp", prefix="gpctl-ro-"))
+    top.chmod(0o755)
+    home = top / "home"
+    a = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "eval_every=2", "checkpoint_every=2", name="a"))
+    b = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "eval_every=2", "checkpoint_every=2", "seed=1", name="b"))
+    for rd in (a, b):
+        assert train(rd) == "done"
+        rd.log("the run's own output")
+    store = JobStore(home)
+    store.enqueue(a.id, a.path)
+    store.finish(store.get(a.id).id, "done", 0)
+    store.close()
+    out_dir = top / "out"
+    out_dir.mkdir(mode=0o777)
+    out_dir.chmod(0o777)
+
+    def snapshot():
+        return sorted((str(p.relative_to(home)), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*"))
+    prefix = _as_reader(home)
+    before = snapshot()
+
+    def gpctl(*args):
+        return subprocess.run([*prefix, "-m", "gpctl", "--home", str(home), *args], capture_output=True, text=True,
+                              cwd=str(top), env={"PATH": "/usr/bin:/bin", "HOME": str(out_dir)})
+    res = gpctl("ls", "--json")
+    assert res.returncode == 0, res.stderr
+    assert {(r["id"], r["state"], r["job"]) for r in json.loads(res.stdout)} == {(a.id, "done", "done"), (b.id, "done", None)}
+    for args, expect in ((["ls"], a.id), (["show", a.id], "job done  attempts 0"), (["logs", a.id], "the run's own output"),
+                         (["worker", "--status"], "workers"), (["tv", a.id, b.id], "TV"),
+                         (["plot", a.id, b.id, "--out", str(out_dir / "p.png")], "")):
+        res = gpctl(*args)
+        assert res.returncode == 0 and expect in res.stdout and "Traceback" not in res.stderr, (args, res.stdout, res.stderr)
+    assert (out_dir / "p.png").stat().st_size > 1000
+    for args in (["run", "preset", "demo", "--no-worker"], ["resume", a.id], ["cancel", b.id], ["drop", a.id]):
+        res = gpctl(*args)
+        assert res.returncode == 2 and res.stderr.startswith("error: "), (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+    script = ("import asyncio, sys\nfrom pathlib import Path\nfrom gpctl.tui.app import GpctlApp\n"
+              "async def go():\n    app = GpctlApp(Path(sys.argv[1]), live=False)\n"
+              "    async with app.run_test(size=(120, 40)) as pilot:\n        await pilot.pause()\n"
+              "        print(sorted(r['state'] for r in app.rows))\nasyncio.run(go())\n")
+    res = subprocess.run([*prefix, "-c", script, str(home)], capture_output=True, text=True, cwd=str(top),
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(out_dir)})
+    assert res.returncode == 0 and res.stdout.strip() == "['done', 'done']", res.stderr[-2000:]
+    assert snapshot() == before                                  # nothing in the home was written

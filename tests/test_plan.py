@@ -1,6 +1,5 @@
 """Schedules in the paper's terms, and `gpctl presets check`: a preset is proven before it trains."""
 import json
-import math
 
 import numpy as np
 import pytest

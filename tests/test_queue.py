@@ -230,3 +230,58 @@ def test_reconcile_leaves_a_live_workers_jobs_alone(home):
     Worker(home).reconcile()
     job = store.get(rd.id)
     assert (job.state, job.resume) == ("queued", 1)
+
+
+def test_reconcile_records_the_lost_attempt_and_keeps_every_attempts_error(home):
+    """Issue 12: no `lost` event was written, and a job's error was cleared when it was claimed again."""
+    import socket
+    from engine.worker import Worker
+    host = socket.gethostname()
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", name="lost"))
+    store = enqueue(home, rd)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store.register_worker(f"{host}:gone", host, dead.pid, "cpu=1")      # a worker that died with its job
+    job = store.claim(f"{host}:gone", host, None)
+    store.update(job.id, pid=dead.pid)
+    rd.write_status(state="running", pid=dead.pid, host=host, step=1)
+    Worker(home).reconcile()
+    job = store.get(rd.id)
+    assert (job.state, job.resume, job.attempts) == ("queued", 1, 1)
+    why = f"its process (pid {dead.pid} on {host}) was gone when a worker restarted"
+    assert [(a["attempt"], a["state"], a["error"]) for a in store.attempts(job.id)] == [(1, "lost", why)]
+    lost = [e for e in rd.events()[0] if e["event"] == "lost"]
+    assert len(lost) == 1 and (lost[0]["pid"], lost[0]["step"], lost[0]["requeued"]) == (dead.pid, 1, True)
+    assert (rd.status()["state"], rd.status()["error"]) == ("lost", why)
+    job = store.claim("w2", host, None)                                 # the second attempt fails
+    store.finish(job.id, "failed", 1, "boom")
+    assert [(a["attempt"], a["state"], a["error"]) for a in store.attempts(job.id)] == [(1, "lost", why), (2, "failed", "boom")]
+    shown = CliRunner().invoke(app, ["--home", str(home), "show", rd.id]).stdout
+    assert f"  attempt 1 ended lost: {why}\n  attempt 2 ended failed: boom\n" in shown
+    store.enqueue(rd.id, rd.path)                                       # a queued job cancelled: no attempt ran
+    store.request_cancel(rd.id)
+    assert len(store.attempts(job.id)) == 2
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_worker_whose_jobs_db_goes_away_stops_loudly(home, how):
+    """Issue 12: with jobs.db deleted under it, a worker kept serving the deleted file; new jobs
+    stayed queued forever and `worker --status` showed no worker."""
+    JobStore(home).close()
+    w = subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--idle-exit", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: JobStore(home).workers())
+    db = home / "jobs.db"
+    if how == "deleted":
+        for p in home.glob("jobs.db*"):
+            p.unlink()
+    else:
+        other = home / "other"
+        other.mkdir()
+        JobStore(other).close()
+        os.replace(other / "jobs.db", db)
+    out, err = w.communicate(timeout=30)
+    assert w.returncode == 1, (out, err)
+    import socket
+    assert err.strip() == (f"error: {db} was deleted or replaced under worker {socket.gethostname()}:{w.pid}; "
+                           "it stops (jobs it started keep running: none; start a worker again to serve the new queue)")

@@ -290,3 +290,34 @@ def test_table_loss_is_the_ema_of_the_last_records(tmp_path):
     summary = rd.summary()
     assert summary["loss_ema"] == pytest.approx(s, rel=1e-12) and summary["loss"] == losses[-1]
     assert summary["eval_loss"] == 1.5
+
+
+def test_a_crash_exits_non_zero_and_says_where_its_traceback_is(tmp_path, monkeypatch):
+    """Issue 12: the TUI exited with status 0 after a crash."""
+    from textual.app import App
+    from typer.testing import CliRunner
+
+    from gpctl.cli import app as cli
+    from gpctl.tui.app import GpctlApp
+
+    def boom(self):
+        raise RuntimeError("injected fault in refresh_data")
+    monkeypatch.setattr(GpctlApp, "refresh_data", boom)
+    monkeypatch.setattr(GpctlApp, "run", lambda self: App.run(self, headless=True, size=(100, 30)))
+    home = tmp_path / "home"
+    home.mkdir()
+    res = CliRunner().invoke(cli, ["--home", str(home), "tui"])
+    assert res.exit_code == 1, res.output
+    log = home / "tui.log"
+    assert res.stderr.strip().splitlines()[-1] == (f"error: gpctl tui stopped on an unexpected error; its traceback "
+                                                   f"is in {log} (your runs are not affected)")
+    assert "RuntimeError: injected fault in refresh_data" in log.read_text()
+    monkeypatch.undo()                                   # negative control: a clean run exits 0
+    monkeypatch.setattr(GpctlApp, "run", lambda self: App.run(self, headless=True, size=(100, 30), auto_pilot=_quit))
+    res = CliRunner().invoke(cli, ["--home", str(home), "tui"])
+    assert res.exit_code == 0, res.output
+
+
+async def _quit(pilot):
+    await pilot.pause()
+    await pilot.press("q")

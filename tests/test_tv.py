@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from engine.checkpoint import CheckpointError
 from engine.rundir import RunDir
 from engine.train import train
-from engine.tv import Ckpt, EvalSet, compare_models, match, tv_curve, tv_per_item
+from engine.tv import Ckpt, compare_models, match, tv_curve, tv_per_item
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 

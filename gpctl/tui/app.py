@@ -22,7 +22,7 @@ from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
 from engine.curves import AXES
 from engine.jobs import JobStore
-from engine.rundir import RunDir, list_runs
+from engine.rundir import RunDir, list_runs, run_dir
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Help, Pick
 from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
@@ -91,6 +91,25 @@ class GpctlApp(App):
         self.filter_text, self.sort_key = "", None
         self._plotted = None
 
+    # ------------------------------------------------------------------ crashes
+    crash_log: Path | None = None
+
+    def _handle_exception(self, error: Exception) -> None:
+        """An unexpected error ends the app with return code 1 (Textual's rule); first keep its
+        traceback in a file `gpctl tui` names when it exits, since the screen it was on is gone."""
+        import traceback
+        text = "".join(traceback.format_exception(error))
+        for where in (self.home / "tui.log", Path.home() / ".cache" / "gpctl" / "tui.log"):
+            try:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                with open(where, "a") as f:
+                    f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} gpctl tui crashed\n{text}")
+                self.crash_log = where
+                break
+            except OSError:
+                continue
+        super()._handle_exception(error)
+
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
         yield Header()
@@ -142,13 +161,13 @@ class GpctlApp(App):
         self.refresh_data()
 
     def refresh_data(self) -> None:
-        store = JobStore(self.home)
+        from gpctl.queue import shown_state
+        store = JobStore.for_reading(self.home)
         rows = []
         for rd in list_runs(self.home):
             r = rd.summary()
             job = store.get(rd.id)
-            if job and job.state in ("queued", "lost", "cancelled", "failed"):
-                r["state"] = job.state
+            r["state"] = shown_state(r, job and job.state)
             st = rd.status()
             if r["state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
                 r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
@@ -164,7 +183,7 @@ class GpctlApp(App):
 
     def tail(self, run_id: str) -> RunTail:
         if run_id not in self.tails:
-            self.tails[run_id] = RunTail(RunDir(self.home / "runs" / run_id))
+            self.tails[run_id] = RunTail(run_dir(self.home, run_id))
         t = self.tails[run_id]
         t.poll()
         return t
@@ -190,7 +209,8 @@ class GpctlApp(App):
                 markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         if sel:
-            self.events_pane.show(sel, self.tail(sel).events)
+            row = next((r for r in self.rows if r["id"] == sel), {})
+            self.events_pane.show(sel, self.tail(sel).events, row.get("problem"))
 
     def _window(self, x) -> tuple[float, float]:
         """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
@@ -201,7 +221,7 @@ class GpctlApp(App):
         return float("-inf"), float("inf")
 
     def gpu_refresh(self) -> None:
-        store = JobStore(self.home)
+        store = JobStore.for_reading(self.home)
         on = {}
         for j in store.jobs(state="running"):
             for d in (j.devices or "").split(","):
@@ -293,7 +313,7 @@ class GpctlApp(App):
         if sel is None:
             self.notify("no run selected", severity="warning")
             return None
-        return RunDir(self.home / "runs" / sel)
+        return run_dir(self.home, sel)
 
     def _send(self, rd: RunDir, request: dict) -> None:
         from gpctl.steer import check_request
@@ -457,7 +477,7 @@ class GpctlApp(App):
     def compute_tv(self, a: str, b: str) -> None:
         from engine.tv import tv_curve
         try:
-            rows = tv_curve(RunDir(self.home / "runs" / a), RunDir(self.home / "runs" / b), "loss")
+            rows = tv_curve(run_dir(self.home, a), run_dir(self.home, b), "loss")
         except Exception as e:  # noqa: BLE001 - shown to the user
             self.call_from_thread(self.notify, f"TV failed: {e}", severity="error")
             return

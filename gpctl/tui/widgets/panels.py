@@ -1,18 +1,18 @@
 """The runs table, the events pane and the GPU panel."""
 from __future__ import annotations
 
-import json
 import time
 
 from rich.text import Text
 from textual.widgets import DataTable, RichLog, Static
 
-from engine.control import describe
+from engine.control import event_text
 
 # the most useful first: an 80-column terminal shows about the first eight
 COLUMNS = ("run", "state", "step", "loss", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
-               "stopped": "magenta", "cancelled": "grey50", "lost": "red"}
+               "stopped": "magenta", "cancelled": "grey50", "lost": "red",
+               "unreadable": "bold red"}
 
 
 def _f(v, spec: str) -> str:
@@ -67,18 +67,15 @@ class EventsPane(RichLog):
     EventsPane { height: 10; border: round $secondary; }
     """
 
-    def show(self, run_id: str | None, events: list[dict]) -> None:
+    def show(self, run_id: str | None, events: list[dict], problem: str | None = None) -> None:
         self.clear()
         self.border_title = f"events: {run_id or '-'}"
+        if problem:                  # an unreadable file: say which and why before anything else
+            self.write(Text(f"unreadable: {problem}", style="bold red"))
         for e in events[-200:]:
             t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
             style = "red" if e.get("status") == "rejected" or e["event"] in ("error", "diverged") else ""
-            if e["event"] == "control":   # a request's answer as a sentence: what changed, where, or why not
-                text = describe(e)
-            else:
-                detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}
-                text = json.dumps(detail)
-            self.write(Text(f"{t} {e['event']:<10} {text[:300]}", style=style))
+            self.write(Text(f"{t} {event_text(e)[:300]}", style=style))
 
 
 class GpuPanel(Static):

@@ -6,7 +6,6 @@ run is. Vertical markers (noise changes, checkpoints) are drawn as labelled colu
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from rich.text import Text
