@@ -278,6 +278,14 @@ class RunDir:
     def events(self, offset: int = 0) -> tuple[list[dict], int]:
         return read_jsonl(self.events_file, offset)
 
+    def change_key(self) -> tuple:
+        """Changes whenever the run's state or events change (what a watcher polls; never raises)."""
+        try:
+            status = self.status_file.stat().st_mtime_ns
+        except OSError:
+            status = 0
+        return self.id, status, _size(self.events_file)
+
     def metrics_size(self) -> int:
         try:
             return self.metrics_file.stat().st_size

@@ -149,9 +149,7 @@ class GpctlApp(App):
         """Poll the run directories; post a (mergeable) message when something changed."""
         seen = None
         while self.is_running:
-            key = [(rd.id, rd.status_file.stat().st_mtime_ns if rd.status_file.exists() else 0,
-                    rd.events_file.stat().st_size if rd.events_file.exists() else 0)
-                   for rd in list_runs(self.home)]
+            key = [rd.change_key() for rd in list_runs(self.home)]
             if key != seen:
                 seen = key
                 self.post_message(DataChanged())
