@@ -14,6 +14,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +150,10 @@ def _cache_key(ca: Ckpt, cb: Ckpt, n: int) -> str:
 
 
 def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] | None = None,
-             eval_samples: int = 0, device: str = "auto", evalset: EvalSet | None = None) -> list[dict]:
-    """TV for each matched pair of checkpoints of A and B; cached in A's run directory."""
+             eval_samples: int = 0, device: str = "auto", evalset: EvalSet | None = None,
+             on_pair: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """TV for each matched pair of checkpoints of A and B; cached in A's run directory.
+    `on_pair(done, total, what)` is told before each pair that is computed (not read from the cache)."""
     from engine.train import pick_device
 
     cfg_a, cfg_b = rd_a.config(), rd_b.config()
@@ -179,7 +182,9 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
     if todo:
         evalset = evalset or EvalSet(cfg_a, dev, n)
         ac = autocast_for(cfg_a, dev)
-        for i, key, pa, pb in todo:
+        for k, (i, key, pa, pb) in enumerate(todo):
+            if on_pair:
+                on_pair(k, len(todo), f"step {pa.step} of {pa.run} vs step {pb.step} of {pb.run}")
             ma, meta_a = load_model(pa.path, dev)
             mb, meta_b = load_model(pb.path, dev)
             check_compatible(meta_a, meta_b, pa.path, pb.path)

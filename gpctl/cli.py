@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from engine.ckptmeta import read_meta
 from engine.errors import CheckpointError
@@ -24,20 +25,42 @@ from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
 from gpctl import compare, presetcheck, queue, repro, steer
-from gpctl.common import JsonOpt, RunArg, SetOpt, State, friendly, out
+from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.common import plain_table
 from gpctl.progress import train_in_foreground
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run, steer and compare SGD-noise experiments.")
-run_app = typer.Typer(no_args_is_help=True, help="Start runs.")
-app.add_typer(run_app, name="run")
+HELP = {"help_option_names": ["-h", "--help"]}
+
+
+class RunGroup(TyperGroup):
+    """`gpctl run NAME` is a common slip for `gpctl run preset NAME`: say so."""
+
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            ctx.fail(f"No such command '{args[0]}'. To run the preset of that name: gpctl run preset {args[0]}")
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="Run, steer and compare SGD-noise experiments.",
+                  epilog="Example: gpctl run preset demo && gpctl tui   (gpctl COMMAND -h for each command)")
+run_app = typer.Typer(no_args_is_help=True, cls=RunGroup, context_settings=HELP, help="Start runs.")
+app.add_typer(run_app, name="run", rich_help_panel="Run")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from gpctl import __version__
+        print(f"gpctl {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main_callback(
     home_dir: Annotated[Optional[Path], typer.Option("--home", envvar="GPCTL_HOME",
                         help="Where runs live (default ./gpctl-runs).")] = None,
+    version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
+                                          help="Print gpctl's version and exit.")] = False,
 ) -> None:
     State.home = home(home_dir)
     if State.home.exists() and not State.home.is_dir():
@@ -48,7 +71,7 @@ def main_callback(
 
 
 # ---------------------------------------------------------------- presets
-app.add_typer(presetcheck.app, name="presets")
+app.add_typer(presetcheck.app, name="presets", rich_help_panel="Run")
 app.add_typer(presetcheck.app, name="preset", hidden=True)   # `gpctl preset from-run RUN` reads naturally too
 
 
@@ -56,7 +79,8 @@ app.add_typer(presetcheck.app, name="preset", hidden=True)   # `gpctl preset fro
 @run_app.command("preset")
 @friendly
 def run_preset(
-    name: Annotated[str, typer.Argument(help="Preset name (see `gpctl presets`) or a .toml path.")],
+    name: Annotated[str, typer.Argument(help="Preset name (see `gpctl presets`) or a .toml path.",
+                                        autocompletion=complete_preset)],
     overrides: SetOpt = None,
     arm: Annotated[Optional[list[str]], typer.Option("--arm", help="Only these runs of the preset.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Block with progress until the runs end; exit 1 if any failed.")] = False,
@@ -124,10 +148,23 @@ def _bayes(rd: RunDir) -> float | None:
 
 
 # ---------------------------------------------------------------- ls / show / resume
+LS_SORTS = ("created", "id", "state", "step", "loss", "eval_loss", "lr_time")
+
+
 @app.command("ls")
 @friendly
-def ls(as_json: JsonOpt = False) -> None:
-    """List runs: state, device, step, loss, lr, batch."""
+def ls(as_json: JsonOpt = False,
+       as_csv: Annotated[bool, typer.Option("--csv", help="Comma-separated values, one row per run (for scripts).")] = False,
+       state: Annotated[Optional[list[str]], typer.Option("--state", metavar="STATE",
+                        help="Only runs in this state (repeatable): running, done, failed, unreadable, ...")] = None,
+       preset: Annotated[Optional[str], typer.Option("--preset", help="Only runs of this preset.",
+                         autocompletion=complete_preset)] = None,
+       sort: Annotated[str, typer.Option("--sort", help=f"Order by one of: {', '.join(LS_SORTS)} (a leading - reverses).")] = "created",
+       ) -> None:
+    """List runs: state, device, step, samples, lr_time, lr, batch, loss, eval loss. Run ids are never cut."""
+    key = sort.lstrip("-")
+    if key not in LS_SORTS:
+        raise ConfigError(f"--sort must be one of {', '.join(LS_SORTS)}, got {sort!r}")
     store = JobStore.for_reading(State.home)
     if store.writable:
         queue.sync(store)
@@ -139,13 +176,28 @@ def ls(as_json: JsonOpt = False) -> None:
         row["slurm_id"] = job.slurm_id if job else None
         rows.append(row)
     store.close()
+    rows = [r for r in rows if (not state or r["state"] in state) and (not preset or r["preset"] == preset)]
+    missing = [r for r in rows if r.get(key) is None]          # runs without a value go last, either way
+    rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=sort.startswith("-"))
+    rows += missing
+    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss")
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss")
+    if as_csv:
+        import csv
+        fields = ["id", "preset", "arm", "state", "run_state", "job", "device", "step", "steps", "samples", "lr_time",
+                  "lr", "batch_size", "loss", "loss_ema", "eval_loss", "eval_error", "problem", "error"]
+        w = csv.DictWriter(sys.stdout, fields, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return
     cells = [[r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
               f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"])]
              for r in rows]
+    if not cells and not state and not preset:
+        print(f"no runs in {State.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
+        return
     print(State.home / "runs")
     print(plain_table(cols, cells, left=3))
 
@@ -328,8 +380,38 @@ queue.register(app)
 repro.register(app)
 
 
+PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "logs", "tui"),
+          "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure"),
+          "Queue": ("worker", "cancel")}
+EXAMPLES = {
+    "ls": "gpctl ls --state running --sort loss   |   gpctl ls --json | jq '.[].id'",
+    "show": "gpctl show demo-bs32 --config",
+    "logs": "gpctl logs demo-bs32 -f",
+    "tui": "gpctl tui --poll 0.5",
+    "resume": "gpctl resume demo-bs512 --wait",
+    "fork": "gpctl fork demo-bs512 --step 100 --set batch_size=32 --name bs32-at100",
+    "repro": "gpctl repro --ci --out docs",
+    "set": "gpctl set demo-bs512 lr=0.01 --wait",
+    "drop": "gpctl drop demo-bs512 --batch-factor 16 --at-step 100 --twin",
+    "raise": "gpctl raise demo-bs32 --lr-factor 10 --ramp 50",
+    "stop": "gpctl stop demo-bs512 --wait",
+    "checkpoint": "gpctl checkpoint demo-bs512 --when 'eval_loss<1.5'",
+    "tv": "gpctl tv demo-bs32to512 demo-bs512 --match-loss --plot tv.png",
+    "plot": "gpctl plot demo-bs32to512 demo-bs512 --x lr_time --out loss.png",
+    "figure": "gpctl figure cifar_bs32_512 --out fig4a.png",
+    "worker": "gpctl worker --gpus 0,1 --jobs-per-gpu 2",
+    "cancel": "gpctl cancel demo-bs512 --wait",
+}
+for _info in app.registered_commands:
+    _name = _info.name or _info.callback.__name__.replace("_", "-")
+    _info.rich_help_panel = next((p for p, names in PANELS.items() if _name in names), None)
+    if _name in EXAMPLES:
+        _info.epilog = f"Example: {EXAMPLES[_name]}"
+    _info.context_settings = HELP
+
+
 def main() -> None:
-    app()
+    app(prog_name="gpctl")   # also under `python -m gpctl`: completion and usage lines name `gpctl`
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What every gpctl command shares: consoles, the home folder, option aliases, error handling."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 from pathlib import Path
@@ -17,9 +18,24 @@ from engine.rundir import UnknownRun, home
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]
+def complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of run ids, from the home the command line names (or $GPCTL_HOME)."""
+    from engine.rundir import list_runs
+    root = home(ctx.find_root().params.get("home_dir"))
+    return [rd.id for rd in list_runs(root) if rd.id.startswith(incomplete)]
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    """Shell completion of preset names (what `gpctl presets` lists)."""
+    from engine.presets import preset_dirs
+    names = sorted({p.stem for d in preset_dirs() for p in d.glob("*.toml")})
+    return [n for n in names if n.startswith(incomplete)]
+
+
+RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.", autocompletion=complete_run)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (dotted for tables).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                     help="Override a config key: key=value (dotted for tables); repeatable.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for the run's acknowledgement and print it.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait with --wait.")]
 
@@ -61,3 +77,19 @@ def plain_table(headers: tuple[str, ...], rows: list[list[str]], left: int = 1) 
     def line(cells) -> str:
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(headers)] + [line(r) for r in rows])
+
+
+class _Quiet:
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_status(text: str):
+    """A spinner on stderr saying what long work is doing (`.update(text)` as it goes); nothing when
+    stderr is not a terminal, so pipes and --json stay clean."""
+    if not err.is_terminal:
+        yield _Quiet()
+        return
+    with err.status(text) as status:
+        yield status

@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from engine.config import ConfigError
 from engine.curves import AXES
 from engine.presets import load_preset
 from engine.rundir import RunDir, list_runs, resolve
-from gpctl.common import JsonOpt, State, fmt, friendly, out
+from gpctl.common import JsonOpt, State, fmt, friendly, out, plain_table, progress_status
 
-By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr-time (without --match-loss).")]
+By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr_time (without --match-loss).")]
 
 
 @friendly
@@ -48,16 +47,22 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
             out.print(f"TV {fmt(row['tv'])}  loss A {fmt(row['loss_a'])}  loss B {fmt(row['loss_b'])}  "
                       f"gap {row['loss_gap']:+.4f}  ({row['examples']} examples)")
         return
-    if by not in ("step", "lr-time"):
-        raise ConfigError(f"--by must be step or lr-time, got {by!r}")
-    pairing = "loss" if match_loss else by.replace("-", "_")
+    by = by.replace("-", "_")    # one spelling of each axis across commands: lr_time (lr-time still works)
+    if by not in ("step", "lr_time"):
+        raise ConfigError(f"--by must be step or lr_time, got {by!r}")
+    pairing = "loss" if match_loss else by
     steps = [int(s) for s in at_steps.split(",")] if at_steps else None
     a, b = resolve(State.home, run_a), resolve(State.home, run_b)
-    from engine.tv import tv_curve   # torch: only when a TV is computed
-    rows = [dict(r, curve="main") for r in tv_curve(a, b, pairing, steps, eval_samples, device)]
-    if baseline:
-        c = resolve(State.home, baseline)
-        rows += [dict(r, curve="baseline") for r in tv_curve(c, b, pairing, steps, eval_samples, device)]
+    c = resolve(State.home, baseline) if baseline else None
+    with progress_status(f"loading torch to compare {a.id} and {b.id}") as status:
+        from engine.tv import tv_curve   # torch: only when a TV is computed
+
+        def told(curve: str):
+            return lambda k, n, what: status.update(f"TV ({curve}) pair {k + 1}/{n}: {what}")
+        rows = [dict(r, curve="main") for r in tv_curve(a, b, pairing, steps, eval_samples, device, on_pair=told("main"))]
+        if c:
+            rows += [dict(r, curve="baseline")
+                     for r in tv_curve(c, b, pairing, steps, eval_samples, device, on_pair=told("baseline"))]
     if not rows:
         raise ConfigError(f"no checkpoint pairs for {a.id} and {b.id} (pairing by {pairing})")
     if plot:
@@ -66,18 +71,15 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    t = Table(title=f"TV vs {b.id} (pairs by {pairing})")
-    for col in ("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"):
-        t.add_column(col, justify="left" if col in ("curve", "run A") else "right")
-    for r in rows:
-        t.add_row(r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
-                  f"{r['loss_gap']:+.4f}", fmt(r["tv"]))
-    out.print(t)
+    print(f"TV vs {b.id} (pairs by {pairing})")
+    print(plain_table(("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
+                      [[r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
+                        f"{r['loss_gap']:+.4f}", fmt(r["tv"])] for r in rows], left=2))
     if plot:
         out.print(f"wrote {plot}")
 
 
-AxisOpt = Annotated[str, typer.Option("--x", help="x-axis: step, samples, lr_time or wall.")]
+AxisOpt = Annotated[str, typer.Option("--x", help="x-axis: step, samples, lr_time or wall (lr-time works too).")]
 EmaOpt = Annotated[float, typer.Option("--ema", help="EMA coefficient (the paper: 0.8).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or .svg.")]
 
@@ -85,10 +87,11 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or 
 @friendly
 def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
          x: AxisOpt = "step", ema: EmaOpt = 0.8, out_file: OutOpt = Path("loss.png"),
-         logy: Annotated[bool, typer.Option("--logy")] = False,
+         logy: Annotated[bool, typer.Option("--logy", help="Logarithmic loss axis.")] = False,
          evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss.")] = False) -> None:
     """Loss curves of some runs in one figure."""
     from gpctl.figures import loss_figure
+    x = x.replace("-", "_")
     if x not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     rds = [resolve(State.home, r) for r in runs]

@@ -84,6 +84,19 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
     store = JobStore(State.home)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[state]} loss {task.fields[loss]}"), TimeElapsedColumn())
+    try:
+        states = _watch(store, rds, columns, poll)
+    except KeyboardInterrupt:
+        left = [rd.id for rd in rds if (j := store.get(rd.id)) is None or j.state not in TERMINAL]
+        err.print(f"stopped waiting; {len(left)} run(s) go on in the queue: follow them with `gpctl ls`, "
+                  f"`gpctl tui` or `gpctl logs -f {left[0] if left else 'RUN'}`", markup=False)
+        raise typer.Exit(130) from None
+    finally:
+        store.close()
+    return [states[rd.id] for rd in rds]
+
+
+def _watch(store: JobStore, rds: list[RunDir], columns, poll: float) -> dict[str, str]:
     with Progress(*columns, console=out) as progress:
         tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, state="queued", loss="-") for rd in rds}
         while True:
@@ -97,10 +110,8 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
                 progress.update(tasks[rd.id], completed=st.get("step", 0), state=states[rd.id],
                                 loss=f"{loss:.4f}" if loss is not None else "-")
             if all(s in TERMINAL for s in states.values()):
-                break
+                return states
             time.sleep(poll)
-    store.close()
-    return [states[rd.id] for rd in rds]
 
 
 @friendly

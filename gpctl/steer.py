@@ -69,10 +69,17 @@ def conditioned(request: dict, at_step: int | None, at_lr_time: float | None, wh
 def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> None:
     rd = resolve(State.home, run)
     rid = append_request(rd, check_request(rd, request, queued_ok))
-    out.print(rid)
     if not wait:
+        out.print(rid)
         return
-    ack = wait_for_ack(rd, rid, timeout, on_waiting=lambda ev: out.print(describe(ev, rd.id), markup=False))
+    out.print(f"{rid}: sent to {rd.id}; waiting up to {timeout:g}s for it to apply at the run's next step boundary",
+              markup=False)
+    try:
+        ack = wait_for_ack(rd, rid, timeout, on_waiting=lambda ev: out.print(describe(ev, rd.id), markup=False))
+    except KeyboardInterrupt:
+        err.print(f"stopped waiting; request {rid} stays in {rd.id}'s control file and is answered there "
+                  f"(gpctl show {rd.id})", markup=False)
+        raise typer.Exit(130) from None
     if ack is None:
         state = rd.status().get("state")
         if state in ("stopped", "failed"):
