@@ -1,5 +1,6 @@
 """Schedules in the paper's terms, and `gpctl presets check`: a preset is proven before it trains."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -233,3 +234,53 @@ def test_imagenet_is_resized_to_256_then_randomly_cropped_to_224_without_padding
                "data.workers=1")
     x, _ = build_stream(old, torch.device("cpu")).next_batch(2)
     assert not all(any(torch.equal(w, img) for w in windows.values()) for img in x)
+
+
+NAME_NUMBERS = re.compile(r"ResNet-18|GPT-2|CIFAR-5m|ConvNeXt-T|Fig\. ?\d+[a-z]?|c4_\w+|cifar_\w+|imagenet_\w+")
+
+
+def description_numbers(text: str) -> list[float]:
+    """The numbers a preset description states (model and data names like ResNet-18 are not claims)."""
+    out = []
+    for m in re.finditer(r"(\d+(?:\.\d+)?(?:e-?\d+)?)([kM]?)", NAME_NUMBERS.sub(" ", text)):
+        out.append(float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6}[m.group(2)])
+    return out
+
+
+def config_numbers(preset) -> list[float]:
+    from engine.config import to_dict
+    nums = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            nums.append(float(v))
+    for cfg in preset.configs(check=False):
+        d = to_dict(cfg)
+        walk(d)
+        nums.append(float(cfg.data.offline_size * cfg.data.seq_len))   # an offline subset in tokens
+        nums.append(float(cfg.data.online_epochs))
+    return nums
+
+
+def test_every_preset_description_states_its_own_values():
+    """Issue 15: the CPU twins described the real experiment's values (c4_lr_down_tiny said
+    "batch 256, lr 6e-4→6e-5 at 2880"; its config is lr 3e-3, batch 32)."""
+    from engine.presets import list_presets
+    wrong = []
+    for p in list_presets():
+        have = config_numbers(p)
+        for n in description_numbers(p.description):
+            if not any(abs(n - h) <= 0.02 * max(abs(h), 1e-12) for h in have):
+                wrong.append(f"{p.name}: {n:g} is not in its config ({p.description})")
+    assert wrong == []
+    # negative control: a twin described with the real experiment's values fails the check
+    real = next(p for p in list_presets() if p.name == "c4_lr_down_tiny")
+    stale = "GPT-2 small / C4, batch 256: lr 6e-4->6e-5 at 2880 LR-normalized steps vs 6e-5"
+    assert [n for n in description_numbers(stale)
+            if not any(abs(n - h) <= 0.02 * max(abs(h), 1e-12) for h in config_numbers(real))] == [256, 6e-4, 6e-5, 2880, 6e-5]
