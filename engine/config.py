@@ -140,6 +140,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     changes: list[Change] = field(default_factory=list)
+    notify: str = ""                # a shell command run when this run ends, fails, diverges, is lost or stalls
     parent: str = ""                # fork: the run this one branched from
     parent_checkpoint: str = ""     # fork: absolute path of the checkpoint it starts from
     parent_overrides: list[str] = field(default_factory=list)  # fork: the --set items applied at its start

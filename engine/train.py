@@ -433,6 +433,7 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
     in_main = _in_main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
+    state = "failed"
     try:
         trainer.setup(resume)
         state = trainer.run()
@@ -441,6 +442,7 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
                         eval_loss=trainer.last_eval.get("eval_loss"))
         return state
     except Diverged as e:
+        state = "diverged"
         rd.write_status(state="diverged", ended=time.time(), error=str(e))
         rd.append_event("diverged", step=trainer.step, lr_time=trainer.lr_time, error=str(e))
         rd.log(f"diverged: {e}")
@@ -458,8 +460,15 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)
+        leader = not getattr(trainer, "dist", None) or trainer.dist.leader
         if getattr(trainer, "dist", None):
             trainer.dist.close()
+        if state in ("done", "failed", "diverged") and leader:
+            from engine.notify import notify
+            try:
+                notify(rd, state)
+            except Exception as e:  # noqa: BLE001 - a notification never changes how a run ended
+                rd.log(f"notify: {type(e).__name__}: {e}")
 
 
 def _in_main_thread() -> bool:

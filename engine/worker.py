@@ -56,6 +56,7 @@ class Running:
     proc: subprocess.Popen | None      # None: adopted from a previous worker (watched by pid)
     pid: int
     term_sent: float = 0.0
+    stall_notified: bool = False
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Worker:
                     break
                 if time.monotonic() - last_beat > 5:
                     self.store.heartbeat(self.id)
+                    self.check_stalls()
                     last_beat = time.monotonic()
                 time.sleep(self.poll)
             if self.stopping:
@@ -123,6 +125,37 @@ class Worker:
         finally:
             if not self.ghost:
                 self.store.worker_stopped(self.id)
+
+    def _notify(self, rd: RunDir, state: str) -> None:
+        from engine.notify import notify
+        try:
+            notify(rd, state)
+        except Exception as e:  # noqa: BLE001 - a notification never stops the worker
+            print(f"warning: notify for {rd.id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def check_stalls(self) -> None:
+        """A running job with no new record for `stall_minutes` (settings.toml): notify once."""
+        from engine.config import ConfigError
+        from engine.notify import STALL_MINUTES, settings
+        try:
+            minutes = float(settings(self.root).get("stall_minutes", STALL_MINUTES))
+        except ConfigError as e:
+            print(f"warning: {e}", file=sys.stderr, flush=True)
+            return
+        if not minutes:
+            return
+        now = time.time()
+        for r in self.running.values():
+            rd = RunDir(Path(r.job.run_dir))
+            try:
+                last = max(rd.metrics_file.stat().st_mtime, r.job.started or 0.0)
+            except OSError:
+                continue
+            if now - last > minutes * 60 and not r.stall_notified:
+                r.stall_notified = True
+                self._notify(rd, "stalled")
+            elif now - last <= minutes * 60:
+                r.stall_notified = False     # it recorded again: a later stall is news again
 
     def store_is_ours(self) -> bool:
         """False (with one loud line) once jobs.db was deleted or replaced under this worker: it would
@@ -171,6 +204,7 @@ class Worker:
                 self.store.requeue(job.id, resume=True, ended_as="lost", error=why)
             else:
                 self.store.finish(job.id, "lost", None, why)
+            self._notify(rd, "lost")
 
     def fill(self) -> int:
         launched = 0
@@ -235,8 +269,9 @@ class Worker:
         else:
             why = st.get("error") or f"process exited with code {code}"
             self.store.finish(r.job.id, "failed", code, f"{why}\n--- log tail ---\n{log_tail(rd)}")
-            if state not in ("failed",):
+            if state not in ("failed",):   # it died without a record (killed): say so, and tell the user
                 rd.write_status(state="failed", error=why, ended=time.time())
+                self._notify(rd, "failed")
 
     def handle_cancels(self) -> None:
         for job in self.store.jobs(state="running", worker=self.id):

@@ -24,7 +24,7 @@ from engine.rundir import RunDir, UnknownRun, home, list_runs, private_files, re
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
-from gpctl import compare, presetcheck, queue, repro, steer
+from gpctl import compare, export, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.common import plain_table
@@ -90,10 +90,15 @@ def run_preset(
     partition: Annotated[str, typer.Option("--partition", help="Slurm partition.")] = "",
     gres: Annotated[str, typer.Option("--gres", help="Slurm generic resources, e.g. gpu:1.")] = "",
     time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit, e.g. 04:00:00.")] = "",
+    notify: Annotated[Optional[str], typer.Option("--notify", metavar="CMD",
+                      help="Shell command run when each run ends, fails, diverges, is lost or stalls "
+                           "($GPCTL_RUN, $GPCTL_STATE, $GPCTL_LOSS, ...; see README).")] = None,
 ) -> None:
     """Queue the runs of a preset (and make sure a local worker serves them); prints the run ids."""
     if backend not in ("local", "slurm"):
         raise ConfigError(f"--backend must be local or slurm, got {backend!r}")
+    if notify is not None:
+        overrides = [*(overrides or []), f"notify={json.dumps(notify)}"]
     rds = ops.create_runs(name, overrides or [], State.home, arm)
     if foreground:
         for rd in rds:
@@ -376,12 +381,13 @@ def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between look
 
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 compare.register(app)
+export.register(app)
 queue.register(app)
 repro.register(app)
 
 
 PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "logs", "tui"),
-          "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure"),
+          "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure", "export"),
           "Queue": ("worker", "cancel")}
 EXAMPLES = {
     "ls": "gpctl ls --state running --sort loss   |   gpctl ls --json | jq '.[].id'",
@@ -399,6 +405,7 @@ EXAMPLES = {
     "tv": "gpctl tv demo-bs32to512 demo-bs512 --match-loss --plot tv.png",
     "plot": "gpctl plot demo-bs32to512 demo-bs512 --x lr_time --out loss.png",
     "figure": "gpctl figure cifar_bs32_512 --out fig4a.png",
+    "export": "gpctl export demo-bs32to512 demo-bs512 --format tensorboard --out tb && tensorboard --logdir tb",
     "worker": "gpctl worker --gpus 0,1 --jobs-per-gpu 2",
     "cancel": "gpctl cancel demo-bs512 --wait",
 }

@@ -1,12 +1,31 @@
-"""Plain functions behind the CLI commands, so tests (and the TUI) can call them too."""
+"""Plain functions behind the CLI commands, and a small read API for notebooks.
+
+    from gpctl import runs
+    home = runs.load("gpctl-runs")              # or runs.load() for $GPCTL_HOME / ./gpctl-runs
+    df = home.metrics()                         # one row per record: run, arm, family, seed, step, ...
+    ev = home.events()                          # one row per event, with its sentence
+    home.info()                                 # one row per run: what `gpctl ls --json` shows
+
+It reads through engine/rundir.py, the same readers `ls` and the TUI use: an unreadable line is
+skipped, never fatal, and the run's `problem` says so in info().
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.errors import DataMissing
 from engine.presets import Preset, load_preset
-from engine.rundir import RunDir
+from engine.rundir import RunDir, home as default_home, list_runs, resolve
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METRIC_COLUMNS = ["step", "samples", "lr_time", "wall", "lr", "batch_size", "loss", "eval_loss", "eval_error",
+                  "unique_samples"]
+RUN_COLUMNS = ["run", "preset", "arm", "family", "seed", "parent"]
 
 
 def check_data(preset: Preset, configs: list[Config]) -> None:
@@ -26,3 +45,74 @@ def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | N
     configs = preset.configs(overrides, arms)
     check_data(preset, configs)
     return [RunDir.create(root, cfg) for cfg in configs]
+
+
+def family(arm: str) -> str:
+    """The seed family an arm belongs to: `high`, `high_s2` and `bs512_seed2` are seeds of `high`
+    and `bs512` (the naming the presets and `gpctl repro` use)."""
+    return re.sub(r"_(s|seed)\d+$", "", arm)
+
+
+class Runs:
+    """Some runs of one home, read as pandas DataFrames (pandas is imported on first use)."""
+
+    def __init__(self, rds: list[RunDir]):
+        self.rds = rds
+
+    def __len__(self) -> int:
+        return len(self.rds)
+
+    @property
+    def ids(self) -> list[str]:
+        return [rd.id for rd in self.rds]
+
+    def _labels(self, rd: RunDir) -> dict:
+        try:
+            cfg = rd.config()
+            return {"run": rd.id, "preset": cfg.preset, "arm": cfg.name, "family": family(cfg.name),
+                    "seed": cfg.seed, "parent": cfg.parent or None}
+        except ConfigError:
+            return {"run": rd.id, "preset": None, "arm": None, "family": None, "seed": None, "parent": None}
+
+    def info(self) -> "pd.DataFrame":
+        import pandas as pd
+        rows = [{**self._labels(rd), **{k: v for k, v in rd.summary().items() if k not in ("id", "preset", "arm")}}
+                for rd in self.rds]
+        return pd.DataFrame(rows)
+
+    def metrics(self) -> "pd.DataFrame":
+        """Every step and eval record; `kind` is "train" or "eval"."""
+        import pandas as pd
+        frames = []
+        for rd in self.rds:
+            recs = rd.metrics()[0]
+            if not recs:
+                continue
+            df = pd.DataFrame(recs)
+            df.insert(0, "kind", ["eval" if "eval_loss" in r else "train" for r in recs])
+            for i, (k, v) in enumerate(self._labels(rd).items()):
+                df.insert(i, k, v)
+            frames.append(df)
+        if not frames:
+            return pd.DataFrame(columns=RUN_COLUMNS + ["kind"] + METRIC_COLUMNS)
+        df = pd.concat(frames, ignore_index=True)
+        return df[RUN_COLUMNS + ["kind"] + [c for c in df.columns if c not in RUN_COLUMNS + ["kind"]]]
+
+    def events(self) -> "pd.DataFrame":
+        """Every event, with `text` the sentence `gpctl show` prints."""
+        import pandas as pd
+
+        from engine.control import event_text
+        rows = [{"run": rd.id, "time": e.get("time"), "event": e["event"], "step": e.get("step"),
+                 "lr_time": e.get("lr_time"), "text": event_text(e)} for rd in self.rds for e in rd.events()[0]]
+        return pd.DataFrame(rows, columns=["run", "time", "event", "step", "lr_time", "text"])
+
+
+def load(home: str | Path | None = None, runs: list[str] | None = None, preset: str | None = None) -> Runs:
+    """The runs of a home (default $GPCTL_HOME or ./gpctl-runs): all, those named (ids or unique
+    prefixes), or those of one preset."""
+    root = default_home(home)
+    rds = [resolve(root, r) for r in runs] if runs else list_runs(root)
+    if preset:
+        rds = [rd for rd in rds if Runs([rd])._labels(rd)["preset"] == preset]
+    return Runs(rds)

@@ -90,6 +90,7 @@ class GpctlApp(App):
         self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
         self.filter_text, self.sort_key = "", None
         self._plotted = None
+        self._states: dict[str, str] = {}
 
     # ------------------------------------------------------------------ crashes
     crash_log: Path | None = None
@@ -175,6 +176,11 @@ class GpctlApp(App):
         rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
         key = self.sort_key
         rows.sort(key=lambda r: (r["preset"], (r.get(key) if key else 0) or 0, r["created"]))
+        ended = {r["id"] for r in rows if r["state"] in ("done", "failed", "diverged", "lost")
+                 and self._states.get(r["id"]) in ("running", "queued")}
+        if ended:
+            self.bell()               # a run you watched just ended, failed, diverged or was lost
+        self._states = {r["id"]: r["state"] for r in rows}
         self.rows = rows
         self.table.show(rows, self.marked)
         self.redraw()
