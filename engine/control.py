@@ -233,7 +233,9 @@ def event_text(e: dict) -> str:
     if kind == "control":
         return describe(e)
     if kind == "start":
-        return f"started{at} on {e.get('device', '?')} ({e.get('precision', '?')}, {e.get('params', '?')} parameters)"
+        extra = ", ".join(x for x in (e.get("precision"), f"{e['params']:,} parameters" if isinstance(e.get("params"), int)
+                                      else None) if x)
+        return f"started{at} on {e.get('device', '?')}" + (f" ({extra})" if extra else "")
     if kind == "resume":
         return f"resumed{at} from {e.get('checkpoint') or 'the start (no checkpoint yet)'}"
     if kind == "fork":
@@ -243,7 +245,7 @@ def event_text(e: dict) -> str:
     if kind == "twin_of":
         return f"unsteered twin of {e.get('run')}{at}"
     if kind == "schedule":
-        what = ", ".join(f"{k} {v[0]:.4g} → {v[1]:.4g}" for k, v in (e.get("changed") or {}).items()
+        what = ", ".join(f"{ {'batch_size': 'batch'}.get(k, k)} {v[0]:.4g} → {v[1]:.4g}" for k, v in (e.get("changed") or {}).items()
                          if isinstance(v, list) and len(v) == 2)
         return f"planned change: {what or 'applied'}{at}"
     if kind == "checkpoint":

@@ -101,7 +101,9 @@ def test_wait_prints_where_it_took_effect(home, run):
         res = invoke(home, "set", run.id, "batch_size=32", "--wait", "--timeout", "30")
         bad = invoke(home, "set", run.id, "batch_size=12", "--wait", "--timeout", "30")
     assert res.exit_code == 0, res.output
-    rid, applied = res.stdout.strip().splitlines()
+    sent, applied = res.stdout.strip().splitlines()
+    rid = sent.split(":")[0]
+    assert sent == f"{rid}: sent to {run.id}; waiting up to 30s for it to apply at the run's next step boundary"
     ack = next(e for e in run.events()[0] if e.get("id") == rid)
     samples = f"{ack['samples']:,}".replace(",", " ")
     assert applied == (f"{run.id}: batch 16 → 32 at step {ack['step']} (lr_time {ack['lr_time']:.1f}, "
