@@ -7,6 +7,7 @@ ConfigError with one line that names the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -206,10 +207,14 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, int, float, bool, list)) else type(value).__name__
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict, frozenset]:
+    return get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, strictly."""
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in names:

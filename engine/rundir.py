@@ -15,6 +15,7 @@ Directories are created 0700 and files 0600: other users of a shared box cannot 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ from typing import Any
 
 from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
 
+_CONFIGS: dict[tuple, Config] = {}   # RunDir.config's cache, keyed by the file's identity and mtime
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 STATES = ("created", "running", "done", "failed", "stopped", "diverged")
@@ -206,8 +208,15 @@ class RunDir:
 
     # ------------------------------------------------------------ config and status
     def config(self) -> Config:
+        """The run's config (config.toml is written once: parsed once per process while unchanged)."""
         try:
-            return build(load_toml(self.config_file), str(self.config_file))
+            st = self.config_file.stat()
+            key = (str(self.config_file), st.st_mtime_ns, st.st_size, st.st_ino)
+            if key not in _CONFIGS:
+                if len(_CONFIGS) > 4096:
+                    _CONFIGS.clear()
+                _CONFIGS[key] = build(load_toml(self.config_file), str(self.config_file))
+            return copy.deepcopy(_CONFIGS[key])      # callers may change their copy (fork, repro)
         except ConfigError:
             raise
         except OSError as e:
