@@ -114,3 +114,19 @@ def test_every_command_has_help_an_example_and_help_for_every_option():
             if p.param_type_name == "option" and not p.help and "--help" not in p.opts:
                 missing.append(f"{' '.join(path)} {p.opts[0]}: no help")
     assert missing == []
+
+
+def test_ctrl_c_on_a_wait_says_the_runs_go_on(tmp_path, monkeypatch):
+    from gpctl import queue
+    home = tmp_path / "home"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(queue, "_watch", interrupted)
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", "demo", "--arm", "bs512", "--no-worker", "--wait"])
+    assert res.exit_code == 130, res.output
+    rid = res.stdout.split()[0]
+    assert res.stderr.strip() == (f"stopped waiting; 1 run(s) go on in the queue: follow them with `gpctl ls`, "
+                                  f"`gpctl tui` or `gpctl logs -f {rid}`")
+    rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
+    assert [(r["id"], r["state"]) for r in rows] == [(rid, "queued")]
