@@ -141,6 +141,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     changes: list[Change] = field(default_factory=list)
+    group: str = ""                 # a family of runs (seeds of one sweep point): "<preset>.<arm>-<point>"
     notify: str = ""                # a shell command run when this run ends, fails, diverges, is lost or stalls
     parent: str = ""                # fork: the run this one branched from
     parent_checkpoint: str = ""     # fork: absolute path of the checkpoint it starts from

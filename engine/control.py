@@ -256,6 +256,8 @@ def event_text(e: dict) -> str:
         return f"{kind}{at}: {e.get('error')}"
     if kind == "lost":
         return f"lost{at}: {e.get('reason')}" + ("; queued again to resume" if e.get("requeued") else "")
+    if kind == "retry":
+        return f"attempt {e.get('attempt')} failed ({e.get('error')}); retrying from the last checkpoint"
     if kind == "slurm_submit":
         return f"submitted to Slurm as job {e.get('slurm_id')}"
     detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}

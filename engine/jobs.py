@@ -38,7 +38,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     slurm_id  TEXT,
     created   REAL,
     started   REAL,
-    ended     REAL
+    ended     REAL,
+    priority  INTEGER NOT NULL DEFAULT 0,   -- higher first, then first come, first served
+    grp       TEXT,                         -- the run's family (config `group`)
+    after     TEXT,                         -- JSON list of run ids that must end `done` first
+    retries   INTEGER NOT NULL DEFAULT 0    -- `failed` attempts retried (from the last checkpoint)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS attempts (           -- every attempt's end, kept when the job is retried
@@ -65,6 +69,11 @@ CREATE TABLE IF NOT EXISTS workers (
 """
 
 
+_ADDED_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "grp": "TEXT", "after": "TEXT",
+                  "retries": "INTEGER NOT NULL DEFAULT 0"}
+DEP_FAILED = ("failed", "diverged", "cancelled")   # a dependency that ended so fails its dependents
+
+
 @dataclass
 class Job:
     id: int
@@ -86,6 +95,15 @@ class Job:
     created: float | None
     started: float | None
     ended: float | None
+    priority: int = 0
+    grp: str | None = None
+    after: str | None = None
+    retries: int = 0
+
+    @property
+    def deps(self) -> list[str]:
+        import json
+        return json.loads(self.after) if self.after else []
 
 
 class JobStore:
@@ -105,6 +123,11 @@ class JobStore:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for col, decl in _ADDED_COLUMNS.items():        # a store made by an older gpctl: add what is new
+            if col not in have:
+                with self.tx():
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
         os.chmod(self.path, 0o600)
         st = os.stat(self.path)
         self.identity = (st.st_dev, st.st_ino)   # the worker checks that this is still the file at `path`
@@ -156,7 +179,12 @@ class JobStore:
 
     # ------------------------------------------------------------ jobs
     def enqueue(self, run_id: str, run_dir: Path, gpus: int = 1, resume: bool = False,
-                backend: str = "local") -> int:
+                backend: str = "local", priority: int = 0, group: str = "", after: list[str] = (),
+                retries: int = 0) -> int:
+        """Queue a run (or re-queue an ended one to resume). `after`: run ids that must end `done`
+        before it starts; `retries`: how many `failed` attempts are retried from the last checkpoint."""
+        import json
+        deps = json.dumps(list(after)) if after else None
         with self.tx() as db:
             row = db.execute("SELECT id, state FROM jobs WHERE run_id = ?", (run_id,)).fetchone()
             if row:  # re-enqueue (resume) an existing run
@@ -166,26 +194,75 @@ class JobStore:
                            "worker=NULL, pid=NULL, devices=NULL, ended=NULL, backend=? WHERE id=?",
                            (int(resume), backend, row["id"]))
                 return row["id"]
-            cur = db.execute("INSERT INTO jobs (run_id, run_dir, state, gpus, resume, backend, created) "
-                             "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                             (run_id, str(run_dir), gpus, int(resume), backend, time.time()))
+            cur = db.execute("INSERT INTO jobs (run_id, run_dir, state, gpus, resume, backend, created, priority, "
+                             "grp, after, retries) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (run_id, str(run_dir), gpus, int(resume), backend, time.time(), priority,
+                              group or None, deps, retries))
             return cur.lastrowid
 
     def claim(self, worker: str, host: str, max_gpus: int | None) -> Job | None:
-        """The oldest queued local job that fits (max_gpus None: a CPU worker takes any job)."""
+        """The first queued local job that fits and is ready, by priority (higher first), then age
+        (max_gpus None: a CPU worker takes any job). Ready: every `after` dependency ended `done`; a
+        job whose dependency ended failed, diverged or cancelled fails here, with the reason."""
         with self.tx() as db:
-            if max_gpus is None:
-                row = db.execute("SELECT * FROM jobs WHERE state='queued' AND backend='local' "
-                                 "ORDER BY id LIMIT 1").fetchone()
-            else:
-                row = db.execute("SELECT * FROM jobs WHERE state='queued' AND backend='local' AND gpus <= ? "
-                                 "ORDER BY id LIMIT 1", (max_gpus,)).fetchone()
+            q = "SELECT * FROM jobs WHERE state='queued' AND backend='local'"
+            rows = db.execute(q + (" AND gpus <= ?" if max_gpus is not None else "") + " ORDER BY priority DESC, id",
+                              (max_gpus,) if max_gpus is not None else ()).fetchall()
+            row = None
+            for cand in rows:
+                why = self._blocked(db, Job(**dict(cand)))
+                if why is None:
+                    row = cand
+                    break
+                if why:
+                    db.execute("UPDATE jobs SET state='failed', error=?, ended=? WHERE id=?",
+                               (why, time.time(), cand["id"]))
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state='running', worker=?, host=?, attempts=attempts+1, started=?, "
                        "pid=NULL, exit_code=NULL, error=NULL WHERE id=? AND state='queued'",
                        (worker, host, time.time(), row["id"]))
             return self.get_id(row["id"])
+
+    @staticmethod
+    def _blocked(db, job: Job) -> str | None:
+        """None: ready. "": waiting on a dependency. Text: a dependency failed (the reason)."""
+        waiting = False
+        for dep in job.deps:
+            row = db.execute("SELECT state FROM jobs WHERE run_id=?", (dep,)).fetchone()
+            if row is None:
+                return f"dependency {dep} is not in the queue"
+            if row["state"] in DEP_FAILED:
+                return f"dependency {dep} ended {row['state']}"
+            if row["state"] != "done":
+                waiting = True
+        return "" if waiting else None
+
+    def waiting_on(self, job: Job) -> list[str]:
+        """The dependencies of a queued job that have not ended `done` yet."""
+        out = []
+        for dep in job.deps:
+            row = self.db.execute("SELECT state FROM jobs WHERE run_id=?", (dep,)).fetchone()
+            if row is None or row["state"] != "done":
+                out.append(dep)
+        return out
+
+    def move(self, run_id: str, priority: int | None = None, first: bool = False) -> int:
+        """Change a queued job's priority (`first`: above every other queued job); returns it."""
+        with self.tx() as db:
+            row = db.execute("SELECT id, state FROM jobs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            if row["state"] != "queued":
+                raise ValueError(f"run {run_id} is {row['state']}, not queued: only queued jobs can move")
+            if first:
+                top = db.execute("SELECT MAX(priority) FROM jobs WHERE state='queued'").fetchone()[0] or 0
+                priority = top + 1
+            db.execute("UPDATE jobs SET priority=? WHERE id=?", (priority, row["id"]))
+            return priority
+
+    def group_runs(self, group: str) -> list[str]:
+        return [r["run_id"] for r in self.db.execute("SELECT run_id FROM jobs WHERE grp=? ORDER BY id", (group,))]
 
     def update(self, job_id: int, **fields) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)

@@ -3,11 +3,15 @@
     [preset]                 figure, description, twin (the CPU twin's name), needs (data note)
     [base]                   any Config keys, shared by all arms
     [runs.<arm>]             per-arm keys, deep-merged over [base]
+    [sweep]                  optional: seeds = 3 (or [0, 4]) and key = [values]: every arm at every
+                             point of the product and every seed, named like `bs512-lr0.05-s1`
 """
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import Config, ConfigError, apply_overrides, build, load_toml, merge
@@ -40,9 +44,12 @@ class Preset:
     twin: str
     base: dict
     runs: dict[str, dict]
+    sweep: dict = field(default_factory=dict)    # the [sweep] table: key = [values], seeds = N or [..]
 
-    def configs(self, overrides: list[str] = (), arms: list[str] | None = None, check: bool = True) -> list[Config]:
-        """The resolved, validated config of each arm (overrides apply to every arm).
+    def configs(self, overrides: list[str] = (), arms: list[str] | None = None, check: bool = True,
+                seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[Config]:
+        """The resolved, validated config of each run: each arm, or with seeds and a sweep, each arm
+        at each point of the sweep's product and each seed (overrides apply to every run).
 
         check: also step each arm's plan (engine/plan.py) and refuse one that would not be the
         experiment it says (a change that never fires, an online arm that repeats data, ...).
@@ -52,15 +59,112 @@ class Preset:
         for arm in chosen:
             if arm not in self.runs:
                 raise ConfigError(f"{self.path}: no run '{arm}' (runs: {', '.join(self.runs)})")
+        own_seeds, own_sweep = preset_sweep(self.sweep, self.path)
+        seeds = seeds if seeds is not None else own_seeds
+        grid = {**own_sweep, **(sweep or {})}
         out = []
         for arm in chosen:
-            data = merge(self.base, self.runs[arm])
-            data = apply_overrides(data, list(overrides))
-            data["name"], data["preset"] = arm, self.name
-            where = f"{self.path} [runs.{arm}]"
-            cfg = build(data, where)
-            out.append(plan.check(cfg, where) if check else cfg)
+            for point in itertools.product(*([(k, v) for v in vals] for k, vals in grid.items())):
+                label = "-".join(f"{_short(k)}{_label(v)}" for k, v in point)
+                family = f"{arm}-{label}" if label else arm
+                for seed in (seeds if seeds is not None else [None]):
+                    data = merge(self.base, self.runs[arm])
+                    data = apply_overrides(data, [*overrides, *(f"{k}={v}" for k, v in point)])
+                    name = family if seed is None else f"{family}-s{seed}"
+                    data["name"], data["preset"] = name, self.name
+                    if seed is not None:
+                        data["seed"] = seed
+                    if grid or seeds is not None:
+                        data["group"] = f"{self.name}.{family}"
+                    where = f"{self.path} [runs.{arm}]" + (f" ({name})" if name != arm else "")
+                    cfg = build(data, where)
+                    out.append(plan.check(cfg, where) if check else cfg)
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"{self.path}: two runs would both be named '{dup}' (give distinct sweep values)")
         return out
+
+
+_SHORT = {"batch_size": "bs", "lr": "lr", "micro_batch_size": "mbs"}
+
+
+def _short(key: str) -> str:
+    return _SHORT.get(key, key.split(".")[-1])
+
+
+def _label(value: str) -> str:
+    """A sweep value as part of a run name (letters, digits, _ . -)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", value.strip().strip('"').strip("'")).strip("_") or "_"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 3` (seeds 0, 1, 2) or `--seeds 0,4,7`."""
+    try:
+        if "," not in text:
+            n = int(text)
+            if not 1 <= n <= 1000:
+                raise ValueError
+            return list(range(n))
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give a count (3: seeds 0, 1, 2) or seeds like 0,4,7") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: seeds must be distinct integers >= 0")
+    return seeds
+
+
+def parse_sweep(items: list[str]) -> dict[str, list[str]]:
+    """`--sweep lr=0.1,0.05 --sweep batch_size=32,512`: each key's values (TOML text), in order.
+    Commas inside brackets or quotes do not split (`--sweep 'data.augment=["crop"],[]'`)."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,...")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        values, depth, quote, cur = [], 0, "", ""
+        for ch in text:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "\"'":
+                quote = ch
+            elif ch in "[{":
+                depth += 1
+            elif ch in "]}":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                values.append(cur.strip())
+                cur = ""
+                continue
+            cur += ch
+        values.append(cur.strip())
+        if not key or any(not v for v in values):
+            raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,... with no empty value")
+        if key in out:
+            raise ConfigError(f"--sweep {key}: given twice")
+        out[key] = values
+    return out
+
+
+def preset_sweep(table: dict, path: Path | str) -> tuple[list[int] | None, dict[str, list[str]]]:
+    """A preset's [sweep] table: `seeds = 3` or `[0, 4]`, and `key = [values]` (dotted keys quoted)."""
+    import json
+    seeds = None
+    grid: dict[str, list[str]] = {}
+    for key, vals in table.items():
+        if key == "seeds":
+            if isinstance(vals, int) and not isinstance(vals, bool):
+                seeds = parse_seeds(str(vals))
+            elif isinstance(vals, list) and vals:
+                seeds = parse_seeds(",".join(str(v) for v in vals))
+            else:
+                raise ConfigError(f"{path}: 'sweep.seeds' must be a count or a list of seeds")
+        elif isinstance(vals, list) and vals:
+            grid[key] = [json.dumps(v) for v in vals]
+        else:
+            raise ConfigError(f"{path}: 'sweep.{key}' must be a list of values")
+    return seeds, grid
 
 
 def find_preset(name_or_path: str) -> Path:
@@ -84,9 +188,9 @@ def find_preset(name_or_path: str) -> Path:
 def load_preset(name_or_path: str, check: bool = True) -> Preset:
     path = find_preset(name_or_path)
     raw = load_toml(path)
-    unknown = set(raw) - {"preset", "base", "runs"}
+    unknown = set(raw) - {"preset", "base", "runs", "sweep"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level table '{sorted(unknown)[0]}' (expected preset, base, runs)")
+        raise ConfigError(f"{path}: unknown top-level table '{sorted(unknown)[0]}' (expected preset, base, runs, sweep)")
     meta = raw.get("preset", {})
     bad = set(meta) - _META_KEYS
     if bad:
@@ -99,7 +203,7 @@ def load_preset(name_or_path: str, check: bool = True) -> Preset:
         raise ConfigError(f"{path}: needs at least one [runs.<name>] table")
     preset = Preset(name=path.stem, path=path, figure=meta.get("figure", ""),
                     description=meta.get("description", ""), twin=meta.get("twin", ""),
-                    base=raw.get("base", {}), runs=runs)
+                    base=raw.get("base", {}), runs=runs, sweep=raw.get("sweep", {}))
     preset.configs(check=check)  # validate every arm now, so errors surface before anything runs
     return preset
 

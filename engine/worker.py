@@ -268,10 +268,16 @@ class Worker:
             self.store.finish(r.job.id, "stopped", code)
         else:
             why = st.get("error") or f"process exited with code {code}"
-            self.store.finish(r.job.id, "failed", code, f"{why}\n--- log tail ---\n{log_tail(rd)}")
+            job = self.store.get_id(r.job.id)
             if state not in ("failed",):   # it died without a record (killed): say so, and tell the user
                 rd.write_status(state="failed", error=why, ended=time.time())
                 self._notify(rd, "failed")
+            if job.attempts <= job.retries:   # the retry policy: again from its last checkpoint
+                rd.append_event("retry", attempt=job.attempts, of=job.retries + 1, error=why.splitlines()[0])
+                self.store.requeue(r.job.id, resume=True, ended_as="failed",
+                                   error=f"{why}\n--- log tail ---\n{log_tail(rd)}")
+            else:
+                self.store.finish(r.job.id, "failed", code, f"{why}\n--- log tail ---\n{log_tail(rd)}")
 
     def handle_cancels(self) -> None:
         for job in self.store.jobs(state="running", worker=self.id):

@@ -90,6 +90,15 @@ def run_preset(
     partition: Annotated[str, typer.Option("--partition", help="Slurm partition.")] = "",
     gres: Annotated[str, typer.Option("--gres", help="Slurm generic resources, e.g. gpu:1.")] = "",
     time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit, e.g. 04:00:00.")] = "",
+    seeds: Annotated[Optional[str], typer.Option("--seeds", metavar="N|S1,S2",
+                     help="Every arm with seeds 0..N-1 (or these seeds), named ARM-sK, grouped by arm.")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", metavar="KEY=V1,V2",
+                     help="Every arm at every point of the product of these values (repeatable), named like ARM-bs512-lr0.05.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the runs it would create, and stop.")] = False,
+    priority: Annotated[int, typer.Option("--priority", help="Higher starts first (default 0; gpctl queue move changes it).")] = 0,
+    after: Annotated[Optional[list[str]], typer.Option("--after", metavar="RUN|GROUP",
+                     help="Start only when these runs (or every run of a group) ended done; fail if one fails.")] = None,
+    retries: Annotated[int, typer.Option("--retries", help="Retry a failed attempt (not a diverged one) up to N times from its last checkpoint.")] = 0,
     notify: Annotated[Optional[str], typer.Option("--notify", metavar="CMD",
                       help="Shell command run when each run ends, fails, diverges, is lost or stalls "
                            "($GPCTL_RUN, $GPCTL_STATE, $GPCTL_LOSS, ...; see README).")] = None,
@@ -97,9 +106,22 @@ def run_preset(
     """Queue the runs of a preset (and make sure a local worker serves them); prints the run ids."""
     if backend not in ("local", "slurm"):
         raise ConfigError(f"--backend must be local or slurm, got {backend!r}")
+    from engine.presets import parse_seeds, parse_sweep
     if notify is not None:
         overrides = [*(overrides or []), f"notify={json.dumps(notify)}"]
-    rds = ops.create_runs(name, overrides or [], State.home, arm)
+    if not 0 <= retries <= 100:
+        raise ConfigError(f"--retries must be in [0, 100], got {retries}")
+    seed_list = parse_seeds(seeds) if seeds is not None else None
+    grid = parse_sweep(sweep or [])
+    if dry_run:
+        configs = ops.plan_runs(name, overrides or [], arm, seed_list, grid)
+        print(plain_table(("run", "group", "seed", "lr", "batch", "steps"),
+                          [[c.name, c.group or "-", str(c.seed), f"{c.lr:g}", str(c.batch_size), str(c.steps)]
+                           for c in configs], left=2))
+        print(f"{len(configs)} run(s); nothing created (--dry-run)")
+        return
+    deps = queue.resolve_after(after or [])
+    rds = ops.create_runs(name, overrides or [], State.home, arm, seed_list, grid)
     if foreground:
         for rd in rds:
             out.print(rd.id)
@@ -114,7 +136,7 @@ def run_preset(
     else:
         for rd in rds:
             out.print(rd.id)
-        queue.enqueue(rds)
+        queue.enqueue(rds, priority=priority, after=deps, retries=retries)
         if not no_worker and queue.ensure_worker():
             out.print(f"started a worker (log: {State.home / 'worker.log'})")
         if not wait:

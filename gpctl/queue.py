@@ -17,7 +17,7 @@ from engine import slurm
 from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, resolve
 from engine.worker import Worker, live_workers, visible_gpus
-from gpctl.common import RunArg, State, err, friendly, out
+from gpctl.common import RunArg, State, err, friendly, out, plain_table
 
 OK_STATES = ("done", "stopped")
 
@@ -36,11 +36,38 @@ def shown_state(summary: dict, job_state: str | None) -> str:
     return "unreadable" if summary.get("problem") else effective_state(summary["run_state"], job_state)
 
 
-def enqueue(rds: list[RunDir], resume: bool = False) -> None:
+def enqueue(rds: list[RunDir], resume: bool = False, priority: int = 0, after: list[str] = (),
+            retries: int = 0) -> None:
     store = JobStore(State.home)
-    for rd in rds:
-        store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=resume)
-    store.close()
+    try:
+        for rd in rds:
+            cfg = rd.config()
+            store.enqueue(rd.id, rd.path, gpus=cfg.gpus, resume=resume, priority=priority, group=cfg.group,
+                          after=after, retries=retries)
+    finally:
+        store.close()
+
+
+def resolve_after(items: list[str]) -> list[str]:
+    """Run ids for `--after RUN|GROUP`: a run id (or unique prefix), or a group (every run in it)."""
+    if not items:
+        return []
+    store = JobStore.for_reading(State.home)
+    try:
+        out = []
+        for item in items:
+            group = store.group_runs(item)
+            if group:
+                out += group
+                continue
+            rd = resolve(State.home, item)
+            if store.get(rd.id) is None:
+                raise UnknownRun(f"--after {item}: run {rd.id} is not in the queue, so it will never end `done` "
+                                 f"(gpctl resume {rd.id} queues it)")
+            out.append(rd.id)
+        return list(dict.fromkeys(out))
+    finally:
+        store.close()
 
 
 def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = False) -> list[str]:
@@ -199,7 +226,76 @@ def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f", hel
     store.close()
 
 
+queue_app = typer.Typer(help="The queue: its order, priorities and waits; move a job.",
+                        context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@queue_app.callback(invoke_without_command=True)
+@friendly
+def show_queue(ctx: typer.Context,
+               as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Queued and running jobs in the order workers take them: priority, group, what each waits on,
+    attempts, and the worker and devices of running ones.
+
+    Example: gpctl queue; gpctl queue move demo-bs512 --first
+    """
+    if ctx.invoked_subcommand:
+        return
+    import json
+    store = JobStore.for_reading(State.home)
+    if store.writable:
+        sync(store)
+    running = [j for j in store.jobs(state="running")]
+    queued = sorted(store.jobs(state="queued"), key=lambda j: (-j.priority, j.id))
+    rows = []
+    for pos, j in enumerate(running + queued):
+        waits = store.waiting_on(j) if j.state == "queued" else []
+        rows.append({"pos": pos + 1 if j.state == "queued" else None, "id": j.run_id, "state": j.state,
+                     "priority": j.priority, "group": j.grp, "waiting_on": waits,
+                     "attempts": j.attempts, "retries": j.retries, "backend": j.backend,
+                     "where": (f"slurm {j.slurm_id}" if j.backend == "slurm" else
+                               f"{j.worker or '-'} {j.devices or 'cpu'}") if j.state == "running" else "",
+                     "since": j.started if j.state == "running" else j.created})
+    store.close()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    if not rows:
+        print("the queue is empty (gpctl ls shows every run)")
+        return
+    now = time.time()
+    cells = [[str(r["pos"] or "-"), r["id"], r["state"], str(r["priority"]), r["group"] or "-",
+              ", ".join(r["waiting_on"]) or "-", f"{r['attempts']}/{r['retries'] + 1}", r["where"] or "-",
+              f"{(now - (r['since'] or now)) / 60:.1f} min"] for r in rows]
+    print(plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for"), cells, left=3))
+
+
+@queue_app.command("move")
+@friendly
+def move(run: RunArg,
+         first: Annotated[bool, typer.Option("--first", help="Above every other queued job.")] = False,
+         priority: Annotated[Optional[int], typer.Option("--priority", help="This priority (higher runs first; default 0).")] = None) -> None:
+    """Reorder the queue: give a queued job a priority, or put it first.
+
+    Example: gpctl queue move demo-bs512 --first
+    """
+    if first == (priority is not None):
+        raise UnknownRun("give one of --first or --priority N")
+    rd = resolve(State.home, run)
+    store = JobStore(State.home)
+    try:
+        new = store.move(rd.id, priority, first)
+    except KeyError:
+        raise UnknownRun(f"run {rd.id} is not in the queue ({State.home / 'jobs.db'})") from None
+    except ValueError as e:
+        raise UnknownRun(str(e)) from None
+    finally:
+        store.close()
+    out.print(f"{rd.id}: priority {new}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(worker)
     app.command()(cancel)
     app.command()(logs)
+    app.add_typer(queue_app, name="queue", rich_help_panel="Queue")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 METRIC_COLUMNS = ["step", "samples", "lr_time", "wall", "lr", "batch_size", "loss", "eval_loss", "eval_error",
                   "unique_samples"]
-RUN_COLUMNS = ["run", "preset", "arm", "family", "seed", "parent"]
+RUN_COLUMNS = ["run", "preset", "arm", "family", "seed", "parent", "group"]
 
 
 def check_data(preset: Preset, configs: list[Config]) -> None:
@@ -40,17 +40,27 @@ def check_data(preset: Preset, configs: list[Config]) -> None:
             raise DataMissing(f"{preset.name}: {e}{twin}") from None
 
 
-def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | None = None) -> list[RunDir]:
+def plan_runs(name: str, overrides: list[str], arms: list[str] | None = None, seeds: list[int] | None = None,
+              sweep: dict[str, list[str]] | None = None) -> list[Config]:
+    """The configs `gpctl run preset` would create (checked; nothing is written)."""
     preset = load_preset(name, check=False)  # the arms are checked below, with the overrides
-    configs = preset.configs(overrides, arms)
+    configs = preset.configs(overrides, arms, seeds=seeds, sweep=sweep)
     check_data(preset, configs)
-    return [RunDir.create(root, cfg) for cfg in configs]
+    return configs
 
 
-def family(arm: str) -> str:
-    """The seed family an arm belongs to: `high`, `high_s2` and `bs512_seed2` are seeds of `high`
-    and `bs512` (the naming the presets and `gpctl repro` use)."""
-    return re.sub(r"_(s|seed)\d+$", "", arm)
+def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | None = None,
+                seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[RunDir]:
+    return [RunDir.create(root, cfg) for cfg in plan_runs(name, overrides, arms, seeds, sweep)]
+
+
+def family(arm: str, group: str = "") -> str:
+    """The seed family a run belongs to: its group (`--seeds`, `--sweep`: `bs512-lr0.05-s1` is a
+    seed of `bs512-lr0.05`) or, for runs made without one, its arm less a seed suffix (`high`,
+    `high_s2` and `bs512_seed2` are seeds of `high` and `bs512`, as the presets and `gpctl repro` name them)."""
+    if group:
+        return group.split(".", 1)[-1]
+    return re.sub(r"[_-](s|seed)\d+$", "", arm)
 
 
 class Runs:
@@ -69,10 +79,11 @@ class Runs:
     def _labels(self, rd: RunDir) -> dict:
         try:
             cfg = rd.config()
-            return {"run": rd.id, "preset": cfg.preset, "arm": cfg.name, "family": family(cfg.name),
-                    "seed": cfg.seed, "parent": cfg.parent or None}
+            return {"run": rd.id, "preset": cfg.preset, "arm": cfg.name, "family": family(cfg.name, cfg.group),
+                    "seed": cfg.seed, "parent": cfg.parent or None, "group": cfg.group or None}
         except ConfigError:
-            return {"run": rd.id, "preset": None, "arm": None, "family": None, "seed": None, "parent": None}
+            return {"run": rd.id, "preset": None, "arm": None, "family": None, "seed": None, "parent": None,
+                    "group": None}
 
     def info(self) -> "pd.DataFrame":
         import pandas as pd
