@@ -378,17 +378,18 @@ class RunDir:
             last_eval = {"eval_loss": st["eval_loss"], "eval_error": st.get("eval_error")}
         try:
             cfg = self.config()
-            preset, arm, steps = cfg.preset, cfg.name, cfg.steps
+            preset, arm, steps, group = cfg.preset, cfg.name, cfg.steps, cfg.group or None
         except ConfigError as e:
             preset = arm = "?"
-            steps = 0
+            steps, group = 0, None
             problems.insert(0, str(e).splitlines()[0])
         state = st.get("state", "unknown")
         if state == "running" and st.get("host") == socket.gethostname():
             from engine.jobs import pid_alive
             if not pid_alive(st.get("pid") if isinstance(st.get("pid"), int) else None):
                 state = "lost"   # its process is gone from this host: say so before a worker reconciles
-        return {"id": self.id, "preset": preset, "arm": arm, "state": "unreadable" if problems else state,
+        return {"id": self.id, "preset": preset, "arm": arm, "group": group,
+                "state": "unreadable" if problems else state,
                 "run_state": state, "problem": "; ".join(problems) or None,
                 "device": st.get("device"), "step": last.get("step", 0), "samples": last.get("samples", 0),
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),

@@ -186,6 +186,7 @@ def ls(as_json: JsonOpt = False,
                         help="Only runs in this state (repeatable): running, done, failed, unreadable, ...")] = None,
        preset: Annotated[Optional[str], typer.Option("--preset", help="Only runs of this preset.",
                          autocompletion=complete_preset)] = None,
+       group: Annotated[Optional[str], typer.Option("--group", help="Only runs of this group (a family of seeds).")] = None,
        sort: Annotated[str, typer.Option("--sort", help=f"Order by one of: {', '.join(LS_SORTS)} (a leading - reverses).")] = "created",
        ) -> None:
     """List runs: state, device, step, samples, lr_time, lr, batch, loss, eval loss. Run ids are never cut."""
@@ -203,7 +204,8 @@ def ls(as_json: JsonOpt = False,
         row["slurm_id"] = job.slurm_id if job else None
         rows.append(row)
     store.close()
-    rows = [r for r in rows if (not state or r["state"] in state) and (not preset or r["preset"] == preset)]
+    rows = [r for r in rows if (not state or r["state"] in state) and (not preset or r["preset"] == preset)
+            and (not group or r["group"] == group)]
     missing = [r for r in rows if r.get(key) is None]          # runs without a value go last, either way
     rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=sort.startswith("-"))
     rows += missing
@@ -213,7 +215,7 @@ def ls(as_json: JsonOpt = False,
         return
     if as_csv:
         import csv
-        fields = ["id", "preset", "arm", "state", "run_state", "job", "device", "step", "steps", "samples", "lr_time",
+        fields = ["id", "preset", "arm", "group", "state", "run_state", "job", "device", "step", "steps", "samples", "lr_time",
                   "lr", "batch_size", "loss", "loss_ema", "eval_loss", "eval_error", "problem", "error"]
         w = csv.DictWriter(sys.stdout, fields, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
@@ -222,7 +224,7 @@ def ls(as_json: JsonOpt = False,
     cells = [[r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
               f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"])]
              for r in rows]
-    if not cells and not state and not preset:
+    if not cells and not state and not preset and not group:
         print(f"no runs in {State.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         return
     print(State.home / "runs")

@@ -88,15 +88,28 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or 
 def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
          x: AxisOpt = "step", ema: EmaOpt = 0.8, out_file: OutOpt = Path("loss.png"),
          logy: Annotated[bool, typer.Option("--logy", help="Logarithmic loss axis.")] = False,
-         evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss.")] = False) -> None:
-    """Loss curves of some runs in one figure."""
+         evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss.")] = False,
+         mean: Annotated[bool, typer.Option("--mean", help="Seeds of one family as their mean with a min-max band.")] = False) -> None:
+    """Loss curves of some runs (or every run of a group) in one figure."""
     from gpctl.figures import loss_figure
     x = x.replace("-", "_")
     if x not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-    rds = [resolve(State.home, r) for r in runs]
-    loss_figure(rds, out_file, x=x, coef=ema, logy=logy, evals=evals)
+    rds = [rd for r in runs for rd in runs_or_group(r)]
+    loss_figure(rds, out_file, x=x, coef=ema, logy=logy, evals=evals, mean=mean)
     out.print(f"wrote {out_file}")
+
+
+def runs_or_group(text: str) -> list[RunDir]:
+    """A run (id or unique prefix), or every run of a group (`--seeds`/`--sweep` families)."""
+    members = []
+    for rd in list_runs(State.home):
+        try:
+            if rd.config().group == text:
+                members.append(rd)
+        except ConfigError:
+            continue
+    return members or [resolve(State.home, text)]
 
 
 def latest_runs(preset: str) -> dict[str, RunDir]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.curves import eval_curve, fit_shift, train_curve
 from engine.rundir import RunDir
+from gpctl.runs import family
 
 LABELS = {"step": "steps", "samples": "samples", "lr_time": "LR-normalized steps", "wall": "seconds"}
 
@@ -23,11 +24,24 @@ def _plt():
     return plt
 
 
+def seed_band(curves: list[tuple]) -> tuple:
+    """(x, min, mean, max) of several seeds' curves, on the x values they all reach (the others
+    interpolated onto the first's)."""
+    import numpy as np
+    end = min(float(c[0][-1]) for c in curves if len(c[0]))
+    xs = np.asarray(curves[0][0], dtype=float)
+    xs = xs[xs <= end]
+    ys = np.stack([np.interp(xs, np.asarray(cx, dtype=float), np.asarray(cy, dtype=float)) for cx, cy in curves])
+    return xs, ys.min(axis=0), ys.mean(axis=0), ys.max(axis=0)
+
+
 def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.8, title: str = "",
                 shift: tuple[RunDir, RunDir, float] | None = None, logy: bool = False,
-                evals: bool = False, taus: tuple[float, float] | None = None, settle: float = 0.0) -> dict | None:
+                evals: bool = False, taus: tuple[float, float] | None = None, settle: float = 0.0,
+                mean: bool = False) -> dict | None:
     """Loss curves of `runs` (train loss with EMA `coef`, or held-out loss with `evals`);
-    shift = (changed run, reference run, T0) draws the reference translated to fit it after T0."""
+    shift = (changed run, reference run, T0) draws the reference translated to fit it after T0;
+    mean: the seeds of one family (gpctl.runs.family) drawn as their mean with a min-max band."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     fit = None
@@ -36,11 +50,23 @@ def loss_figure(runs: list[RunDir], out: Path, x: str = "step", coef: float = 0.
         return eval_curve(rd, x) if evals else train_curve(rd, x, coef)
 
     colors = {}
+    families: dict[str, list[RunDir]] = {}
     for rd in runs:
         cfg = rd.config()
-        xs, ys = curve(rd)
-        (line,) = ax.plot(xs, ys, ls=":" if cfg.data.mode == "offline" else "-", lw=1.4, label=f"{cfg.name}")
-        colors[rd.id] = line.get_color()
+        key = family(cfg.name, cfg.group) if mean else rd.id
+        families.setdefault(key, []).append(rd)
+    for key, members in families.items():
+        cfg = members[0].config()
+        ls = ":" if cfg.data.mode == "offline" else "-"
+        if len(members) == 1:
+            xs, ys = curve(members[0])
+            (line,) = ax.plot(xs, ys, ls=ls, lw=1.4, label=f"{cfg.name}")
+        else:                  # seeds of one family: their mean, and the band from min to max
+            xs, lo, mid, hi = seed_band([curve(rd) for rd in members])
+            (line,) = ax.plot(xs, mid, ls=ls, lw=1.4, label=f"{key} (mean of {len(members)} seeds)")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        for rd in members:
+            colors[rd.id] = line.get_color()
     if shift:
         drop, ref, t0 = shift
         xd, yd = curve(drop)

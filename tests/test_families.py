@@ -179,3 +179,29 @@ def test_a_diverged_run_is_never_retried(tmp_path):
     store.update(job.id, retries=3)
     w._record_end(Running(store.get_id(job.id), [], None, 0), 1)
     assert (store.get(rd.id).state, store.get(rd.id).resume) == ("queued", 1)
+
+
+def test_a_group_plots_as_the_mean_of_its_seeds_with_a_band(tmp_path):
+    import numpy as np
+
+    from engine.curves import train_curve
+    from engine.train import train
+    from gpctl.figures import seed_band
+    home = tmp_path / "home"
+    res = invoke(home, "run", "preset", "demo", "--arm", "bs512", "--seeds", "3", "--no-worker",
+                 "--set", "steps=6", "--set", "model.width=2", "--set", "data.eval_samples=64", "--set", "eval_every=3",
+                 "--set", "checkpoint_every=0")
+    assert res.exit_code == 0, res.output
+    rds = list_runs(home)
+    for rd in rds:
+        assert train(rd) == "done"
+    rows = json.loads(invoke(home, "ls", "--json", "--group", "demo.bs512").stdout)
+    assert sorted(r["id"] for r in rows) == sorted(rd.id for rd in rds) and {r["group"] for r in rows} == {"demo.bs512"}
+    curves = [train_curve(rd, "step", 0.0) for rd in rds]
+    xs, lo, mid, hi = seed_band(curves)
+    ys = np.stack([c[1] for c in curves])
+    assert list(xs) == [1, 2, 3, 4, 5, 6]
+    assert np.allclose(mid, ys.mean(0)) and np.allclose(lo, ys.min(0)) and np.allclose(hi, ys.max(0))
+    assert not np.allclose(lo, hi)                          # the seeds differ: the band is not a line
+    res = invoke(home, "plot", "demo.bs512", "--mean", "--out", str(tmp_path / "m.png"))
+    assert res.exit_code == 0 and (tmp_path / "m.png").stat().st_size > 1000, res.output
