@@ -269,8 +269,10 @@ class RunDir:
         return st
 
     def mark_running(self, device: str) -> dict:
+        slurm = {"slurm_job": os.environ["SLURM_JOB_ID"], "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} \
+            if os.environ.get("SLURM_JOB_ID") else {}
         return self.write_status(state="running", pid=os.getpid(), host=socket.gethostname(),
-                                 device=device, started=time.time(), error=None)
+                                 device=device, started=time.time(), error=None, **slurm)
 
     # ------------------------------------------------------------ records
     def append_metrics(self, records: list[dict]) -> None:

@@ -31,6 +31,8 @@ class SlurmOptions:
     gres: str = ""          # e.g. gpu:1
     time: str = ""          # e.g. 04:00:00
     extra: tuple[str, ...] = ()
+    warn: int = 120         # seconds before the time limit: USR1 -> checkpoint, stop, requeue (0: off)
+    array_limit: int = 0    # --array: at most this many tasks at once (0: no cap)
 
 
 def _run(cmd: list[str]) -> str:
@@ -42,36 +44,107 @@ def _run(cmd: list[str]) -> str:
     return res.stdout
 
 
-def script(rd: RunDir, opts: SlurmOptions, resume: bool) -> str:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=gpctl-{rd.id}", f"#SBATCH --output={rd.log_file}",
-             "#SBATCH --open-mode=append", f"#SBATCH --chdir={rd.path}"]
+# The job's body. Before the time limit (or on preemption's SIGTERM) the run checkpoints and stops;
+# on the warning signal the script then requeues the job, which resumes from that checkpoint (the
+# job keeps its id; SLURM_RESTART_COUNT counts the restarts). A run that ended done is not requeued.
+BODY = """export PYTHONUNBUFFERED=1
+RUN_DIR={run_dir}
+exec >> "$RUN_DIR/log.txt" 2>&1
+cd "$RUN_DIR"
+RESUME={resume}
+if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then RESUME=--resume; fi
+requeue=0
+trap 'requeue=1; echo "[gpctl] slurm job $SLURM_JOB_ID: time limit near, checkpointing"; kill -TERM "$child" 2>/dev/null' USR1
+{python} -m engine train "$RUN_DIR" $RESUME &
+child=$!
+while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done
+if [ "$requeue" = 1 ] && ! grep -q '"state": "done"' "$RUN_DIR/status.json"; then
+  echo "[gpctl] slurm job $SLURM_JOB_ID: requeued to resume from its checkpoint (restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )))"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit $code
+"""
+
+
+def _header(name: str, opts: SlurmOptions, chdir: Path) -> list[str]:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --output=/dev/null", f"#SBATCH --chdir={chdir}"]
     if opts.partition:
         lines.append(f"#SBATCH --partition={opts.partition}")
     if opts.gres:
         lines.append(f"#SBATCH --gres={opts.gres}")
     if opts.time:
         lines.append(f"#SBATCH --time={opts.time}")
-    lines += [f"#SBATCH {x}" for x in opts.extra]
-    cmd = [sys.executable, "-m", "engine", "train", str(rd.path)] + (["--resume"] if resume else [])
-    lines += ["export PYTHONUNBUFFERED=1", "exec " + " ".join(shlex.quote(c) for c in cmd)]
-    return "\n".join(lines) + "\n"
+    if opts.warn:
+        lines += [f"#SBATCH --signal=B:USR1@{opts.warn}", "#SBATCH --requeue"]
+    return lines + [f"#SBATCH {x}" for x in opts.extra]
 
 
-def submit(store: JobStore, rd: RunDir, opts: SlurmOptions, resume: bool = False) -> str:
+def script(rd: RunDir, opts: SlurmOptions, resume: bool) -> str:
+    body = BODY.format(run_dir=shlex.quote(str(rd.path)), resume="--resume" if resume else '""',
+                       python=shlex.quote(sys.executable))
+    return "\n".join(_header(f"gpctl-{rd.id}", opts, rd.path)) + "\n" + body
+
+
+def array_script(rds: list[RunDir], opts: SlurmOptions, resume: bool, where: Path) -> str:
+    """One Slurm job array for several runs: task i trains the i-th run directory."""
+    limit = f"%{opts.array_limit}" if opts.array_limit else ""
+    head = _header(f"gpctl-array-{rds[0].id}", opts, where) + [f"#SBATCH --array=0-{len(rds) - 1}{limit}"]
+    dirs = " ".join(shlex.quote(str(rd.path)) for rd in rds)
+    body = BODY.format(run_dir='"${DIRS[$SLURM_ARRAY_TASK_ID]}"', resume="--resume" if resume else '""',
+                       python=shlex.quote(sys.executable))
+    return "\n".join(head) + f"\nDIRS=({dirs})\n" + body
+
+
+def _dependency(store: JobStore, after: list[str]) -> list[str]:
+    """`--after` as Slurm's --dependency=afterok: on the Slurm ids of those runs (all must be Slurm jobs)."""
+    ids = []
+    for run_id in after:
+        job = store.get(run_id)
+        if job is None or job.backend != "slurm" or not job.slurm_id:
+            raise SlurmError(f"--after {run_id}: not a Slurm job of this home; a Slurm job can wait only on Slurm jobs")
+        ids.append(job.slurm_id)
+    return [f"--dependency=afterok:{':'.join(ids)}", "--kill-on-invalid-dep=yes"] if ids else []
+
+
+def submit(store: JobStore, rd: RunDir, opts: SlurmOptions, resume: bool = False, after: list[str] = (),
+           priority: int = 0) -> str:
     path = rd.path / "slurm.sh"
     path.write_text(script(rd, opts, resume))
     path.chmod(0o700)
-    slurm_id = _run(["sbatch", "--parsable", str(path)]).strip().split(";")[0]
-    job_id = store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=resume, backend="slurm")
+    slurm_id = _run(["sbatch", "--parsable", *_dependency(store, list(after)), str(path)]).strip().split(";")[0]
+    cfg = rd.config()
+    job_id = store.enqueue(rd.id, rd.path, gpus=cfg.gpus, resume=resume, backend="slurm", group=cfg.group,
+                           after=after, priority=priority)
     store.update(job_id, slurm_id=slurm_id, state="queued", started=None)
     rd.append_event("slurm_submit", slurm_id=slurm_id, script=str(path))
     return slurm_id
 
 
+def submit_array(store: JobStore, rds: list[RunDir], opts: SlurmOptions, home: Path, resume: bool = False,
+                 after: list[str] = (), priority: int = 0) -> list[str]:
+    """The runs as one Slurm job array (one entry in squeue; `array_limit` caps how many run at once);
+    returns each run's Slurm id, `ARRAYID_TASK`."""
+    path = home / "slurm" / f"array-{rds[0].id}-{len(rds)}.sh"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(array_script(rds, opts, resume, home))
+    path.chmod(0o700)
+    array_id = _run(["sbatch", "--parsable", *_dependency(store, list(after)), str(path)]).strip().split(";")[0]
+    ids = []
+    for i, rd in enumerate(rds):
+        cfg = rd.config()
+        job_id = store.enqueue(rd.id, rd.path, gpus=cfg.gpus, resume=resume, backend="slurm", group=cfg.group,
+                               after=after, priority=priority)
+        store.update(job_id, slurm_id=f"{array_id}_{i}", state="queued", started=None)
+        rd.append_event("slurm_submit", slurm_id=f"{array_id}_{i}", script=str(path), array=array_id, task=i)
+        ids.append(f"{array_id}_{i}")
+    return ids
+
+
 def squeue_states(ids: list[str]) -> dict[str, str]:
     if not ids:
         return {}
-    text = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T"]) if ids else ""
+    jobs = sorted({i.split("_")[0] for i in ids})        # array tasks are asked for by their array's id
+    text = _run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i %T"]) if ids else ""
     return dict(line.split()[:2] for line in text.splitlines() if line.strip())
 
 
@@ -89,6 +162,9 @@ def sync(store: JobStore) -> None:
         if s in SLURM_ACTIVE:
             if s == "RUNNING" and j.state != "running":
                 store.update(j.id, state="running", started=time.time())
+            restarts = RunDir(Path(j.run_dir)).status().get("slurm_restarts")
+            if isinstance(restarts, int) and restarts + 1 > j.attempts:   # requeued (time limit, preemption)
+                store.update(j.id, attempts=restarts + 1)
             continue
         st = RunDir(Path(j.run_dir)).status()
         state = st.get("state")

@@ -90,6 +90,10 @@ def run_preset(
     partition: Annotated[str, typer.Option("--partition", help="Slurm partition.")] = "",
     gres: Annotated[str, typer.Option("--gres", help="Slurm generic resources, e.g. gpu:1.")] = "",
     time_limit: Annotated[str, typer.Option("--time", help="Slurm time limit, e.g. 04:00:00.")] = "",
+    signal_before: Annotated[int, typer.Option("--signal-before", metavar="SECONDS",
+                             help="Slurm: this long before the time limit the run checkpoints, stops and is requeued to resume (0: off).")] = 120,
+    array: Annotated[bool, typer.Option("--array", help="Slurm: the runs as one job array (one squeue entry).")] = False,
+    array_limit: Annotated[int, typer.Option("--array-limit", help="Slurm --array: at most this many runs at once (0: no cap).")] = 0,
     seeds: Annotated[Optional[str], typer.Option("--seeds", metavar="N|S1,S2",
                      help="Every arm with seeds 0..N-1 (or these seeds), named ARM-sK, grouped by arm.")] = None,
     sweep: Annotated[Optional[list[str]], typer.Option("--sweep", metavar="KEY=V1,V2",
@@ -127,7 +131,8 @@ def run_preset(
             out.print(rd.id)
         states = train_in_foreground(rds, out)
     elif backend == "slurm":
-        ids = queue.submit_slurm(rds, slurm.SlurmOptions(partition, gres, time_limit))
+        opts = slurm.SlurmOptions(partition, gres, time_limit, warn=signal_before, array_limit=array_limit)
+        ids = queue.submit_slurm(rds, opts, array=array, after=deps, priority=priority)
         for rd, sid in zip(rds, ids):
             out.print(f"{rd.id}  slurm job {sid}")
         if not wait:

@@ -59,6 +59,12 @@ def friendly(fn):
             where = f"{e.filename}: " if e.filename else ""
             err.print(f"error: {where}{e.strerror or e}", markup=False)
             raise typer.Exit(2) from None
+        except RuntimeError as e:     # sbatch/squeue/scancel missing or refusing: one line
+            from engine.slurm import SlurmError
+            if not isinstance(e, SlurmError):
+                raise
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2) from None
         except sqlite3.Error as e:
             err.print(f"error: {State.home / 'jobs.db'}: {e}", markup=False)
             raise typer.Exit(2) from None

@@ -70,10 +70,13 @@ def resolve_after(items: list[str]) -> list[str]:
         store.close()
 
 
-def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = False) -> list[str]:
+def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = False, array: bool = False,
+                 after: list[str] = (), priority: int = 0) -> list[str]:
     store = JobStore(State.home)
     try:
-        return [slurm.submit(store, rd, opts, resume) for rd in rds]
+        if array and len(rds) > 1:
+            return slurm.submit_array(store, rds, opts, State.home, resume, after, priority)
+        return [slurm.submit(store, rd, opts, resume, after, priority) for rd in rds]
     finally:
         store.close()
 

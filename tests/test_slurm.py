@@ -156,3 +156,47 @@ def test_scancel_stops_a_running_slurm_job(slurm_cluster, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == [f"{run_id}: cancelling", f"{run_id}: cancelled"]
     assert rd.status()["state"] == "stopped" and rd.list_checkpoints()
+
+
+def test_a_time_limit_checkpoints_requeues_and_ends_done_exactly(slurm_cluster, tmp_path):
+    """Issue 16: a run that hits its --time limit is signalled first, checkpoints, and is requeued
+    to resume until done; its records equal an uninterrupted run's."""
+    from engine.rundir import RunDir, resolve
+    from engine.train import train
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "t.toml"
+    preset.write_text(PRESET.format(steps=3000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
+                              "--time", "00:01:00", "--signal-before", "40"])
+    assert res.exit_code == 0, res.output
+    run_id = res.stdout.split()[0]
+    rd = resolve(home, run_id)
+    assert "#SBATCH --signal=B:USR1@40" in (rd.path / "slurm.sh").read_text()
+    _wait(lambda: JobStore(home).get(run_id).state not in ("queued", "running")
+          or runner.invoke(app, ["--home", str(home), "ls"]) is None, timeout=600)
+    job = JobStore(home).get(run_id)
+    log = rd.log_file.read_text()
+    assert job.state == "done", log[-3000:]
+    assert job.attempts >= 2 and "requeued to resume from its checkpoint" in log, log[-3000:]
+    resumed = [e for e in rd.events()[0] if e["event"] == "resume"]
+    assert resumed and all(e["checkpoint"] for e in resumed)
+    ref = RunDir.create(tmp_path / "ref", rd.config())
+    assert train(ref) == "done"
+    strip = (lambda recs: [{k: v for k, v in r.items() if k != "wall"} for r in recs])
+    assert strip(rd.metrics()[0]) == strip(ref.metrics()[0])
+
+
+def test_an_array_of_six_runs_is_one_slurm_job(slurm_cluster, tmp_path):
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "a.toml"
+    preset.write_text(PRESET.format(steps=4, width=2, size=8))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
+                              "--seeds", "6", "--array", "--array-limit", "2", "--wait"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if "slurm job" in ln]
+    ids = [ln.split("slurm job ")[1] for ln in lines]
+    assert len(ids) == 6 and len({i.split("_")[0] for i in ids}) == 1
+    assert sorted(int(i.split("_")[1]) for i in ids) == list(range(6))
+    rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
+    assert sorted(r["state"] for r in rows) == ["done"] * 6
+    assert sorted(r["arm"] for r in rows) == [f"a-s{i}" for i in range(6)]
