@@ -47,14 +47,16 @@ def _run(cmd: list[str]) -> str:
 # The job's body. Before the time limit (or on preemption's SIGTERM) the run checkpoints and stops;
 # on the warning signal the script then requeues the job, which resumes from that checkpoint (the
 # job keeps its id; SLURM_RESTART_COUNT counts the restarts). A run that ended done is not requeued.
-BODY = """export PYTHONUNBUFFERED=1
+# Slurm starts a requeued job once its credential lifetime has passed (slurm.conf AuthInfo
+# cred_expire, default 120 s).
+BODY = """requeue=0
+trap 'requeue=1; echo "[gpctl] slurm job $SLURM_JOB_ID: time limit near, checkpointing"; kill -TERM "$child" 2>/dev/null' USR1
+export PYTHONUNBUFFERED=1
 RUN_DIR={run_dir}
 exec >> "$RUN_DIR/log.txt" 2>&1
 cd "$RUN_DIR"
 RESUME={resume}
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then RESUME=--resume; fi
-requeue=0
-trap 'requeue=1; echo "[gpctl] slurm job $SLURM_JOB_ID: time limit near, checkpointing"; kill -TERM "$child" 2>/dev/null' USR1
 {python} -m engine train "$RUN_DIR" $RESUME &
 child=$!
 while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done

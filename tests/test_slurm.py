@@ -24,6 +24,7 @@ SlurmdUser=root
 SlurmctldPort={port}
 SlurmdPort={port2}
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
@@ -165,13 +166,13 @@ def test_a_time_limit_checkpoints_requeues_and_ends_done_exactly(slurm_cluster, 
     from engine.train import train
     home, runner = tmp_path / "home", CliRunner()
     preset = tmp_path / "t.toml"
-    preset.write_text(PRESET.format(steps=3000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
+    preset.write_text(PRESET.format(steps=4000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
     res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
-                              "--time", "00:01:00", "--signal-before", "40"])
+                              "--time", "00:01:00", "--signal-before", "50"])
     assert res.exit_code == 0, res.output
     run_id = res.stdout.split()[0]
     rd = resolve(home, run_id)
-    assert "#SBATCH --signal=B:USR1@40" in (rd.path / "slurm.sh").read_text()
+    assert "#SBATCH --signal=B:USR1@50" in (rd.path / "slurm.sh").read_text()
     _wait(lambda: JobStore(home).get(run_id).state not in ("queued", "running")
           or runner.invoke(app, ["--home", str(home), "ls"]) is None, timeout=600)
     job = JobStore(home).get(run_id)
