@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine import slurm
+from engine import backends, slurm
 from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, resolve
 from engine.worker import Worker, live_workers, visible_gpus
@@ -40,10 +40,7 @@ def enqueue(rds: list[RunDir], resume: bool = False, priority: int = 0, after: l
             retries: int = 0) -> None:
     store = JobStore(State.home)
     try:
-        for rd in rds:
-            cfg = rd.config()
-            store.enqueue(rd.id, rd.path, gpus=cfg.gpus, resume=resume, priority=priority, group=cfg.group,
-                          after=after, retries=retries)
+        backends.BACKENDS["local"].submit(store, rds, resume, after, priority, retries)
     finally:
         store.close()
 
@@ -74,9 +71,8 @@ def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = Fal
                  after: list[str] = (), priority: int = 0) -> list[str]:
     store = JobStore(State.home)
     try:
-        if array and len(rds) > 1:
-            return slurm.submit_array(store, rds, opts, State.home, resume, after, priority)
-        return [slurm.submit(store, rd, opts, resume, after, priority) for rd in rds]
+        return backends.BACKENDS["slurm"].submit(store, rds, resume, after, priority, opts=opts, array=array,
+                                                 home=State.home)
     finally:
         store.close()
 
@@ -84,7 +80,7 @@ def submit_slurm(rds: list[RunDir], opts: slurm.SlurmOptions, resume: bool = Fal
 def sync(store: JobStore) -> None:
     """Slurm jobs' states from squeue and their run dirs (local workers keep theirs current)."""
     try:
-        slurm.sync(store)
+        backends.sync(store)
     except slurm.SlurmError as e:
         err.print(f"warning: {e}", markup=False)
 
@@ -197,7 +193,7 @@ def cancel(runs: Annotated[list[str], typer.Argument(help="Runs to cancel.")],
         job = store.get(rd.id)
         if job is None:
             raise UnknownRun(f"run {rd.id} is not in the queue ({State.home / 'jobs.db'})")
-        state = slurm.cancel(store, rd.id) if job.backend == "slurm" else store.request_cancel(rd.id)
+        state = backends.cancel(store, rd.id)
         out.print(f"{rd.id}: {state}")
     if wait:
         deadline = time.monotonic() + timeout
@@ -218,7 +214,7 @@ def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f", hel
     store = JobStore.for_reading(State.home)
     pos = 0
     while True:
-        chunk, pos = rd.read_log(pos)
+        chunk, pos = backends.backend_of(store.get(rd.id)).logs(rd, pos)
         if chunk:
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()

@@ -201,3 +201,30 @@ def test_an_array_of_six_runs_is_one_slurm_job(slurm_cluster, tmp_path):
     rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
     assert sorted(r["state"] for r in rows) == ["done"] * 6
     assert sorted(r["arm"] for r in rows) == [f"a-s{i}" for i in range(6)]
+
+
+def test_cancel_from_the_tui_scancels_a_slurm_job(slurm_cluster, tmp_path):
+    """Issue 16: the TUI's cancel wrote to jobs.db only; a Slurm job never heard of it."""
+    import asyncio
+
+    from engine.rundir import resolve
+    from gpctl.tui.app import GpctlApp
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "long.toml"
+    preset.write_text(PRESET.format(steps=100000, width=4, size=16))
+    run_id = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm"]).stdout.split()[0]
+    rd = resolve(home, run_id)
+    _wait(lambda: rd.status().get("step", 0) >= 4)
+
+    async def go():
+        tui = GpctlApp(home, live=False)
+        async with tui.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            tui.table.move_cursor(row=tui.table.get_row_index(run_id))
+            await pilot.press("C")
+            await pilot.pause()
+    asyncio.run(go())
+    _wait(lambda: rd.status().get("state") == "stopped", timeout=90)
+    rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
+    assert [(r["id"], r["state"]) for r in rows] == [(run_id, "cancelled")]
+    assert rd.list_checkpoints()

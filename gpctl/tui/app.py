@@ -417,12 +417,16 @@ class GpctlApp(App):
         rd = self._selected()
         if rd is None:
             return
+        from engine import backends
         store = JobStore(self.home)
         try:
-            self.notify(f"{rd.id}: {store.request_cancel(rd.id)}")
+            self.notify(f"{rd.id}: {backends.cancel(store, rd.id)}")   # scancel for a Slurm job
         except KeyError:
             self.notify(f"{rd.id} is not in the queue", severity="warning")
-        store.close()
+        except (RuntimeError, OSError) as e:                           # sbatch tools missing, a read-only home
+            self.notify(f"{rd.id}: {e}", severity="error")
+        finally:
+            store.close()
         self.refresh_data()
 
     def action_resume(self) -> None:
