@@ -226,7 +226,8 @@ def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f", hel
 
 
 queue_app = typer.Typer(help="The queue: its order, priorities and waits; move a job.",
-                        context_settings={"help_option_names": ["-h", "--help"]})
+                        context_settings={"help_option_names": ["-h", "--help"]},
+                        epilog="Example: gpctl queue; gpctl queue move demo-bs512 --first")
 
 
 @queue_app.callback(invoke_without_command=True)
@@ -234,10 +235,7 @@ queue_app = typer.Typer(help="The queue: its order, priorities and waits; move a
 def show_queue(ctx: typer.Context,
                as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Queued and running jobs in the order workers take them: priority, group, what each waits on,
-    attempts, and the worker and devices of running ones.
-
-    Example: gpctl queue; gpctl queue move demo-bs512 --first
-    """
+    attempts, and the worker and devices of running ones."""
     if ctx.invoked_subcommand:
         return
     import json
@@ -269,15 +267,12 @@ def show_queue(ctx: typer.Context,
     print(plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for"), cells, left=3))
 
 
-@queue_app.command("move")
+@queue_app.command("move", epilog="Example: gpctl queue move demo-bs512 --first")
 @friendly
 def move(run: RunArg,
          first: Annotated[bool, typer.Option("--first", help="Above every other queued job.")] = False,
          priority: Annotated[Optional[int], typer.Option("--priority", help="This priority (higher runs first; default 0).")] = None) -> None:
-    """Reorder the queue: give a queued job a priority, or put it first.
-
-    Example: gpctl queue move demo-bs512 --first
-    """
+    """Reorder the queue: give a queued job a priority, or put it first."""
     if first == (priority is not None):
         raise UnknownRun("give one of --first or --priority N")
     rd = resolve(State.home, run)

@@ -3,7 +3,6 @@ dependencies, retries)."""
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
