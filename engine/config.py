@@ -131,6 +131,8 @@ class Config:
     log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP)
+    gpu_memory: float = 0.0         # GiB the job needs on each GPU; a worker packing several jobs per GPU
+                                    # starts it only where that much is free (0: its last recorded peak, else count only)
     precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
     channels_last: bool = True      # convnets on CUDA
     compile: bool = False           # torch.compile the model
@@ -304,7 +306,7 @@ _RANGES = {   # key: (lowest, highest) for values beyond "> 0" that a run cannot
     "gpus": (1, 4096), "model.width": (1, 65536), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
     "model.n_layer": (1, 1000), "model.n_head": (1, 1000), "model.n_embd": (1, 10**6),
     "model.vocab_size": (2, 10**8), "model.n_positions": (1, 10**7), "data.image_size": (1, 65536),
-    "data.seq_len": (1, 10**7), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),
+    "data.seq_len": (1, 10**7), "gpu_memory": (0, 10**6), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),
     "data.teacher_width": (1, 65536), "data.teacher_depth": (1, 1000), "data.vocab_size": (2, 10**8),
     "data.workers": (1, 1024), "control.max_batch_size": (1, 2**31),
 }

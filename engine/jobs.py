@@ -200,10 +200,11 @@ class JobStore:
                               group or None, deps, retries))
             return cur.lastrowid
 
-    def claim(self, worker: str, host: str, max_gpus: int | None) -> Job | None:
+    def claim(self, worker: str, host: str, max_gpus: int | None, fits=None) -> Job | None:
         """The first queued local job that fits and is ready, by priority (higher first), then age
         (max_gpus None: a CPU worker takes any job). Ready: every `after` dependency ended `done`; a
-        job whose dependency ended failed, diverged or cancelled fails here, with the reason."""
+        job whose dependency ended failed, diverged or cancelled fails here, with the reason.
+        `fits(job)`: False leaves a job queued (a GPU worker packing by free memory) for the next."""
         with self.tx() as db:
             q = "SELECT * FROM jobs WHERE state='queued' AND backend='local'"
             rows = db.execute(q + (" AND gpus <= ?" if max_gpus is not None else "") + " ORDER BY priority DESC, id",
@@ -212,6 +213,8 @@ class JobStore:
             for cand in rows:
                 why = self._blocked(db, Job(**dict(cand)))
                 if why is None:
+                    if fits is not None and not fits(Job(**dict(cand))):
+                        continue
                     row = cand
                     break
                 if why:

@@ -362,8 +362,10 @@ class Trainer:
         self._pending.clear()
         self.rd.append_metrics(records)
         last = self.last_record = records[-1]
+        peak = {"gpu_peak_gib": round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)} \
+            if self.device.type == "cuda" else {}   # what a worker packing jobs by memory plans with
         self.rd.write_status(step=last["step"], samples=last["samples"], lr_time=last["lr_time"],
-                             loss=last["loss"], lr=last["lr"], batch_size=last["batch_size"])
+                             loss=last["loss"], lr=last["lr"], batch_size=last["batch_size"], **peak)
         if self.on_progress:
             self.on_progress(self)
         bad = next((r for r in records if not math.isfinite(r["loss"])), None)

@@ -40,6 +40,33 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def nvml_free_gib() -> dict[str, float] | None:
+    """Free memory (GiB) of each GPU by index, through NVML (nvidia-ml-py); None without NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no library, no driver: nothing to plan with
+        return None
+    try:
+        return {str(i): pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free / 2**30
+                for i in range(pynvml.nvmlDeviceGetCount())}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def job_memory(job: Job) -> float:
+    """GiB a job needs per GPU: its config's `gpu_memory`, else the peak its run recorded, else 0 (unknown)."""
+    rd = RunDir(Path(job.run_dir))
+    try:
+        need = rd.config().gpu_memory
+    except Exception:  # noqa: BLE001 - an unreadable config fails at launch, with its reason
+        return 0.0
+    if not need:
+        peak = rd.status().get("gpu_peak_gib")
+        need = float(peak) if isinstance(peak, (int, float)) else 0.0
+    return need
+
+
 def log_tail(rd: RunDir, lines: int = 20) -> str:
     try:
         with open(rd.log_file, "rb") as f:
@@ -68,6 +95,7 @@ class Worker:
     poll: float = 0.2
     idle_exit: float = 0.0             # seconds with nothing to do before exiting; 0 = never
     requeue_lost: bool = True
+    free_memory: object = nvml_free_gib    # () -> {gpu: free GiB} | None; packing by memory when it answers
 
     def __post_init__(self):
         self.host = socket.gethostname()
@@ -75,6 +103,7 @@ class Worker:
         self.store = JobStore(self.root)
         self.running: dict[int, Running] = {}
         self.stopping = False
+        self._free_mem: dict[str, float] | None = None
         self.ghost = False                 # jobs.db was replaced under it (see store_is_ours)
 
     # ------------------------------------------------------------------ slots
@@ -208,20 +237,39 @@ class Worker:
 
     def fill(self) -> int:
         launched = 0
+        # with several jobs per GPU, place by free memory too (what NVML says now, less what this
+        # round already handed out): a job is never started where it would not fit
+        self._free_mem = self.free_memory() if self.gpus and self.jobs_per_gpu > 1 else None
         while not self.stopping:
             room = self._can_take()
             if room == -1:
                 break
-            job = self.store.claim(self.id, self.host, room)
+            job = self.store.claim(self.id, self.host, room, fits=self._fits if self._free_mem is not None else None)
             if job is None:
                 break
             self.launch(job)
             launched += 1
         return launched
 
+    def _devices_for(self, job: Job) -> list[str]:
+        free = self._free_gpus()
+        mem = getattr(self, "_free_mem", None)
+        if mem is None:
+            return free[: max(1, job.gpus)]
+        need = job_memory(job)
+        fit = sorted((g for g in free if mem.get(g, float("inf")) >= need), key=lambda g: -mem.get(g, 0.0))
+        return fit[: max(1, job.gpus)]
+
+    def _fits(self, job: Job) -> bool:
+        return len(self._devices_for(job)) >= max(1, job.gpus)
+
     def launch(self, job: Job) -> None:
         rd = RunDir(Path(job.run_dir))
-        devices = self._free_gpus()[: max(1, job.gpus)] if self.gpus else []
+        devices = self._devices_for(job) if self.gpus else []
+        if getattr(self, "_free_mem", None) is not None:
+            need = job_memory(job)
+            for d in devices:
+                self._free_mem[d] = self._free_mem.get(d, 0.0) - need
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices), PYTHONUNBUFFERED="1")
         if len(devices) > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",

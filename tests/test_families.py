@@ -204,3 +204,34 @@ def test_a_group_plots_as_the_mean_of_its_seeds_with_a_band(tmp_path):
     assert not np.allclose(lo, hi)                          # the seeds differ: the band is not a line
     res = invoke(home, "plot", "demo.bs512", "--mean", "--out", str(tmp_path / "m.png"))
     assert res.exit_code == 0 and (tmp_path / "m.png").stat().st_size > 1000, res.output
+
+
+def test_a_gpu_worker_packs_jobs_by_free_memory_and_never_starts_one_that_would_not_fit(tmp_path, monkeypatch):
+    """Issue 16: with --jobs-per-gpu N, place by free GPU memory (NVML) as well as by count. NVML is
+    stood in for by a table of free GiB; the jobs' processes by a stub (no GPU here)."""
+    import os
+
+    import engine.worker as wm
+
+    class Proc:
+        def __init__(self, cmd, **kw):
+            self.pid, self.env = os.getpid(), kw["env"]
+
+        def poll(self):
+            return None
+    monkeypatch.setattr(wm.subprocess, "Popen", Proc)
+
+    def place(free):
+        home = tmp_path / f"home{len(list(tmp_path.iterdir()))}"
+        store = JobStore(home)
+        rds = {}
+        for name, gib in (("a", 30), ("b", 30), ("c", 15), ("d", 15)):
+            rds[name] = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", f"gpu_memory={gib}", name=name))
+            store.enqueue(rds[name].id, rds[name].path)
+        w = wm.Worker(home, gpus=["0", "1"], jobs_per_gpu=3, free_memory=lambda: dict(free) if free else None)
+        w.fill()
+        return {n: (store.get(rd.id).state, store.get(rd.id).devices) for n, rd in rds.items()}
+    got = place({"0": 40.0, "1": 20.0})
+    assert got == {"a": ("running", "0"), "b": ("queued", None), "c": ("running", "1"), "d": ("queued", None)}
+    counted = place(None)                # negative control: without NVML, by count only: all four start
+    assert [s for s, _ in counted.values()] == ["running"] * 4
