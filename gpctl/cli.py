@@ -207,6 +207,7 @@ def ls(as_json: JsonOpt = False,
         row["state"] = queue.shown_state(row, job and job.state)
         row["job"] = job.state if job else None
         row["slurm_id"] = job.slurm_id if job else None
+        row["attempts"] = job.attempts if job else 0
         rows.append(row)
     store.close()
     rows = [r for r in rows if (not state or r["state"] in state) and (not preset or r["preset"] == preset)
@@ -214,21 +215,21 @@ def ls(as_json: JsonOpt = False,
     missing = [r for r in rows if r.get(key) is None]          # runs without a value go last, either way
     rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=sort.startswith("-"))
     rows += missing
-    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss")
+    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss", "attempt")
     if as_json:
         out.print_json(json.dumps(rows))
         return
     if as_csv:
         import csv
-        fields = ["id", "preset", "arm", "group", "state", "run_state", "job", "device", "step", "steps", "samples", "lr_time",
+        fields = ["id", "preset", "arm", "group", "state", "run_state", "job", "attempts", "device", "step", "steps", "samples", "lr_time",
                   "lr", "batch_size", "loss", "loss_ema", "eval_loss", "eval_error", "problem", "error"]
         w = csv.DictWriter(sys.stdout, fields, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return
     cells = [[r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
-              f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"])]
-             for r in rows]
+              f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"]),
+              str(r["attempts"] or "-")] for r in rows]
     if not cells and not state and not preset and not group:
         print(f"no runs in {State.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         return
