@@ -5,10 +5,8 @@ one line on stderr and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,11 +14,8 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from engine.ckptmeta import read_meta
-from engine.errors import CheckpointError
 from engine.config import ConfigError
-from engine.fork import children
-from engine.rundir import RunDir, UnknownRun, home, list_runs, private_files, resolve
+from engine.rundir import RunDir, home, list_runs, private_files, resolve
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
@@ -246,122 +241,14 @@ def show(run: RunArg, as_json: JsonOpt = False,
 
     Example: gpctl show demo-bs32 --config
     """
-    from engine.control import event_text
+    from gpctl.detail import run_info, run_lines
     rd = resolve(State.home, run)
-    events, _ = rd.events()
-    s = rd.summary()
-    problems = rd.problems(full=True)                 # the whole of every file, not only its end
-    job = _job(rd)
-    s["state"] = "unreadable" if problems else queue.effective_state(s["run_state"], job and job["state"])
-    try:
-        cfg = rd.config()
-    except ConfigError:
-        cfg = None
-    diff_from, diff = _config_diff(rd, cfg) if cfg else ("", [])
-    info = {"id": rd.id, "path": str(rd.path), "state": s["state"], "problems": problems, "status": rd.status(),
-            "summary": s, "parent": cfg.parent or None if cfg else None, "children": children(State.home, rd),
-            "job": job, "config_differs_from": diff_from,
-            "config_diff": [{"key": k, "was": a, "now": b} for k, a, b in diff],
-            "checkpoints": [{"step": st, "file": p.name, **_meta(p)} for st, p in rd.list_checkpoints()],
-            "events": events[-20:]}
+    info = run_info(State.home, rd)
     if as_json:
         out.print_json(json.dumps(info, default=str))
         return
-    say = functools.partial(out.print, markup=False)
-    steps = f"/{s['steps']}" if s["steps"] else ""
-    say(f"{rd.id}  {s['preset']}/{s['arm']}  {s['state']}" + (f"  on {s['device']}" if s["device"] else ""))
-    for p in problems:
-        say(f"unreadable: {p}")
-    if s["state"] == "unreadable" and s["run_state"] not in ("unknown",):
-        say(f"recorded state: {s['run_state']}")
-    say(f"step {s['step']}{steps}  samples {s['samples']}  lr_time {_f(s['lr_time'], 1)}  lr {_g(s['lr'])}  "
-        f"batch {s['batch_size'] or '-'}  loss {_f(s['loss'])}  eval loss {_f(s['eval_loss'])}")
-    if s["error"]:
-        say(f"error: {s['error']}")
-    say(f"dir {rd.path}")
-    if job:
-        where = f"slurm job {job['slurm_id']}" if job["backend"] == "slurm" else f"worker {job['worker'] or '-'}"
-        say(f"job {job['state']}  attempts {job['attempts']}  {where}  devices {job['devices'] or '-'}  "
-            f"exit code {job['exit_code'] if job['exit_code'] is not None else '-'}")
-        for a in job["history"]:
-            why = f": {a['error'].splitlines()[0]}" if a["error"] else ""
-            say(f"  attempt {a['attempt']} ended {a['state']}{why}")
-        if job["error"] and job["state"] not in ("queued", "running"):
-            say(job["error"])
-    if info["parent"]:
-        say(f"parent {info['parent']}  (forked with {' '.join(cfg.parent_overrides) or 'no overrides'})")
-    if info["children"]:
-        say(f"children {', '.join(info['children'])}")
-    if cfg and diff_from:
-        if diff:
-            say(f"config, where it differs from {diff_from}:")
-            for k, a, b in diff:
-                say(f"  {k} = {_toml_value(b)}    (was {_toml_value(a)})")
-        else:
-            say(f"config: as {diff_from}")
-    if full_config:
-        say("config.toml:")
-        say(rd.config_file.read_text(errors="replace").rstrip())
-    for c in info["checkpoints"]:
-        say(f"  checkpoint {c['file']}  lr_time {_f(c.get('lr_time'), 1)}  eval loss {_f(c.get('eval_loss'))}")
-    for e in info["events"]:
-        t = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
-        say(f"  {t}  {event_text(e)}")
-
-
-def _g(v) -> str:
-    return "-" if v is None else f"{v:.4g}"
-
-
-def _toml_value(v) -> str:
-    return json.dumps(v) if not isinstance(v, str) else repr(v).replace("'", '"')
-
-
-def _config_diff(rd: RunDir, cfg) -> tuple[str, list[tuple[str, object, object]]]:
-    """Keys where the run's config differs from its parent's (a fork) or its preset arm's, flattened
-    to dotted keys; ("", []) when there is nothing to compare with (a preset file since moved)."""
-    from engine.config import to_dict
-    from engine.presets import load_preset
-    from engine.rundir import run_dir
-    try:
-        if cfg.parent:
-            base, label = run_dir(State.home, cfg.parent).config(), f"its parent {cfg.parent}"
-        else:
-            base = load_preset(cfg.preset, check=False).configs(arms=[cfg.name], check=False)[0]
-            label = f"preset {cfg.preset} [runs.{cfg.name}]"
-    except (ConfigError, UnknownRun, OSError):
-        return "", []
-    a, b = _flat(to_dict(base)), _flat(to_dict(cfg))
-    skip = {"name", "preset", "parent", "parent_checkpoint", "parent_overrides"}
-    return label, [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _job(rd: RunDir) -> dict | None:
-    store = JobStore.for_reading(State.home)
-    if store.writable:
-        queue.sync(store)
-    job = store.get(rd.id)
-    info = dict(vars(job), history=store.attempts(job.id)) if job else None
-    store.close()
-    return info
-
-
-def _meta(path: Path) -> dict:
-    try:
-        m = read_meta(path)
-        return {"lr_time": m.get("lr_time"), "eval_loss": m.get("eval_loss")}
-    except CheckpointError:
-        return {"error": "unreadable"}
+    for line in run_lines(rd, info, full_config):
+        out.print(line, markup=False)
 
 
 @app.command()

@@ -81,6 +81,9 @@ def test_keys_write_the_control_file(runs):
             await pilot.press(*"lr=0.02 batch_size=32", "enter")
             await pilot.press("c", "t")
             await pilot.pause()
+            assert app.screen.__class__.__name__ == "Confirm"       # stop asks first
+            await pilot.press("y")
+            await pilot.pause()
         lines = [json.loads(x) for x in c.control_file.read_text().splitlines()]
         strip = [{k: v for k, v in r.items() if k not in ("id", "time", "by")} for r in lines]
         assert strip == [{"set": {"lr": 0.005}}, {"set": {"batch_size": 8}}, {"set": {"lr": 0.02, "batch_size": 32}},
@@ -142,7 +145,7 @@ def test_done_run_refuses_and_events_pane_shows_acks(runs):
         async with app.run_test(size=(160, 48)) as pilot:
             _select(app, a.id)
             await pilot.pause()
-            await pilot.press("t")
+            await pilot.press("t", "y")
             await pilot.pause()
             assert a.control_file.read_text() == ""
             assert any("is done: it takes no more requests" in n.message for n in app._notifications)
@@ -168,12 +171,20 @@ def test_fork_cancel_and_filter(runs, monkeypatch):
             assert forked and forked[0]["state"] == "queued"
             _select(app, forked[0]["id"])
             await pilot.pause()
-            await pilot.press("C")
+            await pilot.press("C", "n")                          # asked, and declined: nothing happens
+            await pilot.pause()
+            assert [r["state"] for r in app.rows if r["id"] == forked[0]["id"]] == ["queued"]
+            await pilot.press("C", "y")
             await pilot.pause()
             assert [r["state"] for r in app.rows if r["id"] == forked[0]["id"]] == ["cancelled"]
             await pilot.press("slash", *"fork")
             await pilot.pause()
             assert app.table.row_count == 1
+            assert app.query_one("#status").render().plain.endswith("filter 'fork'")
+            await pilot.press("escape")                           # Escape closes the filter and clears it
+            await pilot.pause()
+            assert app.table.row_count == 4 and not app.query_one("#filter").has_class("visible")
+            assert app.filter_text == "" and app.table.has_focus
     run(go())
 
 
@@ -321,3 +332,87 @@ def test_a_crash_exits_non_zero_and_says_where_its_traceback_is(tmp_path, monkey
 async def _quit(pilot):
     await pilot.pause()
     await pilot.press("q")
+
+
+def test_enter_opens_the_runs_whole_story(runs):
+    """Issue 14: a run's config diff, events as sentences and log tail, one key away."""
+    from engine.fork import fork
+    home, a, b, c = runs
+    child = fork(home, a, step=4, overrides=["lr=0.01"], name="a-low")
+    child.log("hello from the child's log")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            _select(app, child.id)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.screen.__class__.__name__ == "Detail"
+            text = app.screen.query_one("#detail-text").render().plain
+            log = app.screen.query_one("#detail-log").render().plain
+            assert text.splitlines()[0] == f"{child.id}  tiny/a-low  created"
+            assert f"config, where it differs from its parent {a.id}:" in text
+            assert "  lr = 0.01    (was 0.05)" in text
+            assert log.splitlines()[-1] == "hello from the child's log"
+            await pilot.press("escape")
+            _select(app, a.id)
+            await pilot.press("enter")
+            await pilot.pause()
+            text = app.screen.query_one("#detail-text").render().plain
+            assert "ended done at step 8" in text and f"fork {child.id} made at step 4 with lr=0.01" in text
+    run(go())
+
+
+def test_sort_has_a_direction_puts_missing_values_last_and_shows_in_the_status_line(runs):
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            await pilot.press("o", "o")                        # step, then the loss EMA
+            await pilot.pause()
+            status = app.query_one("#status").render().plain
+            assert status == "x step · EMA 0.8 · zoom all · sort loss_ema ↑ · 3 runs, 1 running"
+            order = [r["id"] for r in app.rows]
+            la, lb = (next(r["loss_ema"] for r in app.rows if r["id"] == x.id) for x in (a, b))
+            assert order == ([a.id, b.id] if la <= lb else [b.id, a.id]) + [c.id]      # c has none: last
+            await pilot.press("O")
+            await pilot.pause()
+            assert [r["id"] for r in app.rows] == order[:2][::-1] + [c.id]            # still last
+            assert "sort loss_ema ↓" in app.query_one("#status").render().plain
+    run(go())
+
+
+def test_an_empty_home_says_what_to_type(tmp_path):
+    async def go():
+        app = GpctlApp(tmp_path / "none", live=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            assert app.query_one("#status").render().plain == (
+                f"no runs in {tmp_path / 'none' / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
+    run(go())
+
+
+def test_the_tui_sees_a_cancel_made_by_the_cli(runs):
+    """Issue 14: after `gpctl cancel` the TUI still showed the old state (it did not watch jobs.db)."""
+    from engine.jobs import JobStore
+    home, a, b, c = runs
+    store = JobStore(home)
+    store.enqueue(c.id, c.path)
+    c.write_status(state="created")
+
+    async def go():
+        app = GpctlApp(home, poll=0.1)
+        async with app.run_test(size=(160, 48)) as pilot:
+            for _ in range(50):
+                await pilot.pause(0.05)
+            assert [r["state"] for r in app.rows if r["id"] == c.id] == ["queued"]
+            store.request_cancel(c.id)                       # what `gpctl cancel` does to a queued job
+            for _ in range(100):
+                await pilot.pause(0.05)
+                if [r["state"] for r in app.rows if r["id"] == c.id] == ["cancelled"]:
+                    break
+            assert [r["state"] for r in app.rows if r["id"] == c.id] == ["cancelled"]
+    run(go())

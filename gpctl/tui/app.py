@@ -16,7 +16,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Header, Input
+from textual.widgets import Footer, Header, Input, Static
 
 from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
@@ -24,12 +24,24 @@ from engine.curves import AXES
 from engine.jobs import JobStore
 from engine.rundir import RunDir, list_runs, run_dir
 from gpctl.tui.data import RunTail
-from gpctl.tui.dialogs import Ask, Help, Pick
+from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick
 from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
 EMAS = (0.0, 0.8, 0.9, 0.99)
 ZOOMS = (1.0, 0.25, 0.05)
+
+
+def _stamp(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return 0, 0
+
+
+def _size(path: Path) -> int:
+    return _stamp(path)[1]
 
 
 class DataChanged(Message):
@@ -62,13 +74,16 @@ class GpctlApp(App):
         Binding("n", "enqueue", "Enqueue", show=False),
         Binding("T", "tv", "TV", show=False),
         Binding("o", "sort", "Sort", show=False),
+        Binding("O", "sort_direction", "Sort dir", show=False),
+        Binding("enter", "detail", "Detail"),
         Binding("slash", "filter", "Filter", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
     KEYS_HELP = """gpctl tui — keys
 
- space  mark/unmark a run (marked runs are overlaid)   o  sort by the next column
+ space  mark/unmark a run (marked runs are overlaid)   o/O sort by the next column / reverse it
+ enter  the run's whole story (config diff, events, log)
  x      x-axis: step → samples → lr_time → wall        /  filter runs by text
  e      EMA smoothing: 0 → 0.8 → 0.9 → 0.99            z  zoom: all → last 25% → last 5%
  l      log-y                                          v  eval loss as a second series
@@ -78,6 +93,7 @@ class GpctlApp(App):
  C/del  cancel the job                                 u  resume (re-queue from its checkpoint)
  n      enqueue a preset                               T  TV of the two marked runs (matched loss)
  Z      zoom to a range of the x-axis: FROM TO (empty: all)
+ /      filter (Escape closes it and clears it)
  ?      this help                                      q  quit"""
 
     def __init__(self, home: Path, poll: float = 1.0, live: bool = True):
@@ -88,7 +104,7 @@ class GpctlApp(App):
         self.marked: set[str] = set()
         self.x_axis, self.ema_i, self.logy, self.with_eval, self.zoom_i = "step", 1, False, False, 0
         self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
-        self.filter_text, self.sort_key = "", None
+        self.filter_text, self.sort_key, self.sort_desc = "", None, False
         self._plotted = None
         self._states: dict[str, str] = {}
 
@@ -119,6 +135,7 @@ class GpctlApp(App):
                 yield Input(placeholder="filter runs…", id="filter")
                 yield RunsTable(id="runs")
             with Vertical(id="right"):
+                yield Static("", id="status")
                 yield LossPlot(id="plot")
                 yield EventsPane(id="events", wrap=False, markup=False)
                 yield GpuPanel(id="gpus")
@@ -150,7 +167,8 @@ class GpctlApp(App):
         """Poll the run directories; post a (mergeable) message when something changed."""
         seen = None
         while self.is_running:
-            key = [rd.change_key() for rd in list_runs(self.home)]
+            key = [rd.change_key() for rd in list_runs(self.home)] + [_stamp(self.home / "jobs.db"),
+                                                                       _stamp(self.home / "jobs.db-wal")]
             if key != seen:
                 seen = key
                 self.post_message(DataChanged())
@@ -175,7 +193,11 @@ class GpctlApp(App):
         text = self.filter_text.lower()
         rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
         key = self.sort_key
-        rows.sort(key=lambda r: (r["preset"], (r.get(key) if key else 0) or 0, r["created"]))
+        rows.sort(key=lambda r: r["created"])
+        if key:   # by the key within each preset, either way, runs without a value last
+            have = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=self.sort_desc)
+            rows = have + [r for r in rows if r.get(key) is None]
+        rows.sort(key=lambda r: r["preset"])     # stable: keeps the order within a preset
         ended = {r["id"] for r in rows if r["state"] in ("done", "failed", "diverged", "lost")
                  and self._states.get(r["id"]) in ("running", "queued")}
         if ended:
@@ -212,6 +234,9 @@ class GpctlApp(App):
             if rid == sel:
                 markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
+        self.query_one("#status", Static).update(
+            self.status_text() if self.rows or self.filter_text else
+            f"no runs in {self.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         if sel:
             row = next((r for r in self.rows if r["id"] == sel), {})
             self.events_pane.show(sel, self.tail(sel).events, row.get("problem"))
@@ -238,6 +263,10 @@ class GpctlApp(App):
     def _row_changed(self, event) -> None:
         self.redraw()
 
+    @on(RunsTable.RowSelected)
+    def _row_selected(self, event) -> None:   # Enter on the table: the table takes the key first
+        self.action_detail()
+
     # ------------------------------------------------------------------ view keys
     def action_mark(self) -> None:
         sel = self.table.selected_id
@@ -253,7 +282,6 @@ class GpctlApp(App):
 
     def action_cycle_ema(self) -> None:
         self.ema_i = (self.ema_i + 1) % len(EMAS)
-        self.notify(f"EMA {EMAS[self.ema_i]}")
         self.redraw()
 
     def action_logy(self) -> None:
@@ -289,15 +317,54 @@ class GpctlApp(App):
         self.push_screen(Ask(f"zoom to a range of {self.x_axis}: FROM TO (empty: all)"), done)
 
     def action_sort(self) -> None:
-        keys = (None, "step", "loss", "eval_loss", "lr", "batch_size")
+        keys = (None, "step", "loss_ema", "eval_loss", "lr", "batch_size")
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
-        self.notify(f"sort by {self.sort_key or 'creation'}")
         self.refresh_data()
+
+    def action_sort_direction(self) -> None:
+        self.sort_desc = not self.sort_desc
+        self.refresh_data()
+
+    def status_text(self) -> str:
+        """The view's settings in one line (instead of toasts that cover the plot)."""
+        zoom = "all" if self.x_range is None and ZOOMS[self.zoom_i] == 1 else \
+            (f"{self.x_range[0]:g}..{self.x_range[1]:g}" if self.x_range else f"last {ZOOMS[self.zoom_i]:.0%}")
+        sort = f"{self.sort_key} {'↓' if self.sort_desc else '↑'}" if self.sort_key else "created"
+        running = sum(r["state"] == "running" for r in self.rows)
+        parts = [f"x {self.x_axis}", f"EMA {EMAS[self.ema_i]}", f"zoom {zoom}", f"sort {sort}",
+                 f"{len(self.rows)} runs, {running} running"]
+        if self.logy:
+            parts.insert(2, "log-y")
+        if self.filter_text:
+            parts.append(f"filter '{self.filter_text}'")
+        return " · ".join(parts)
+
+    def action_detail(self) -> None:
+        from gpctl.detail import run_info, run_lines
+        rd = self._selected()
+        if rd is None:
+            return
+        try:
+            lines = run_lines(rd, run_info(self.home, rd))
+        except Exception as e:  # noqa: BLE001 - a detail that cannot be read is a message, not a crash
+            lines = [f"{rd.id}: {type(e).__name__}: {e}"]
+        chunk, _ = rd.read_log(max(0, _size(rd.log_file) - 16384))
+        self.push_screen(Detail(lines, chunk.decode(errors="replace").splitlines()[-40:]))
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.add_class("visible")
         box.focus()
+
+    def on_key(self, event) -> None:
+        box = self.query_one("#filter", Input)
+        if event.key == "escape" and box.has_focus:      # Escape closes the filter and clears it
+            box.value = ""
+            box.remove_class("visible")
+            self.filter_text = ""
+            self.table.focus()
+            self.refresh_data()
+            event.stop()
 
     @on(Input.Changed, "#filter")
     def _filter(self, event: Input.Changed) -> None:
@@ -306,6 +373,8 @@ class GpctlApp(App):
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
+        if not event.value:
+            self.query_one("#filter", Input).remove_class("visible")
         self.table.focus()
 
     def action_help(self) -> None:
@@ -382,7 +451,8 @@ class GpctlApp(App):
     def action_stop(self) -> None:
         rd = self._selected()
         if rd:
-            self._send(rd, {"action": "stop"})
+            self.push_screen(Confirm(f"stop {rd.id}? (it checkpoints and ends; gpctl resume continues it)"),
+                             lambda yes: self._send(rd, {"action": "stop"}) if yes else None)
 
     def action_checkpoint(self) -> None:
         rd = self._selected()
@@ -417,6 +487,10 @@ class GpctlApp(App):
         rd = self._selected()
         if rd is None:
             return
+        self.push_screen(Confirm(f"cancel {rd.id}'s job? (a running one checkpoints and stops)"),
+                         lambda yes: self._cancel(rd) if yes else None)
+
+    def _cancel(self, rd: RunDir) -> None:
         from engine import backends
         store = JobStore(self.home)
         try:

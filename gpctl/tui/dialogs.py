@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList, Static
 
@@ -69,6 +69,54 @@ class Help(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static(self.text, id="help-text")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class Confirm(ModalScreen[bool]):
+    """A destructive key asks first: y / Enter confirms, n / Escape does nothing."""
+
+    DEFAULT_CSS = """
+    Confirm { align: center middle; }
+    Confirm > Vertical { width: 70; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    """
+    BINDINGS = [("y,enter", "yes", "Yes"), ("n,escape", "no", "No")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question)
+            yield Label("y: yes   n / Escape: no")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+
+class Detail(ModalScreen[None]):
+    """A run's whole story (what `gpctl show` prints) and the tail of its log.txt, scrollable."""
+
+    DEFAULT_CSS = """
+    Detail { align: center middle; }
+    Detail > VerticalScroll { width: 95%; height: 90%; border: thick $primary; background: $surface; padding: 0 1; }
+    """
+    BINDINGS = [("escape,enter,q", "close", "Close")]
+
+    def __init__(self, lines: list[str], log_tail: list[str]):
+        super().__init__()
+        self.lines, self.log_tail = lines, log_tail
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="detail"):
+            yield Static("\n".join(self.lines), id="detail-text", markup=False)
+            yield Static("log.txt (last lines):\n" + ("\n".join(self.log_tail) or "(empty)"), id="detail-log",
+                         markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -9,7 +9,8 @@ from textual.widgets import DataTable, RichLog, Static
 from engine.control import event_text
 
 # the most useful first: an 80-column terminal shows about the first eight
-COLUMNS = ("run", "state", "step", "loss", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
+COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
+# loss~: the EMA (0.8) of the last train losses, as the plot draws it; `gpctl ls`'s loss is the last raw value
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
                "stopped": "magenta", "cancelled": "grey50", "lost": "red",
                "unreadable": "bold red"}
