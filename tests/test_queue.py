@@ -133,7 +133,7 @@ def test_worker_killed_mid_run_then_restarted_finishes_exactly(home):
 @pytest.mark.slow
 def test_cancel_stops_a_running_job_within_seconds(home):
     rd = RunDir.create(home, tiny(TINY_IMAGES, *SLOW, "steps=100000"))
-    store = enqueue(home, rd)
+    enqueue(home, rd)
     w = start_worker(home)
     wait_until(lambda: rd.status().get("step", 0) >= 4)
     t0 = time.monotonic()
