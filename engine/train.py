@@ -14,8 +14,10 @@ Every record carries all clocks: step, samples (tokens for LMs), lr_time, wall.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import signal
+import sys
 import time
 import traceback
 from contextlib import nullcontext
@@ -45,7 +47,7 @@ class _Follower(RunDir):
     def append_event(self, kind, **fields): return {}
     def write_status(self, **fields): return {}
     def mark_running(self, device): return {}
-    def log(self, line): pass
+    def log(self, line): print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr, flush=True)
     def truncate_metrics(self, size): return 0
     def write_tv_cache(self, cache): pass
 
@@ -436,28 +438,28 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
     state = "failed"
-    try:
+    try:   # records go through trainer.rd: under DDP, rank 0 alone writes (the others' log goes to stderr)
         trainer.setup(resume)
         state = trainer.run()
-        rd.write_status(state=state, ended=time.time(), step=trainer.step)
-        rd.append_event("end", state=state, step=trainer.step, lr_time=trainer.lr_time,
+        trainer.rd.write_status(state=state, ended=time.time(), step=trainer.step)
+        trainer.rd.append_event("end", state=state, step=trainer.step, lr_time=trainer.lr_time,
                         eval_loss=trainer.last_eval.get("eval_loss"))
         return state
     except Diverged as e:
         state = "diverged"
-        rd.write_status(state="diverged", ended=time.time(), error=str(e))
-        rd.append_event("diverged", step=trainer.step, lr_time=trainer.lr_time, error=str(e))
-        rd.log(f"diverged: {e}")
+        trainer.rd.write_status(state="diverged", ended=time.time(), error=str(e))
+        trainer.rd.append_event("diverged", step=trainer.step, lr_time=trainer.lr_time, error=str(e))
+        trainer.rd.log(f"diverged: {e}")
         return "diverged"
     except DataMissing as e:
-        rd.write_status(state="failed", ended=time.time(), error=str(e))
-        rd.append_event("error", error=str(e))
-        rd.log(f"error: {e}")
+        trainer.rd.write_status(state="failed", ended=time.time(), error=str(e))
+        trainer.rd.append_event("error", error=str(e))
+        trainer.rd.log(f"error: {e}")
         return "failed"
     except Exception as e:  # recorded, with the traceback in log.txt
-        rd.write_status(state="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
-        rd.append_event("error", step=trainer.step, error=f"{type(e).__name__}: {e}")
-        rd.log(traceback.format_exc())
+        trainer.rd.write_status(state="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
+        trainer.rd.append_event("error", step=trainer.step, error=f"{type(e).__name__}: {e}")
+        trainer.rd.log(traceback.format_exc())
         return "failed"
     finally:
         if in_main:

@@ -37,6 +37,8 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     starts = [e for e in ddp.events()[0] if e["event"] == "start"]
     assert len(starts) == 1 and ddp.status()["state"] == "done"
+    ends = [e for e in ddp.events()[0] if e["event"] == "end"]      # issue 13: every rank wrote its own end
+    assert [(e["state"], e["step"]) for e in ends] == [("done", 6)]
 
 
 def test_control_request_applies_on_all_ranks_at_a_flush_boundary(tmp_path):

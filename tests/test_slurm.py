@@ -221,7 +221,7 @@ def test_cancel_from_the_tui_scancels_a_slurm_job(slurm_cluster, tmp_path):
         async with tui.run_test(size=(160, 48)) as pilot:
             await pilot.pause()
             tui.table.move_cursor(row=tui.table.get_row_index(run_id))
-            await pilot.press("C")
+            await pilot.press("C", "y")                      # cancel asks first
             await pilot.pause()
     asyncio.run(go())
     _wait(lambda: rd.status().get("state") == "stopped", timeout=90)
