@@ -103,3 +103,12 @@ def test_cifar_bs32_512_matches_appendix_a():
     assert (a.lr, a.batch_size, a.steps, a.optim.momentum, a.model.width) == (0.05, 32, 11700, 0.9, 64)  # one pass
     assert (a.changes[0].at_step, a.changes[0].batch_size) == (1500, 512)
     assert arms["bs512_seed2"].seed != arms["bs512"].seed
+
+
+def test_the_cuda_backend_policy():
+    """Issue 13: no cudnn.benchmark and no TF32 policy on CUDA; nothing changes on the CPU."""
+    from engine.train import cuda_flags
+    assert cuda_flags("auto", "cpu") == {}
+    assert cuda_flags("auto", "cuda") == {"cudnn_benchmark": True, "tf32": True}
+    assert cuda_flags("bf16", "cuda") == {"cudnn_benchmark": True, "tf32": True}
+    assert cuda_flags("fp32", "cuda") == {"cudnn_benchmark": True, "tf32": False}   # exact fp32 asked for

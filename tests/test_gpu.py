@@ -82,3 +82,4 @@ def test_ddp_on_one_gpu_under_torchrun(tmp_path):
                           "-m", "engine", "train", str(rd.path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert rd.status()["state"] == "done" and rd.status()["device"].startswith("cuda")
+
