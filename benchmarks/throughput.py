@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run of the same path")
     args = ap.parse_args()
+    if args.steps <= args.warmup + args.warmup % 10 or args.steps % 10:
+        ap.error(f"--steps must be a multiple of 10 (the flush interval) above --warmup ({args.warmup})")
     print(json.dumps(measure(args.which, args)))
 
 
