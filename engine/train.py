@@ -45,7 +45,7 @@ class _Follower(RunDir):
 
     def append_metrics(self, records): pass
     def append_event(self, kind, **fields): return {}
-    def write_status(self, **fields): return {}
+    def write_status(self, durable=True, **fields): return {}
     def mark_running(self, device): return {}
     def log(self, line): print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr, flush=True)
     def truncate_metrics(self, size): return 0
@@ -80,8 +80,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
 
 def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, reduction: str = "mean"):
     """Cross-entropy: classes for images, next token for LMs (positions 1..L-1 predicted)."""
-    if y is None:
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction=reduction)
+    if y is None:   # targets shifted left, the last position ignored: no sliced copy of the (B, L, V) logits
+        target = torch.full_like(x, -100, dtype=torch.long)
+        target[:, :-1] = x[:, 1:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction=reduction)
     return F.cross_entropy(logits.float(), y, reduction=reduction)
 
 
@@ -380,7 +382,7 @@ class Trainer:
         peak = {"gpu_peak_gib": round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)} \
             if self.device.type == "cuda" else {}   # what a worker packing jobs by memory plans with
         self.rd.write_status(step=last["step"], samples=last["samples"], lr_time=last["lr_time"],
-                             loss=last["loss"], lr=last["lr"], batch_size=last["batch_size"], **peak)
+                             loss=last["loss"], lr=last["lr"], batch_size=last["batch_size"], durable=False, **peak)
         if self.on_progress:
             self.on_progress(self)
         bad = next((r for r in records if not math.isfinite(r["loss"])), None)

@@ -147,3 +147,24 @@ def test_sigterm_then_resume_leaves_the_records_of_an_uninterrupted_run(tmp_path
     assert _records(cut) == _records(full)
     evals = [r["step"] for r in _records(cut) if "eval_loss" in r]
     assert evals == [3, 6, 9]
+
+
+def test_the_lm_loss_is_transformers_own():
+    """Issue 13: the LM loss no longer slices a copy of the logits; checked against GPT2LMHeadModel's
+    own shifted loss (labels=tokens), and a negative control without the shift."""
+    import torch.nn.functional as F
+
+    from engine.models import build_model
+    from engine.train import loss_fn
+    cfg = tiny(TINY_LM)
+    model = build_model(cfg.model).eval()
+    x = torch.randint(0, cfg.model.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x)
+        ours = loss_fn(logits, x, None)
+        theirs = model.hf(input_ids=x, labels=x.long()).loss
+        unshifted = F.cross_entropy(logits.flatten(0, 1), x.flatten().long())
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert float(unshifted) != pytest.approx(float(theirs), rel=1e-3)
+    total = loss_fn(logits, x, None, reduction="sum")
+    assert float(total) == pytest.approx(float(ours) * 3 * 15, rel=1e-6)       # 15 predicted positions each
