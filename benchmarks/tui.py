@@ -1,6 +1,7 @@
 """TUI speed: a plot frame with 20 runs × 100k points, and start-up with 100 runs × 50k steps.
 
     python benchmarks/tui.py [--runs 20 --points 100000] [--startup-runs 100 --startup-steps 50000]
+                             [--key-runs 100 --key-steps 5000 --key-writers 10]
 
 Frame: what the TUI does per redraw (EMA of each series, cached and extended; min/max per pixel
 column; braille rows) on a 150×40-cell plot. Widgets: the same series drawn by gpctl's renderer,
@@ -151,6 +152,66 @@ def startup(runs: int, steps: int) -> None:
         print(f"start-up, {runs} runs x {steps} steps ({size_mb:.0f} MB of records): {took:.2f} s (goal <= 2 s)")
 
 
+def keys(runs: int, steps: int, writers: int, presses: int = 60) -> None:
+    """Key -> redraw: `runs` runs of `steps` records, `writers` of them appending a record every
+    0.1 s (as training jobs do), the TUI polling live (0.2 s); the time from each key press (x, e,
+    o, O) until the status line shows its effect (read every 2 ms), 95th percentile."""
+    import threading
+
+    from textual import events
+
+    from gpctl.tui.app import GpctlApp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        cfg = build({"name": "arm", "preset": "bench", "steps": 10 * steps, "device": "cpu",
+                     "model": {"name": "resnet18", "width": 2}}, "bench")
+        line = '{{"step": {s}, "samples": {n}, "lr_time": {s}.0, "wall": {w:.3f}, "lr": 0.05, "batch_size": 512, "loss": {l:.6f}}}\n'
+        rds = []
+        for r in range(runs):
+            rd = RunDir.create(home, cfg)
+            with open(rd.metrics_file, "w") as f:
+                f.write("".join(line.format(s=s, n=512 * s, w=s * 0.1, l=2.3 - s / steps) for s in range(1, steps + 1)))
+            rd.write_status(state="running" if r < writers else "done", step=steps)
+            rds.append(rd)
+        stop = threading.Event()
+
+        def write(rd: RunDir) -> None:
+            s = steps
+            while not stop.is_set():
+                s += 1
+                rd.append_metrics([{"step": s, "samples": 512 * s, "lr_time": float(s), "wall": s * 0.1, "lr": 0.05,
+                                    "batch_size": 512, "loss": 2.3 - s / (10 * steps)}])
+                rd.write_status(step=s, durable=False)
+                time.sleep(0.1)
+
+        async def go() -> list[float]:
+            app = GpctlApp(home, poll=0.2)
+            lat = []
+            async with app.run_test(size=(160, 48)) as pilot:
+                await pilot.pause(1.0)
+                threads = [threading.Thread(target=write, args=(rd,), daemon=True) for rd in rds[:writers]]
+                for t in threads:
+                    t.start()
+                await pilot.pause(1.0)
+                status = app.query_one("#status")
+                for i in range(presses):
+                    before = status.render().plain
+                    t0 = time.perf_counter()
+                    app.post_message(events.Key("xeoO"[i % 4], "xeoO"[i % 4]))
+                    while status.render().plain == before and time.perf_counter() - t0 < 10:
+                        await asyncio.sleep(0.002)
+                    lat.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.05)
+                stop.set()
+            return lat
+
+        lat = sorted(asyncio.run(go()))
+        p95 = lat[int(0.95 * (len(lat) - 1))] * 1e3
+        print(f"key -> redraw, {runs} runs x {steps} steps, {writers} writing: p95 {p95:.1f} ms, "
+              f"median {statistics.median(lat) * 1e3:.1f} ms over {len(lat)} presses (goal p95 <= 50 ms)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
@@ -158,6 +219,9 @@ def main() -> None:
     ap.add_argument("--startup-runs", type=int, default=100)
     ap.add_argument("--startup-steps", type=int, default=50_000)
     ap.add_argument("--no-widgets", action="store_true", help="skip the textual-plot / textual-plotext comparison")
+    ap.add_argument("--key-runs", type=int, default=100)
+    ap.add_argument("--key-steps", type=int, default=5000)
+    ap.add_argument("--key-writers", type=int, default=10)
     args = ap.parse_args()
     frame(args.runs, args.points)
     if not args.no_widgets:
@@ -165,6 +229,8 @@ def main() -> None:
         widgets(args.runs, args.points)
     if args.startup_runs:
         startup(args.startup_runs, args.startup_steps)
+    if args.key_runs:
+        keys(args.key_runs, args.key_steps, args.key_writers)
 
 
 if __name__ == "__main__":

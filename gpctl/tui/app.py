@@ -45,7 +45,12 @@ def _size(path: Path) -> int:
 
 
 class DataChanged(Message):
-    """New records or states; many merge into one while the UI is busy."""
+    """New records or states, with the rows the poll thread computed (the UI thread only filters,
+    sorts and draws them); many merge into one, the latest, while the UI is busy."""
+
+    def __init__(self, rows: list[dict] | None = None):
+        super().__init__()
+        self.rows = rows
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, DataChanged)
@@ -107,6 +112,7 @@ class GpctlApp(App):
         self.filter_text, self.sort_key, self.sort_desc = "", None, False
         self._plotted = None
         self._states: dict[str, str] = {}
+        self._all_rows: list[dict] = []    # every run, before the filter (as the poll thread last saw them)
 
     # ------------------------------------------------------------------ crashes
     crash_log: Path | None = None
@@ -165,31 +171,53 @@ class GpctlApp(App):
     @work(thread=True, exclusive=True)
     def tail_worker(self) -> None:
         """Poll the run directories; post a (mergeable) message when something changed."""
-        seen = None
+        seen, cache, last = None, {}, 0.0
         while self.is_running:
             key = [rd.change_key() for rd in list_runs(self.home)] + [_stamp(self.home / "jobs.db"),
                                                                        _stamp(self.home / "jobs.db-wal")]
-            if key != seen:
-                seen = key
-                self.post_message(DataChanged())
+            if key != seen or time.monotonic() - last > 5.0:
+                seen, last = key, time.monotonic()
+                self.post_message(DataChanged(self.load_rows(cache)))   # the disk work, off the UI thread
             time.sleep(self.poll)
 
     def on_data_changed(self, message: DataChanged) -> None:
-        self.refresh_data()
+        if message.rows is None:
+            self.refresh_data()
+        else:
+            self.apply_rows(message.rows)
 
     def refresh_data(self) -> None:
+        """Re-read every run now (after an action of ours changed something) and redraw."""
+        self.apply_rows(self.load_rows())
+
+    def load_rows(self, cache: dict | None = None) -> list[dict]:
+        """Every run's summary and state: the part that reads the disk (the poll thread calls it).
+        With `cache` (run id -> (change key, row, when)), only runs whose files changed, or whose row
+        is older than 5 s (a process may have died), are summarized again; jobs.db is one query."""
         from gpctl.queue import shown_state
         store = JobStore.for_reading(self.home)
-        rows = []
-        for rd in list_runs(self.home):
-            r = rd.summary()
-            job = store.get(rd.id)
-            r["state"] = shown_state(r, job and job.state)
-            st = rd.status()
-            if r["state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
-                r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
-            rows.append(r)
+        jobs = {j.run_id: j.state for j in store.jobs()}
         store.close()
+        rows, now = [], time.monotonic()
+        for rd in list_runs(self.home):
+            key = rd.change_key() + (rd.metrics_size(),)
+            hit = cache.get(rd.id) if cache is not None else None
+            if hit and hit[0] == key and now - hit[2] < 5.0:
+                r = dict(hit[1])
+            else:
+                r = rd.summary()
+                st = rd.status()
+                if r["run_state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
+                    r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
+                if cache is not None:
+                    cache[rd.id] = (key, dict(r), now)
+            r["state"] = shown_state(r, jobs.get(rd.id))
+            rows.append(r)
+        return rows
+
+    def apply_rows(self, rows: list[dict]) -> None:
+        """Filter, sort and show rows (no disk reads: keys like sort and filter come here directly)."""
+        self._all_rows = rows
         text = self.filter_text.lower()
         rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
         key = self.sort_key
@@ -319,11 +347,11 @@ class GpctlApp(App):
     def action_sort(self) -> None:
         keys = (None, "step", "loss_ema", "eval_loss", "lr", "batch_size")
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
-        self.refresh_data()
+        self.apply_rows(self._all_rows)
 
     def action_sort_direction(self) -> None:
         self.sort_desc = not self.sort_desc
-        self.refresh_data()
+        self.apply_rows(self._all_rows)
 
     def status_text(self) -> str:
         """The view's settings in one line (instead of toasts that cover the plot)."""
@@ -363,13 +391,13 @@ class GpctlApp(App):
             box.remove_class("visible")
             self.filter_text = ""
             self.table.focus()
-            self.refresh_data()
+            self.apply_rows(self._all_rows)
             event.stop()
 
     @on(Input.Changed, "#filter")
     def _filter(self, event: Input.Changed) -> None:
         self.filter_text = event.value
-        self.refresh_data()
+        self.apply_rows(self._all_rows)
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
