@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 from typer.core import TyperGroup
 
 from engine.config import ConfigError
@@ -148,18 +147,19 @@ def run_preset(
 
 
 def final_table(rds: list[RunDir], last: int = 20) -> None:
-    t = Table(title="final losses")
-    for col in ("run", "state", "step", f"train loss (last {last} steps)", "eval loss", "eval error"):
-        t.add_column(col, justify="left" if col in ("run", "state") else "right")
+    """The runs' final losses, plain columns that never cut a run id (at any width, or piped)."""
     floor = None
+    cells = []
     for rd in rds:
         s = rd.summary()
         floor = floor or _bayes(rd)
-        t.add_row(rd.id, s["state"], str(s["step"]), _f(_mean_last_losses(rd, last)), _f(s["eval_loss"]),
-                  _f(s["eval_error"]))
+        cells.append([rd.id, s["state"], str(s["step"]), _f(_mean_last_losses(rd, last)), _f(s["eval_loss"]),
+                      _f(s["eval_error"])])
+    print("final losses")
+    print(plain_table(("run", "state", "step", f"train loss (last {last} steps)", "eval loss", "eval error"),
+                      cells, left=2))
     if floor:
-        t.caption = f"Bayes loss of the task: {floor:.4f}"
-    out.print(t)
+        print(f"Bayes loss of the task: {floor:.4f}")
 
 
 def _mean_last_losses(rd: RunDir, n: int) -> float | None:

@@ -69,6 +69,8 @@ def test_run_ls_show_resume(home, preset):
     ids = [line for line in res.stdout.splitlines() if line.startswith("tiny-")][:2]
     assert [i.rsplit("-", 1)[0] for i in ids] == ["tiny-bs4to16", "tiny-bs16"]
     assert "final losses" in res.stdout
+    table = res.stdout.split("final losses\n", 1)[1].splitlines()
+    assert [line.split()[:3] for line in table[1:3]] == [[i, "done", "6"] for i in ids]   # whole ids (issue 15)
 
     rows = {r["id"]: r for r in json.loads(invoke(home, "ls", "--json").stdout)}
     assert set(rows) == set(ids)
