@@ -226,24 +226,29 @@ class RunDir:
             raise ConfigError(f"{self.config_file}: {e.strerror}") from None
 
     def status(self) -> dict:
-        try:
-            st = json.loads(self.status_file.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return {"state": "unknown"}
-        return st if isinstance(st, dict) and isinstance(st.get("state", ""), str) else {"state": "unknown"}
+        return self._read_status()[0]
 
     def status_problem(self) -> str | None:
         """Why status.json cannot be read (None: it can)."""
+        return self._read_status()[1]
+
+    def _read_status(self) -> tuple[dict, str | None]:
+        """status.json, read once: its contents ({"state": "unknown"} when unusable) and the problem."""
         try:
             raw = self.status_file.read_bytes()
         except FileNotFoundError:
-            return "status.json is missing"
+            return {"state": "unknown"}, "status.json is missing"
         except OSError as e:
-            return f"status.json: {e.strerror}"
+            return {"state": "unknown"}, f"status.json: {e.strerror}"
         rec, why = parse_line(raw)
         if rec is not None and not isinstance(rec.get("state"), str):
             why = "no 'state'"
-        return f"status.json: {why}" if why else None
+        try:
+            st = json.loads(raw)
+        except (ValueError, RecursionError):
+            st = None
+        ok = isinstance(st, dict) and isinstance(st.get("state", ""), str)
+        return (st if ok else {"state": "unknown"}), (f"status.json: {why}" if why else None)
 
     def problems(self, full: bool = True) -> list[str]:
         """Everything about this run a reader could not read, one line each (empty: healthy).
@@ -365,8 +370,8 @@ class RunDir:
         `state` is `unreadable` when a file of the run could not be read (`problem` says which and
         why, from what `ls` reads: config, status, events and the end of metrics.jsonl); `run_state`
         is the state the run itself recorded (what steering goes by)."""
-        st = self.status()
-        problems = [p for p in (self.status_problem(),) if p]
+        st, status_problem = self._read_status()
+        problems = [status_problem] if status_problem else []
         skipped = Unreadable(self.metrics_file.name)
         last, last_eval, losses = _tail_records(self.metrics_file, skipped=skipped)
         if skipped.count:
