@@ -1,23 +1,51 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: the GPU tests (bf16, channels_last, GPU-resident CIFAR, compile, SDPA, TV),
-# then the training and TV throughput benchmarks; results under $OUT.
-#   run: bash benchmarks/gpu_check.sh        (OUT defaults to ./gpu-check-out)
+# One call on a lent, offline H100/H200: the GPU tests, then the training and TV throughput benchmarks;
+# every result under $OUT, summed up in $OUT/summary.json (printed at the end).
+#   run:  bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu-check-out; PYTHON to python3)
+# Needs only what such a machine has: torch, transformers, tokenizers, safetensors, numpy, pytest.
+# No install step (the machine is offline): the engine and the GPU tests import without textual,
+# typer, rich or datasets. Stages run in order of what they tell us and are skipped, not cut, when
+# the budget (GPU_CHECK_BUDGET seconds, default 450) would not cover them. Files back: at most 8.
 set -u
 OUT=${OUT:-gpu-check-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-{
-  nvidia-smi || true
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-} > "$OUT/device.txt" 2>&1
-if ! python -c "import engine, gpctl" 2>/dev/null; then
-  pip install -q -e '.[test]' > "$OUT/install.txt" 2>&1
-fi
-python -m pytest -q -m gpu tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests exit $?" >> "$OUT/gpu_tests.txt"
-for args in "resnet" "resnet --compile" "gpt2" "gpt2 --compile"; do
-  timeout 240 python benchmarks/throughput.py $args --steps 60 >> "$OUT/throughput.jsonl" 2>> "$OUT/throughput.err"
-done
-timeout 120 python benchmarks/tv_throughput.py --device cuda --width 64 --n 8192 > "$OUT/tv_throughput.txt" 2>&1
-cat "$OUT/gpu_tests.txt" | tail -5
-cat "$OUT/tv_throughput.txt"
-cat "$OUT/throughput.jsonl"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+start=$SECONDS
+
+stage() {   # stage NAME SECONDS_NEEDED TIMEOUT COMMAND...: run it if the budget allows, record how it went;
+            # its stdout is appended to throughput.jsonl, its stderr to throughput.err
+  local name=$1 need=$2 limit=$3 left t0 rc
+  shift 3
+  left=$(( BUDGET - (SECONDS - start) ))
+  if (( left < need )); then
+    echo "{\"stage\": \"$name\", \"skipped\": \"$left s left of the budget, $need s needed\"}" >> "$OUT/stages.jsonl"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  t0=$SECONDS
+  timeout "$limit" "$@" >> "$OUT/throughput.jsonl" 2>> "$OUT/throughput.err"
+  rc=$?
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - t0 ))}" >> "$OUT/stages.jsonl"
+  echo "[gpu_check] $name: rc $rc in $(( SECONDS - t0 )) s ($(( SECONDS - start )) s so far)"
+  "$PY" benchmarks/gpu_summary.py "$OUT" > /dev/null 2>&1
+}
+
+EXTRA=${GPU_CHECK_EXTRA:-}   # e.g. "--small --device cpu": a dry run of this script on a laptop
+
+{ nvidia-smi; "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name(0), 'transformers', transformers.__version__)"; } > "$OUT/device.txt" 2>&1
+stage resnet_eager      40  90 "$PY" benchmarks/throughput.py resnet $EXTRA
+stage gpt2_eager        50 100 "$PY" benchmarks/throughput.py gpt2 --steps 50 --warmup 15 $EXTRA
+stage gpu_tests        120 170 sh -c "\"$PY\" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -o addopts='' -rA \
+                               > \"$OUT/gpu_tests.txt\" 2>&1"
+stage resnet_compiled   90 150 "$PY" benchmarks/throughput.py resnet --compile $EXTRA
+stage gpt2_compiled    100 160 "$PY" benchmarks/throughput.py gpt2 --compile --steps 50 --warmup 15 $EXTRA
+stage resnet_bs32_x8    60  90 "$PY" benchmarks/throughput.py resnet --batch 32 --concurrent 8 --steps 150 --warmup 50 $EXTRA
+stage resnet_bs32       25  60 "$PY" benchmarks/throughput.py resnet --batch 32 --steps 150 --warmup 50 $EXTRA
+stage tv               20  60 sh -c "\"$PY\" benchmarks/tv_throughput.py --device ${TV_DEVICE:-cuda} --width ${TV_WIDTH:-64} --n ${TV_N:-8192} > \"$OUT/tv_throughput.txt\" 2>&1"
+stage profile          30  60 sh -c "\"$PY\" benchmarks/throughput.py resnet --steps 30 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1; \
+                               \"$PY\" benchmarks/throughput.py gpt2 --steps 25 --warmup 10 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1"
+"$PY" benchmarks/gpu_summary.py "$OUT"

@@ -109,6 +109,8 @@ class ControlConfig:
     max_lr_factor: float = 100.0    # a requested lr above this times the preset's lr is rejected
     max_batch_size: int = 65536     # samples; a requested batch above this is rejected
     share_with_group: bool = False  # run dir 0750 / files 0640: the group may read, never write
+    poll_ms: float = 100.0          # the control file is checked at the first step boundary this long after
+                                    # the last check (0: every step); where a request applied is recorded
 
 
 @dataclass
@@ -308,7 +310,7 @@ _RANGES = {   # key: (lowest, highest) for values beyond "> 0" that a run cannot
     "model.vocab_size": (2, 10**8), "model.n_positions": (1, 10**7), "data.image_size": (1, 65536),
     "data.seq_len": (1, 10**7), "gpu_memory": (0, 10**6), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),
     "data.teacher_width": (1, 65536), "data.teacher_depth": (1, 1000), "data.vocab_size": (2, 10**8),
-    "data.workers": (1, 1024), "control.max_batch_size": (1, 2**31),
+    "data.workers": (1, 1024), "control.max_batch_size": (1, 2**31), "control.poll_ms": (0, 3.6e6),
 }
 
 

@@ -4,7 +4,8 @@
     loop:
       before_step   planned changes due at this boundary, then control-file requests, then hooks
       step          lr and batch from the schedule; micro-batches; clip; optimizer.step()
-      record        one buffered record per step; flushed every `log_every` steps (the only sync)
+      record        one buffered record per step; every `log_every` steps the window's losses are copied
+                    to pinned memory without waiting, and written at the next flush (no sync on CUDA)
       eval          every `eval_every` steps and at each checkpoint
       checkpoint    every `checkpoint_every` steps, at listed steps / lr_times, on stop, at the end
     end        final eval and checkpoint; status done / stopped / diverged / failed
@@ -36,6 +37,9 @@ from engine.rundir import RunDir
 from engine.schedule import Schedule, ended, reached
 
 
+_now = time.monotonic   # the control file's polling clock (a test steps it by hand)
+
+
 class Diverged(RuntimeError):
     pass
 
@@ -59,6 +63,28 @@ def cuda_flags(precision: str, device_type: str) -> dict[str, bool]:
     if device_type != "cuda":
         return {}
     return {"cudnn_benchmark": True, "tf32": precision != "fp32"}
+
+
+def compile_policy(cfg: Config) -> dict:
+    """How `compile = true` compiles, so that noise changes do not thrash the compiler:
+    - static shapes (`dynamic=False`): one graph per batch (micro-batch) size, each as fast as a
+      hand-specialised one; a preset's batch sizes are few (bs 32 -> 512 is two graphs);
+    - the recompile limit covers every batch size the config plans, plus room for steering requests;
+    - evaluation runs the eager module (its ragged last batch never reaches the compiler).
+    The count of graphs is recorded at the end (event `end`, field `graphs`)."""
+    sizes = {cfg.batch_size} | {c.batch_size for c in cfg.changes if c.batch_size}
+    micro = {min(cfg.micro_batch_size, b) if cfg.micro_batch_size else b for b in sizes}
+    ragged = {b % cfg.micro_batch_size for b in sizes if cfg.micro_batch_size and b % cfg.micro_batch_size}
+    return {"dynamic": False, "recompile_limit": len(micro | ragged) + 8}
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (dynamo's counter)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,10 +163,22 @@ class Trainer:
         self.fwd = self.model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            if cfg.batch_size % self.dist.world:
-                raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world} ranks")
+            bad = [b for b in [cfg.batch_size] + [c.batch_size for c in cfg.changes if c.batch_size]
+                   if b % self.dist.world]
+            if bad:   # a remainder would be silently dropped by every rank
+                raise ValueError(f"batch_size {bad[0]} does not divide among {self.dist.world} ranks "
+                                 f"(gpus = {cfg.gpus}): every batch size of the run must be a multiple of it")
             self.fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
+        self.eval_fwd = self.model   # eager: the ragged last eval batch never reaches the compiler
+        if cfg.compile:
+            policy = compile_policy(cfg)
+            import torch._dynamo.config as dynamo_config
+            limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), policy["recompile_limit"]))
+            self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"])
+        self._graphs_before = compiled_graphs() if cfg.compile else 0
+        self._poll_s, self._last_poll = cfg.control.poll_ms / 1000, -math.inf
+        self._window = None   # the last flush's records, their losses still on their way to the host
         self.control = ControlReader(self.rd)
         if resume and not self.rd.list_checkpoints() and self.rd.metrics_size() > 0:
             raise RuntimeError(f"cannot resume: no checkpoint in {self.rd.checkpoints} (the records are kept)")
@@ -229,7 +267,7 @@ class Trainer:
             self._pending.append(({"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
                                    "wall": self.wall(), "lr": lr, "batch_size": batch}, loss))
             if self.step % cfg.log_every == 0:
-                self.flush()
+                self.flush(wait=self.device.type != "cuda")
             # -- eval and checkpoint
             want_ckpt = self._checkpoint_due(lr_time_before)
             if want_ckpt or (cfg.eval_every and self.step % cfg.eval_every == 0):
@@ -248,11 +286,11 @@ class Trainer:
         return ended(self.cfg, self.step, self.lr_time)
 
     def _train_step(self, batch: int) -> torch.Tensor:
-        x, y = self.stream.next_batch(batch)
-        if self.dist.active:  # this rank's slice of the global batch
-            per = batch // self.dist.world
-            lo = self.dist.rank * per
-            x, y, batch = x[lo:lo + per], (y[lo:lo + per] if y is not None else None), per
+        if self.dist.active:  # this rank reads (and copies to its GPU) its own slice of the global batch
+            x, y = self.stream.next_batch(batch, part=(self.dist.rank, self.dist.world))
+            batch //= self.dist.world
+        else:
+            x, y = self.stream.next_batch(batch)
         micro = self.cfg.micro_batch_size or batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -283,8 +321,14 @@ class Trainer:
                                  step=self.step, lr_time=self.lr_time, samples=self.samples)
 
     def _control_lines(self) -> list[Line]:
-        """New control lines; under DDP only at flush boundaries, read by rank 0 and broadcast."""
+        """New control lines. The file is checked at most every `control.poll_ms` (a stat per step is a
+        metadata round trip on NFS/Lustre); under DDP only at flush boundaries, read by rank 0 and
+        broadcast."""
         if not self.dist.active:
+            now = _now()
+            if now - self._last_poll < self._poll_s:
+                return []
+            self._last_poll = now
             return self.control.poll()
         if self.step % self.cfg.log_every:
             return []
@@ -367,16 +411,37 @@ class Trainer:
         return any(not reached(lr_time_before, t) and reached(self.lr_time, t) for t in cfg.checkpoint_at_lr_times)
 
     # ------------------------------------------------------------------ records
-    def flush(self) -> None:
-        """Write buffered step records: one device sync for all of them."""
-        if not self._pending:
-            return
-        losses = self.dist.mean(torch.stack([loss for _, loss in self._pending])).cpu().tolist()
-        records = [dict(rec, loss=l) for (rec, _), l in zip(self._pending, losses)]
+    def flush(self, wait: bool = True) -> None:
+        """Write buffered step records. On CUDA, the step loop calls flush(wait=False): the window's
+        losses start their copy into pinned memory without waiting, and the window before it (whose
+        copy finished long ago) is written. Eval, checkpoints and the end flush everything."""
+        window = self._window
+        self._window = None
+        if self._pending:
+            losses = self.dist.mean(torch.stack([loss for _, loss in self._pending]))
+            if self.device.type == "cuda":
+                host = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+                host.copy_(losses, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host, done = losses, None
+            self._window = ([rec for rec, _ in self._pending], host, done)
+            self._pending = []
+        if window:
+            self._write(*window)
+        if wait and self._window:
+            window, self._window = self._window, None
+            self._write(*window)
+
+    def _write(self, recs: list[dict], host: torch.Tensor, done) -> None:
+        if done is not None:
+            done.synchronize()   # long finished when the loop writes a window one flush late
+        losses = host.tolist()
+        records = [dict(rec, loss=l) for rec, l in zip(recs, losses)]
         for l in losses:
             if math.isfinite(l):
                 self.loss_ema = l if self.loss_ema is None else LOSS_EMA * self.loss_ema + (1 - LOSS_EMA) * l
-        self._pending.clear()
         self.rd.append_metrics(records)
         last = self.last_record = records[-1]
         peak = {"gpu_peak_gib": round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)} \
@@ -400,7 +465,7 @@ class Trainer:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast:
-                logits = self.fwd(x)
+                logits = self.eval_fwd(x)
             total += loss_fn(logits, x, y, reduction="sum")
             if y is None:
                 errors += (logits[:, :-1].argmax(-1) != x[:, 1:]).sum()
@@ -457,8 +522,9 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
         trainer.setup(resume)
         state = trainer.run()
         trainer.rd.write_status(state=state, ended=time.time(), step=trainer.step)
+        graphs = {"graphs": compiled_graphs() - trainer._graphs_before} if trainer.cfg.compile else {}
         trainer.rd.append_event("end", state=state, step=trainer.step, lr_time=trainer.lr_time,
-                        eval_loss=trainer.last_eval.get("eval_loss"))
+                                eval_loss=trainer.last_eval.get("eval_loss"), **graphs)
         return state
     except Diverged as e:
         state = "diverged"

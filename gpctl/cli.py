@@ -18,7 +18,7 @@ from engine.rundir import RunDir, home, list_runs, private_files, resolve
 from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
-from gpctl import compare, export, presetcheck, queue, repro, steer
+from gpctl import compare, data, export, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out
 from gpctl.common import fmt as _f
 from gpctl.common import plain_table
@@ -301,6 +301,7 @@ compare.register(app)
 export.register(app)
 queue.register(app)
 repro.register(app)
+data.register(app)
 
 
 PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "logs", "tui"),

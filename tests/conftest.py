@@ -14,12 +14,14 @@ TINY_IMAGES = {
     "steps": 12, "lr": 0.05, "batch_size": 16, "eval_every": 6, "log_every": 4, "device": "cpu",
     "model": {"name": "resnet18", "width": 2},
     "data": {"source": "synthetic_images", "image_size": 8, "eval_samples": 64, "teacher_width": 8},
+    "control": {"poll_ms": 0},   # hooks write control lines at a step and expect them read at that step
 }
 TINY_LM = {
     "steps": 6, "lr": 1e-3, "batch_size": 4, "eval_every": 3, "log_every": 2, "device": "cpu",
     "model": {"name": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 64, "n_positions": 32},
     "data": {"source": "synthetic_tokens", "vocab_size": 64, "seq_len": 16, "eval_samples": 8},
     "optim": {"name": "adamw", "grad_clip": 1.0},
+    "control": {"poll_ms": 0},
 }
 
 
@@ -34,6 +36,20 @@ def home(tmp_path, monkeypatch):
     h = tmp_path / "home"
     monkeypatch.setenv("GPCTL_HOME", str(h))
     return h
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    """A tiny GPT-2 (byte-level BPE) tokenizer folder, trained here with `tokenizers`."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the cat sat on a mat while dogs ran in the park and birds sang songs"] * 20,
+                            vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(folder))
+    return folder
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -145,20 +145,6 @@ def _c4_folder(tmp_path):
     return folder
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path):
-    """A tiny GPT-2 (byte-level BPE) tokenizer folder, trained here with `tokenizers`."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["the cat sat on a mat while dogs ran in the park and birds sang songs"] * 20,
-                            vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-    bpe.save_model(str(folder))
-    return folder
-
-
 def _c4_cfg(folder, tok, *extra):
     return tiny(TINY_LM, "data.source=\"c4\"", f"data.path=\"{folder}\"", f"data.tokenizer=\"{tok}\"",
                 "data.seq_len=16", "data.eval_samples=4", "model.vocab_size=300", *extra)

@@ -1,5 +1,7 @@
 """GPU paths: bf16 autocast, channels_last, GPU-resident CIFAR with on-device crop/flip, fused
-optimizers, torch.compile, SDPA GPT-2. Skipped cleanly without CUDA; run by benchmarks/gpu_check.sh."""
+optimizers, torch.compile, SDPA GPT-2; and what they promise: no host sync in steady-state steps,
+CPU/GPU parity of a data batch, a falling loss, one compiled graph per batch size across a noise
+drop. Skipped cleanly without CUDA; run by benchmarks/gpu_check.sh."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
-def _parts(folder, n=256):
+def _parts(folder, n=2048):
     folder.mkdir()
     rng = np.random.default_rng(0)
     np.savez(folder / "part0.npz", X=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), Y=rng.integers(0, 10, n))
@@ -34,13 +36,89 @@ def test_bf16_channels_last_gpu_resident_cifar(tmp_path):
     assert len(losses) == cfg.steps and all(np.isfinite(losses))
 
 
-def test_compile_and_sdpa_gpt2(tmp_path):
-    cfg = tiny(TINY_LM, "device=\"cuda\"", "compile=true", "steps=4")
+def test_compile_across_a_noise_drop_and_sdpa_gpt2(tmp_path):
+    """Inductor, static shapes: batch 4 then 8 (a planned change) are two graphs; evals add none."""
+    cfg = tiny(TINY_LM, "device=\"cuda\"", "compile=true", "steps=8", "eval_every=2",
+               "changes=[{at_step=4, batch_size=8}]")
     rd = RunDir.create(tmp_path, cfg)
     assert train(rd) == "done", rd.log_file.read_text()
+    end = [e for e in rd.events()[0] if e["event"] == "end"][0]
+    assert end["graphs"] == 2
+    losses = [r["loss"] for r in rd.metrics()[0] if "loss" in r]
+    assert len(losses) == 8 and all(np.isfinite(losses))
     t = Trainer(rd, cfg)
     t.setup(resume=False)
     assert t.model.hf.config._attn_implementation == "sdpa"
+
+
+def _sync_window(start, stop):
+    def hook(t):
+        torch.cuda.set_sync_debug_mode("error" if start <= t.step < stop else "default")
+    return hook
+
+
+@pytest.mark.parametrize("which,log_every", [("cifar", 100), ("cifar", 10), ("gpt2", 100), ("gpt2", 10)])
+def test_steady_state_steps_do_not_sync(tmp_path, which, log_every):
+    """torch.cuda.set_sync_debug_mode("error") over steps 5..24: a host sync raises. log_every 10 puts
+    two flushes (losses copied to pinned memory, the window before written) inside the window."""
+    if which == "cifar":
+        folder = _parts(tmp_path / "c5m")
+        cfg = tiny(TINY_IMAGES, "device=\"cuda\"", "data.source=\"cifar5m\"", f"data.path=\"{folder}\"",
+                   "data.image_size=32", "data.augment=[\"crop\", \"flip\"]", "data.eval_samples=32",
+                   "steps=30", f"log_every={log_every}", "eval_every=0", "optim.grad_clip=1.0")
+    else:
+        cfg = tiny(TINY_LM, "device=\"cuda\"", "steps=30", f"log_every={log_every}", "eval_every=0",
+                   "data.teacher_sharpness=0.0")
+    rd = RunDir.create(tmp_path / "h", cfg)
+    try:
+        state = train(rd, hooks=[_sync_window(5, 25)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state == "done", rd.log_file.read_text()[-3000:]
+    assert [r["step"] for r in rd.metrics()[0] if "loss" in r] == list(range(1, 31))
+
+
+def test_sync_detector_catches_a_sync(tmp_path):
+    """Negative control for the test above: an .item() in the window fails the run."""
+    cfg = tiny(TINY_LM, "device=\"cuda\"", "steps=30", "log_every=100", "eval_every=0", "data.teacher_sharpness=0.0")
+    rd = RunDir.create(tmp_path, cfg)
+
+    def item(t):
+        if t.step == 10:
+            torch.ones(1, device="cuda").item()
+    try:
+        state = train(rd, hooks=[_sync_window(5, 25), item])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert state == "failed" and "synchroniz" in rd.status()["error"]
+
+
+def test_data_batch_is_the_same_on_cpu_and_gpu(tmp_path):
+    from engine.data import build_stream
+    folder = _parts(tmp_path / "c5m")
+    cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{folder}\"", "data.image_size=32",
+               "data.augment=[\"crop\", \"flip\"]", "data.eval_samples=32")
+    cpu, gpu = build_stream(cfg, torch.device("cpu")), build_stream(cfg, torch.device("cuda"))
+    assert gpu.source.x.device.type == "cuda"
+    for n in (64, 100, 512):
+        (xc, yc), (xg, yg) = cpu.next_batch(n), gpu.next_batch(n)
+        assert torch.equal(yc, yg.cpu())
+        assert torch.allclose(xc, xg.cpu(), atol=1e-6)
+    flat = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{folder}\"", "data.image_size=32",
+                "data.eval_samples=32")   # negative control: without augmentation the batch differs
+    assert not torch.allclose(build_stream(flat, torch.device("cuda")).next_batch(64)[0].cpu(),
+                              build_stream(cfg, torch.device("cpu")).next_batch(64)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("lr,falls", [(0.05, True), (1e-7, False)])
+def test_loss_falls_over_50_steps(tmp_path, lr, falls):
+    cfg = tiny(TINY_IMAGES, "device=\"cuda\"", "steps=50", "batch_size=64", "eval_every=0", "log_every=10",
+               f"lr={lr}", "model.width=8")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    losses = [r["loss"] for r in rd.metrics()[0] if "loss" in r]
+    drop = np.mean(losses[:10]) - np.mean(losses[-10:])   # 0.51 on the CPU at lr 0.05
+    assert (drop > 0.2) if falls else (abs(drop) < 0.05)
 
 
 def test_gpu_resume_is_exact_in_fp32(tmp_path):

@@ -6,7 +6,8 @@
     stream.state_dict() / load_state_dict()   # exact position, JSON
 
 Sources:  synthetic_images (teacher CNN), synthetic_tokens (order-2 Markov), cifar5m (.npz parts),
-          cifar10 (torchvision folder), c4 (🤗 datasets, hub or local c4-*.json.gz), imagenet (folder).
+          cifar10 (torchvision folder), c4 (prepared uint16 shards, engine/data/tokens.py; or raw text
+          through 🤗 datasets, hub or local c4-*.json.gz, tokenized as it streams: slower), imagenet (folder).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def build_stream(cfg: Config, device: "torch.device") -> "Stream":
         src = TeacherImages(dc, cfg.model.num_classes, cfg.data_seed)
     elif dc.source == "synthetic_tokens":
         from engine.data.synthetic import MarkovTokens
-        src = MarkovTokens(dc, cfg.data_seed)
+        src = MarkovTokens(dc, cfg.data_seed, device)
     elif dc.source == "cifar5m":
         from engine.data.images import cifar5m
         src = cifar5m(dc, device)
@@ -41,8 +42,8 @@ def build_stream(cfg: Config, device: "torch.device") -> "Stream":
         from engine.data.images import imagenet
         src = imagenet(dc)
     elif dc.source == "c4":
-        from engine.data.c4 import C4
-        src = C4(dc)
+        from engine.data.c4 import C4, prepared_c4
+        src = prepared_c4(dc, device) or C4(dc)
     else:
         raise ValueError(dc.source)
     return Stream(src, dc, seed=cfg.seed, device=device)
@@ -81,6 +82,6 @@ def preflight(cfg: Config) -> None:
         if not (root / "train").is_dir() or not (root / "val").is_dir():
             raise DataMissing(f"ImageNet not found: no train/ and val/ in {root} (set data.path=DIR)")
     elif dc.source == "c4" and root is not None:
-        if not list(root.glob("c4-train*.json*")):
-            raise DataMissing(f"C4 not found: no c4-train.*.json.gz in {root} (set data.path=DIR, "
-                              f"or data.path='' to stream {dc.hf_name} from the hub)")
+        if not list(root.glob("c4-train*.json*")) and not (root / "meta.json").is_file():
+            raise DataMissing(f"C4 not found: no c4-train.*.json.gz and no prepared shards (meta.json) in {root} "
+                              f"(set data.path=DIR, or data.path='' to stream {dc.hf_name} from the hub)")

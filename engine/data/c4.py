@@ -1,5 +1,9 @@
 """C4 through 🤗 datasets, tokenized with a GPT-2 tokenizer and packed into `seq_len` blocks.
 
+The fast path is a folder prepared once with `gpctl data prepare c4` (engine/data/tokens.py): read
+through a memory map, no tokenizer on the training thread. Raw text (below) is the fallback; it
+tokenizes on the training thread as it streams, one document at a time, and is much slower.
+
 `data.path` empty: the hub dataset `data.hf_name` / `data.hf_config`, streamed. Otherwise a local
 folder of shards in the real format (`c4-train.*.json.gz`, `c4-validation.*.json.gz`: one JSON
 object per line with "text", "timestamp", "url"). Documents are joined with the tokenizer's EOS.
@@ -26,6 +30,34 @@ def load_tokenizer(name: str):
     except (OSError, ValueError) as e:
         raise DataMissing(f"tokenizer '{name}' could not be loaded (data.tokenizer names a hub id or a "
                           f"local folder with vocab.json/merges.txt): {str(e).splitlines()[0]}") from None
+
+
+def prepared_c4(dc: DataConfig, device: torch.device):
+    """PreparedTokens when data.path holds prepared shards (meta.json), else None (raw text)."""
+    from engine.data.tokens import PreparedTokens, is_prepared
+
+    if not dc.path or not is_prepared(Path(os.path.expanduser(dc.path))):
+        return None
+    return PreparedTokens(Path(os.path.expanduser(dc.path)), dc.seq_len, dc.eval_samples,
+                          tok=load_tokenizer(dc.tokenizer), pin=device.type == "cuda")
+
+
+def documents(dc: DataConfig, split: str, skip: int = 0):
+    """The texts of a split, in order: local c4-{split}.*.json(.gz) shards when data.path names them,
+    else the hub dataset (streamed)."""
+    from datasets import load_dataset
+
+    if dc.path:
+        files = _split_files(Path(os.path.expanduser(dc.path)), split)
+        if not files:
+            return
+        ds = load_dataset("json", data_files={split: files}, split=split, streaming=True)
+    else:
+        ds = load_dataset(dc.hf_name, dc.hf_config, split=split, streaming=True)
+    if skip:
+        ds = ds.skip(skip)
+    for ex in ds:
+        yield ex["text"]
 
 
 def _split_files(root: Path, split: str) -> list[str]:
@@ -57,16 +89,7 @@ class C4:
         self._it, self._pos, self.where = None, -1, (0, 0)
 
     def _documents(self, split: str, skip: int = 0):
-        from datasets import load_dataset
-
-        if self.files is not None:
-            ds = load_dataset("json", data_files={split: self.files[split]}, split=split, streaming=True)
-        else:
-            ds = load_dataset(self.dc.hf_name, self.dc.hf_config, split=split, streaming=True)
-        if skip:
-            ds = ds.skip(skip)
-        for ex in ds:
-            yield ex["text"]
+        return documents(self.dc, split, skip)
 
     def _blocks(self, split: str, doc: int = 0, used: int = 0):
         """Blocks of seq_len tokens; tracks (doc, used) = where the next block starts."""

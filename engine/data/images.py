@@ -116,6 +116,9 @@ class ImageFolderSource:
             img = center_crop(resize(img, self.size), [self.size, self.size])
         return pil_to_tensor(img)
 
+    def slice(self, lo: int, hi: int):
+        return self.get(torch.arange(lo, hi))
+
     def get(self, idx: torch.Tensor):
         idx = idx.tolist()
         x = torch.stack(list(self.pool.map(self._load, idx)))

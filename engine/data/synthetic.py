@@ -7,7 +7,8 @@ TeacherImages: CIFAR-shaped images (smooth Gaussian fields), labels sampled from
 MarkovTokens: an order-2 source over `vocab_size` symbols, p(x_t | x_{t-1}, x_{t-2}) ∝
     exp(sharpness · (A[x_{t-1}] + B[x_{t-2}])). Bayes loss = mean exact conditional entropy over the
     eval set's predicted positions (what an LM's loss averages). Sharpness 0 is the uniform source,
-    drawn without the per-position loop (what the GPT-2 throughput benchmark feeds).
+    drawn without the per-position loop, on the training device (what the GPT-2 throughput benchmark
+    feeds: a step copies nothing from the host).
 Samples are generated in chunks seeded by (data_seed, split, chunk), so any position is reproducible.
 """
 from __future__ import annotations
@@ -99,8 +100,9 @@ class MarkovTokens(_Chunked):
     kind = "tokens"
     chunk = 256
 
-    def __init__(self, dc: DataConfig, data_seed: int):
+    def __init__(self, dc: DataConfig, data_seed: int, device: torch.device | None = None):
         self.data_seed, self.seq_len, self.vocab = data_seed, dc.seq_len, dc.vocab_size
+        self.device = device or torch.device("cpu")
         self.sharpness, self._cache = dc.teacher_sharpness, {}
         g = torch.Generator().manual_seed(mix_seed(data_seed, 97))
         v = self.vocab
@@ -117,8 +119,11 @@ class MarkovTokens(_Chunked):
         return self.sharpness * (self.a[prev1] + self.b[prev2])
 
     def _make(self, g: torch.Generator, n: int):
-        if self.sharpness == 0:   # uniform tokens (entropy log V): drawn at once, for throughput runs
-            return torch.randint(0, self.vocab, (n, self.seq_len), generator=g, dtype=torch.int32), None
+        if self.sharpness == 0:   # uniform tokens (entropy log V): drawn at once, on the device, for throughput runs
+            if self.device.type != "cpu":
+                g = torch.Generator(self.device).manual_seed(g.initial_seed())
+            return torch.randint(0, self.vocab, (n, self.seq_len), generator=g, dtype=torch.int32,
+                                 device=self.device), None
         x = torch.empty(n, self.seq_len, dtype=torch.int32)
         x[:, 0] = torch.randint(0, self.vocab, (n,), generator=g)
         for t in range(1, self.seq_len):

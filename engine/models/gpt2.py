@@ -21,7 +21,12 @@ def gpt2_config(mc: ModelConfig):
 
 
 class GPT2(nn.Module):
-    """Wraps GPT2LMHeadModel so that forward(tokens) returns logits, like the vision models."""
+    """Wraps GPT2LMHeadModel so that forward(tokens) returns logits, like the vision models.
+
+    forward runs GPT2LMHeadModel's own modules (embeddings, blocks, final norm, tied head) with no
+    attention mask, so SDPA takes its causal kernel; it skips transformers' mask preparation, which
+    looks for packed sequences with a `.all()` on the device (a host sync every step). Equal to
+    `self.hf(input_ids=tokens).logits` (tests/test_fastpath.py checks it)."""
 
     def __init__(self, mc: ModelConfig):
         super().__init__()
@@ -32,7 +37,13 @@ class GPT2(nn.Module):
         self.hf = GPT2LMHeadModel(cfg)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=tokens, use_cache=False).logits
+        body = self.hf.transformer
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        h = body.drop(body.wte(tokens) + body.wpe(pos))
+        for block in body.h:
+            out = block(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.hf.lm_head(body.ln_f(h))
 
 
 def gpt2(mc: ModelConfig) -> GPT2:

@@ -1,0 +1,89 @@
+"""`gpctl data prepare c4`: tokenize a text corpus once into uint16 shards (engine/data/tokens.py), so
+training reads tokens through a memory map instead of tokenizing on its training thread."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gpctl.common import err, friendly, out
+
+app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Prepare data sets for fast training.")
+
+
+@app.command("prepare", epilog="Example: gpctl data prepare c4 --path ~/data/c4 --tokenizer gpt2 --out ~/data/c4-gpt2")
+@friendly
+def prepare_cmd(
+    corpus: Annotated[str, typer.Argument(metavar="CORPUS", help="The corpus: c4 (local shards or the hub's).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the shards and meta.json (created).")],
+    path: Annotated[Optional[Path], typer.Option("--path", help="Folder of c4-{train,validation}.*.json.gz "
+                                                 "shards; omitted: stream --hf-name from the hub.")] = None,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help="Hub id or local folder of a GPT-2 BPE tokenizer "
+                                           "(the config's data.tokenizer).")] = "gpt2",
+    hf_name: Annotated[str, typer.Option("--hf-name", help="Hub data set when --path is omitted.")] = "allenai/c4",
+    hf_config: Annotated[str, typer.Option("--hf-config", help="Its configuration.")] = "en",
+    splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to prepare.")] = "train,validation",
+    shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard file.")] = 100_000_000,
+    max_docs: Annotated[int, typer.Option("--max-docs", help="Stop each split after this many documents "
+                                          "(0: all).")] = 0,
+) -> None:
+    """Tokenize a corpus once, in parallel, into flat uint16 shards that `data.path` can name.
+
+    Documents are joined with the tokenizer's EOS in corpus order, so a run reading the shards sees
+    token for token what it would see tokenizing the raw text as it trains (only faster). The shards
+    use llm.c's format; meta.json records the tokenizer's fingerprint and runs with another are refused.
+    """
+    from itertools import islice
+
+    from engine.config import DataConfig
+    from engine.data.c4 import documents, load_tokenizer
+    from engine.data.tokens import is_prepared, prepare, write_meta
+
+    if corpus != "c4":
+        raise typer.BadParameter(f"unknown corpus {corpus!r} (known: c4)", param_hint="CORPUS")
+    if shard_tokens < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--shard-tokens")
+    out_dir = out_dir.expanduser()
+    if is_prepared(out_dir):
+        err.print(f"error: {out_dir}: already holds prepared shards (meta.json); choose another --out", markup=False)
+        raise typer.Exit(2)
+    if path is not None and not path.expanduser().is_dir():
+        err.print(f"error: {path}: no such folder (--path)", markup=False)
+        raise typer.Exit(2)
+    dc = DataConfig(source="c4", path=str(path.expanduser()) if path else "", hf_name=hf_name,
+                    hf_config=hf_config, tokenizer=tokenizer)
+    tok = load_tokenizer(tokenizer)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")   # batches spread over every core
+    t0, entries = time.perf_counter(), {}
+    last = [0.0]
+
+    def progress(split, docs, tokens):
+        now = time.perf_counter()
+        if now - last[0] > 2 and err.is_terminal:
+            last[0] = now
+            err.print(f"{split}: {docs} documents, {tokens / 1e6:.1f}M tokens, "
+                      f"{tokens / (now - t0) / 1e6:.2f}M tokens/s", markup=False)
+
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        docs = documents(dc, split)
+        entries[split] = prepare(islice(docs, max_docs) if max_docs else docs, tok, out_dir, split,
+                                 shard_tokens=shard_tokens, progress=progress)
+        e = entries[split]
+        out.print(f"{split}: {e['documents']} documents, {e['tokens']} tokens in {len(e['shards'])} shard(s)",
+                  markup=False)
+    if not entries.get("train", {}).get("tokens"):
+        err.print(f"error: no training text found ({path or hf_name}); nothing written but shards of other splits",
+                  markup=False)
+        raise typer.Exit(2)
+    write_meta(out_dir, tok, tokenizer, str(path) if path else f"{hf_name}/{hf_config}", entries)
+    out.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s; train on it with "
+              f"--set data.source=\"c4\" --set data.path=\"{out_dir}\" --set data.tokenizer=\"{tokenizer}\"",
+              markup=False)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="data", rich_help_panel="Run")

@@ -1,0 +1,265 @@
+"""Issue 13: the GPU fast path, checked on the CPU where the CPU can check it.
+
+- a steady-state window of training steps does no host sync (no .item/.tolist/.cpu/float/bool);
+- torch.compile across a planned batch change builds the graphs the policy says, and eval adds none;
+- prepared uint16 token shards stream token for token what the raw-text C4 stream gives;
+- DDP ranks read their own slice of a batch (augmentation included); a batch that does not divide
+  among the ranks is refused;
+- the control file is checked by time, not every step, and where a request applied is recorded.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import build_stream
+from engine.rundir import RunDir
+from engine.train import compile_policy, train
+from tests.conftest import TINY_IMAGES, TINY_LM, tiny
+from tests.test_data import _c4_cfg, _c4_folder
+
+CPU = torch.device("cpu")
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__")
+
+
+class SyncDetector:
+    """Counts calls of the Tensor methods that move a value to the host (a device sync on CUDA)
+    while `on` is set; installed by a trainer hook so it covers whole steps, data included."""
+
+    def __init__(self, monkeypatch, start: int, stop: int):
+        self.calls, self.on, self.start, self.stop = [], False, start, stop
+        for name in SYNCS:
+            orig = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
+
+    def _wrap(self, name, orig):
+        def wrapped(t, *a, **k):
+            if self.on:
+                import traceback
+                self.calls.append((name, traceback.format_stack(limit=4)[-2].strip()))
+            return orig(t, *a, **k)
+        return wrapped
+
+    def hook(self, trainer):
+        self.on = self.start <= trainer.step < self.stop
+
+
+def _cifar_parts(folder, n=512):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "part0.npz", X=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), Y=rng.integers(0, 10, n))
+    return folder
+
+
+@pytest.mark.parametrize("which", ["cifar_sgd", "gpt2_adamw"])
+def test_steady_state_steps_do_no_host_sync(tmp_path, monkeypatch, which):
+    if which == "cifar_sgd":   # CIFAR-5m held in memory, crop + flip, momentum SGD with clipping
+        cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{_cifar_parts(tmp_path / 'c5m')}\"",
+                   "data.image_size=32", "data.augment=[\"crop\", \"flip\"]", "data.eval_samples=32",
+                   "steps=30", "log_every=100", "eval_every=0", "optim.grad_clip=1.0")
+    else:                      # GPT-2 on uniform tokens, fused AdamW (non-fused AdamW reads each step count)
+        cfg = tiny(TINY_LM, "steps=30", "log_every=100", "eval_every=0", "data.teacher_sharpness=0.0",
+                   "optim.fused=\"on\"")
+    det = SyncDetector(monkeypatch, 5, 25)
+    rd = RunDir.create(tmp_path / "h", cfg)
+    assert train(rd, hooks=[det.hook]) == "done", rd.log_file.read_text()[-2000:]
+    assert det.calls == []
+    # negative control: the same window with a flush inside it (log_every 10) is caught
+    det2 = SyncDetector(monkeypatch, 5, 25)
+    rd2 = RunDir.create(tmp_path / "h", tiny(TINY_LM, "steps=30", "log_every=10", "eval_every=0",
+                                              "data.teacher_sharpness=0.0", "optim.fused=\"on\"", name="ctl"))
+    assert train(rd2, hooks=[det2.hook]) == "done"
+    assert {name for name, _ in det2.calls} >= {"tolist"}
+
+
+def _eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: real tracing, guards and recompiles, no C++ codegen
+    (inductor on 2 CPU cores would take minutes); the GPU check compiles with inductor."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", **kw))
+
+
+def test_compile_across_a_planned_batch_change_builds_one_graph_per_size(tmp_path, monkeypatch):
+    _eager_compile(monkeypatch)
+    cfg = tiny(TINY_LM, "compile=true", "steps=8", "batch_size=4", "eval_every=2", "log_every=2",
+               "changes=[{at_step=4, batch_size=8}]")
+    assert compile_policy(cfg) == {"dynamic": False, "recompile_limit": 10}
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done", rd.log_file.read_text()[-2000:]
+    end = [e for e in rd.events()[0] if e["event"] == "end"][0]
+    assert end["graphs"] == 2          # batch 4, batch 8; four evals (batch 4 of 8 samples) add none
+    # negative control: evaluating through the compiled module (the old path) adds graphs
+    torch._dynamo.reset()
+    rd2 = RunDir.create(tmp_path, tiny(TINY_LM, "compile=true", "steps=8", "batch_size=4", "eval_every=2",
+                                       "log_every=2", "changes=[{at_step=4, batch_size=8}]", "data.eval_samples=6",
+                                       name="old"))
+
+    def eval_compiled(t):
+        t.eval_fwd = t.fwd
+    assert train(rd2, hooks=[eval_compiled]) == "done"
+    end2 = [e for e in rd2.events()[0] if e["event"] == "end"][0]
+    assert end2["graphs"] > 2
+
+
+def _prepare(folder, tok_dir, out, shard_tokens):
+    from engine.data.c4 import documents, load_tokenizer
+    from engine.data.tokens import prepare, write_meta
+    from engine.config import DataConfig
+
+    tok = load_tokenizer(str(tok_dir))
+    dc = DataConfig(source="c4", path=str(folder))
+    splits = {s: prepare(documents(dc, s), tok, out, s, shard_tokens=shard_tokens, batch_docs=7)
+              for s in ("train", "validation")}
+    return write_meta(out, tok, str(tok_dir), str(folder), splits)
+
+
+def test_prepared_shards_stream_equals_raw_text_token_for_token(tmp_path, tokenizer_dir):
+    raw = _c4_folder(tmp_path)
+    meta = _prepare(raw, tokenizer_dir, tmp_path / "prep", shard_tokens=100)   # many shards: reads cross them
+    assert len(meta["splits"]["train"]["shards"]) > 5 and meta["splits"]["train"]["documents"] == 60
+    a = build_stream(_c4_cfg(raw, tokenizer_dir), CPU)
+    b = build_stream(_c4_cfg(tmp_path / "prep", tokenizer_dir), CPU)
+    assert type(b.source).__name__ == "PreparedTokens"
+    for n in (3, 5, 1, 7):
+        xa, xb = a.next_batch(n)[0], b.next_batch(n)[0]
+        assert xb.dtype == xa.dtype and torch.equal(xa, xb)
+    assert torch.equal(next(a.eval_batches(4))[0], next(b.eval_batches(4))[0])
+    # resume from the stream position
+    c = build_stream(_c4_cfg(tmp_path / "prep", tokenizer_dir), CPU)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    assert torch.equal(c.next_batch(4)[0], a.next_batch(4)[0])
+    # negative control: a shard stream of another tokenization differs
+    other = _prepare(raw, tokenizer_dir, tmp_path / "prep2", shard_tokens=100)
+    x = np.memmap(tmp_path / "prep2" / other["splits"]["train"]["shards"][0]["file"], dtype=np.uint16, mode="r+",
+                  offset=1024)
+    x[5] = (int(x[5]) + 1) % 300
+    x.flush()
+    d = build_stream(_c4_cfg(tmp_path / "prep2", tokenizer_dir), CPU)
+    assert not torch.equal(d.next_batch(1)[0], build_stream(_c4_cfg(raw, tokenizer_dir), CPU).next_batch(1)[0])
+
+
+def test_prepared_shards_refuse_another_tokenizer_and_a_cut_shard(tmp_path, tokenizer_dir):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from engine.data import DataMissing
+
+    raw = _c4_folder(tmp_path)
+    meta = _prepare(raw, tokenizer_dir, tmp_path / "prep", shard_tokens=10_000)
+    other = tmp_path / "tok2"
+    other.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a b c d e f g"] * 10, vocab_size=270, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(other))
+    with pytest.raises(DataMissing, match=r"prep: prepared with tokenizer .* but data.tokenizer loads another"):
+        build_stream(_c4_cfg(tmp_path / "prep", other), CPU)
+    shard = tmp_path / "prep" / meta["splits"]["train"]["shards"][0]["file"]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    with pytest.raises(DataMissing, match=r"header says \d+ tokens but the file holds \d+ \(cut short\?\)"):
+        build_stream(_c4_cfg(tmp_path / "prep", tokenizer_dir), CPU)
+
+
+def test_gpctl_data_prepare_c4_then_train_on_it(tmp_path, tokenizer_dir):
+    raw = _c4_folder(tmp_path)
+    out = tmp_path / "prep"
+    cmd = [sys.executable, "-m", "gpctl", "data", "prepare", "c4", "--path", str(raw), "--tokenizer",
+           str(tokenizer_dir), "--out", str(out), "--shard-tokens", "500"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    meta = json.loads((out / "meta.json").read_text())
+    t, v = meta["splits"]["train"], meta["splits"]["validation"]
+    assert lines[0] == f"train: 60 documents, {t['tokens']} tokens in {len(t['shards'])} shard(s)"
+    assert lines[1] == f"validation: 20 documents, {v['tokens']} tokens in {len(v['shards'])} shard(s)"
+    assert sum(s["tokens"] for s in t["shards"]) == t["tokens"] and max(s["tokens"] for s in t["shards"]) == 500
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: {out}: already holds prepared shards (meta.json); choose another --out"
+    rd = RunDir.create(tmp_path / "h", _c4_cfg(out, tokenizer_dir, "steps=4"))
+    assert train(rd) == "done", rd.log_file.read_text()[-2000:]
+
+
+def test_ddp_rank_slices_equal_the_whole_batch_with_augmentation(tmp_path):
+    cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{_cifar_parts(tmp_path / 'c5m', 64)}\"",
+               "data.image_size=32", "data.augment=[\"crop\", \"flip\"]", "data.eval_samples=8")
+    whole = build_stream(cfg, CPU)
+    ranks = [build_stream(cfg, CPU) for _ in range(4)]
+    for n in (8, 16, 4):
+        x, y = whole.next_batch(n)
+        parts = [s.next_batch(n, part=(r, 4)) for r, s in enumerate(ranks)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert {s.position for s in ranks} == {whole.position}
+    with pytest.raises(ValueError, match="batch of 6 does not divide among 4 ranks"):
+        whole.next_batch(6, part=(0, 4))
+
+
+def test_ddp_batch_that_does_not_divide_is_refused(tmp_path):
+    from tests.test_ddp import torchrun
+    cfg = tiny(TINY_LM, "steps=4", "batch_size=8", "changes=[{at_step=2, batch_size=7}]")
+    rd = RunDir.create(tmp_path, cfg)
+    res = torchrun(rd)
+    assert res.returncode != 0
+    assert rd.status()["state"] == "failed"
+    assert rd.status()["error"] == ("ValueError: batch_size 7 does not divide among 2 ranks (gpus = 1): "
+                                    "every batch size of the run must be a multiple of it")
+    assert [e["event"] for e in rd.events()[0]] == ["error"]   # rank 0 alone wrote it, before any start
+
+
+def test_control_file_is_checked_by_time_and_the_step_is_recorded(tmp_path, monkeypatch):
+    import engine.train as train_mod
+
+    clock = {"t": 0}
+
+    def now():   # 10 ms per step boundary
+        clock["t"] += 1
+        return (clock["t"] - 1) / 100
+    monkeypatch.setattr(train_mod, "_now", now)
+
+    def at(step, line):
+        def hook(t):
+            if t.step == step:
+                with open(t.rd.control_file, "a") as f:
+                    f.write(line + "\n")
+        return hook
+    applied = {}
+    for poll_ms in (0, 100):
+        clock["t"] = 0
+        cfg = tiny(TINY_IMAGES, "steps=20", f"control.poll_ms={poll_ms}", name=f"p{poll_ms}")
+        rd = RunDir.create(tmp_path, cfg)
+        assert train(rd, hooks=[at(3, '{"id": "x", "set": {"lr": 0.02}}')]) == "done"
+        ev = [e for e in rd.events()[0] if e["event"] == "control" and e.get("status") == "applied"]
+        applied[poll_ms] = ev[0]["step"]
+        assert [r["lr"] for r in rd.metrics()[0] if "loss" in r][applied[poll_ms]] == 0.02
+    # written by a hook during step 3's boundary (after that boundary's check): read at the next check,
+    # the next boundary with poll_ms 0; with 100 ms, boundaries 0, 10, 20 (10 ms apart) check the file
+    assert applied == {0: 4, 100: 10}
+
+
+def test_gpt2_forward_equals_transformers_and_is_causal():
+    """Our forward skips transformers' mask preparation (a host sync); it must still be GPT2LMHeadModel."""
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(name="gpt2", n_layer=3, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()
+    tokens = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        ours, theirs = m(tokens), m.hf(input_ids=tokens).logits
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        changed = tokens.clone()
+        changed[:, 12] = (changed[:, 12] + 1) % 64        # a later token never changes earlier logits
+        again = m(changed)
+    assert torch.equal(again[:, :12], ours[:, :12]) and not torch.allclose(again[:, 12:], ours[:, 12:])
+    # negative control: shifted positions are a different model
+    body = m.hf.transformer
+    with torch.no_grad():
+        h = body.wte(tokens) + body.wpe(torch.arange(1, 21))
+        for block in body.h:
+            out = block(h)
+            h = out[0] if isinstance(out, tuple) else out
+        assert not torch.allclose(m.hf.lm_head(body.ln_f(h)), theirs, atol=1e-3)
