@@ -41,11 +41,13 @@ stage resnet_eager      40  90 "$PY" benchmarks/throughput.py resnet $EXTRA
 stage gpt2_eager        50 100 "$PY" benchmarks/throughput.py gpt2 --steps 50 --warmup 15 $EXTRA
 stage gpu_tests        120 170 sh -c "\"$PY\" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -o addopts='' -rA \
                                > \"$OUT/gpu_tests.txt\" 2>&1"
-stage resnet_compiled   90 150 "$PY" benchmarks/throughput.py resnet --compile $EXTRA
-stage gpt2_compiled    100 160 "$PY" benchmarks/throughput.py gpt2 --compile --steps 50 --warmup 15 $EXTRA
+stage resnet_graphs     70 120 "$PY" benchmarks/throughput.py resnet --compile --set 'compile_mode="reduce-overhead"' $EXTRA
+stage gpt2_compiled    100 160 "$PY" benchmarks/throughput.py gpt2 --compile --micro 32 --steps 50 --warmup 15 $EXTRA
+stage gpt2_graphs      100 160 "$PY" benchmarks/throughput.py gpt2 --compile --micro 32 --steps 50 --warmup 15 \
+                               --set 'compile_mode="reduce-overhead"' $EXTRA
 stage resnet_bs32_x8    60  90 "$PY" benchmarks/throughput.py resnet --batch 32 --concurrent 8 --steps 150 --warmup 50 $EXTRA
 stage resnet_bs32       25  60 "$PY" benchmarks/throughput.py resnet --batch 32 --steps 150 --warmup 50 $EXTRA
 stage tv               20  60 sh -c "\"$PY\" benchmarks/tv_throughput.py --device ${TV_DEVICE:-cuda} --width ${TV_WIDTH:-64} --n ${TV_N:-8192} > \"$OUT/tv_throughput.txt\" 2>&1"
-stage profile          30  60 sh -c "\"$PY\" benchmarks/throughput.py resnet --steps 30 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1; \
-                               \"$PY\" benchmarks/throughput.py gpt2 --steps 25 --warmup 10 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1"
+stage profile          60 100 sh -c "\"$PY\" benchmarks/throughput.py resnet --steps 30 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1; \
+                               \"$PY\" benchmarks/throughput.py gpt2 --steps 8 --warmup 3 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1"
 "$PY" benchmarks/gpu_summary.py "$OUT"

@@ -96,7 +96,7 @@ def config(which: str, tmp: Path, args) -> dict:
     micro = 4 if args.small else min(batch, args.micro)
     folder = tmp / "shards"
     folder.mkdir()
-    tok_dir = make_token_shards(folder, max(batch * seq * (args.steps + 2), 2 * STREAM_TOKENS),
+    tok_dir = make_token_shards(folder, max(batch * seq * (args.steps + 8), 2 * STREAM_TOKENS),
                                 50257 if not args.small else small["vocab_size"], seq)
     return {**common, "lr": 6e-4, "batch_size": batch, "micro_batch_size": micro,
             "model": {"name": "gpt2", **(small if args.small else full)},
@@ -126,7 +126,8 @@ def stream_rate(trainer: Trainer, batch: int, seconds: float = 2.0) -> float:
 
 def measure(which: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = build(config(which, Path(tmp), args), "throughput")
+        from engine.config import apply_overrides
+        cfg = build(apply_overrides(config(which, Path(tmp), args), args.set), "throughput")
         rd = RunDir.create(Path(tmp) / "home", cfg)
         t = Trainer(rd, cfg)
         t.setup(resume=False)
@@ -168,8 +169,9 @@ def measure(which: str, args) -> dict:
             profile(t, cfg.batch_size)
         read = max(cfg.batch_size, STREAM_TOKENS // cfg.data.seq_len) if cfg.is_lm else cfg.batch_size
         rate_stream = stream_rate(t, read) * t.tokens_per_sample
-        return {"bench": which, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                "precision": t.precision, "compile": cfg.compile, "batch": cfg.batch_size,
+        return {"bench": which, "set": args.set, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                "precision": t.precision, "compile": cfg.compile and cfg.compile_mode, "batch": cfg.batch_size,
+                "micro": cfg.micro_batch_size,
                 "rate": round(per_s, 1), "rate_cuda_events": round(ev_s, 1) if ev_s else None, "unit": unit,
                 "mfu_bf16_989": round(per_s * FLOPS[which] / PEAK_BF16, 4) if full else None,
                 "stream_rate": round(rate_stream, 1),
@@ -208,6 +210,7 @@ def concurrent(args) -> dict:
     with tempfile.TemporaryDirectory() as bar:
         cmd = [sys.executable, __file__, args.which, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--barrier", bar, "--barrier-n", str(args.concurrent)]
+        cmd += [f"--set={item}" for item in args.set]
         cmd += (["--batch", str(args.batch)] if args.batch else []) + (["--compile"] if args.compile else []) + \
             (["--small"] if args.small else [])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.concurrent)]
@@ -227,6 +230,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run of the same path")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (channels_last=false, compile_mode=\"reduce-overhead\")")
     ap.add_argument("--profile", action="store_true", help="print a profile of 5 more steps to stderr")
     ap.add_argument("--concurrent", type=int, default=0, help="run K copies at once; report the aggregate")
     ap.add_argument("--barrier", default="", help=argparse.SUPPRESS)

@@ -138,6 +138,8 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
     channels_last: bool = True      # convnets on CUDA
     compile: bool = False           # torch.compile the model
+    compile_mode: str = "default"   # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+                                    # | max-autotune-no-cudagraphs
     threads: int = 0                # CPU threads for torch; 0 = torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +171,7 @@ _CHOICES = {
     "schedule.kind": ("constant", "cosine"),
     "schedule.clock": ("steps", "lr_time"),
     "precision": ("auto", "fp32", "bf16"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 _AUGMENTS = ("crop", "flip")
 

@@ -70,7 +70,10 @@ def compile_policy(cfg: Config) -> dict:
     - static shapes (`dynamic=False`): one graph per batch (micro-batch) size, each as fast as a
       hand-specialised one; a preset's batch sizes are few (bs 32 -> 512 is two graphs);
     - the recompile limit covers every batch size the config plans, plus room for steering requests;
-    - evaluation runs the eager module (its ragged last batch never reaches the compiler).
+    - evaluation runs the eager module (its ragged last batch never reaches the compiler);
+    - `compile_mode = "reduce-overhead"` adds CUDA graphs: a small model's step is no longer bound by
+      the CPU launching its kernels (ResNet-18 bs 512 on an H200: 43.8k img/s eager, 36.4k compiled,
+      80.8k compiled with CUDA graphs).
     The count of graphs is recorded at the end (event `end`, field `graphs`)."""
     sizes = {cfg.batch_size} | {c.batch_size for c in cfg.changes if c.batch_size}
     micro = {min(cfg.micro_batch_size, b) if cfg.micro_batch_size else b for b in sizes}
@@ -175,7 +178,13 @@ class Trainer:
             import torch._dynamo.config as dynamo_config
             limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), policy["recompile_limit"]))
-            self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"])
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"], mode=mode)
+        # CUDA graphs (reduce-overhead, max-autotune) replay into the same output buffers: each forward
+        # starts a new graph step, so a micro-batch's forward never overwrites what the last one's
+        # backward still needs (tied embeddings under gradient accumulation did, on an H200)
+        self._graph_steps = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") \
+            and self.device.type == "cuda"
         self._graphs_before = compiled_graphs() if cfg.compile else 0
         self._poll_s, self._last_poll = cfg.control.poll_ms / 1000, -math.inf
         self._window = None   # the last flush's records, their losses still on their way to the host
@@ -299,6 +308,8 @@ class Trainer:
         for i in starts:   # gradient accumulation; a batch change never lands inside
             xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
             sync = i == starts[-1] or not self.dist.active
+            if self._graph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, (nullcontext() if sync else self.fwd.no_sync()):
                 loss = loss_fn(self.fwd(xs), xs, ys)
                 if micro < batch:
