@@ -201,15 +201,19 @@ def keys(runs: int, steps: int, writers: int, presses: int = 60) -> None:
                     app.post_message(events.Key("xeoO"[i % 4], "xeoO"[i % 4]))
                     while status.render().plain == before and time.perf_counter() - t0 < 10:
                         await asyncio.sleep(0.002)
-                    lat.append(time.perf_counter() - t0)
+                    lat.append((time.perf_counter() - t0, "xeoO"[i % 4]))
                     await asyncio.sleep(0.05)
                 stop.set()
             return lat
 
-        lat = sorted(asyncio.run(go()))
+        pairs = asyncio.run(go())
+        lat = sorted(t for t, _ in pairs)
         p95 = lat[int(0.95 * (len(lat) - 1))] * 1e3
+        per_key = {k: sorted(t for t, kk in pairs if kk == k) for k in "xeoO"}
         print(f"key -> redraw, {runs} runs x {steps} steps, {writers} writing: p95 {p95:.1f} ms, "
               f"median {statistics.median(lat) * 1e3:.1f} ms over {len(lat)} presses (goal p95 <= 50 ms)")
+        print("  per key, median / max ms: " + ", ".join(
+            f"{k} {statistics.median(v) * 1e3:.0f} / {v[-1] * 1e3:.0f}" for k, v in per_key.items()))
 
 
 def main() -> None:

@@ -378,10 +378,24 @@ def test_sort_has_a_direction_puts_missing_values_last_and_shows_in_the_status_l
             order = [r["id"] for r in app.rows]
             la, lb = (next(r["loss_ema"] for r in app.rows if r["id"] == x.id) for x in (a, b))
             assert order == ([a.id, b.id] if la <= lb else [b.id, a.id]) + [c.id]      # c has none: last
+            shown = lambda: [app.table.coordinate_to_cell_key((i, 0)).row_key.value   # noqa: E731
+                             for i in range(app.table.row_count)]
+            assert shown() == order
+            app.table.move_cursor(row=shown().index(a.id))
             await pilot.press("O")
             await pilot.pause()
             assert [r["id"] for r in app.rows] == order[:2][::-1] + [c.id]            # still last
             assert "sort loss_ema ↓" in app.query_one("#status").render().plain
+            assert shown() == [r["id"] for r in app.rows]     # reordered in place, not rebuilt
+            assert app.table.selected_id == a.id               # the cursor stays on its run
+            await pilot.press("o", "o", "o", "o")              # back to creation order, still descending: newest first
+            await pilot.pause()
+            created = [r["id"] for r in sorted(app.rows, key=lambda r: r["created"])]
+            assert shown() == created[::-1] and "sort created ↓" in app.query_one("#status").render().plain
+            await pilot.press("O")
+            await pilot.pause()
+            assert shown() == created and "sort created ↑" in app.query_one("#status").render().plain
+            assert app.table.selected_id == a.id
     run(go())
 
 

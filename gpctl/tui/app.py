@@ -221,7 +221,7 @@ class GpctlApp(App):
         text = self.filter_text.lower()
         rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
         key = self.sort_key
-        rows.sort(key=lambda r: r["created"])
+        rows.sort(key=lambda r: r["created"], reverse=self.sort_desc and not key)   # O: newest first
         if key:   # by the key within each preset, either way, runs without a value last
             have = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=self.sort_desc)
             rows = have + [r for r in rows if r.get(key) is None]
@@ -267,7 +267,11 @@ class GpctlApp(App):
             f"no runs in {self.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         if sel:
             row = next((r for r in self.rows if r["id"] == sel), {})
-            self.events_pane.show(sel, self.tail(sel).events, row.get("problem"))
+            events = self.tail(sel).events
+            shown_key = (sel, len(events), row.get("problem"))
+            if shown_key != getattr(self, "_events_shown", None):   # rewriting 200 lines per refresh costs
+                self._events_shown = shown_key
+                self.events_pane.show(sel, events, row.get("problem"))
 
     def _window(self, x) -> tuple[float, float]:
         """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
@@ -357,7 +361,7 @@ class GpctlApp(App):
         """The view's settings in one line (instead of toasts that cover the plot)."""
         zoom = "all" if self.x_range is None and ZOOMS[self.zoom_i] == 1 else \
             (f"{self.x_range[0]:g}..{self.x_range[1]:g}" if self.x_range else f"last {ZOOMS[self.zoom_i]:.0%}")
-        sort = f"{self.sort_key} {'↓' if self.sort_desc else '↑'}" if self.sort_key else "created"
+        sort = f"{self.sort_key or 'created'} {'↓' if self.sort_desc else '↑'}"
         running = sum(r["state"] == "running" for r in self.rows)
         parts = [f"x {self.x_axis}", f"EMA {EMAS[self.ema_i]}", f"zoom {zoom}", f"sort {sort}",
                  f"{len(self.rows)} runs, {running} running"]

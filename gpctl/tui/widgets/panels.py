@@ -38,20 +38,48 @@ class RunsTable(DataTable):
             self.add_column(c, key=c)
 
     def show(self, rows: list[dict], marked: set[str]) -> None:
-        """Rows grouped by preset; keeps the cursor on the same run."""
+        """Rows grouped by preset; keeps the cursor on the same run. When the same runs are shown in
+        the same order (most refreshes: a few runs advanced), only the cells that changed are
+        updated; rebuilding 100 rows on every refresh made keys wait behind it."""
+        cells = {r["id"]: self._cells(r, r["id"] in marked) for r in rows}
+        order = [r["id"] for r in rows]
+        shown = getattr(self, "_order", None)
+        if shown is not None and self.row_count == len(order) and set(order) == set(shown):
+            merged = {}
+            for rid in order:   # the objects in the table: new ones where a cell changed
+                merged[rid] = tuple(self._update(rid, col, a, b) for col, a, b in zip(COLUMNS, self._shown[rid], cells[rid]))
+            self._shown = merged
+            if order != shown:  # sort and sort direction: reorder in place (the run cell's identity is its row)
+                current = self.selected_id
+                pos = {id(merged[rid][0]): i for i, rid in enumerate(order)}
+                self.sort("run", key=lambda cell: pos[id(cell)])
+                self._order = order
+                if current is not None and current in self.rows:
+                    self.move_cursor(row=self.get_row_index(current))
+            return
         current = self.selected_id
         self.clear()
-        for r in rows:
-            eta = "-"
-            if r["state"] == "running" and r.get("rate"):
-                eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
-            mark = "● " if r["id"] in marked else "  "
-            self.add_row(Text(mark + short_id(r)), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
-                         str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
-                         _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
-                         _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"], key=r["id"])
+        for rid in order:
+            self.add_row(*cells[rid], key=rid)
+        self._order, self._shown = order, cells
         if current is not None and current in self.rows:
             self.move_cursor(row=self.get_row_index(current))
+
+    def _update(self, rid: str, col: str, old, new):
+        if old == new:
+            return old
+        self.update_cell(rid, col, new)
+        return new
+
+    @staticmethod
+    def _cells(r: dict, marked: bool) -> tuple:
+        eta = "-"
+        if r["state"] == "running" and r.get("rate"):
+            eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
+        return (Text(("● " if marked else "  ") + short_id(r)), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+                str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
+                _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
+                _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"])
 
     @property
     def selected_id(self) -> str | None:
