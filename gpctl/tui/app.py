@@ -8,12 +8,15 @@ redraws only when something changed. Every action calls the same functions as th
 """
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
+from functools import partial
+
 from textual import on, work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Footer, Header, Input, Static
@@ -25,6 +28,7 @@ from engine.jobs import JobStore
 from engine.rundir import RunDir, list_runs, run_dir
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick
+from gpctl.tui.keys import KEYS, bindings, key_screen_text
 from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
@@ -56,50 +60,35 @@ class DataChanged(Message):
         return isinstance(message, DataChanged)
 
 
+class ActionsAndRuns(Provider):
+    """The command palette (ctrl+p): every action of the key screen, by name or words of what it
+    does (`drop`, `fork`, `tv`), and every run (selects it)."""
+
+    def _entries(self):
+        app = self.app
+        for _, shown, action, label, desc in KEYS:
+            yield f"{action.replace('_', ' ')}: {desc}", partial(app.run_action, action), f"key {shown}"
+        for r in app.rows:
+            yield f"run {r['id']}", partial(app.select_run, r["id"]), f"{r['state']}, step {r['step']}"
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for text, callback, help_text in self._entries():
+            score = matcher.match(text)
+            if score > 0:
+                yield Hit(score, matcher.highlight(text), callback, help=help_text)
+
+    async def discover(self) -> Hits:
+        for text, callback, help_text in self._entries():
+            yield DiscoveryHit(text, callback, help=help_text)
+
+
 class GpctlApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]   # screen classes used by app.tcss
-    BINDINGS = [
-        Binding("space", "mark", "Mark"),
-        Binding("x", "cycle_x", "X-axis"),
-        Binding("e", "cycle_ema", "EMA"),
-        Binding("l", "logy", "Log-y"),
-        Binding("v", "toggle_eval", "Eval", show=False),
-        Binding("z", "zoom", "Zoom", show=False),
-        Binding("Z", "zoom_range", "Range", show=False),
-        Binding("d", "drop", "Drop"),
-        Binding("r", "raise_noise", "Raise"),
-        Binding("s", "set", "Set", show=False),
-        Binding("t", "stop", "Stop", show=False),
-        Binding("c", "checkpoint", "Ckpt", show=False),
-        Binding("f", "fork", "Fork", show=False),
-        Binding("delete,C", "cancel", "Cancel", show=False),
-        Binding("u", "resume", "Resume", show=False),
-        Binding("n", "enqueue", "Enqueue", show=False),
-        Binding("T", "tv", "TV", show=False),
-        Binding("o", "sort", "Sort", show=False),
-        Binding("O", "sort_direction", "Sort dir", show=False),
-        Binding("enter", "detail", "Detail"),
-        Binding("slash", "filter", "Filter", show=False),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-    ]
-    KEYS_HELP = """gpctl tui — keys
-
- space  mark/unmark a run (marked runs are overlaid)   o/O sort by the next column / reverse it
- enter  the run's whole story (config diff, events, log)
- x      x-axis: step → samples → lr_time → wall        /  filter runs by text
- e      EMA smoothing: 0 → 0.8 → 0.9 → 0.99            z  zoom: all → last 25% → last 5%
- l      log-y                                          v  eval loss as a second series
- d      drop noise (lr ÷ K or batch × K)               r  raise noise (lr × K ramped, or batch ÷ K)
- s      set lr / batch exactly                         t  stop (checkpoint, then end)
- c      checkpoint now                                 f  fork at the latest checkpoint (+ overrides)
- C/del  cancel the job                                 u  resume (re-queue from its checkpoint)
- n      enqueue a preset                               T  TV of the two marked runs (matched loss)
- Z      zoom to a range of the x-axis: FROM TO (empty: all)
- /      filter (Escape closes it and clears it)
- ?      this help                                      q  quit"""
+    BINDINGS = bindings()        # gpctl/tui/keys.py: the one list of keys (key screen, palette, README)
+    COMMANDS = App.COMMANDS | {ActionsAndRuns}
 
     def __init__(self, home: Path, poll: float = 1.0, live: bool = True):
         super().__init__()
@@ -107,6 +96,8 @@ class GpctlApp(App):
         self.tails: dict[str, RunTail] = {}
         self.rows: list[dict] = []
         self.marked: set[str] = set()
+        self._mark_seq: dict[str, int] = {}
+        self._mark_counter = itertools.count()
         self.x_axis, self.ema_i, self.logy, self.with_eval, self.zoom_i = "step", 1, False, False, 0
         self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
         self.filter_text, self.sort_key, self.sort_desc = "", None, False
@@ -304,6 +295,7 @@ class GpctlApp(App):
         sel = self.table.selected_id
         if sel:
             self.marked ^= {sel}
+            self._mark_seq[sel] = next(self._mark_counter)   # TV's A is the run marked first
             self.table.show(self.rows, self.marked)
             self.redraw()
 
@@ -409,8 +401,20 @@ class GpctlApp(App):
             self.query_one("#filter", Input).remove_class("visible")
         self.table.focus()
 
+    def select_run(self, run_id: str) -> None:
+        """Put the cursor on a run (the palette's run entries); clears a filter that hides it."""
+        if run_id not in self.table.rows and self.filter_text:
+            box = self.query_one("#filter", Input)
+            box.value = ""
+            box.remove_class("visible")
+            self.filter_text = ""
+            self.apply_rows(self._all_rows)
+        if run_id in self.table.rows:
+            self.table.move_cursor(row=self.table.get_row_index(run_id))
+            self.table.focus()
+
     def action_help(self) -> None:
-        self.push_screen(Help(self.KEYS_HELP))
+        self.push_screen(Help(key_screen_text()))
 
     # ------------------------------------------------------------------ steering keys
     def _selected(self) -> RunDir | None:
@@ -583,7 +587,7 @@ class GpctlApp(App):
         if len(self.marked) != 2:
             self.notify("mark exactly two runs (space) to compare them by TV", severity="warning")
             return
-        a, b = sorted(self.marked)
+        a, b = sorted(self.marked, key=lambda rid: self._mark_seq.get(rid, -1))   # A: marked first
         self.notify(f"TV {a} vs {b}: computing…")
         self.compute_tv(a, b)
 

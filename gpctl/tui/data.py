@@ -66,11 +66,24 @@ class RunTail:
         return self._ema[coef]
 
     def markers(self, x: str) -> list[tuple[float, str]]:
-        """Where noise changes (planned, by control request, fork, resume) took effect."""
+        """Where noise changes (planned, by control request, fork, resume) took effect, each with what
+        changed: "batch 32→512 @ 30", "lr 0.05→0.005 @ 120", "fork @ 100"."""
         out = []
         for e in self.events:
             if e.get("event") in MARK_EVENTS and e.get("status", "applied") == "applied" and x in e:
-                what = e.get("changed") or e.get("action") or e["event"]
-                label = ",".join(k for k in what if k != "skipped") if isinstance(what, dict) else str(what)
-                out.append((float(e[x]), label or e["event"]))
+                what = e.get("changed")
+                parts = []
+                if isinstance(what, dict):
+                    for k, v in what.items():
+                        if k == "skipped":
+                            continue
+                        name = {"batch_size": "batch"}.get(k, k)
+                        if isinstance(v, list) and len(v) == 2:
+                            parts.append(f"{name} {v[0]:.3g}→{v[1]:.3g}" if all(isinstance(u, (int, float)) for u in v)
+                                         else f"{name} {v[0]}→{v[1]}")
+                        else:
+                            parts.append(name)
+                label = ", ".join(parts) or str(e.get("action") or e["event"])
+                at = e[x]
+                out.append((float(at), f"{label} @ {at:.6g}" if isinstance(at, (int, float)) else label))
         return out

@@ -56,9 +56,13 @@ class Pick(ModalScreen[str | None]):
 
 
 class Help(ModalScreen[None]):
+    """The key screen: one key per line, generated from gpctl/tui/keys.py; scrolls when the screen is
+    short, and is never wider than the screen."""
     DEFAULT_CSS = """
     Help { align: center middle; }
-    Help > Vertical { width: 72; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    Help > VerticalScroll { width: auto; max-width: 100%; height: auto; max-height: 100%;
+                            border: thick $primary; background: $surface; padding: 0 1; }
+    Help Static { width: auto; }
     """
     BINDINGS = [("escape,question_mark,q", "close", "Close")]
 
@@ -67,8 +71,8 @@ class Help(ModalScreen[None]):
         self.text = text
 
     def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static(self.text, id="help-text")
+        with VerticalScroll():
+            yield Static(self.text, id="help-text", markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)

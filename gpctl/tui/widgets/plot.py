@@ -2,7 +2,9 @@
 
 Each series is downsampled to the plot's pixel width before drawing (the min and the max of the
 points that fall in each column, joined), so a frame costs O(width) per series however long the
-run is. Vertical markers (noise changes, checkpoints) are drawn as labelled columns.
+run is. Columns with no point between two that have one are filled by linear interpolation, so a
+sparse series (a young run, a zoom, evals every 100 steps) is a line, not dots. Vertical markers
+(noise changes, forks, resumes) are rules numbered at the top and explained in the legend.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
     cols = []
     for x, y, color in series:
         yv = np.log10(np.clip(y, 1e-12, None)) if logy else y
-        lo, hi = column_minmax(x, yv, x0, x1, pw)
+        lo, hi = fill_gaps(*column_minmax(x, yv, x0, x1, pw))
         cols.append((lo, hi, color))
     finite = [v for lo, hi, _ in cols if np.isfinite(lo).any()   # a series with no point in view adds nothing
               for v in (np.nanmin(lo), np.nanmax(hi)) if np.isfinite(v)]
@@ -93,9 +95,9 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
         cells |= code
         owner[code > 0] = k
     marks = {}
-    for mx, label in markers:
+    for i, (mx, _) in enumerate(markers):
         if x0 <= mx <= x1:
-            marks[int(round((mx - x0) / (x1 - x0) * (width - 1)))] = label
+            marks[int(round((mx - x0) / (x1 - x0) * (width - 1)))] = str(i + 1) if i < 9 else "+"
     rows = []
     for r in range(height):
         t = Text()
@@ -103,11 +105,60 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
             if cells[r, c]:
                 t.append(chr(0x2800 + int(cells[r, c])), style=cols[owner[r, c]][2])
             elif c in marks:
-                t.append("│" if r else (marks[c][:1] or "│"), style="grey50")
+                t.append("│" if r else marks[c], style="grey50" if r else "bold")
             else:
                 t.append(" ")
         rows.append(t)
     return rows, (x0, x1, y0, y1)
+
+
+def fill_gaps(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empty columns between two with points get the straight line between their midpoints."""
+    have = ~np.isnan(lo)
+    if have.sum() < 2:
+        return lo, hi
+    idx = np.arange(len(lo))
+    at = idx[have]
+    gap = ~have & (idx > at[0]) & (idx < at[-1])
+    if gap.any():
+        lo, hi = lo.copy(), hi.copy()
+        lo[gap] = hi[gap] = np.interp(idx[gap], at, ((lo + hi) / 2)[have])
+    return lo, hi
+
+
+def human(v: float, axis: str) -> str:
+    """A tick label: wall time as 3m20s / 1h05m, samples and tokens as 1.2M, others as %g."""
+    if axis == "wall":
+        v = max(0.0, v)
+        if v < 60:
+            return f"{v:.0f}s"
+        if v < 3600:
+            return f"{int(v // 60)}m{int(v % 60):02d}s"
+        return f"{int(v // 3600)}h{int(v % 3600 // 60):02d}m"
+    if axis == "samples" and abs(v) >= 1000:
+        for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(v) >= size:
+                return f"{v / size:.3g}{unit}"
+    return f"{v:.6g}"
+
+
+def legend_lines(items: list[tuple[str, str]], width: int) -> list[Text]:
+    """(glyph + text, style) items packed into lines of at most `width` cells, never cut mid-item
+    (an item longer than a line is shortened with …)."""
+    lines, cur = [], Text(no_wrap=True)
+    for text, style in items:
+        text = text if len(text) <= width else text[: max(1, width - 1)] + "…"
+        if cur.cell_len and cur.cell_len + 2 + len(text) > width:
+            lines.append(cur)
+            cur = Text(no_wrap=True)
+        if cur.cell_len:
+            cur.append("  ")
+        glyph, rest = text[:1], text[1:]
+        cur.append(glyph, style=style)
+        cur.append(rest)
+    if cur.cell_len:
+        lines.append(cur)
+    return lines
 
 
 def _ffill(a: np.ndarray) -> np.ndarray:
@@ -139,20 +190,22 @@ class LossPlot(Widget):
         self.refresh()
 
     def render(self) -> Text:
-        w, h = max(10, self.size.width - 10), max(3, self.size.height - 2)
+        w = max(10, self.size.width - 10)
+        items = [(f"━ {label}", color) for _, _, color, label in self.series]
+        items += [(f"│{i + 1 if i < 9 else '+'} {label}", "bold") for i, (_, label) in enumerate(self.markers)]
+        legend = legend_lines(items, max(10, self.size.width))[: max(1, self.size.height // 3)]   # rows reserved
+        h = max(3, self.size.height - 1 - len(legend))
         rows, (x0, x1, y0, y1) = render([(x, y, c) for x, y, c, _ in self.series], w, h, self.logy, self.markers)
         out = Text()
-        legend = Text("  ".join(""), no_wrap=True)
-        for _, _, color, label in self.series:
-            legend.append("━ ", style=color)
-            legend.append(label + "  ")
-        out.append(legend)
-        out.append("\n")
+        for line in legend:
+            out.append(line)
+            out.append("\n")
         ylab = (lambda v: f"{10 ** v:8.4g}") if self.logy else (lambda v: f"{v:8.4g}")
         for i, row in enumerate(rows):
             out.append(ylab(y1) if i == 0 else ylab(y0) if i == len(rows) - 1 else " " * 8)
             out.append(" ")
             out.append(row)
             out.append("\n")
-        out.append(" " * 9 + f"{x0:<12.6g}{self.x_label:^{max(0, w - 24)}}{x1:>12.6g}")
+        lo, hi = human(x0, self.x_label), human(x1, self.x_label)
+        out.append(" " * 9 + f"{lo:<12}{self.x_label:^{max(0, w - 24)}}{hi:>12}")
         return out

@@ -1,0 +1,48 @@
+"""Every key of the TUI in one place: the app's bindings, its key screen (`?`), its command palette
+(ctrl+p) and the README's key table are all made from KEYS."""
+from __future__ import annotations
+
+from textual.binding import Binding
+
+# (keys as Textual names them, as a person types them, action, footer label or "" (not in the footer), what it does)
+KEYS: list[tuple[str, str, str, str, str]] = [
+    ("space", "space", "mark", "Mark", "mark / unmark the selected run (marked runs are drawn with it)"),
+    ("enter", "enter", "detail", "Detail", "the whole story: config diff, events, log, checkpoints, family"),
+    ("x", "x", "cycle_x", "X-axis", "x-axis: step → samples → lr_time → wall"),
+    ("e", "e", "cycle_ema", "EMA", "EMA smoothing of the loss: 0 → 0.8 → 0.9 → 0.99"),
+    ("l", "l", "logy", "", "log-scale loss axis"),
+    ("v", "v", "toggle_eval", "", "eval loss as a second series"),
+    ("z", "z", "zoom", "", "zoom: all → last 25 % → last 5 % of the x-axis"),
+    ("Z", "Z", "zoom_range", "", "zoom to a range of the x-axis: FROM TO (empty: all)"),
+    ("o", "o", "sort", "", "sort by the next column: created, step, loss~, eval, lr, batch"),
+    ("O", "O", "sort_direction", "", "reverse the sort (runs without a value stay last)"),
+    ("slash", "/", "filter", "", "filter runs by text (Escape closes and clears it)"),
+    ("d", "d", "drop", "Drop", "drop the noise: lr K (lr ÷ K) or batch K (batch × K)"),
+    ("r", "r", "raise_noise", "", "raise the noise: lr K (lr × K, ramped) or batch K (batch ÷ K)"),
+    ("s", "s", "set", "", "set exactly: lr=… batch_size=… [ramp=N]"),
+    ("t", "t", "stop", "", "stop: checkpoint, then end (asks first)"),
+    ("c", "c", "checkpoint", "", "checkpoint now"),
+    ("f", "f", "fork", "", "fork at a checkpoint, with overrides and a name"),
+    ("delete,C", "C / del", "cancel", "", "cancel the job (asks first; scancel for a Slurm job)"),
+    ("u", "u", "resume", "", "resume: queue it again from its last checkpoint"),
+    ("n", "n", "enqueue", "", "enqueue a preset (a picker)"),
+    ("T", "T", "tv", "", "TV of the two marked runs at matched loss (A: marked first)"),
+    ("question_mark", "?", "help", "Help", "this key screen"),
+    ("q", "q", "quit", "Quit", "quit (runs go on)"),
+]
+
+
+def bindings() -> list[Binding]:
+    return [Binding(key, action, label or desc.split(":")[0], show=bool(label)) for key, _, action, label, desc in KEYS]
+
+
+def key_screen_text() -> str:
+    width = max(len(shown) for _, shown, *_ in KEYS)
+    return "gpctl tui — keys (Escape closes; ctrl+p finds any action or run)\n\n" + "\n".join(
+        f" {shown:<{width}}  {desc}" for _, shown, _, _, desc in KEYS)
+
+
+def markdown_table() -> str:
+    """The README's key table."""
+    return "| key | what it does |\n|---|---|\n" + "\n".join(
+        f"| `{shown}` | {desc} |" for _, shown, _, _, desc in KEYS)
