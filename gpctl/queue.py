@@ -242,6 +242,16 @@ def show_queue(ctx: typer.Context,
     store = JobStore.for_reading(State.home)
     if store.writable:
         sync(store)
+    rows = queue_rows(store)
+    store.close()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    print(queue_text(rows))
+
+
+def queue_rows(store: JobStore) -> list[dict]:
+    """Running jobs, then queued ones in the order workers take them (`gpctl queue`, the TUI's Q)."""
     running = [j for j in store.jobs(state="running")]
     queued = sorted(store.jobs(state="queued"), key=lambda j: (-j.priority, j.id))
     rows = []
@@ -253,18 +263,17 @@ def show_queue(ctx: typer.Context,
                      "where": (f"slurm {j.slurm_id}" if j.backend == "slurm" else
                                f"{j.worker or '-'} {j.devices or 'cpu'}") if j.state == "running" else "",
                      "since": j.started if j.state == "running" else j.created})
-    store.close()
-    if as_json:
-        out.print_json(json.dumps(rows))
-        return
+    return rows
+
+
+def queue_text(rows: list[dict]) -> str:
     if not rows:
-        print("the queue is empty (gpctl ls shows every run)")
-        return
+        return "the queue is empty (gpctl ls shows every run)"
     now = time.time()
     cells = [[str(r["pos"] or "-"), r["id"], r["state"], str(r["priority"]), r["group"] or "-",
               ", ".join(r["waiting_on"]) or "-", f"{r['attempts']}/{r['retries'] + 1}", r["where"] or "-",
               f"{(now - (r['since'] or now)) / 60:.1f} min"] for r in rows]
-    print(plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for"), cells, left=3))
+    return plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for"), cells, left=3)
 
 
 @queue_app.command("move", epilog="Example: gpctl queue move demo-bs512 --first")

@@ -283,8 +283,8 @@ def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):
             await pilot.press("space", "T")
             await app.workers.wait_for_complete()
             await pilot.pause()
-            msgs = [n.message for n in app._notifications if n.message.startswith(f"TV {a.id} vs {b.id}:")]
-            assert msgs and "step 4↔" in msgs[-1] and "TV 0." in msgs[-1]
+            table = str(app.screen.query_one("#tv-table").render()).splitlines()
+            assert [line.split()[1:3] for line in table[1:]][0] == [a.id, "4"] and 0 <= app.screen.rows[0]["tv"] <= 1
     run(go())
 
 
@@ -430,3 +430,33 @@ def test_the_tui_sees_a_cancel_made_by_the_cli(runs):
                     break
             assert [r["state"] for r in app.rows if r["id"] == c.id] == ["cancelled"]
     run(go())
+
+
+def test_tv_panel_computes_in_a_thread_with_a_marked_first(runs):
+    """Issue 14: TV was a 20-second toast with A and B chosen alphabetically."""
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            for rid in (b.id, a.id):                       # B marked first: it is A
+                _select(app, rid)
+                await pilot.press("space")
+            await pilot.press("T")
+            await pilot.pause()
+            panel = app.screen
+            assert str(panel.query_one("#tv-head").render()) == f"TV of {b.id} (A) to {a.id} (B)"
+            for _ in range(600):
+                if panel.rows is not None:
+                    break
+                await pilot.pause(0.1)
+            table = str(panel.query_one("#tv-table").render()).splitlines()
+            progress = str(panel.query_one("#tv-progress").render())
+            return panel.rows, table, progress
+    rows, table, progress = run(go())
+    assert rows and {r["run_a"] for r in rows} == {b.id} and {r["run_b"] for r in rows} == {a.id}
+    assert progress == f"{len(rows)} pairs matched by loss; gap = loss A − loss B"
+    assert table[0].split() == ["curve", "run", "A", "step", "A", "step", "B", "loss", "A", "loss", "B", "gap", "TV"]
+    assert [line.split()[1] for line in table[1:]] == [b.id] * len(rows)
+    assert all(0 <= r["tv"] <= 1 for r in rows)

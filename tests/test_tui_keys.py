@@ -141,3 +141,66 @@ def test_human_ticks_markers_and_legend():
                                ("━ demo-bs512-000001", "magenta")], 50)
     assert [line.plain for line in lines] == ["━ demo-bs32to512-000000  │1 batch 32→512 @ 50",
                                               "━ demo-bs512-000001"]
+
+
+def _status(app):
+    return app.query_one("#status").render().plain
+
+
+def test_the_view_is_kept_per_home_between_uses(demo_home, tmp_path, monkeypatch):
+    import json
+
+    from gpctl.tui.keys import state_file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    async def use(keys, quit_=True):
+        app = GpctlApp(demo_home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            if keys:
+                await pilot.press(*keys)
+                await pilot.pause()
+            seen = (_status(app), app.table.selected_id, set(app.marked), app.with_eval)
+            if quit_:
+                await pilot.press("q")
+                await pilot.pause()
+        return seen
+
+    defaults = asyncio.run(use([], quit_=False))
+    assert defaults[0] == "x step · EMA 0.8 · zoom all · sort created ↑ · 3 runs, 0 running"
+    left = asyncio.run(use(["down", "space", "down", "x", "e", "o", "O", "v"]))
+    assert left[0] == "x samples · EMA 0.9 · zoom all · sort step ↓ · 3 runs, 0 running" and left[3]
+    assert asyncio.run(use([], quit_=False)) == left                 # as it was left
+    assert state_file(demo_home).parent == tmp_path / "cache" / "gpctl" / "tui"
+    assert not any(p.name.startswith("tui") for p in demo_home.iterdir())   # nothing written in the home
+    # a hostile or broken state file: the defaults, and no error
+    state_file(demo_home).write_text(json.dumps({"x_axis": "../../etc", "ema_i": 99, "sort_key": "rm -rf",
+                                                 "marked": ["../../x", 5, "demo-nope"], "selected": 7,
+                                                 "logy": "yes", "filter": ["x"]}))
+    assert asyncio.run(use([], quit_=False)) == (defaults[0], defaults[1], set(), False)
+    state_file(demo_home).write_text("{not json")
+    assert asyncio.run(use([], quit_=False))[0] == defaults[0]
+
+
+def test_queue_view_shows_what_gpctl_queue_prints(demo_home):
+    from engine.jobs import JobStore
+    from engine.rundir import list_runs
+    from gpctl.queue import queue_rows, queue_text
+
+    rds = list_runs(demo_home)
+    store = JobStore(demo_home)
+    store.enqueue(rds[0].id, rds[0].path)
+    store.enqueue(rds[1].id, rds[1].path, priority=5)
+    expect = queue_text(queue_rows(store))
+    store.close()
+    assert expect.splitlines()[1].split()[:3] == ["1", rds[1].id, "queued"]   # priority 5 first
+
+    async def go():
+        app = GpctlApp(demo_home, live=False)
+        async with app.run_test(size=(160, 40)) as pilot:
+            await pilot.press("Q")
+            await pilot.pause()
+            return str(app.screen.query_one("#help-text").render())
+    text = asyncio.run(go())
+    assert text.splitlines()[0] == f"queue of {demo_home}"
+    assert [line.split()[:3] for line in text.splitlines()[2:]] == [line.split()[:3] for line in expect.splitlines()]

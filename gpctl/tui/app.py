@@ -25,10 +25,10 @@ from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
 from engine.curves import AXES
 from engine.jobs import JobStore
-from engine.rundir import RunDir, list_runs, run_dir
+from engine.rundir import RunDir, UnknownRun, list_runs, run_dir
 from gpctl.tui.data import RunTail
-from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick
-from gpctl.tui.keys import KEYS, bindings, key_screen_text
+from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick, TvPanel
+from gpctl.tui.keys import KEYS, bindings, key_screen_text, state_file
 from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
@@ -152,7 +152,10 @@ class GpctlApp(App):
 
     def on_mount(self) -> None:
         self.table.focus()
+        self.load_state()
         self.refresh_data()
+        if self._restore_sel in self.table.rows:
+            self.table.move_cursor(row=self.table.get_row_index(self._restore_sel))
         self.gpu_refresh()
         if self.live:
             self.tail_worker()
@@ -341,7 +344,7 @@ class GpctlApp(App):
         self.push_screen(Ask(f"zoom to a range of {self.x_axis}: FROM TO (empty: all)"), done)
 
     def action_sort(self) -> None:
-        keys = (None, "step", "loss_ema", "eval_loss", "lr", "batch_size")
+        keys = self.SORTS
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
         self.apply_rows(self._all_rows)
 
@@ -400,6 +403,75 @@ class GpctlApp(App):
         if not event.value:
             self.query_one("#filter", Input).remove_class("visible")
         self.table.focus()
+
+    # ------------------------------------------------------------------ view state, kept per home
+    _restore_sel: str | None = None
+    SORTS = (None, "step", "loss_ema", "eval_loss", "lr", "batch_size")
+
+    def view_state(self) -> dict:
+        return {"x_axis": self.x_axis, "ema_i": self.ema_i, "logy": self.logy, "with_eval": self.with_eval,
+                "zoom_i": self.zoom_i, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
+                "filter": self.filter_text, "marked": sorted(self.marked, key=lambda r: self._mark_seq.get(r, -1)),
+                "selected": self.table.selected_id}
+
+    def load_state(self) -> None:
+        """The view as it was left (a missing, unreadable or odd file: the defaults; never an error)."""
+        import json
+        try:
+            st = json.loads(state_file(self.home).read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(st, dict):
+            return
+        pick = lambda key, ok, default: st.get(key) if ok(st.get(key)) else default   # noqa: E731
+        self.x_axis = pick("x_axis", lambda v: v in AXES, self.x_axis)
+        self.ema_i = pick("ema_i", lambda v: isinstance(v, int) and 0 <= v < len(EMAS), self.ema_i)
+        self.zoom_i = pick("zoom_i", lambda v: isinstance(v, int) and 0 <= v < len(ZOOMS), self.zoom_i)
+        self.logy = pick("logy", lambda v: isinstance(v, bool), self.logy)
+        self.with_eval = pick("with_eval", lambda v: isinstance(v, bool), self.with_eval)
+        self.sort_key = pick("sort_key", lambda v: v in self.SORTS, self.sort_key)
+        self.sort_desc = pick("sort_desc", lambda v: isinstance(v, bool), self.sort_desc)
+        marked = st.get("marked") if isinstance(st.get("marked"), list) else []
+        for rid in marked:
+            try:
+                here = isinstance(rid, str) and run_dir(self.home, rid).path.is_dir()
+            except UnknownRun:      # not a plain name: never a path of ours
+                here = False
+            if here:
+                self.marked.add(rid)
+                self._mark_seq[rid] = next(self._mark_counter)
+        text = st.get("filter")
+        if isinstance(text, str) and text:
+            box = self.query_one("#filter", Input)
+            box.value = self.filter_text = text[:200]
+            box.add_class("visible")
+        sel = st.get("selected")
+        self._restore_sel = sel if isinstance(sel, str) else None
+
+    def save_state(self) -> None:
+        import json
+        path = state_file(self.home)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.view_state()) + "\n")
+            tmp.replace(path)
+        except OSError:
+            pass    # a read-only cache: the next start shows the defaults
+
+    async def action_quit(self) -> None:
+        self.save_state()
+        self.exit()
+
+    def action_queue(self) -> None:
+        """The queue as `gpctl queue` prints it (read-only: the TUI never syncs or changes it here)."""
+        from gpctl.queue import queue_rows, queue_text
+        store = JobStore.for_reading(self.home)
+        try:
+            text = queue_text(queue_rows(store))
+        finally:
+            store.close()
+        self.push_screen(Help(f"queue of {self.home}\n\n{text}"))
 
     def select_run(self, run_id: str) -> None:
         """Put the cursor on a run (the palette's run entries); clears a filter that hides it."""
@@ -584,20 +656,30 @@ class GpctlApp(App):
         self.push_screen(Pick("enqueue a preset", [f"{p.name}  ({p.figure})" for p in list_presets()]), done)
 
     def action_tv(self) -> None:
-        if len(self.marked) != 2:
-            self.notify("mark exactly two runs (space) to compare them by TV", severity="warning")
+        if len(self.marked) not in (2, 3):
+            self.notify("mark two runs (space) to compare them by TV: A first, then B (the low-noise run); "
+                        "a third marked run is the baseline C", severity="warning")
             return
-        a, b = sorted(self.marked, key=lambda rid: self._mark_seq.get(rid, -1))   # A: marked first
-        self.notify(f"TV {a} vs {b}: computing…")
-        self.compute_tv(a, b)
+        order = sorted(self.marked, key=lambda rid: self._mark_seq.get(rid, -1))   # A: marked first
+        a, b, c = order[0], order[1], (order[2] if len(order) == 3 else None)
+        panel = TvPanel(a, b, c)
+        self.push_screen(panel)
+        self.compute_tv(panel, a, b, c)
 
     @work(thread=True)
-    def compute_tv(self, a: str, b: str) -> None:
-        from engine.tv import tv_curve
+    def compute_tv(self, panel: TvPanel, a: str, b: str, c: str | None) -> None:
+        """Off the UI thread: torch, checkpoints and the held-out set; the panel shows each pair."""
         try:
-            rows = tv_curve(run_dir(self.home, a), run_dir(self.home, b), "loss")
-        except Exception as e:  # noqa: BLE001 - shown to the user
-            self.call_from_thread(self.notify, f"TV failed: {e}", severity="error")
+            from engine.tv import tv_curve
+            rows = []
+            for curve, first in (("main", a), ("baseline", c)):
+                if first is None:
+                    continue
+                told = lambda k, n, what, curve=curve: self.call_from_thread(   # noqa: E731
+                    panel.progress, f"TV ({curve}) pair {k + 1}/{n}: {what}")
+                rows += [dict(r, curve=curve) for r in
+                         tv_curve(run_dir(self.home, first), run_dir(self.home, b), "loss", on_pair=told)]
+        except Exception as e:  # noqa: BLE001 - shown to the user, in the panel
+            self.call_from_thread(panel.show_error, f"{type(e).__name__}: {e}")
             return
-        text = "; ".join(f"step {r['step_a']}↔{r['step_b']} TV {r['tv']:.3f} (gap {r['loss_gap']:+.3f})" for r in rows)
-        self.call_from_thread(self.notify, f"TV {a} vs {b}: {text or 'no checkpoint pairs'}", timeout=20)
+        self.call_from_thread(panel.show_rows, rows)

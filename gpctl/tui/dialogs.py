@@ -124,3 +124,72 @@ class Detail(ModalScreen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class TvPanel(ModalScreen[None]):
+    """TV of A (marked first) to B, and of a baseline C to B when a third run is marked: progress while
+    a worker thread computes it, then the pairs as `gpctl tv` prints them and the curves against loss
+    (training goes left to right: high loss to low)."""
+
+    DEFAULT_CSS = """
+    TvPanel { align: center middle; }
+    TvPanel > VerticalScroll { width: 95%; height: 90%; border: thick $primary; background: $surface; padding: 0 1; }
+    """
+    BINDINGS = [("escape,q,T", "close", "Close")]
+
+    def __init__(self, a: str, b: str, c: str | None):
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+        self.rows: list[dict] | None = None
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            head = f"TV of {self.a} (A) to {self.b} (B)" + (f", baseline {self.c} (C) to B" if self.c else "")
+            yield Static(head, id="tv-head", markup=False)
+            yield Static("loading torch…", id="tv-progress", markup=False)
+            yield Static("", id="tv-table", markup=False)
+            yield Static("", id="tv-plot")
+
+    def progress(self, text: str) -> None:
+        if self.is_attached:
+            self.query_one("#tv-progress", Static).update(text)
+
+    def show_error(self, text: str) -> None:
+        self.progress(f"TV failed: {text}")
+
+    def show_rows(self, rows: list[dict]) -> None:
+        if not self.is_attached:
+            return
+        from rich.text import Text
+
+        from gpctl.common import fmt, plain_table
+        from gpctl.tui.widgets.plot import render
+        self.rows = rows
+        if not rows:
+            self.progress("no checkpoint pairs to compare (each run needs checkpoints)")
+            return
+        self.progress(f"{sum(r['curve'] == 'main' for r in rows)} pairs matched by loss; gap = loss A − loss B")
+        self.query_one("#tv-table", Static).update(plain_table(
+            ("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
+            [[r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
+              f"{r['loss_gap']:+.4f}", fmt(r["tv"])] for r in rows], left=2))
+        import numpy as np
+        series = []
+        for curve, color in (("main", "cyan"), ("baseline", "yellow")):
+            pts = sorted((-r["loss_a"], r["tv"]) for r in rows if r["curve"] == curve)
+            if pts:
+                series.append((np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), color))
+        lines, (x0, x1, y0, y1) = render(series, 60, 10)
+        out = Text("━ A to B", style="cyan")
+        if self.c:
+            out.append("  ━ C to B (baseline)", style="yellow")
+        out.append("\n")
+        for i, line in enumerate(lines):
+            out.append(f"{y1:8.3g} " if i == 0 else f"{y0:8.3g} " if i == len(lines) - 1 else " " * 9)
+            out.append(line)
+            out.append("\n")
+        out.append(" " * 9 + f"{-x0:<10.4g}{'loss (training →)':^40}{-x1:>10.4g}")
+        self.query_one("#tv-plot", Static).update(out)
+
+    def action_close(self) -> None:
+        self.dismiss(None)

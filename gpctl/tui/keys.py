@@ -1,6 +1,11 @@
 """Every key of the TUI in one place: the app's bindings, its key screen (`?`), its command palette
-(ctrl+p) and the README's key table are all made from KEYS."""
+(ctrl+p) and the README's key table are all made from KEYS. The view's state (axis, EMA, log-y,
+eval, zoom, sort, filter, marks, selection) is kept per home between uses (state_file)."""
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
 
 from textual.binding import Binding
 
@@ -26,7 +31,8 @@ KEYS: list[tuple[str, str, str, str, str]] = [
     ("delete,C", "C / del", "cancel", "", "cancel the job (asks first; scancel for a Slurm job)"),
     ("u", "u", "resume", "", "resume: queue it again from its last checkpoint"),
     ("n", "n", "enqueue", "", "enqueue a preset (a picker)"),
-    ("T", "T", "tv", "", "TV of the two marked runs at matched loss (A: marked first)"),
+    ("T", "T", "tv", "", "TV at matched loss, marked runs in order: A to B, C: baseline"),
+    ("Q", "Q", "queue", "", "the queue: running jobs and where, queued ones in order"),
     ("question_mark", "?", "help", "Help", "this key screen"),
     ("q", "q", "quit", "Quit", "quit (runs go on)"),
 ]
@@ -46,3 +52,10 @@ def markdown_table() -> str:
     """The README's key table."""
     return "| key | what it does |\n|---|---|\n" + "\n".join(
         f"| `{shown}` | {desc} |" for _, shown, _, _, desc in KEYS)
+
+
+def state_file(home: Path) -> Path:
+    """Where the TUI keeps its view of `home` for this user: outside the home, which may be shared
+    or read-only ($XDG_CACHE_HOME or ~/.cache, gpctl/tui/<hash of the home's path>.json)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gpctl" / "tui" / f"{hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:16]}.json"
