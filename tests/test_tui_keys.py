@@ -204,3 +204,32 @@ def test_queue_view_shows_what_gpctl_queue_prints(demo_home):
     text = asyncio.run(go())
     assert text.splitlines()[0] == f"queue of {demo_home}"
     assert [line.split()[:3] for line in text.splitlines()[2:]] == [line.split()[:3] for line in expect.splitlines()]
+
+
+def test_seeds_of_one_family_are_one_mean_line_with_a_band(demo_home):
+    from engine.curves import train_curve
+    from engine.rundir import run_dir
+
+    seeds = ["demo-bs512-000001", "demo-bs512_seed2-000002"]
+
+    async def go(press_g):
+        app = GpctlApp(demo_home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            for rid in seeds:
+                app.table.move_cursor(row=app.table.get_row_index(rid))
+                await pilot.press("space")
+            if press_g:
+                await pilot.press("g")
+            await pilot.pause()
+            return [(x, y, label) for x, y, _, label in app.plot.series], _status(app)
+    separate, _ = asyncio.run(go(False))
+    assert [label for *_, label in separate] == [seeds[1], seeds[0]]        # negative control: two lines
+    grouped, status = asyncio.run(go(True))
+    assert [label for *_, label in grouped] == ["", "bs512 (mean of 2 seeds)"] and "seeds: mean" in status
+    curves = [train_curve(run_dir(demo_home, rid), "step", 0.8) for rid in seeds]
+    ys = np.stack([np.interp(curves[0][0], cx, cy) for cx, cy in curves])
+    x, mean, _ = grouped[1]
+    assert np.allclose(x, curves[0][0]) and np.allclose(mean, ys.mean(0))   # the mean, checked with numpy
+    bx, by, _ = grouped[0]
+    assert np.allclose(np.sort(by), np.sort(np.concatenate([ys.min(0), ys.max(0)])))   # the band: min and max

@@ -1,4 +1,5 @@
-"""Snapshots of the TUI's main screen (pytest-textual-snapshot) at 80x24 and 160x48.
+"""Snapshots of the TUI (pytest-textual-snapshot): the main screen at 80x24, 120x40 and 160x48, the key
+screen, the detail screen, an overlay and a seed group.
 
 The input is fixed_runs: run ids, times and curves are the same on every machine, the clock is UTC
 and the GPU panel reads "no GPU". After an intended change of the screen, or a Textual upgrade,
@@ -36,3 +37,39 @@ def test_main_screen_160x48(app, snap_compare):
 def test_overlay_eval_and_log_y_160x48(app, snap_compare):
     """The dropped run with batch 512 marked: two series, eval loss as a second series, log-y."""
     assert snap_compare(app, press=["space", "down", "v", "l"], terminal_size=(160, 48))
+
+
+def test_main_screen_120x40(app, snap_compare):
+    assert snap_compare(app, terminal_size=(120, 40))
+
+
+def test_key_screen_80x24(app, snap_compare):
+    """The generated key screen fits 80 columns and scrolls (issue 14: it was garbled at every size)."""
+    assert snap_compare(app, press=["question_mark"], terminal_size=(80, 24))
+
+
+@pytest.fixture
+def fixed_home_app(monkeypatch):
+    """The detail screen prints the run's folder: a home at a fixed path keeps the snapshot the same."""
+    import shutil
+    from pathlib import Path
+    home = Path("/tmp/gpctl-snapshot-home")
+    shutil.rmtree(home, ignore_errors=True)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.setattr(panels, "gpu_stats", lambda: None)
+    fixed_runs(home)
+    yield GpctlApp(home, live=False)
+    monkeypatch.undo()
+    time.tzset()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_detail_screen_120x40(fixed_home_app, snap_compare):
+    """Enter: the run's whole story (config diff, events as sentences, log tail)."""
+    assert snap_compare(fixed_home_app, press=["enter"], terminal_size=(120, 40))
+
+
+def test_seed_mean_and_band_160x48(app, snap_compare):
+    """The two bs512 seeds marked, drawn as their mean with a min-max band (g)."""
+    assert snap_compare(app, press=["down", "space", "down", "space", "g"], terminal_size=(160, 48))

@@ -12,6 +12,8 @@ import itertools
 import time
 from pathlib import Path
 
+import numpy as np
+
 from functools import partial
 
 from textual import on, work
@@ -101,6 +103,7 @@ class GpctlApp(App):
         self.x_axis, self.ema_i, self.logy, self.with_eval, self.zoom_i = "step", 1, False, False, 0
         self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
         self.filter_text, self.sort_key, self.sort_desc = "", None, False
+        self.seed_mean = False             # g: seeds of one family as their mean and min-max band
         self._plotted = None
         self._states: dict[str, str] = {}
         self._all_rows: list[dict] = []    # every run, before the filter (as the poll thread last saw them)
@@ -241,20 +244,32 @@ class GpctlApp(App):
         shown = [sel] if sel else []
         shown += sorted(m for m in self.marked if m != sel)
         series, markers = [], []
-        for i, rid in enumerate(shown):
-            t = self.tail(rid)
+        for i, members in enumerate(self._seed_groups(shown)):
             color = COLORS[i % len(COLORS)]
-            x, y = t.series(self.x_axis, EMAS[self.ema_i])
-            lo, hi = self._window(x)
-            keep = (x >= lo) & (x <= hi)
-            series.append((x[keep], y[keep], color, rid))
-            if self.with_eval:
-                ex, ey = t.series(self.x_axis, 0, evals=True)
-                keep = (ex >= lo) & (ex <= hi)
-                series.append((ex[keep], ey[keep], eval_color(color),
-                               rid + " eval"))
-            if rid == sel:
-                markers = t.markers(self.x_axis)
+            curves = [self.tail(rid).series(self.x_axis, EMAS[self.ema_i]) for rid in members]
+            if len(members) > 1:     # seeds of one family: the min-max band (dim), then the mean over it
+                from gpctl.figures import seed_band
+                xs, lo, mid, hi = seed_band(curves)
+                l, h = self._window(xs)
+                keep = (xs >= l) & (xs <= h)
+                order = np.argsort(np.concatenate([xs[keep], xs[keep]]), kind="stable")
+                series.append((np.concatenate([xs[keep], xs[keep]])[order],
+                               np.concatenate([lo[keep], hi[keep]])[order], f"dim {color}", ""))
+                series.append((xs[keep], mid[keep], color, f"{self._family(members[0])} (mean of {len(members)} seeds)"))
+            else:
+                x, y = curves[0]
+                lo, hi = self._window(x)
+                keep = (x >= lo) & (x <= hi)
+                series.append((x[keep], y[keep], color, members[0]))
+            for rid in members:
+                t = self.tail(rid)
+                if self.with_eval:
+                    ex, ey = t.series(self.x_axis, 0, evals=True)
+                    lo, hi = self._window(ex)
+                    keep = (ex >= lo) & (ex <= hi)
+                    series.append((ex[keep], ey[keep], eval_color(color), rid + " eval"))
+                if rid == sel:
+                    markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         self.query_one("#status", Static).update(
             self.status_text() if self.rows or self.filter_text else
@@ -266,6 +281,28 @@ class GpctlApp(App):
             if shown_key != getattr(self, "_events_shown", None):   # rewriting 200 lines per refresh costs
                 self._events_shown = shown_key
                 self.events_pane.show(sel, events, row.get("problem"))
+
+    def _family(self, rid: str) -> str:
+        from gpctl.runs import family
+        row = next((r for r in self._all_rows if r["id"] == rid), None)
+        return family(row["arm"], row.get("group") or "") if row else rid
+
+    def _seed_groups(self, shown: list[str]) -> list[list[str]]:
+        """The shown runs, one per group; with `g` on, the seeds of one family (same preset, arms that
+        differ only by a seed suffix, or one --seeds group) are one group."""
+        if not self.seed_mean:
+            return [[rid] for rid in shown]
+        rows = {r["id"]: r for r in self._all_rows}
+        groups: dict[tuple, list[str]] = {}
+        for rid in shown:
+            r = rows.get(rid)
+            key = (r["preset"], self._family(rid)) if r else (rid,)
+            groups.setdefault(key, []).append(rid)
+        return list(groups.values())
+
+    def action_seed_mean(self) -> None:
+        self.seed_mean = not self.seed_mean
+        self.redraw()
 
     def _window(self, x) -> tuple[float, float]:
         """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
@@ -362,6 +399,8 @@ class GpctlApp(App):
                  f"{len(self.rows)} runs, {running} running"]
         if self.logy:
             parts.insert(2, "log-y")
+        if self.seed_mean:
+            parts.insert(2, "seeds: mean")
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}'")
         return " · ".join(parts)
@@ -410,7 +449,7 @@ class GpctlApp(App):
 
     def view_state(self) -> dict:
         return {"x_axis": self.x_axis, "ema_i": self.ema_i, "logy": self.logy, "with_eval": self.with_eval,
-                "zoom_i": self.zoom_i, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
+                "zoom_i": self.zoom_i, "seed_mean": self.seed_mean, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
                 "filter": self.filter_text, "marked": sorted(self.marked, key=lambda r: self._mark_seq.get(r, -1)),
                 "selected": self.table.selected_id}
 
@@ -429,6 +468,7 @@ class GpctlApp(App):
         self.zoom_i = pick("zoom_i", lambda v: isinstance(v, int) and 0 <= v < len(ZOOMS), self.zoom_i)
         self.logy = pick("logy", lambda v: isinstance(v, bool), self.logy)
         self.with_eval = pick("with_eval", lambda v: isinstance(v, bool), self.with_eval)
+        self.seed_mean = pick("seed_mean", lambda v: isinstance(v, bool), self.seed_mean)
         self.sort_key = pick("sort_key", lambda v: v in self.SORTS, self.sort_key)
         self.sort_desc = pick("sort_desc", lambda v: isinstance(v, bool), self.sort_desc)
         marked = st.get("marked") if isinstance(st.get("marked"), list) else []

@@ -17,6 +17,7 @@ KEYS: list[tuple[str, str, str, str, str]] = [
     ("e", "e", "cycle_ema", "EMA", "EMA smoothing of the loss: 0 → 0.8 → 0.9 → 0.99"),
     ("l", "l", "logy", "", "log-scale loss axis"),
     ("v", "v", "toggle_eval", "", "eval loss as a second series"),
+    ("g", "g", "seed_mean", "", "seeds of one family drawn as their mean and min–max band"),
     ("z", "z", "zoom", "", "zoom: all → last 25 % → last 5 % of the x-axis"),
     ("Z", "Z", "zoom_range", "", "zoom to a range of the x-axis: FROM TO (empty: all)"),
     ("o", "o", "sort", "", "sort by the next column: created, step, loss~, eval, lr, batch"),

@@ -191,7 +191,7 @@ class LossPlot(Widget):
 
     def render(self) -> Text:
         w = max(10, self.size.width - 10)
-        items = [(f"━ {label}", color) for _, _, color, label in self.series]
+        items = [(f"━ {label}", color) for _, _, color, label in self.series if label]   # a band has none
         items += [(f"│{i + 1 if i < 9 else '+'} {label}", "bold") for i, (_, label) in enumerate(self.markers)]
         legend = legend_lines(items, max(10, self.size.width))[: max(1, self.size.height // 3)]   # rows reserved
         h = max(3, self.size.height - 1 - len(legend))
