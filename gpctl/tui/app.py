@@ -88,7 +88,7 @@ class ActionsAndRuns(Provider):
 class GpctlApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]   # screen classes used by app.tcss
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]   # screen classes used by app.tcss
     BINDINGS = bindings()        # gpctl/tui/keys.py: the one list of keys (key screen, palette, README)
     COMMANDS = App.COMMANDS | {ActionsAndRuns}
 
