@@ -134,7 +134,7 @@ def measure(which: str, args) -> dict:
         t.save_checkpoint = lambda: None
         t.evaluate = lambda: {}
         cuda = t.device.type == "cuda"
-        clock, syncs = {}, []
+        clock = {}
         graphs0 = compiled_graphs()
 
         def timer(tr):

@@ -263,3 +263,22 @@ def test_gpt2_forward_equals_transformers_and_is_causal():
             out = block(h)
             h = out[0] if isinstance(out, tuple) else out
         assert not torch.allclose(m.hf.lm_head(body.ln_f(h)), theirs, atol=1e-3)
+
+
+@pytest.mark.parametrize("splits", [
+    {"train": {"shards": [{"file": "../../etc/passwd", "tokens": 5}]}},
+    {"train": {"shards": [{"file": "/etc/passwd", "tokens": 5}]}},
+    {"train": {"shards": "c4_train_000000.bin"}},
+    {"train": [1, 2]},
+    {"train": {"shards": [{"file": 7}]}},
+])
+def test_a_hostile_meta_json_is_one_line_and_reads_nothing_outside(tmp_path, tokenizer_dir, splits):
+    from engine.data import DataMissing
+
+    raw = _c4_folder(tmp_path)
+    meta = _prepare(raw, tokenizer_dir, tmp_path / "prep", shard_tokens=10_000)
+    (tmp_path / "prep" / "meta.json").write_text(json.dumps(dict(meta, splits=splits)))
+    with pytest.raises(DataMissing) as e:
+        build_stream(_c4_cfg(tmp_path / "prep", tokenizer_dir), CPU)
+    assert str(e.value) == (f"{tmp_path / 'prep' / 'meta.json'}: split 'train' does not list its shards as plain "
+                            f"file names in this folder")

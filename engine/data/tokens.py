@@ -124,9 +124,16 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError) as e:
         raise DataMissing(f"{folder / 'meta.json'}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "splits" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("splits"), dict):
         raise DataMissing(f"{folder / 'meta.json'}: not prepared token shards (format {FORMAT!r} expected; "
                           f"make them with `gpctl data prepare c4`)")
+    for split, entry in meta["splits"].items():   # shard files are plain names inside the folder
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("file"), str) and x["file"] == Path(x["file"]).name
+                and x["file"] not in ("", ".", "..") for x in shards):
+            raise DataMissing(f"{folder / 'meta.json'}: split {split!r} does not list its shards as plain file "
+                              f"names in this folder")
     return meta
 
 
@@ -140,6 +147,8 @@ class _Split:
             if not path.is_file():
                 raise DataMissing(f"{path}: missing (meta.json lists it)")
             n = read_header(path)
+            if n == 0:
+                continue
             self.maps.append(np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,)))
             self.starts.append(self.starts[-1] + n)
         self.tokens = self.starts[-1]
