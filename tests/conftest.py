@@ -25,6 +25,12 @@ TINY_LM = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """The TUI keeps its view in $XDG_CACHE_HOME: each test its own, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 def tiny(base: dict = TINY_IMAGES, *overrides: str, name: str = "t", preset: str = "tiny"):
     data = apply_overrides(base, list(overrides))
     data.update(name=name, preset=preset)

@@ -350,7 +350,7 @@ def test_enter_opens_the_runs_whole_story(runs):
             await pilot.pause()
             assert app.screen.__class__.__name__ == "Detail"
             text = app.screen.query_one("#detail-text").render().plain
-            log = app.screen.query_one("#detail-log").render().plain
+            log = "\n".join(app.screen.query_one("#detail-log").lines)
             assert text.splitlines()[0] == f"{child.id}  tiny/a-low  created"
             assert f"config, where it differs from its parent {a.id}:" in text
             assert "  lr = 0.01    (was 0.05)" in text
@@ -374,7 +374,7 @@ def test_sort_has_a_direction_puts_missing_values_last_and_shows_in_the_status_l
             await pilot.press("o", "o")                        # step, then the loss EMA
             await pilot.pause()
             status = app.query_one("#status").render().plain
-            assert status == "x step · EMA 0.8 · zoom all · sort loss_ema ↑ · 3 runs, 1 running"
+            assert status == "x step · EMA 0.8 · sort loss_ema ↑ · 3 runs, 1 running"
             order = [r["id"] for r in app.rows]
             la, lb = (next(r["loss_ema"] for r in app.rows if r["id"] == x.id) for x in (a, b))
             assert order == ([a.id, b.id] if la <= lb else [b.id, a.id]) + [c.id]      # c has none: last

@@ -1,5 +1,6 @@
 """Snapshots of the TUI (pytest-textual-snapshot): the main screen at 80x24, 120x40 and 160x48, the key
-screen, the detail screen, an overlay and a seed group.
+screen, the detail screen (with its followed log), an overlay, a seed group drawn as its mean, a seed
+group as one row, and the small plots of other fields beside the loss.
 
 The input is fixed_runs: run ids, times and curves are the same on every machine, the clock is UTC
 and the GPU panel reads "no GPU". After an intended change of the screen, or a Textual upgrade,
@@ -58,7 +59,10 @@ def fixed_home_app(monkeypatch):
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     monkeypatch.setattr(panels, "gpu_stats", lambda: None)
-    fixed_runs(home)
+    first = fixed_runs(home)[0]
+    for line in ("step 50: planned change batch 32 -> 512", "step 100: eval loss 1.0123 error 0.3000",
+                 "step 200: done"):
+        first.log(line)
     yield GpctlApp(home, live=False)
     monkeypatch.undo()
     time.tzset()
@@ -66,10 +70,20 @@ def fixed_home_app(monkeypatch):
 
 
 def test_detail_screen_120x40(fixed_home_app, snap_compare):
-    """Enter: the run's whole story (config diff, events as sentences, log tail)."""
+    """Enter: the run's whole story (config diff, events as sentences) above its log, followed."""
     assert snap_compare(fixed_home_app, press=["enter"], terminal_size=(120, 40))
 
 
 def test_seed_mean_and_band_160x48(app, snap_compare):
     """The two bs512 seeds marked, drawn as their mean with a min-max band (g)."""
     assert snap_compare(app, press=["down", "space", "down", "space", "g"], terminal_size=(160, 48))
+
+
+def test_small_plots_beside_the_loss_80x24(app, snap_compare):
+    """m, Enter: lr, batch_size and eval_error beside the loss (three per row when narrow)."""
+    assert snap_compare(app, press=["m", "enter"], terminal_size=(80, 24))
+
+
+def test_seed_group_as_one_row_120x40(app, snap_compare):
+    """G: the two bs512 seeds as one row (their mean loss), selected and drawn as mean and band."""
+    assert snap_compare(app, press=["down", "G"], terminal_size=(120, 40))

@@ -1,8 +1,10 @@
 """The gpctl TUI: every run's loss live, on the right x-axis, and one key to steer.
 
     runs table (grouped by preset)  |  loss plot (selected + marked runs, change markers)
-    filter                          |  events of the selected run
+    filter                          |  small plots of other fields (m: lr, batch_size, eval_error, …)
+                                    |  events of the selected run
                                     |  GPUs
+    footer: the keys that apply to what is selected
 A thread worker polls the run directories (only new bytes) and posts a merged message; the UI
 redraws only when something changed. Every action calls the same functions as the CLI.
 """
@@ -19,9 +21,9 @@ from functools import partial
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.command import DiscoveryHit, Hit, Hits, Provider
-from textual.containers import Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Header, Input, Static
 
 from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
@@ -30,12 +32,49 @@ from engine.jobs import JobStore
 from engine.rundir import RunDir, UnknownRun, list_runs, run_dir
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick, TvPanel
-from gpctl.tui.keys import KEYS, bindings, key_screen_text, state_file
-from gpctl.tui.widgets.panels import EventsPane, GpuPanel, RunsTable
+from gpctl.tui.keys import KEYS, bindings, footer_actions, key_screen_text, state_file
+from gpctl.tui.widgets.panels import ContextFooter, EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
 EMAS = (0.0, 0.8, 0.9, 0.99)
 ZOOMS = (1.0, 0.25, 0.05)
+MAX_METRICS = 6            # small plots beside the loss
+ENDED = ("done", "failed", "diverged", "lost", "stopped", "cancelled")
+
+
+def collapse_groups(rows: list[dict], family) -> tuple[list[dict], dict[str, list[str]]]:
+    """Rows with every seed family of two or more runs (same preset, family(arm, group)) as one row,
+    where its first member was: the family, how many seeds, the mean of their loss and eval loss,
+    the least step, samples and lr_time, lr and batch where all agree. Returns (rows, {row id:
+    member ids}); a group's id is `seeds:<preset>:<family>`, never a run id (run ids have no colon)."""
+    fam: dict[tuple, list[dict]] = {}
+    for r in rows:
+        fam.setdefault((r["preset"], family(r["arm"], r.get("group") or "")), []).append(r)
+    out, groups, placed = [], {}, set()
+    for r in rows:
+        key = (r["preset"], family(r["arm"], r.get("group") or ""))
+        members = fam[key]
+        if len(members) < 2:
+            out.append(r)
+            continue
+        if key in placed:
+            continue
+        placed.add(key)
+        gid = f"seeds:{key[0]}:{key[1]}"
+        groups[gid] = [m["id"] for m in members]
+        states = {m["state"] for m in members}
+        mean = lambda k: (sum(v) / len(v)) if (v := [m[k] for m in members if m.get(k) is not None]) else None  # noqa: E731
+        same = lambda k: members[0][k] if len({m[k] for m in members}) == 1 else None                      # noqa: E731
+        out.append({"id": gid, "label": f"{key[1]} ×{len(members)}", "members": groups[gid], "preset": key[0],
+                    "arm": key[1], "group": members[0].get("group"),
+                    "state": next((s for s in ("running", "queued", "unreadable", "failed", "diverged", "lost")
+                                   if s in states), None) or (states.pop() if len(states) == 1 else "mixed"),
+                    "step": min(m["step"] for m in members), "steps": max(m["steps"] for m in members),
+                    "samples": min(m["samples"] for m in members), "lr_time": min((m["lr_time"] or 0) for m in members),
+                    "loss_ema": mean("loss_ema"), "eval_loss": mean("eval_loss"), "lr": same("lr"),
+                    "batch_size": same("batch_size"), "created": min(m["created"] for m in members),
+                    "device": ",".join(sorted({m["device"] for m in members if m["device"]})) or None})
+    return out, groups
 
 
 def _stamp(path: Path) -> tuple:
@@ -44,10 +83,6 @@ def _stamp(path: Path) -> tuple:
         return st.st_mtime_ns, st.st_size
     except OSError:
         return 0, 0
-
-
-def _size(path: Path) -> int:
-    return _stamp(path)[1]
 
 
 class DataChanged(Message):
@@ -70,7 +105,7 @@ class ActionsAndRuns(Provider):
         app = self.app
         for _, shown, action, label, desc in KEYS:
             yield f"{action.replace('_', ' ')}: {desc}", partial(app.run_action, action), f"key {shown}"
-        for r in app.rows:
+        for r in app._all_rows:
             yield f"run {r['id']}", partial(app.select_run, r["id"]), f"{r['state']}, step {r['step']}"
 
     async def search(self, query: str) -> Hits:
@@ -104,6 +139,10 @@ class GpctlApp(App):
         self.x_range: tuple[float, float] | None = None   # on the current x-axis; z and x reset it
         self.filter_text, self.sort_key, self.sort_desc = "", None, False
         self.seed_mean = False             # g: seeds of one family as their mean and min-max band
+        self.collapse_seeds = False        # G: a seed family as one table row
+        self._groups: dict[str, list[str]] = {}   # collapsed row id -> its runs
+        self.metric_fields: list[str] = []  # m: small plots of these fields beside the loss
+        self._footer_context: frozenset | None = None
         self._plotted = None
         self._states: dict[str, str] = {}
         self._all_rows: list[dict] = []    # every run, before the filter (as the poll thread last saw them)
@@ -137,9 +176,10 @@ class GpctlApp(App):
             with Vertical(id="right"):
                 yield Static("", id="status")
                 yield LossPlot(id="plot")
+                yield Grid(id="metrics")
                 yield EventsPane(id="events", wrap=False, markup=False)
                 yield GpuPanel(id="gpus")
-        yield Footer()
+        yield ContextFooter()
 
     @property
     def table(self) -> RunsTable:
@@ -228,9 +268,17 @@ class GpctlApp(App):
         if ended:
             self.bell()               # a run you watched just ended, failed, diverged or was lost
         self._states = {r["id"]: r["state"] for r in rows}
+        self._groups = {}
+        if self.collapse_seeds:
+            from gpctl.runs import family
+            rows, self._groups = collapse_groups(rows, family)
         self.rows = rows
-        self.table.show(rows, self.marked)
+        self.table.show(rows, self._marked_rows())
         self.redraw()
+
+    def _marked_rows(self) -> set[str]:
+        """Marked runs, and the collapsed groups all of whose runs are marked."""
+        return self.marked | {gid for gid, members in self._groups.items() if set(members) <= self.marked}
 
     def tail(self, run_id: str) -> RunTail:
         if run_id not in self.tails:
@@ -241,10 +289,9 @@ class GpctlApp(App):
 
     def redraw(self) -> None:
         sel = self.table.selected_id
-        shown = [sel] if sel else []
-        shown += sorted(m for m in self.marked if m != sel)
-        series, markers = [], []
-        for i, members in enumerate(self._seed_groups(shown)):
+        series, markers, drawn = [], [], []
+        for i, members in enumerate(self._draw_groups(sel)):
+            drawn.append((members, COLORS[i % len(COLORS)]))
             color = COLORS[i % len(COLORS)]
             curves = [self.tail(rid).series(self.x_axis, EMAS[self.ema_i]) for rid in members]
             if len(members) > 1:     # seeds of one family: the min-max band (dim), then the mean over it
@@ -268,30 +315,53 @@ class GpctlApp(App):
                     lo, hi = self._window(ex)
                     keep = (ex >= lo) & (ex <= hi)
                     series.append((ex[keep], ey[keep], eval_color(color), rid + " eval"))
-                if rid == sel:
+                if rid == sel or (i == 0 and rid == members[0] and sel in self._groups):
                     markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
+        self._draw_metrics(drawn, markers)
+        self._update_footer()
         self.query_one("#status", Static).update(
             self.status_text() if self.rows or self.filter_text else
             f"no runs in {self.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         if sel:
             row = next((r for r in self.rows if r["id"] == sel), {})
-            events = self.tail(sel).events
+            first = self._groups.get(sel, [sel])[0]    # a seed group: its first run's events
+            events = self.tail(first).events
             shown_key = (sel, len(events), row.get("problem"))
             if shown_key != getattr(self, "_events_shown", None):   # rewriting 200 lines per refresh costs
                 self._events_shown = shown_key
-                self.events_pane.show(sel, events, row.get("problem"))
+                title = first if first == sel else f"{first} (1 of {len(self._groups[sel])} seeds)"
+                self.events_pane.show(title, events, row.get("problem"))
+
+    def _draw_metrics(self, drawn: list[tuple[list[str], str]], markers) -> None:
+        """The small plots: each field of `m` for the runs the loss plot draws, in the same colours,
+        on the same x-axis and window, with the same change markers (numbered as in its legend)."""
+        if not self.metric_fields:
+            return
+        for plot, field in zip(self.query("#metrics LossPlot").results(LossPlot), self.metric_fields):
+            series = []
+            for members, color in drawn:
+                for rid in members:
+                    x, y = self.tail(rid).field_series(self.x_axis, field)
+                    lo, hi = self._window(x)
+                    keep = (x >= lo) & (x <= hi) & np.isfinite(y)
+                    series.append((x[keep], y[keep], color, ""))
+            plot.set_data(series, markers, self.x_axis, False)
 
     def _family(self, rid: str) -> str:
         from gpctl.runs import family
         row = next((r for r in self._all_rows if r["id"] == rid), None)
         return family(row["arm"], row.get("group") or "") if row else rid
 
-    def _seed_groups(self, shown: list[str]) -> list[list[str]]:
-        """The shown runs, one per group; with `g` on, the seeds of one family (same preset, arms that
-        differ only by a seed suffix, or one --seeds group) are one group."""
-        if not self.seed_mean:
-            return [[rid] for rid in shown]
+    def _draw_groups(self, sel: str | None) -> list[list[str]]:
+        """What the loss plot draws, one list of runs per line: the selected row's runs first (a
+        collapsed seed group: all of them, as their mean), then the marked runs. With `g` or `G` on,
+        the seeds of one family (same preset, arms that differ only by a seed suffix, or one --seeds
+        group) are one line: their mean, with the min-max band."""
+        first = self._groups.get(sel) or ([sel] if sel else [])
+        shown = first + sorted(m for m in self.marked if m not in first)
+        if not (self.seed_mean or self.collapse_seeds):
+            return ([first] if first else []) + [[rid] for rid in shown[len(first):]]
         rows = {r["id"]: r for r in self._all_rows}
         groups: dict[tuple, list[str]] = {}
         for rid in shown:
@@ -303,6 +373,93 @@ class GpctlApp(App):
     def action_seed_mean(self) -> None:
         self.seed_mean = not self.seed_mean
         self.redraw()
+
+    def action_collapse_seeds(self) -> None:
+        sel = self.table.selected_id
+        sel = self._groups.get(sel, [sel])[0] if sel else None   # a group row: its first run
+        self.collapse_seeds = not self.collapse_seeds
+        self.apply_rows(self._all_rows)
+        if sel:
+            self.select_run(sel)          # that run's row, or the row of the group it went into
+
+    def action_metrics(self) -> None:
+        """Ask which recorded fields to plot beside the loss (W&B's chart per metric)."""
+        sel = self.table.selected_id
+        runs = self._groups.get(sel) or ([sel] if sel else [])
+        have = sorted({f for rid in runs for f in self.tail(rid).fields()}) or ["lr", "batch_size", "eval_error"]
+
+        def done(answer: str | None) -> None:
+            if answer is None:
+                return
+            fields = answer.replace(",", " ").split()
+            bad = [f for f in fields if not f.isidentifier()]
+            if bad or len(fields) > MAX_METRICS:
+                self.notify(f"fields: at most {MAX_METRICS} names like lr batch_size eval_error, got {answer!r}",
+                            severity="error")
+                return
+            self.set_metrics(fields)
+
+        self.push_screen(Ask(f"plot beside the loss (empty: none; recorded: {' '.join(have)})",
+                             " ".join(self.metric_fields) or " ".join(f for f in ("lr", "batch_size", "eval_error")
+                                                                      if f in have)), done)
+
+    def set_metrics(self, fields: list[str]) -> None:
+        self.metric_fields = list(dict.fromkeys(fields))[:MAX_METRICS]
+        grid = self.query_one("#metrics", Grid)
+        grid.remove_children()
+        grid.mount_all([LossPlot(y_label=f, legend=False, classes="small") for f in self.metric_fields])
+        n = len(self.metric_fields)
+        grid.set_classes(["visible", f"-r{(n + 1) // 2}"] + (["-more"] if n > 3 else []) if n else [])
+        self.query_one("#right").set_class(bool(n), "-metrics")   # app.tcss: two per row, three when narrow
+        self.call_after_refresh(self.redraw)
+
+    def action_close_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.has_class("visible") or box.value:
+            box.value = ""
+            box.remove_class("visible")
+            self.filter_text = ""
+            self.table.focus()
+            self.apply_rows(self._all_rows)
+
+    # ------------------------------------------------------------------ the contextual footer
+    def on_descendant_focus(self, event) -> None:
+        self._update_footer()                 # into or out of the filter box: its keys, or the table's
+
+    def footer_context(self) -> frozenset:
+        if self.query_one("#filter", Input).has_focus:
+            return frozenset({"filter"})
+        ctx = set()
+        sel = self.table.selected_id
+        if sel:
+            ctx.add("row")
+            state = next((r["state"] for r in self.rows if r["id"] == sel), "")
+            if sel in self._groups:
+                ctx.add("group")
+            else:
+                ctx.add("run")
+                ctx |= {"running"} if state == "running" else {"queued"} if state == "queued" else set()
+                if state in ENDED and state != "done":
+                    ctx.add("resumable")
+                if state in ENDED:
+                    ctx.add("ended")
+        if 2 <= len(self.marked) <= 3:
+            ctx.add("pair")
+        from gpctl.tui.keys import FOOTER
+        if sum(need in ctx and need not in ("row", "run") for _, need in FOOTER) <= 1:
+            ctx.add("view")                 # room for the view keys
+        return frozenset(ctx)
+
+    def footer_actions(self) -> list[str]:
+        return footer_actions(set(self._footer_context or self.footer_context()))
+
+    def _update_footer(self) -> None:
+        ctx = self.footer_context()
+        if ctx != self._footer_context:
+            self._footer_context = ctx
+            footer = self.query_one(ContextFooter)
+            if footer._bindings_ready:
+                footer.call_after_refresh(footer.recompose)
 
     def _window(self, x) -> tuple[float, float]:
         """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
@@ -334,9 +491,15 @@ class GpctlApp(App):
     def action_mark(self) -> None:
         sel = self.table.selected_id
         if sel:
-            self.marked ^= {sel}
-            self._mark_seq[sel] = next(self._mark_counter)   # TV's A is the run marked first
-            self.table.show(self.rows, self.marked)
+            runs = self._groups.get(sel, [sel])          # a collapsed seed group: all its runs
+            if set(runs) <= self.marked:
+                self.marked -= set(runs)
+            else:
+                for rid in runs:
+                    if rid not in self.marked:
+                        self.marked.add(rid)
+                        self._mark_seq[rid] = next(self._mark_counter)   # TV's A is the run marked first
+            self.table.show(self.rows, self._marked_rows())
             self.redraw()
 
     def action_cycle_x(self) -> None:
@@ -395,42 +558,35 @@ class GpctlApp(App):
             (f"{self.x_range[0]:g}..{self.x_range[1]:g}" if self.x_range else f"last {ZOOMS[self.zoom_i]:.0%}")
         sort = f"{self.sort_key or 'created'} {'↓' if self.sort_desc else '↑'}"
         running = sum(r["state"] == "running" for r in self.rows)
-        parts = [f"x {self.x_axis}", f"EMA {EMAS[self.ema_i]}", f"zoom {zoom}", f"sort {sort}",
-                 f"{len(self.rows)} runs, {running} running"]
+        parts = [f"x {self.x_axis}", f"EMA {EMAS[self.ema_i]}"] + ([f"zoom {zoom}"] if zoom != "all" else []) + [
+            f"sort {sort}", f"{len(self.rows)} {'rows' if self._groups else 'runs'}, {running} running"]
         if self.logy:
             parts.insert(2, "log-y")
         if self.seed_mean:
             parts.insert(2, "seeds: mean")
+        if self.collapse_seeds:
+            parts.insert(2, "seeds: one row")
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}'")
         return " · ".join(parts)
 
     def action_detail(self) -> None:
-        from gpctl.detail import run_info, run_lines
         rd = self._selected()
-        if rd is None:
-            return
+        if rd is not None:
+            self.push_screen(Detail(partial(self.story, rd), rd))
+
+    def story(self, rd: RunDir) -> list[str]:
+        """The detail screen's text: what `gpctl show` prints (a run that cannot be read says why)."""
+        from gpctl.detail import run_info, run_lines
         try:
-            lines = run_lines(rd, run_info(self.home, rd))
+            return run_lines(rd, run_info(self.home, rd))
         except Exception as e:  # noqa: BLE001 - a detail that cannot be read is a message, not a crash
-            lines = [f"{rd.id}: {type(e).__name__}: {e}"]
-        chunk, _ = rd.read_log(max(0, _size(rd.log_file) - 16384))
-        self.push_screen(Detail(lines, chunk.decode(errors="replace").splitlines()[-40:]))
+            return [f"{rd.id}: {type(e).__name__}: {e}"]
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.add_class("visible")
         box.focus()
-
-    def on_key(self, event) -> None:
-        box = self.query_one("#filter", Input)
-        if event.key == "escape" and box.has_focus:      # Escape closes the filter and clears it
-            box.value = ""
-            box.remove_class("visible")
-            self.filter_text = ""
-            self.table.focus()
-            self.apply_rows(self._all_rows)
-            event.stop()
 
     @on(Input.Changed, "#filter")
     def _filter(self, event: Input.Changed) -> None:
@@ -449,7 +605,8 @@ class GpctlApp(App):
 
     def view_state(self) -> dict:
         return {"x_axis": self.x_axis, "ema_i": self.ema_i, "logy": self.logy, "with_eval": self.with_eval,
-                "zoom_i": self.zoom_i, "seed_mean": self.seed_mean, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
+                "zoom_i": self.zoom_i, "seed_mean": self.seed_mean, "collapse_seeds": self.collapse_seeds,
+                "metrics": self.metric_fields, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
                 "filter": self.filter_text, "marked": sorted(self.marked, key=lambda r: self._mark_seq.get(r, -1)),
                 "selected": self.table.selected_id}
 
@@ -469,6 +626,11 @@ class GpctlApp(App):
         self.logy = pick("logy", lambda v: isinstance(v, bool), self.logy)
         self.with_eval = pick("with_eval", lambda v: isinstance(v, bool), self.with_eval)
         self.seed_mean = pick("seed_mean", lambda v: isinstance(v, bool), self.seed_mean)
+        self.collapse_seeds = pick("collapse_seeds", lambda v: isinstance(v, bool), self.collapse_seeds)
+        fields = pick("metrics", lambda v: isinstance(v, list) and len(v) <= MAX_METRICS
+                      and all(isinstance(f, str) and f.isidentifier() and len(f) < 64 for f in v), [])
+        if fields:
+            self.set_metrics(fields)
         self.sort_key = pick("sort_key", lambda v: v in self.SORTS, self.sort_key)
         self.sort_desc = pick("sort_desc", lambda v: isinstance(v, bool), self.sort_desc)
         marked = st.get("marked") if isinstance(st.get("marked"), list) else []
@@ -521,6 +683,7 @@ class GpctlApp(App):
             box.remove_class("visible")
             self.filter_text = ""
             self.apply_rows(self._all_rows)
+        run_id = next((gid for gid, members in self._groups.items() if run_id in members), run_id)
         if run_id in self.table.rows:
             self.table.move_cursor(row=self.table.get_row_index(run_id))
             self.table.focus()
@@ -533,6 +696,10 @@ class GpctlApp(App):
         sel = self.table.selected_id
         if sel is None:
             self.notify("no run selected", severity="warning")
+            return None
+        if sel in self._groups:
+            self.notify(f"{sel} is {len(self._groups[sel])} runs (one row per seed family): G shows them one "
+                        "per row, to act on one", severity="warning")
             return None
         return run_dir(self.home, sel)
 

@@ -4,6 +4,8 @@ A RunTail keeps the byte offsets of a run's metrics and events and grows numpy a
 the new records, so a long run is never re-read. The table needs only summaries (a file's tail),
 so start-up does not parse every record of every run: a run's full series is loaded when it is
 first plotted. Smoothed series are cached per EMA coefficient and extended with new points only.
+Every numeric field of a record is kept (lr, batch_size, eval_error, grad_norm, …: the small plots
+beside the loss can show any of them); a field that appears later is NaN before it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from engine.rundir import RunDir
 FIELDS = ("step", "samples", "lr_time", "wall", "loss")
 EVAL_FIELDS = ("step", "samples", "lr_time", "wall", "eval_loss")
 MARK_EVENTS = ("schedule", "control", "fork", "resume")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class RunTail:
@@ -34,12 +40,17 @@ class RunTail:
         recs, self.offset = self.rd.metrics(self.offset)
         evs, self.ev_offset = self.rd.events(self.ev_offset)
         for r in recs:
-            if "loss" in r:
-                for k in FIELDS:
-                    self._train[k].append(r.get(k, np.nan))
-            elif "eval_loss" in r:
-                for k in EVAL_FIELDS:
-                    self._eval[k].append(r.get(k, np.nan))
+            part = self._train if "loss" in r else self._eval if "eval_loss" in r else None
+            if part is None:
+                continue
+            if not r.keys() <= part.keys():       # a field not seen before: NaN for the records before it
+                n = len(part["step"])
+                for k, v in r.items():
+                    if k not in part and _number(v):
+                        part[k] = [np.nan] * n
+            for k, col in part.items():
+                v = r.get(k, np.nan)
+                col.append(v if _number(v) else np.nan)
         self.events += evs
         if recs or evs:
             self._arrays = None
@@ -55,6 +66,20 @@ class RunTail:
         a = self.arrays()["eval" if evals else "train"]
         y = a["eval_loss" if evals else "loss"]
         return a[x], (self._smoothed(coef) if coef and not evals and len(y) else y)
+
+    def fields(self) -> list[str]:
+        """The numeric fields recorded besides the x-axes (lr, batch_size, eval_error, …)."""
+        axes = set(FIELDS) - {"loss"}
+        return sorted((set(self._train) | set(self._eval)) - axes)
+
+    def field_series(self, x: str, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """One recorded field against an x-axis: from the train records, or the eval records (eval_error);
+        empty where the run has not recorded it."""
+        for part in ("train", "eval"):
+            a = self.arrays()[part]
+            if field in a and x in a:
+                return a[x], a[field]
+        return np.zeros(0), np.zeros(0)
 
     def _smoothed(self, coef: float) -> np.ndarray:
         loss = self._train["loss"]

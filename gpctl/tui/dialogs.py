@@ -4,7 +4,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, OptionList, Static
+from textual.widgets import Input, Label, Log, OptionList, Static
 
 
 class Ask(ModalScreen[str | None]):
@@ -13,6 +13,7 @@ class Ask(ModalScreen[str | None]):
     DEFAULT_CSS = """
     Ask { align: center middle; }
     Ask > Vertical { width: 70; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    Ask Label { width: 1fr; }
     """
     BINDINGS = [("escape", "cancel", "Cancel")]
 
@@ -104,26 +105,80 @@ class Confirm(ModalScreen[bool]):
 
 
 class Detail(ModalScreen[None]):
-    """A run's whole story (what `gpctl show` prints) and the tail of its log.txt, scrollable."""
+    """A run's whole story (what `gpctl show` prints: state, job, config diff, parent and children,
+    checkpoints, events as sentences) above its log.txt, followed as it grows (`tail -f`): new lines
+    are read every second and the view stays at the end until you scroll up or press f. `r` reads
+    the story again."""
 
     DEFAULT_CSS = """
     Detail { align: center middle; }
-    Detail > VerticalScroll { width: 95%; height: 90%; border: thick $primary; background: $surface; padding: 0 1; }
+    Detail > Vertical { width: 95%; height: 90%; border: thick $primary; background: $surface; }
+    Detail #detail { height: 1fr; padding: 0 1; }
+    Detail #detail-log { height: 1fr; border-top: solid $secondary; padding: 0 1; }
     """
-    BINDINGS = [("escape,enter,q", "close", "Close")]
+    BINDINGS = [("escape,enter,q", "close", "Close"), ("f", "follow", "Follow"), ("r", "reload", "Reload")]
+    TAIL_BYTES = 65536          # how much of an existing log is shown at first
 
-    def __init__(self, lines: list[str], log_tail: list[str]):
+    def __init__(self, story, rd):
+        """story: a callable giving the story's lines (called again by `r`); rd: the run's RunDir."""
         super().__init__()
-        self.lines, self.log_tail = lines, log_tail
+        self.story, self.rd = story, rd
+        self.following, self._rest = True, b""
+        size = _size(rd.log_file)
+        self.log_offset = max(0, size - self.TAIL_BYTES)
+        self._cut = self.log_offset > 0            # the first line read may be a part of one: dropped
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="detail"):
-            yield Static("\n".join(self.lines), id="detail-text", markup=False)
-            yield Static("log.txt (last lines):\n" + ("\n".join(self.log_tail) or "(empty)"), id="detail-log",
-                         markup=False)
+        with Vertical():
+            with VerticalScroll(id="detail"):
+                yield Static("\n".join(self.story()), id="detail-text", markup=False)
+            yield Log(id="detail-log", max_lines=5000, auto_scroll=True)
+
+    def on_mount(self) -> None:
+        self.read_log()
+        self._title()
+        self.set_interval(1.0, self.read_log)
+
+    def read_log(self) -> None:
+        """The lines appended since the last read (a line still being written waits for its newline)."""
+        if not self.following:
+            return
+        chunk, self.log_offset = self.rd.read_log(self.log_offset)
+        if not chunk:
+            return
+        data = self._rest + chunk
+        lines = data.split(b"\n")
+        self._rest = lines.pop()
+        if self._cut and lines:
+            lines, self._cut = lines[1:], False
+        if lines:
+            self.query_one(Log).write_lines([ln.decode(errors="replace") for ln in lines])
+
+    def _title(self) -> None:
+        log = self.query_one(Log)
+        log.border_title = f"log.txt — {'following (f pauses)' if self.following else 'paused (f follows)'}"
+
+    def action_follow(self) -> None:
+        self.following = not self.following
+        log = self.query_one(Log)
+        log.auto_scroll = self.following
+        if self.following:
+            self.read_log()
+            log.scroll_end(animate=False)
+        self._title()
+
+    def action_reload(self) -> None:
+        self.query_one("#detail-text", Static).update("\n".join(self.story()))
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class TvPanel(ModalScreen[None]):

@@ -1,10 +1,12 @@
-"""The runs table, the events pane and the GPU panel."""
+"""The runs table, the events pane, the GPU panel and the contextual footer."""
 from __future__ import annotations
 
 import time
 
 from rich.text import Text
-from textual.widgets import DataTable, RichLog, Static
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Footer, RichLog, Static
+from textual.widgets._footer import FooterKey
 
 from engine.control import event_text
 
@@ -73,6 +75,12 @@ class RunsTable(DataTable):
 
     @staticmethod
     def _cells(r: dict, marked: bool) -> tuple:
+        if r.get("members"):     # a collapsed seed group: its family, how many seeds, their mean
+            return (Text(("● " if marked else "  ") + f"▸ {r['label']}", style="bold"),
+                    Text(r["state"], style=STATE_STYLE.get(r["state"], "")), str(r["step"]),
+                    _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"), _f(r["lr"], ".3g"),
+                    str(r["batch_size"] or "-"), "-", str(r["samples"]), _f(r["lr_time"], ".1f"),
+                    r["device"] or "-", r["preset"])
         eta = "-"
         if r["state"] == "running" and r.get("rate"):
             eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
@@ -145,3 +153,31 @@ def gpu_stats() -> list[dict] | None:
     finally:
         pynvml.nvmlShutdown()
     return out
+
+
+class ContextFooter(Footer):
+    """Textual's footer, showing only the keys that apply now (app.footer_actions(): steering keys for
+    a running run, resume for a stopped one, TV when two runs are marked, Escape while filtering), in
+    the order of gpctl/tui/keys.py's FOOTER. Keys stay clickable; the app recomposes it when the
+    context changes."""
+
+    def compose(self) -> ComposeResult:
+        if not self._bindings_ready:
+            return
+        active = self.screen.active_bindings
+        ours = {b.action: b for b in self.app.BINDINGS if b.show}     # not active_bindings: the table's own
+        wanted = [a for a in self.app.footer_actions() if a in ours]  # enter (select a row) shadows Detail's
+        self.styles.grid_size_columns = len(wanted) + 1
+        for action in wanted:
+            b = ours[action]
+            key = FooterKey(b.key.split(",")[-1], self.app.get_key_display(b), b.description, b.action)
+            key.set_reactive(FooterKey.compact, self.compact)     # Footer's data_bind, without its binding
+            key.set_class(self.compact, "-compact")
+            yield key    # a click simulates the key: Enter on the table opens the detail screen too
+        if self.show_command_palette and self.app.ENABLE_COMMAND_PALETTE:
+            try:
+                _, b, enabled, tooltip = active[self.app.COMMAND_PALETTE_BINDING]
+            except KeyError:
+                return
+            yield FooterKey(b.key, self.app.get_key_display(b), b.description, b.action,
+                            classes="-command-palette", disabled=not enabled, tooltip=b.tooltip or b.description)

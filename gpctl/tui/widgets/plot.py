@@ -68,8 +68,9 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
     if not finite:
         return [Text(" " * width) for _ in range(height)], (x0, x1, 0, 1)
     y0, y1 = min(finite), max(finite)
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    if y1 - y0 < 1e-12:         # a constant (an lr, a batch size): a flat line mid-height, labelled near it
+        pad = 0.05 * abs(y0) or 0.5
+        y0, y1 = y0 - pad, y1 + pad
     cells = np.zeros((height, width), dtype=np.int64)
     owner = np.full((height, width), -1, dtype=np.int64)
     # bit weight of pixel (column c, row r) inside its cell: _BITS[r % 4][c % 2]
@@ -171,14 +172,16 @@ def _ffill(a: np.ndarray) -> np.ndarray:
 
 
 class LossPlot(Widget):
-    """Loss curves with a legend line, axis ranges and change markers."""
+    """Loss curves with a legend line, axis ranges and change markers. A small plot of another field
+    (legend=False: the loss plot's legend names the runs) has the same colours, x-axis and markers."""
 
     DEFAULT_CSS = """
     LossPlot { height: 1fr; min-height: 8; border: round $primary; padding: 0 1; }
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, y_label: str = "loss", legend: bool = True, **kwargs):
         super().__init__(**kwargs)
+        self.y_label, self.legend = y_label, legend
         self.series: list[tuple[np.ndarray, np.ndarray, str, str]] = []   # x, y, color, label
         self.markers: list[tuple[float, str]] = []
         self.logy = False
@@ -186,14 +189,14 @@ class LossPlot(Widget):
 
     def set_data(self, series, markers, x_label: str, logy: bool) -> None:
         self.series, self.markers, self.x_label, self.logy = series, markers, x_label, logy
-        self.border_title = f"loss vs {x_label}" + (" (log)" if logy else "")
+        self.border_title = f"{self.y_label} vs {x_label}" + (" (log)" if logy else "")
         self.refresh()
 
     def render(self) -> Text:
         w = max(10, self.size.width - 10)
         items = [(f"━ {label}", color) for _, _, color, label in self.series if label]   # a band has none
         items += [(f"│{i + 1 if i < 9 else '+'} {label}", "bold") for i, (_, label) in enumerate(self.markers)]
-        legend = legend_lines(items, max(10, self.size.width))[: max(1, self.size.height // 3)]   # rows reserved
+        legend = legend_lines(items, max(10, self.size.width))[: max(1, self.size.height // 3)] if self.legend else []
         h = max(3, self.size.height - 1 - len(legend))
         rows, (x0, x1, y0, y1) = render([(x, y, c) for x, y, c, _ in self.series], w, h, self.logy, self.markers)
         out = Text()

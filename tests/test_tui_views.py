@@ -1,0 +1,203 @@
+"""Issue 14: the footer shows the keys that apply to what is selected; small plots of any recorded
+field beside the loss; a seed family as one table row; the detail screen follows log.txt."""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from gpctl.runs import family
+from gpctl.tui.app import GpctlApp, collapse_groups
+from gpctl.tui.widgets.plot import LossPlot
+from tests.conftest import fixed_runs
+
+RUN0, RUN1, RUN2 = "demo-bs32to512-000000", "demo-bs512-000001", "demo-bs512_seed2-000002"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fixed_runs(tmp_path / "home")
+    return tmp_path / "home"
+
+
+def _select(app, rid):
+    app.table.move_cursor(row=app.table.get_row_index(rid))
+
+
+def _footer(app) -> list[str]:
+    from textual.widgets._footer import FooterKey
+    return [k.action for k in app.query(FooterKey) if "-command-palette" not in k.classes]
+
+
+def test_footer_shows_the_keys_that_apply(home):
+    from engine.rundir import run_dir
+    from textual.widgets._footer import FooterKey
+    run_dir(home, RUN0).write_status(state="running")
+    run_dir(home, RUN1).write_status(state="stopped")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            seen = {}
+            for rid in (RUN0, RUN1, RUN2):
+                _select(app, rid)
+                await pilot.pause(0.2)
+                seen[rid] = _footer(app)
+            app.marked |= {RUN1, RUN2}
+            _select(app, RUN0)
+            app.redraw()
+            await pilot.pause(0.2)
+            seen["running, two marked"] = _footer(app)
+            width = sum(k.outer_size.width for k in app.query(FooterKey))
+            await pilot.press("slash")
+            await pilot.pause(0.2)
+            seen["filter"] = _footer(app)
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            assert not app.query_one("#filter").has_class("visible") and app.focused is app.table
+            seen["after escape"] = _footer(app)
+            return seen, width
+    seen, width = asyncio.run(go())
+    assert seen[RUN0] == ["mark", "detail", "drop", "raise_noise", "stop", "help", "quit"]
+    assert seen[RUN1] == ["mark", "detail", "resume", "fork", "help", "quit"]
+    assert seen[RUN2] == ["mark", "detail", "fork", "cycle_x", "cycle_ema", "help", "quit"]
+    assert seen["running, two marked"] == ["mark", "detail", "drop", "raise_noise", "stop", "tv", "help", "quit"]
+    assert width <= 80                      # the widest context, with ^p palette, fits 80 columns
+    assert seen["filter"] == ["close_filter"] and seen["after escape"] == seen["running, two marked"]
+
+
+def _records(rd, field):
+    """The field against step, read straight from metrics.jsonl (not through the TUI's RunTail)."""
+    recs = [json.loads(line) for line in rd.metrics_file.read_text().splitlines()]
+    recs = [r for r in recs if field in r]
+    return np.array([r["step"] for r in recs], float), np.array([r[field] for r in recs], float)
+
+
+def test_small_plots_of_recorded_fields_beside_the_loss(home):
+    from engine.rundir import run_dir
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, RUN0)
+            await pilot.press("m")
+            await pilot.pause()
+            box = app.screen.query_one("#answer")
+            assert box.value == "lr batch_size eval_error"           # the recorded ones, as a default
+            assert "recorded: batch_size eval_error eval_loss loss lr" in str(app.screen.query_one("Label").render())
+            box.value = "batch_size eval_error grad_norm"            # grad_norm: not recorded by this run
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            plots = list(app.query("#metrics LossPlot").results(LossPlot))
+            got = {p.y_label: p.series[0][:2] for p in plots}
+            titles = [p.border_title for p in plots]
+            text = "\n".join(str(p.render()) for p in plots)
+            await pilot.press("m")                                    # hostile input: refused, nothing changes
+            await pilot.pause()
+            app.screen.query_one("#answer").value = "lr; rm -rf /"
+            await pilot.press("enter")
+            await pilot.pause()
+            kept = app.metric_fields
+            await pilot.press("q")
+            return got, titles, text, kept
+    got, titles, text, kept = asyncio.run(go())
+    assert titles == ["batch_size vs step", "eval_error vs step", "grad_norm vs step"]
+    x, y = _records(run_dir(home, RUN0), "batch_size")
+    assert np.array_equal(got["batch_size"][0], x) and np.array_equal(got["batch_size"][1], y)
+    assert y[0] == 32 and y[-1] == 512                               # the planned drop, as recorded
+    x, y = _records(run_dir(home, RUN0), "eval_error")
+    assert np.array_equal(got["eval_error"][0], x) and np.allclose(got["eval_error"][1], 0.3)
+    assert len(got["grad_norm"][0]) == 0 and "512" in text           # an unrecorded field: an empty plot
+    assert kept == ["batch_size", "eval_error", "grad_norm"]
+
+    async def again():                                                # kept per home
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            return [p.y_label for p in app.query("#metrics LossPlot").results(LossPlot)]
+    assert asyncio.run(again()) == ["batch_size", "eval_error", "grad_norm"]
+
+
+def test_collapse_groups_means_and_agreement():
+    rows = [{"id": "p-a_s1", "preset": "p", "arm": "a_s1", "state": "done", "step": 10, "steps": 10, "samples": 100,
+             "lr_time": 1.0, "loss_ema": 1.0, "eval_loss": None, "lr": 0.1, "batch_size": 32, "created": 5, "device": "cpu"},
+            {"id": "p-b", "preset": "p", "arm": "b", "state": "done", "step": 10, "steps": 10, "samples": 100,
+             "lr_time": 1.0, "loss_ema": 9.0, "eval_loss": None, "lr": 0.1, "batch_size": 32, "created": 6, "device": None},
+            {"id": "p-a_s2", "preset": "p", "arm": "a_s2", "state": "running", "step": 4, "steps": 12, "samples": 40,
+             "lr_time": 0.5, "loss_ema": 2.0, "eval_loss": 3.0, "lr": 0.01, "batch_size": 32, "created": 7, "device": "cuda:1"}]
+    out, groups = collapse_groups(rows, family)
+    assert [r["id"] for r in out] == ["seeds:p:a", "p-b"] and groups == {"seeds:p:a": ["p-a_s1", "p-a_s2"]}
+    g = out[0]
+    assert (g["state"], g["step"], g["steps"], g["samples"], g["lr_time"]) == ("running", 4, 12, 40, 0.5)
+    assert g["loss_ema"] == pytest.approx(1.5) and g["eval_loss"] == 3.0        # the mean of those that have one
+    assert g["lr"] is None and g["batch_size"] == 32 and g["device"] == "cpu,cuda:1" and g["label"] == "a ×2"
+    assert collapse_groups(rows[1:2], family) == (rows[1:2], {})                # a family of one stays a run
+
+
+def test_a_seed_family_as_one_row(home):
+    from engine.rundir import run_dir
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            loss = {r["id"]: r["loss_ema"] for r in app.rows}
+            _select(app, RUN2)
+            await pilot.press("G")
+            await pilot.pause()
+            rows = [(r["id"], r.get("label")) for r in app.rows]
+            group = next(r for r in app.rows if r.get("members"))
+            sel = app.table.selected_id                               # the group the selected run went into
+            line = app.plot.series[-1]
+            await pilot.press("space")
+            marked = set(app.marked)
+            await pilot.press("d")                                    # steering a group: refused, nothing sent
+            await pilot.pause()
+            screen = type(app.screen).__name__
+            await pilot.press("G")
+            await pilot.pause()
+            back = (app.table.selected_id, len(app.rows))
+            return loss, rows, group, sel, line, marked, screen, back
+    loss, rows, group, sel, line, marked, screen, back = asyncio.run(go())
+    gid = "seeds:demo:bs512"
+    assert rows == [(RUN0, None), (gid, "bs512 ×2")] and sel == gid
+    assert group["loss_ema"] == pytest.approx((loss[RUN1] + loss[RUN2]) / 2)
+    assert line[3] == "bs512 (mean of 2 seeds)"                       # the plot draws the group's mean
+    assert marked == {RUN1, RUN2} and screen != "Ask"
+    assert [run_dir(home, r).control_file.read_text() for r in (RUN1, RUN2)] == ["", ""]
+    assert back == (RUN1, 3)
+
+
+def test_detail_screen_follows_the_log(home):
+    from engine.rundir import run_dir
+    from textual.widgets import Log
+    rd = run_dir(home, RUN0)
+    rd.log("step 1: loss 2.5")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            _select(app, RUN0)
+            await pilot.press("enter")
+            await pilot.pause()
+            log = app.screen.query_one(Log)
+            first = list(log.lines)
+            rd.log("step 2: loss 2.4")
+            with open(rd.log_file, "a") as f:
+                f.write("step 3: lo")                                 # a line still being written
+            await pilot.pause(1.3)
+            second = list(log.lines)
+            await pilot.press("f")                                    # pause
+            with open(rd.log_file, "a") as f:
+                f.write("ss 2.3\n")
+            await pilot.pause(1.3)
+            paused = (list(log.lines), log.border_title)
+            await pilot.press("f")                                    # follow again: what came meanwhile
+            await pilot.pause()
+            return first, second, paused, list(log.lines), log.border_title
+    first, second, paused, last, title = asyncio.run(go())
+    assert first == ["step 1: loss 2.5"]
+    assert second == ["step 1: loss 2.5", "step 2: loss 2.4"]
+    assert paused == (second, "log.txt — paused (f follows)")
+    assert last == second + ["step 3: loss 2.3"] and title == "log.txt — following (f pauses)"
