@@ -210,5 +210,8 @@ class LossPlot(Widget):
             out.append(row)
             out.append("\n")
         lo, hi = human(x0, self.x_label), human(x1, self.x_label)
-        out.append(" " * 9 + f"{lo:<12}{self.x_label:^{max(0, w - 24)}}{hi:>12}")
+        if w >= 24 + len(self.x_label):
+            out.append(" " * 9 + f"{lo:<12}{self.x_label:^{w - 24}}{hi:>12}")
+        else:                       # a small plot: both ends, no room for the axis' name (its title has it)
+            out.append(" " * 9 + f"{lo}{hi:>{max(1, w - len(lo))}}")
         return out
