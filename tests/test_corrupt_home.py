@@ -151,7 +151,7 @@ def test_the_tui_shows_the_healthy_run_in_a_corrupt_home(corrupt_home):
         app = GpctlApp(home, live=False)
         async with app.run_test(size=(160, 48)) as pilot:
             await pilot.pause()
-            assert app.table.row_count == 1 + len(bad)
+            assert len(app.table.run_ids) == 1 + len(bad)
             states = {r["id"]: r["state"] for r in app.rows}
             assert states == {healthy.id: "done", **{rd.id: "unreadable" for rd in bad.values()}}
             app.table.move_cursor(row=app.table.get_row_index(healthy.id))

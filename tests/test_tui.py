@@ -37,8 +37,12 @@ def test_table_plot_axis_and_overlay(runs):
     async def go():
         app = GpctlApp(home, live=False)
         async with app.run_test(size=(160, 48)) as pilot:
-            assert app.table.row_count == 3
-            assert [app.table.get_row_at(i)[1].plain for i in range(3)] == ["done", "done", "running"]
+            assert len(app.table.run_ids) == 3
+            assert [app.table.get_row_at(i)[0].plain for i in range(4)][0] == "tiny · 3 runs"   # the preset's header
+            assert [app.table.get_row_at(i)[1].plain for i in range(1, 4)] == ["done", "done", "running"]
+            assert app.table.selected_id == a.id                  # the first run, not the header
+            await pilot.press("up")                                # the header is passed over
+            assert app.table.selected_id == a.id and app.table.cursor_row == 1
             _select(app, a.id)
             await pilot.pause()
             assert len(app.plot.series) == 1 and app.plot.series[0][3] == a.id
@@ -166,7 +170,7 @@ def test_fork_cancel_and_filter(runs, monkeypatch):
             await pilot.press("f")
             await pilot.press(*"lr=0.005", "enter")
             await pilot.pause()
-            assert app.table.row_count == 4
+            assert len(app.table.run_ids) == 4
             forked = [r for r in app.rows if r["arm"] == "a-fork8"]
             assert forked and forked[0]["state"] == "queued"
             _select(app, forked[0]["id"])
@@ -179,11 +183,11 @@ def test_fork_cancel_and_filter(runs, monkeypatch):
             assert [r["state"] for r in app.rows if r["id"] == forked[0]["id"]] == ["cancelled"]
             await pilot.press("slash", *"fork")
             await pilot.pause()
-            assert app.table.row_count == 1
+            assert len(app.table.run_ids) == 1
             assert app.query_one("#status").render().plain.endswith("filter 'fork'")
             await pilot.press("escape")                           # Escape closes the filter and clears it
             await pilot.pause()
-            assert app.table.row_count == 4 and not app.query_one("#filter").has_class("visible")
+            assert len(app.table.run_ids) == 4 and not app.query_one("#filter").has_class("visible")
             assert app.filter_text == "" and app.table.has_focus
     run(go())
 
@@ -378,10 +382,10 @@ def test_sort_has_a_direction_puts_missing_values_last_and_shows_in_the_status_l
             order = [r["id"] for r in app.rows]
             la, lb = (next(r["loss_ema"] for r in app.rows if r["id"] == x.id) for x in (a, b))
             assert order == ([a.id, b.id] if la <= lb else [b.id, a.id]) + [c.id]      # c has none: last
-            shown = lambda: [app.table.coordinate_to_cell_key((i, 0)).row_key.value   # noqa: E731
-                             for i in range(app.table.row_count)]
+            shown = lambda: [k for k in (app.table.coordinate_to_cell_key((i, 0)).row_key.value   # noqa: E731
+                                         for i in range(app.table.row_count)) if not k.startswith("preset:")]
             assert shown() == order
-            app.table.move_cursor(row=shown().index(a.id))
+            app.table.move_cursor(row=app.table.get_row_index(a.id))
             await pilot.press("O")
             await pilot.pause()
             assert [r["id"] for r in app.rows] == order[:2][::-1] + [c.id]            # still last

@@ -201,3 +201,28 @@ def test_detail_screen_follows_the_log(home):
     assert second == ["step 1: loss 2.5", "step 2: loss 2.4"]
     assert paused == (second, "log.txt — paused (f follows)")
     assert last == second + ["step 3: loss 2.3"] and title == "log.txt — following (f pauses)"
+
+
+def test_runs_sit_under_a_header_per_preset_that_the_cursor_passes_over(home):
+    from engine.rundir import RunDir
+    from tests.conftest import TINY_IMAGES, tiny
+    other = RunDir.create(home, tiny(TINY_IMAGES, name="x", preset="zz"))
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            t = app.table
+            firsts = [t.get_row_at(i)[0].plain.strip() for i in range(t.row_count)]
+            _select(app, RUN2)
+            await pilot.press("down")
+            below = t.selected_id
+            await pilot.press("up")
+            above = t.selected_id
+            await pilot.press("up", "up", "up")
+            top = (t.selected_id, t.cursor_row)
+            return firsts, below, above, top
+    firsts, below, above, top = asyncio.run(go())
+    assert firsts == ["demo · 3 runs", "bs32to512-000000", "bs512-000001", "bs512_seed2-000002",
+                      "zz · 1 run", other.id[len("zz-"):]]
+    assert (below, above) == (other.id, RUN2) and top == (RUN0, 1)

@@ -5,6 +5,7 @@ import time
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Footer, RichLog, Static
 from textual.widgets._footer import FooterKey
 
@@ -20,6 +21,9 @@ STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": 
 
 def _f(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+HEADER = "preset:"        # a header row's key: never a run id (run ids have no colon)
 
 
 def short_id(r: dict) -> str:
@@ -40,11 +44,24 @@ class RunsTable(DataTable):
             self.add_column(c, key=c)
 
     def show(self, rows: list[dict], marked: set[str]) -> None:
-        """Rows grouped by preset; keeps the cursor on the same run. When the same runs are shown in
-        the same order (most refreshes: a few runs advanced), only the cells that changed are
-        updated; rebuilding 100 rows on every refresh made keys wait behind it."""
-        cells = {r["id"]: self._cells(r, r["id"] in marked) for r in rows}
-        order = [r["id"] for r in rows]
+        """Rows grouped by preset (sorted by it), each group under a header row naming the preset and
+        how many runs it has (the run column drops the preset prefix); keeps the cursor on the same
+        run. When the same runs are shown in the same order (most refreshes: a few runs advanced),
+        only the cells that changed are updated; rebuilding 100 rows on every refresh made keys wait."""
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["preset"]] = counts.get(r["preset"], 0) + 1
+        cells, order, prev = {}, [], None
+        for r in rows:
+            if r["preset"] != prev:
+                prev = r["preset"]
+                hid = HEADER + prev
+                order.append(hid)
+                n = counts[prev]
+                cells[hid] = (Text(f"{prev} · {n} run{'s' if n != 1 else ''}", style="bold underline"),) + \
+                    ("",) * (len(COLUMNS) - 1)
+            order.append(r["id"])
+            cells[r["id"]] = self._cells(r, r["id"] in marked)
         shown = getattr(self, "_order", None)
         if shown is not None and self.row_count == len(order) and set(order) == set(shown):
             merged = {}
@@ -66,6 +83,28 @@ class RunsTable(DataTable):
         self._order, self._shown = order, cells
         if current is not None and current in self.rows:
             self.move_cursor(row=self.get_row_index(current))
+        elif self.row_count:
+            self.move_cursor(row=1)                 # the first run, not its preset's header
+
+    def _is_header(self, row: int) -> bool:
+        order = getattr(self, "_order", None)
+        return bool(order) and 0 <= row < len(order) and order[row].startswith(HEADER)
+
+    def validate_cursor_coordinate(self, value: Coordinate) -> Coordinate:
+        """The cursor never rests on a preset's header: it goes on in the direction it moved (up from
+        the first run onto the top header: it stays on that run)."""
+        value = super().validate_cursor_coordinate(value)
+        if self._is_header(value.row):
+            step = -1 if value.row < self.cursor_coordinate.row else 1
+            for row in (value.row + step, value.row - step):
+                if 0 <= row < self.row_count and not self._is_header(row):
+                    return Coordinate(row, value.column)
+        return value
+
+    @property
+    def run_ids(self) -> list[str]:
+        """The rows' run ids (and collapsed seed groups) in order, without the preset headers."""
+        return [k for k in getattr(self, "_order", []) if not k.startswith(HEADER)]
 
     def _update(self, rid: str, col: str, old, new):
         if old == new:
@@ -94,9 +133,10 @@ class RunsTable(DataTable):
         if self.row_count == 0:
             return None
         try:
-            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
         except Exception:  # noqa: BLE001 - an empty or refreshing table
             return None
+        return None if key is None or key.startswith(HEADER) else key
 
 
 class EventsPane(RichLog):
