@@ -145,7 +145,7 @@ def startup(runs: int, steps: int) -> None:
             app = GpctlApp(home, live=False)
             async with app.run_test(size=(160, 48)) as pilot:
                 await pilot.pause()
-                assert app.table.row_count == runs and app.plot.series
+                assert len(app.table.run_ids) == runs and app.plot.series
                 return time.perf_counter() - t0
 
         took = asyncio.run(go())
