@@ -280,7 +280,19 @@ def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):
             options.highlighted = demo
             await pilot.press("enter")
             await pilot.pause()
-            assert sum(r["preset"] == "demo" and r["state"] == "queued" for r in app.rows) == 3
+            await pilot.press(*"nope=1", "enter")                      # a bad override: one line, nothing made
+            await pilot.pause()
+            assert not [r for r in app.rows if r["preset"] == "demo"]
+            assert any(n.severity == "error" and "nope" in n.message for n in app._notifications)
+            await pilot.press("n")
+            await pilot.pause()
+            app.screen.query_one("#options").highlighted = demo
+            await pilot.press("enter")
+            await pilot.pause()
+            await pilot.press(*"steps=60", "enter")
+            await pilot.pause()
+            demo_rows = [r for r in app.rows if r["preset"] == "demo"]
+            assert len(demo_rows) == 3 and all(r["state"] == "queued" and r["steps"] == 60 for r in demo_rows)
             _select(app, a.id)
             await pilot.press("space")
             _select(app, b.id)
@@ -464,3 +476,38 @@ def test_tv_panel_computes_in_a_thread_with_a_marked_first(runs):
     assert table[0].split() == ["curve", "run", "A", "step", "A", "step", "B", "loss", "A", "loss", "B", "gap", "TV"]
     assert [line.split()[1] for line in table[1:]] == [b.id] * len(rows)
     assert all(0 <= r["tv"] <= 1 for r in rows)
+
+
+def test_fork_dialog_takes_a_step_a_name_and_overrides(runs, monkeypatch):
+    """Issue 14: the fork dialog took overrides only; it takes the CLI's --step and --name too, and
+    offers the latest checkpoint."""
+    home, a, b, c = runs
+    from gpctl import queue
+    monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: False)
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            _select(app, a.id)
+            await pilot.pause()
+            await pilot.press("f")
+            await pilot.pause()
+            box = app.screen.query_one("#answer")
+            offered = box.value
+            box.value = "--step x"                                    # refused in one line, nothing made
+            await pilot.press("enter")
+            await pilot.pause()
+            await pilot.press("f")
+            await pilot.pause()
+            app.screen.query_one("#answer").value = "--step 4 --name a-at4 lr=0.01"
+            await pilot.press("enter")
+            await pilot.pause()
+            errors = [n.message for n in app._notifications if n.severity == "error"]
+            return offered, errors, [r for r in app.rows if r["arm"] == "a-at4"]
+    offered, errors, made = asyncio.run(go())
+    assert offered == "--step 8 " and errors == ["fork failed: --step needs a whole number, got 'x'"]
+    assert len(made) == 1 and made[0]["state"] == "queued"
+    from engine.rundir import run_dir
+    cfg = run_dir(home, made[0]["id"]).config()
+    assert (cfg.parent, cfg.lr, cfg.parent_overrides) == (a.id, 0.01, ["lr=0.01"])
+    assert cfg.parent_checkpoint == str(dict(a.list_checkpoints())[4].resolve())   # step 4's, not the latest (8)

@@ -226,3 +226,15 @@ def test_runs_sit_under_a_header_per_preset_that_the_cursor_passes_over(home):
     assert firsts == ["demo · 3 runs", "bs32to512-000000", "bs512-000001", "bs512_seed2-000002",
                       "zz · 1 run", other.id[len("zz-"):]]
     assert (below, above) == (other.id, RUN2) and top == (RUN0, 1)
+
+
+def test_fork_dialog_words_are_the_cli_flags():
+    from gpctl.tui.app import fork_words
+    assert fork_words("--step 100 --name bs32-at100 batch_size=32 lr=0.01".split()) == \
+        (100, None, "bs32-at100", ["batch_size=32", "lr=0.01"])
+    assert fork_words(["--lr-time", "2.5"]) == (None, 2.5, None, [])
+    for words, msg in ((["--step", "x"], "--step needs a whole number, got 'x'"), (["--step"], "--step needs a value"),
+                       (["--at", "3"], "unknown option '--at'"), (["lr"], "expected KEY=VALUE, got 'lr'"),
+                       (["--step", "3", "--lr-time", "1"], "--step and --lr-time: give one")):
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            fork_words(words)

@@ -42,6 +42,38 @@ MAX_METRICS = 6            # small plots beside the loss
 ENDED = ("done", "failed", "diverged", "lost", "stopped", "cancelled")
 
 
+def fork_words(words: list[str]) -> tuple[int | None, float | None, str | None, list[str]]:
+    """The fork dialog's words, as `gpctl fork` takes them: --step N | --lr-time T, --name NAME, and
+    KEY=VALUE overrides. Returns (step, lr_time, name, overrides); anything else is a ValueError
+    naming the word."""
+    step = lr_time = name = None
+    overrides: list[str] = []
+    it = iter(words)
+    for w in it:
+        if w in ("--step", "--lr-time", "--name"):
+            v = next(it, None)
+            if v is None:
+                raise ValueError(f"{w} needs a value")
+            try:
+                if w == "--step":
+                    step = int(v)
+                elif w == "--lr-time":
+                    lr_time = float(v)
+                else:
+                    name = v
+            except ValueError:
+                raise ValueError(f"{w} needs a {'whole number' if w == '--step' else 'number'}, got {v!r}") from None
+        elif w.startswith("-"):
+            raise ValueError(f"unknown option {w!r} (--step N, --lr-time T, --name NAME, KEY=VALUE)")
+        elif "=" in w:
+            overrides.append(w)
+        else:
+            raise ValueError(f"expected KEY=VALUE, got {w!r}")
+    if step is not None and lr_time is not None:
+        raise ValueError("--step and --lr-time: give one")
+    return step, lr_time, name, overrides
+
+
 def collapse_groups(rows: list[dict], family) -> tuple[list[dict], dict[str, list[str]]]:
     """Rows with every seed family of two or more runs (same preset, family(arm, group)) as one row,
     where its first member was: the family, how many seeds, the mean of their loss and eval loss,
@@ -775,6 +807,7 @@ class GpctlApp(App):
             self._send(rd, {"action": "checkpoint"})
 
     def action_fork(self) -> None:
+        """Fork at a checkpoint (the latest, prefilled) with overrides and a name, as `gpctl fork` does."""
         from engine.fork import fork
         from gpctl import queue
         from gpctl.common import State
@@ -786,7 +819,8 @@ class GpctlApp(App):
             if answer is None:
                 return
             try:
-                child = fork(self.home, rd, overrides=answer.split())
+                step, lr_time, name, overrides = fork_words(answer.split())
+                child = fork(self.home, rd, step=step, lr_time=lr_time, overrides=overrides, name=name)
             except Exception as e:  # noqa: BLE001 - shown, not fatal
                 self.notify(f"fork failed: {e}", severity="error")
                 return
@@ -796,7 +830,10 @@ class GpctlApp(App):
             self.notify(f"forked {child.id} (queued)")
             self.refresh_data()
 
-        self.push_screen(Ask(f"fork {rd.id} at its latest checkpoint; overrides (k=v …):", ""), done)
+        ckpts = rd.list_checkpoints()
+        self.push_screen(Ask(f"fork {rd.id}: [--step N | --lr-time T] [--name NAME] k=v … (checkpoints at steps "
+                             f"{', '.join(str(st) for st, _ in ckpts[-6:]) or 'none yet'})",
+                             f"--step {ckpts[-1][0]} " if ckpts else ""), done)
 
     def action_cancel(self) -> None:
         rd = self._selected()
@@ -841,26 +878,37 @@ class GpctlApp(App):
         self.refresh_data()
 
     def action_enqueue(self) -> None:
+        """A preset from a picker, then its overrides (k=v …, as `gpctl run preset NAME --set`)."""
         from engine.presets import list_presets
         from gpctl import queue
         from gpctl import runs as ops
         from gpctl.common import State
 
-        def done(name: str | None) -> None:
-            if not name:
+        def enqueue(name: str, answer: str | None) -> None:
+            if answer is None:
                 return
+            overrides = answer.split()
             try:
-                rds = ops.create_runs(name.split()[0], [], self.home)
+                bad = next((w for w in overrides if "=" not in w), None)
+                if bad is not None:
+                    raise ValueError(f"expected KEY=VALUE, got {bad!r}")
+                rds = ops.create_runs(name, overrides, self.home)
             except Exception as e:  # noqa: BLE001 - one line, not a crash
-                self.notify(str(e), severity="error")
+                self.notify(str(e).splitlines()[0] if str(e) else type(e).__name__, severity="error")
                 return
             State.home = self.home
             queue.enqueue(rds)
             queue.ensure_worker()
-            self.notify(f"queued {len(rds)} runs of {name.split()[0]}")
+            self.notify(f"queued {len(rds)} runs of {name}" + (f" with {' '.join(overrides)}" if overrides else ""))
             self.refresh_data()
 
-        self.push_screen(Pick("enqueue a preset", [f"{p.name}  ({p.figure})" for p in list_presets()]), done)
+        def picked(choice: str | None) -> None:
+            if choice:
+                name = choice.split()[0]
+                self.push_screen(Ask(f"enqueue {name}: overrides k=v … (empty: as the preset says)"),
+                                 partial(enqueue, name))
+
+        self.push_screen(Pick("enqueue a preset", [f"{p.name}  ({p.figure})" for p in list_presets()]), picked)
 
     def action_tv(self) -> None:
         if len(self.marked) not in (2, 3):
