@@ -282,3 +282,68 @@ def test_a_hostile_meta_json_is_one_line_and_reads_nothing_outside(tmp_path, tok
         build_stream(_c4_cfg(tmp_path / "prep", tokenizer_dir), CPU)
     assert str(e.value) == (f"{tmp_path / 'prep' / 'meta.json'}: split 'train' does not list its shards as plain "
                             f"file names in this folder")
+
+
+def _records(rd):
+    return [{k: v for k, v in r.items() if k != "wall"} for r in rd.metrics()[0]]
+
+
+def test_prewarm_compiles_every_planned_size_before_step_one_and_changes_nothing(tmp_path, monkeypatch):
+    """Issue 13: compile's shapes are pre-warmed, so the noise drop at step 4 does not wait for the
+    compiler; the pre-warm (on held-out batches) leaves batch-norm statistics, gradients and RNG as
+    they were: the records equal those of a run compiled as it goes."""
+    from engine import train as train_mod
+    _eager_compile(monkeypatch)
+    over = ("compile=true", "steps=8", "batch_size=4", "eval_every=2", "log_every=2",
+            "changes=[{at_step=4, batch_size=8}]")
+    seen = []
+
+    def graphs_at(t):
+        seen.append((t.step, train_mod.compiled_graphs() - t._graphs_before))
+    warm = RunDir.create(tmp_path, tiny(TINY_IMAGES, *over, name="warm"))
+    assert train(warm, hooks=[graphs_at]) == "done"
+    ev = [e for e in warm.events()[0] if e["event"] == "prewarm"]
+    assert [(e["sizes"], e["graphs"]) for e in ev] == [([4, 8], 2)]
+    assert seen[0] == (0, 2) and seen[-1] == (7, 2)                       # none built after step 0
+    torch._dynamo.reset()
+    monkeypatch.setattr(train_mod.Trainer, "prewarm", lambda self: None)
+    cold = RunDir.create(tmp_path, tiny(TINY_IMAGES, *over, name="cold"))
+    seen.clear()
+    assert train(cold, hooks=[graphs_at]) == "done"
+    assert seen[0] == (0, 0) and seen[-1][1] == 2                          # compiled as it went
+    assert _records(warm) == _records(cold) and len(_records(warm)) == 8 + 4
+
+
+def test_prewarm_without_restoring_the_model_changes_the_run(tmp_path, monkeypatch):
+    """Negative control for the test above: a pre-warm that leaves its batch-norm statistics behind
+    changes the eval losses."""
+    from engine import train as train_mod
+    _eager_compile(monkeypatch)
+    over = ("compile=true", "steps=8", "batch_size=4", "eval_every=2", "log_every=2",
+            "changes=[{at_step=4, batch_size=8}]")
+    cold_cfg = tiny(TINY_IMAGES, *over, name="cold")
+    monkeypatch.setattr(train_mod.Trainer, "_prewarm_restore", lambda self, saved: None)
+    leaky = RunDir.create(tmp_path, tiny(TINY_IMAGES, *over, name="leaky"))
+    assert train(leaky) == "done"
+    torch._dynamo.reset()
+    monkeypatch.setattr(train_mod.Trainer, "prewarm", lambda self: None)
+    cold = RunDir.create(tmp_path, cold_cfg)
+    assert train(cold) == "done"
+    evals = lambda rd: [r["eval_loss"] for r in _records(rd) if "eval_loss" in r]   # noqa: E731
+    assert evals(leaky) != evals(cold)
+
+
+def test_prewarm_sizes_are_the_shapes_still_to_come():
+    from types import SimpleNamespace
+
+    from engine.schedule import Schedule
+    from engine.train import Trainer
+    cfg = tiny(TINY_IMAGES, "batch_size=4", "steps=30", "changes=[{at_step=5, batch_size=16}, {at_step=9, batch_size=64}]")
+    t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=1))
+    assert Trainer.prewarm_sizes(t) == [4, 16, 64]
+    t.schedule.noise.applied[0] = True                 # resumed after the first change (its batch is now 16)
+    t.schedule.noise.batch_size = 16
+    assert Trainer.prewarm_sizes(t) == [16, 64]
+    cfg = tiny(TINY_IMAGES, "batch_size=8", "micro_batch_size=4", "steps=30", "changes=[{at_step=5, batch_size=32}]")
+    t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=2))
+    assert Trainer.prewarm_sizes(t) == [4]               # per rank 4 and 16: micro-batches of 4 only
