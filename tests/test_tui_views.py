@@ -238,3 +238,24 @@ def test_fork_dialog_words_are_the_cli_flags():
                        (["--step", "3", "--lr-time", "1"], "--step and --lr-time: give one")):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             fork_words(words)
+
+
+def test_detail_screen_says_when_the_log_is_empty_until_it_is_not(home):
+    from engine.rundir import run_dir
+    from textual.widgets import Log
+    rd = run_dir(home, RUN1)
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            _select(app, RUN1)
+            await pilot.press("enter")
+            await pilot.pause()
+            log = app.screen.query_one(Log)
+            before = log.border_title
+            rd.log("step 1: loss 2.5")
+            await pilot.pause(1.3)
+            return before, log.border_title, list(log.lines)
+    before, after, lines = asyncio.run(go())
+    assert before == "log.txt (empty so far) — following (f pauses)"
+    assert after == "log.txt — following (f pauses)" and lines == ["step 1: loss 2.5"]

@@ -113,7 +113,7 @@ class Detail(ModalScreen[None]):
     DEFAULT_CSS = """
     Detail { align: center middle; }
     Detail > Vertical { width: 95%; height: 90%; border: thick $primary; background: $surface; }
-    Detail #detail { height: 1fr; padding: 0 1; }
+    Detail #detail { height: 1fr; padding: 0 1; border-top: solid $secondary; }
     Detail #detail-log { height: 1fr; border-top: solid $secondary; padding: 0 1; }
     """
     BINDINGS = [("escape,enter,q", "close", "Close"), ("f", "follow", "Follow"), ("r", "reload", "Reload")]
@@ -135,6 +135,7 @@ class Detail(ModalScreen[None]):
             yield Log(id="detail-log", max_lines=5000, auto_scroll=True)
 
     def on_mount(self) -> None:
+        self.query_one("#detail").border_title = f"{self.rd.id} — r reloads, Esc closes"
         self.read_log()
         self._title()
         self.set_interval(1.0, self.read_log)
@@ -152,11 +153,16 @@ class Detail(ModalScreen[None]):
         if self._cut and lines:
             lines, self._cut = lines[1:], False
         if lines:
-            self.query_one(Log).write_lines([ln.decode(errors="replace") for ln in lines])
+            log = self.query_one(Log)
+            first = not log.line_count
+            log.write_lines([ln.decode(errors="replace") for ln in lines])
+            if first and self.is_mounted:
+                self._title()
 
     def _title(self) -> None:
         log = self.query_one(Log)
-        log.border_title = f"log.txt — {'following (f pauses)' if self.following else 'paused (f follows)'}"
+        empty = " (empty so far)" if not log.line_count else ""
+        log.border_title = f"log.txt{empty} — {'following (f pauses)' if self.following else 'paused (f follows)'}"
 
     def action_follow(self) -> None:
         self.following = not self.following
