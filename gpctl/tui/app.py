@@ -424,7 +424,7 @@ class GpctlApp(App):
             if answer is None:
                 return
             fields = answer.replace(",", " ").split()
-            bad = [f for f in fields if not f.isidentifier()]
+            bad = [f for f in fields if not f.isidentifier() or len(f) >= 64]
             if bad or len(fields) > MAX_METRICS:
                 self.notify(f"fields: at most {MAX_METRICS} names like lr batch_size eval_error, got {answer!r}",
                             severity="error")
