@@ -356,8 +356,12 @@ class Trainer:
         with torch.no_grad():
             for b, v in zip(self.model.buffers(), saved["buffers"]):
                 b.copy_(v)
-        torch.set_rng_state(saved["cpu_rng"])
-        if saved["cuda_rng"] is not None:
+        # put back only what moved (a model without dropout draws nothing): the CUDA generators of a
+        # run with CUDA graphs are then never touched
+        if not torch.equal(torch.get_rng_state(), saved["cpu_rng"]):
+            torch.set_rng_state(saved["cpu_rng"])
+        if saved["cuda_rng"] is not None and not all(
+                torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), saved["cuda_rng"])):
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     def _train_step(self, batch: int) -> torch.Tensor:

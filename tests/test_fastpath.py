@@ -347,3 +347,24 @@ def test_prewarm_sizes_are_the_shapes_still_to_come():
     cfg = tiny(TINY_IMAGES, "batch_size=8", "micro_batch_size=4", "steps=30", "changes=[{at_step=5, batch_size=32}]")
     t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=2))
     assert Trainer.prewarm_sizes(t) == [4]               # per rank 4 and 16: micro-batches of 4 only
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_prewarm_puts_back_the_rng_that_dropout_drew(tmp_path, monkeypatch, restore):
+    """GPT-2 with dropout: the pre-warm's forwards draw dropout masks; with the RNG put back the train
+    losses equal a cold-compiled run's, without it (the negative control) they differ."""
+    from engine import train as train_mod
+    _eager_compile(monkeypatch)
+    over = ("compile=true", "steps=6", "batch_size=4", "log_every=2", "model.dropout=0.1",
+            "changes=[{at_step=3, batch_size=8}]")
+    if not restore:
+        monkeypatch.setattr(train_mod.Trainer, "_prewarm_restore", lambda self, saved: None)
+    warm = RunDir.create(tmp_path, tiny(TINY_LM, *over, name="warm"))
+    assert train(warm) == "done"
+    torch._dynamo.reset()
+    monkeypatch.setattr(train_mod.Trainer, "prewarm", lambda self: None)
+    cold = RunDir.create(tmp_path, tiny(TINY_LM, *over, name="cold"))
+    assert train(cold) == "done"
+    losses = lambda rd: [r["loss"] for r in _records(rd) if "loss" in r]   # noqa: E731
+    assert len(losses(warm)) == 6
+    assert (losses(warm) == losses(cold)) is restore
