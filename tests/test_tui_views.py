@@ -147,6 +147,7 @@ def test_a_seed_family_as_one_row(home):
             await pilot.press("G")
             await pilot.pause()
             rows = [(r["id"], r.get("label")) for r in app.rows]
+            header = app.table.get_row_at(0)[0].plain
             group = next(r for r in app.rows if r.get("members"))
             sel = app.table.selected_id                               # the group the selected run went into
             line = app.plot.series[-1]
@@ -158,8 +159,9 @@ def test_a_seed_family_as_one_row(home):
             await pilot.press("G")
             await pilot.pause()
             back = (app.table.selected_id, len(app.rows))
-            return loss, rows, group, sel, line, marked, screen, back
-    loss, rows, group, sel, line, marked, screen, back = asyncio.run(go())
+            return loss, rows, group, sel, line, marked, screen, back, header
+    loss, rows, group, sel, line, marked, screen, back, header = asyncio.run(go())
+    assert header == "demo · 3 runs"                                   # runs, not rows
     gid = "seeds:demo:bs512"
     assert rows == [(RUN0, None), (gid, "bs512 ×2")] and sel == gid
     assert group["loss_ema"] == pytest.approx((loss[RUN1] + loss[RUN2]) / 2)
