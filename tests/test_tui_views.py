@@ -133,6 +133,8 @@ def test_collapse_groups_means_and_agreement():
     assert g["loss_ema"] == pytest.approx(1.5) and g["eval_loss"] == 3.0        # the mean of those that have one
     assert g["lr"] is None and g["batch_size"] == 32 and g["device"] == "cpu,cuda:1" and g["label"] == "a ×2"
     assert collapse_groups(rows[1:2], family) == (rows[1:2], {})                # a family of one stays a run
+    broken = [dict(rows[1], id=f"x-{i}", preset="?", arm="?", state="unreadable") for i in range(2)]
+    assert collapse_groups(broken, family) == (broken, {})                       # unreadable runs: never folded
 
 
 def test_a_seed_family_as_one_row(home):

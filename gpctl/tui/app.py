@@ -79,26 +79,28 @@ def collapse_groups(rows: list[dict], family) -> tuple[list[dict], dict[str, lis
     where its first member was: the family, how many seeds, the mean of their loss and eval loss,
     the least step, samples and lr_time, lr and batch where all agree. Returns (rows, {row id:
     member ids}); a group's id is `seeds:<preset>:<family>`, never a run id (run ids have no colon)."""
+    def key(r: dict) -> tuple:     # a run whose config cannot be read (preset "?") is never folded
+        return (r["preset"], family(r["arm"], r.get("group") or "")) if r["preset"] != "?" else ("?", r["id"])
     fam: dict[tuple, list[dict]] = {}
     for r in rows:
-        fam.setdefault((r["preset"], family(r["arm"], r.get("group") or "")), []).append(r)
+        fam.setdefault(key(r), []).append(r)
     out, groups, placed = [], {}, set()
     for r in rows:
-        key = (r["preset"], family(r["arm"], r.get("group") or ""))
-        members = fam[key]
+        members = fam[key(r)]
         if len(members) < 2:
             out.append(r)
             continue
-        if key in placed:
+        k = key(r)
+        if k in placed:
             continue
-        placed.add(key)
-        gid = f"seeds:{key[0]}:{key[1]}"
+        placed.add(k)
+        gid = f"seeds:{k[0]}:{k[1]}"
         groups[gid] = [m["id"] for m in members]
         states = {m["state"] for m in members}
         mean = lambda k: (sum(v) / len(v)) if (v := [m[k] for m in members if m.get(k) is not None]) else None  # noqa: E731
         same = lambda k: members[0][k] if len({m[k] for m in members}) == 1 else None                      # noqa: E731
-        out.append({"id": gid, "label": f"{key[1]} ×{len(members)}", "members": groups[gid], "preset": key[0],
-                    "arm": key[1], "group": members[0].get("group"),
+        out.append({"id": gid, "label": f"{k[1]} ×{len(members)}", "members": groups[gid], "preset": k[0],
+                    "arm": k[1], "group": members[0].get("group"),
                     "state": next((s for s in ("running", "queued", "unreadable", "failed", "diverged", "lost")
                                    if s in states), None) or (states.pop() if len(states) == 1 else "mixed"),
                     "step": min(m["step"] for m in members), "steps": max(m["steps"] for m in members),
