@@ -140,6 +140,8 @@ class Config:
     compile: bool = False           # torch.compile the model
     compile_mode: str = "default"   # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
                                     # | max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # inductor (generated kernels) | aot_eager | eager: dynamo's debugging
+                                    # backends, the same graphs and recompiles without code generation
     threads: int = 0                # CPU threads for torch; 0 = torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +174,7 @@ _CHOICES = {
     "schedule.clock": ("steps", "lr_time"),
     "precision": ("auto", "fp32", "bf16"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "compile_backend": ("inductor", "aot_eager", "eager"),
 }
 _AUGMENTS = ("crop", "flip")
 
@@ -257,7 +260,7 @@ def validate(cfg: Config, where: str) -> Config:
     flat = {"model.name": cfg.model.name, "data.source": cfg.data.source, "data.mode": cfg.data.mode,
             "optim.name": cfg.optim.name, "optim.fused": cfg.optim.fused,
             "schedule.kind": cfg.schedule.kind, "schedule.clock": cfg.schedule.clock,
-            "precision": cfg.precision}
+            "precision": cfg.precision, "compile_mode": cfg.compile_mode, "compile_backend": cfg.compile_backend}
     for key, value in flat.items():
         if value not in _CHOICES[key]:
             raise ConfigError(f"{where}: '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
@@ -270,6 +273,9 @@ def validate(cfg: Config, where: str) -> Config:
     if cfg.lr <= 0:
         raise ConfigError(f"{where}: 'lr' must be > 0, got {cfg.lr}")
     _check_ranges(cfg, where)
+    if cfg.compile_backend != "inductor" and cfg.compile_mode != "default":
+        raise ConfigError(f"{where}: 'compile_mode' = {cfg.compile_mode!r} needs compile_backend = \"inductor\" "
+                          f"(got {cfg.compile_backend!r})")
     for key in ("eval_every", "checkpoint_every", "micro_batch_size", "lr_ref", "max_lr_time"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")

@@ -180,7 +180,7 @@ class Trainer:
             limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), policy["recompile_limit"]))
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-            self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"], mode=mode)
+            self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"], mode=mode, backend=cfg.compile_backend)
         # CUDA graphs (reduce-overhead, max-autotune) replay into the same output buffers: each forward
         # starts a new graph step, so a micro-batch's forward never overwrites what the last one's
         # backward still needs (tied embeddings under gradient accumulation did, on an H200)

@@ -25,11 +25,22 @@ def test_set_overrides_nested_and_typed():
     ("batch_size=0", "<test>: 'batch_size' must be > 0, got 0"),
     ("data.mode=sometimes", "<test>: 'data.mode' = 'sometimes' is not one of online, offline"),
     ("steps=1.5", "<test>: 'steps' must be an integer, got 1.5"),
+    ("compile_mode=fastest", "<test>: 'compile_mode' = 'fastest' is not one of default, reduce-overhead, "
+                             "max-autotune, max-autotune-no-cudagraphs"),
+    ("compile_backend=tvm", "<test>: 'compile_backend' = 'tvm' is not one of inductor, aot_eager, eager"),
 ])
 def test_bad_set_is_one_clear_line(item, message):
     with pytest.raises(ConfigError) as e:
         tiny(TINY_IMAGES, item)
     assert str(e.value) == message
+
+
+def test_compile_mode_needs_inductor():
+    with pytest.raises(ConfigError) as e:
+        tiny(TINY_IMAGES, "compile_backend=eager", "compile_mode=reduce-overhead")
+    assert str(e.value) == ("<test>: 'compile_mode' = 'reduce-overhead' needs compile_backend = \"inductor\" "
+                            "(got 'eager')")
+    assert tiny(TINY_IMAGES, "compile_backend=aot_eager").compile_backend == "aot_eager"
 
 
 def test_batch_must_fit_micro_batch():

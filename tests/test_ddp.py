@@ -62,3 +62,23 @@ def test_one_rank_under_torchrun_is_ddp_of_world_one(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert [r["loss"] for r in rd.metrics()[0] if "loss" in r] == pytest.approx(
         [r["loss"] for r in single.metrics()[0] if "loss" in r], rel=1e-5)
+
+
+def test_compiled_ddp_prewarms_each_ranks_slice_and_matches_one_process(tmp_path):
+    """Issue 13: under DDP the compiled model is pre-warmed on each rank's share of every planned
+    batch size (all ranks in step, or the gradient all-reduce would hang), and the run still trains
+    like one process (dynamo's eager backend: the same graphs and guards, no code generation)."""
+    over = ("steps=6", "batch_size=8", "eval_every=3", "compile=true", "compile_backend=eager",
+            "changes=[{at_step=3, batch_size=16}]")
+    single = RunDir.create(tmp_path, tiny(TINY_LM, *over), run_id="single")
+    assert train(single) == "done"
+    ddp = RunDir.create(tmp_path, tiny(TINY_LM, *over), run_id="ddp")
+    res = torchrun(ddp)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (warm,) = [e for e in ddp.events()[0] if e["event"] == "prewarm"]
+    assert (warm["sizes"], warm["graphs"]) == ([4, 8], 2)           # per rank: 8 / 2 and 16 / 2
+    (ends,) = [e for e in ddp.events()[0] if e["event"] == "end"]
+    assert ends["graphs"] == 2                                     # none built after the pre-warm
+    a = [r["loss"] for r in single.metrics()[0] if "loss" in r]
+    b = [r["loss"] for r in ddp.metrics()[0] if "loss" in r]
+    assert len(b) == 6 and b == pytest.approx(a, rel=1e-4)

@@ -81,7 +81,7 @@ def _eager_compile(monkeypatch):
     import torch._dynamo
     torch._dynamo.reset()
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", **kw))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "eager"}))
 
 
 def test_compile_across_a_planned_batch_change_builds_one_graph_per_size(tmp_path, monkeypatch):
