@@ -263,3 +263,49 @@ def test_detail_screen_says_when_the_log_is_empty_until_it_is_not(home):
     before, after, lines = asyncio.run(go())
     assert before == "log.txt (empty so far) — following (f pauses)"
     assert after == "log.txt — following (f pauses)" and lines == ["step 1: loss 2.5"]
+
+
+def test_hostile_field_names_and_many_fields_never_crash_the_small_plots(home):
+    """A record with markup-like, non-identifier and thousands of numeric keys: the TUI keeps at most
+    MAX_FIELDS plottable names, shows them as text, and goes on."""
+    from engine.rundir import run_dir
+    from gpctl.tui.data import MAX_FIELDS
+    rd = run_dir(home, RUN0)
+    junk = {f"f{i}": i for i in range(3000)}
+    rd.append_metrics([{"step": 201, "samples": 1, "lr_time": 201.0, "wall": 1.0, "loss": 1.0, "[/bold]": 1.0,
+                        "a b": 2.0, **junk}])
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            _select(app, RUN0)
+            await pilot.pause()
+            fields = app.tail(RUN0).fields()
+            await pilot.press("m")
+            await pilot.pause()
+            prompt = str(app.screen.query_one("Label").render())
+            app.screen.query_one("#answer").value = "f1 f2"
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            plots = [p.y_label for p in app.query("#metrics LossPlot").results(LossPlot)]
+            return fields, prompt, plots, app.is_running
+    fields, prompt, plots, alive = asyncio.run(go())
+    assert "[/bold]" not in fields and "a b" not in fields and len(fields) <= MAX_FIELDS
+    assert prompt.startswith("plot beside the loss") and plots == ["f1", "f2"] and alive
+
+
+def test_markup_typed_anywhere_is_text(home):
+    """`[/x]` in the filter crashed the TUI (the status line parsed it as markup); typed into the
+    filter, the zoom and the set dialogs it is shown as typed and the app goes on."""
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("slash", *"[/x]")
+            await pilot.pause(0.3)
+            status = str(app.query_one("#status").render())
+            await pilot.press("escape", "Z", *"[/x]", "enter")
+            await pilot.pause(0.3)
+            toast = app._notifications and list(app._notifications)[-1].message
+            return status, toast, app.is_running
+    status, toast, alive = asyncio.run(go())
+    assert status.endswith("filter '[/x]'") and toast == "expected 'FROM TO' with FROM < TO, got '[/x]'" and alive

@@ -181,6 +181,11 @@ class GpctlApp(App):
         self._states: dict[str, str] = {}
         self._all_rows: list[dict] = []    # every run, before the filter (as the poll thread last saw them)
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Toasts carry what people typed and what files held: shown as text, never as markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     # ------------------------------------------------------------------ crashes
     crash_log: Path | None = None
 
@@ -208,7 +213,7 @@ class GpctlApp(App):
                 yield Input(placeholder="filter runs…", id="filter")
                 yield RunsTable(id="runs")
             with Vertical(id="right"):
-                yield Static("", id="status")
+                yield Static("", id="status", markup=False)
                 yield LossPlot(id="plot")
                 yield Grid(id="metrics")
                 yield EventsPane(id="events", wrap=False, markup=False)

@@ -17,6 +17,7 @@ from engine.rundir import RunDir
 FIELDS = ("step", "samples", "lr_time", "wall", "loss")
 EVAL_FIELDS = ("step", "samples", "lr_time", "wall", "eval_loss")
 MARK_EVENTS = ("schedule", "control", "fork", "resume")
+MAX_FIELDS = 32            # per kind of record: a hostile file with thousands of keys costs no more
 
 
 def _number(v) -> bool:
@@ -45,8 +46,8 @@ class RunTail:
                 continue
             if not r.keys() <= part.keys():       # a field not seen before: NaN for the records before it
                 n = len(part["step"])
-                for k, v in r.items():
-                    if k not in part and _number(v):
+                for k, v in r.items():            # (names a plot can show; at most MAX_FIELDS of them)
+                    if k not in part and _number(v) and k.isidentifier() and len(k) < 64 and len(part) < MAX_FIELDS:
                         part[k] = [np.nan] * n
             for k, col in part.items():
                 v = r.get(k, np.nan)
