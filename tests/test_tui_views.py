@@ -173,19 +173,24 @@ def test_a_seed_family_as_one_row(home):
     assert back == (RUN1, 3)
 
 
+async def _open_detail(app, pilot, rid):
+    """Enter on `rid`: the detail screen's log widget."""
+    from textual.widgets import Log
+    _select(app, rid)
+    await pilot.press("enter")
+    await pilot.pause()
+    return app.screen.query_one(Log)
+
+
 def test_detail_screen_follows_the_log(home):
     from engine.rundir import run_dir
-    from textual.widgets import Log
     rd = run_dir(home, RUN0)
     rd.log("step 1: loss 2.5")
 
     async def go():
         app = GpctlApp(home, live=False)
         async with app.run_test(size=(120, 40)) as pilot:
-            _select(app, RUN0)
-            await pilot.press("enter")
-            await pilot.pause()
-            log = app.screen.query_one(Log)
+            log = await _open_detail(app, pilot, RUN0)
             first = list(log.lines)
             rd.log("step 2: loss 2.4")
             with open(rd.log_file, "a") as f:
@@ -246,16 +251,12 @@ def test_fork_dialog_words_are_the_cli_flags():
 
 def test_detail_screen_says_when_the_log_is_empty_until_it_is_not(home):
     from engine.rundir import run_dir
-    from textual.widgets import Log
     rd = run_dir(home, RUN1)
 
     async def go():
         app = GpctlApp(home, live=False)
         async with app.run_test(size=(120, 40)) as pilot:
-            _select(app, RUN1)
-            await pilot.press("enter")
-            await pilot.pause()
-            log = app.screen.query_one(Log)
+            log = await _open_detail(app, pilot, RUN1)
             before = log.border_title
             rd.log("step 1: loss 2.5")
             await pilot.pause(1.3)

@@ -28,18 +28,18 @@ from textual.widgets import Header, Input, Static
 from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
 from engine.curves import AXES
-from engine.jobs import JobStore
+from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, list_runs, run_dir
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick, TvPanel
-from gpctl.tui.keys import KEYS, bindings, footer_actions, key_screen_text, state_file
+from gpctl.tui.keys import FOOTER, KEYS, bindings, footer_actions, key_screen_text, state_file
 from gpctl.tui.widgets.panels import ContextFooter, EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
 EMAS = (0.0, 0.8, 0.9, 0.99)
 ZOOMS = (1.0, 0.25, 0.05)
 MAX_METRICS = 6            # small plots beside the loss
-ENDED = ("done", "failed", "diverged", "lost", "stopped", "cancelled")
+ENDED = TERMINAL + ("lost",)   # a job's end states, and a run whose process died
 
 
 def fork_words(words: list[str]) -> tuple[int | None, float | None, str | None, list[str]]:
@@ -329,9 +329,10 @@ class GpctlApp(App):
     def redraw(self) -> None:
         sel = self.table.selected_id
         series, markers, drawn = [], [], []
+        marked_by = self._groups.get(sel, [sel])[0] if sel else None   # whose change markers (a group: its first run's)
         for i, members in enumerate(self._draw_groups(sel)):
-            drawn.append((members, COLORS[i % len(COLORS)]))
             color = COLORS[i % len(COLORS)]
+            drawn.append((members, color))
             curves = [self.tail(rid).series(self.x_axis, EMAS[self.ema_i]) for rid in members]
             if len(members) > 1:     # seeds of one family: the min-max band (dim), then the mean over it
                 from gpctl.figures import seed_band
@@ -354,7 +355,7 @@ class GpctlApp(App):
                     lo, hi = self._window(ex)
                     keep = (ex >= lo) & (ex <= hi)
                     series.append((ex[keep], ey[keep], eval_color(color), rid + " eval"))
-                if rid == sel or (i == 0 and rid == members[0] and sel in self._groups):
+                if rid == marked_by:
                     markers = t.markers(self.x_axis)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         self._draw_metrics(drawn, markers)
@@ -484,7 +485,6 @@ class GpctlApp(App):
                     ctx.add("ended")
         if 2 <= len(self.marked) <= 3:
             ctx.add("pair")
-        from gpctl.tui.keys import FOOTER
         if sum(need in ctx and need not in ("row", "run") for _, need in FOOTER) <= 1:
             ctx.add("view")                 # room for the view keys
         return frozenset(ctx)
@@ -895,10 +895,7 @@ class GpctlApp(App):
             if answer is None:
                 return
             overrides = answer.split()
-            try:
-                bad = next((w for w in overrides if "=" not in w), None)
-                if bad is not None:
-                    raise ValueError(f"expected KEY=VALUE, got {bad!r}")
+            try:           # a bad override is refused by create_runs, in the words `--set` uses
                 rds = ops.create_runs(name, overrides, self.home)
             except Exception as e:  # noqa: BLE001 - one line, not a crash
                 self.notify(str(e).splitlines()[0] if str(e) else type(e).__name__, severity="error")

@@ -50,7 +50,7 @@ class RunsTable(DataTable):
         only the cells that changed are updated; rebuilding 100 rows on every refresh made keys wait."""
         counts: dict[str, int] = {}
         for r in rows:
-            counts[r["preset"]] = counts.get(r["preset"], 0) + len(r.get("members") or "r")   # a seed row: its runs
+            counts[r["preset"]] = counts.get(r["preset"], 0) + len(r.get("members") or [r])   # a seed row: its runs
         cells, order, prev = {}, [], None
         for r in rows:
             if r["preset"] != prev:
