@@ -121,7 +121,9 @@ class Config:
     max_lr_time: float = 0.0        # stop once lr_time reaches this (the LR-normalized training duration of
                                     # App. A.3: the same for every lr); 0 = off
     lr: float = 0.025               # base learning rate (App. A.1)
-    lr_ref: float = 0.0             # reference lr: lr_time = sum of base lr / lr_ref (see engine/schedule.py); 0 = `lr`
+    lr_ref: float = 0.0             # reference lr: lr_time = sum of base lr / lr_ref (see engine/schedule.py); 0 =
+                                    # this run's `lr`, resolved when the config is built, so config.toml
+                                    # records it and forks keep it whatever lr they set
     batch_size: int = 512           # samples (sequences) per optimizer step
     micro_batch_size: int = 0       # samples per forward/backward; 0 = the whole batch
     seed: int = 0                   # model init and data order
@@ -392,7 +394,10 @@ def _check_batch(where: str, key: str, batch: int, micro: int) -> None:
 
 
 def build(data: dict, where: str) -> Config:
-    return validate(from_dict(Config, data, where), where)
+    cfg = validate(from_dict(Config, data, where), where)
+    if not cfg.lr_ref:
+        cfg.lr_ref = cfg.lr   # resolved once: the clock's unit never moves with a later lr
+    return cfg
 
 
 # ---------------------------------------------------------------- --set overrides

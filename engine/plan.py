@@ -11,9 +11,15 @@ step boundary, `lr_time += base / lr_ref`, `ended()`; so a step printed here is 
 run applies the change (a test checks this against a real run). It takes no model and no data.
 
 A problem is one of:
-  - a planned change that never fires before the run ends (it would be a silent no-op);
+  - a planned change that never fires before the run ends (it would be a silent no-op), or one that
+    fires but changes nothing (its lr and batch size are the ones in force);
+  - a warmup that does not end inside the run, or ends after a planned change (T0 would land in
+    the warmup), and a ramp that does not end inside the run;
   - an online arm that draws more than `data.online_epochs` passes over a finite data set
-    (online means every sample is fresh, "i.e., single epoch");
+    (online means every sample is fresh, "i.e., single epoch"), counted on the data on disk when it
+    is there (CIFAR-5m's .npz headers, prepared C4 shards, ImageNet's train folders);
+  - an offline subset larger than its data set, or one the arm sees fewer than twice (offline
+    means repeated epochs);
   - a run that stops at `steps` before its `max_lr_time` (its LR-normalized horizon is not reached);
   - a cosine over `steps` cut short by `max_lr_time` (the arm is never annealed while others are).
 """
@@ -44,6 +50,8 @@ class Fired:
     lr_time: float
     samples: int        # samples (tokens for LMs) seen before it applies
     changed: dict       # what changed: {"lr": [before, after], "batch_size": [...]}
+    before: tuple[float, int] = (0.0, 0)   # (base lr, batch size) in force before it
+    after: tuple[float, int] = (0.0, 0)    # (base lr it moves to, batch size) after it
 
 
 @dataclass
@@ -59,6 +67,9 @@ class Plan:
     unfired: list[int] = field(default_factory=list)
     data_size: int | None = None     # samples (tokens) the arm draws from; None = endless
     data_note: str = ""              # where data_size comes from
+    source_size: int | None = None   # samples (tokens) of the whole data set an offline subset is cut from
+    end_noise: tuple[float, int] = (0.0, 0)   # (base lr, batch size) at the end: the noise it lands on
+    warmup_end: tuple[int, float] | None = None   # (step, lr_time) where the warmup ended; None: none
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -72,19 +83,31 @@ def plan(cfg: Config) -> Plan:
     sched = Schedule(cfg)
     tokens = cfg.data.seq_len if cfg.is_lm else 1
     step, samples, lr_time, lr, base = 0, 0, 0.0, 0.0, 0.0
+    sc = cfg.schedule
+    warm = sc.warmup_steps if sc.clock == "steps" else sc.warmup_lr_time
     while not ended(cfg, step, lr_time):
+        if warm and p.warmup_end is None and (step if sc.clock == "steps" else lr_time) >= warm - 1e-9 * warm:
+            p.warmup_end = (step, lr_time)
+        before = (sched.noise.base_lr, sched.batch_size)
         for i, ch, changed in sched.due(step, lr_time):
-            p.fired.append(Fired(i, ch, step, lr_time, samples, changed))
+            p.fired.append(Fired(i, ch, step, lr_time, samples, changed, before,
+                                 (sched.noise.base_lr, sched.batch_size)))
+            before = (sched.noise.base_lr, sched.batch_size)
         lr, base = sched.rates(step, lr_time)
         samples += sched.batch_size * tokens
         lr_time += base / sched.lr_ref
         step += 1
+    if warm and p.warmup_end is None and (step if sc.clock == "steps" else lr_time) >= warm - 1e-9 * warm:
+        p.warmup_end = (step, lr_time)
     p.steps, p.samples, p.lr_time, p.final_lr = step, samples, lr_time, lr
+    p.end_noise = (sched.noise.base_lr, sched.batch_size)
     p.last_increment = base / sched.lr_ref
     p.ended_by = "steps" if step >= cfg.steps else "max_lr_time"
     done = {f.index for f in p.fired}
     p.unfired = [i for i in range(len(cfg.changes)) if i not in done]
     p.data_size, p.data_note = data_size(cfg)
+    if cfg.data.mode == "offline":
+        p.source_size = source_size(cfg)[0]
     p.problems = _problems(p)
     return p
 
@@ -98,6 +121,24 @@ def _problems(p: Plan) -> list[str]:
     for i in p.unfired:
         out.append(f"changes[{i}] ({_when(cfg.changes[i])}) never fires: the run ends at step {p.steps}, "
                    f"lr_time {p.lr_time:.1f}")
+    for f in p.fired:
+        if f.before == f.after and "skipped" not in f.changed:
+            out.append(f"changes[{f.index}] ({_when(f.change)}) changes nothing: lr {f.after[0]:g} and batch "
+                       f"{f.after[1]} are already in force at step {f.step}")
+        if f.change.ramp and f.change.lr and f.lr_time + f.change.ramp > p.lr_time + 1e-9 * max(1.0, p.lr_time):
+            out.append(f"changes[{f.index}].ramp = {f.change.ramp:g} LR-normalized steps does not end inside the "
+                       f"run: it starts at lr_time {f.lr_time:.1f}, the run ends at {p.lr_time:.1f}")
+    sc = cfg.schedule
+    warm, unit = (sc.warmup_steps, "steps") if sc.clock == "steps" else (sc.warmup_lr_time, "LR-normalized steps")
+    if warm and p.warmup_end is None:
+        key = "schedule.warmup_steps" if sc.clock == "steps" else "schedule.warmup_lr_time"
+        out.append(f"'{key}' = {warm:g} {unit} does not end inside the run (it ends at step {p.steps}, "
+                   f"lr_time {p.lr_time:.1f})")
+    elif warm and p.fired and p.fired[0].step < p.warmup_end[0]:
+        f = p.fired[0]
+        key = "schedule.warmup_steps" if sc.clock == "steps" else "schedule.warmup_lr_time"
+        out.append(f"'{key}' = {warm:g} {unit} runs past T0: changes[{f.index}] fires at step {f.step} "
+                   f"(lr_time {f.lr_time:.1f}), the warmup ends at step {p.warmup_end[0]}")
     if cfg.max_lr_time > 0 and p.ended_by == "steps" and p.lr_time < cfg.max_lr_time - 1e-9:
         out.append(f"the horizon is not reached: 'steps' = {cfg.steps} ends the run at lr_time "
                    f"{p.lr_time:.1f}, before 'max_lr_time' = {cfg.max_lr_time:g}")
@@ -110,6 +151,17 @@ def _problems(p: Plan) -> list[str]:
         unit = "tokens" if cfg.is_lm else "samples"
         out.append(f"the online arm repeats data: {p.samples:,} {unit} from {p.data_size:,} ({p.data_note}) "
                    f"is {p.epochs:.2f} epochs, more than 'data.online_epochs' = {cfg.data.online_epochs:g}")
+    if cfg.data.mode == "offline":
+        n = cfg.data.offline_size
+        src, note = source_size(cfg)
+        tokens = cfg.data.seq_len if cfg.is_lm else 1
+        if src is not None and n * tokens > src:
+            unit = f"sequences of {tokens} tokens" if cfg.is_lm else "samples"
+            out.append(f"'data.offline_size' = {n:,} {unit} is more than the data set holds: "
+                       f"{src // tokens:,} ({note})")
+        elif p.epochs is not None and p.epochs < MIN_OFFLINE_EPOCHS:
+            out.append(f"the offline arm sees its subset {p.epochs:.2f} times: offline means repeated epochs "
+                       f"(at least {MIN_OFFLINE_EPOCHS}); lower 'data.offline_size' = {n:,} or train longer")
     return out
 
 
@@ -135,20 +187,70 @@ def check(cfg: Config, where: str) -> Config:
 
 # ---------------------------------------------------------------- data accounting
 
+MIN_OFFLINE_EPOCHS = 2.0       # an offline arm repeats its subset at least this often
+
+
 def data_size(cfg: Config) -> tuple[int | None, str]:
     """(samples, or tokens for LMs, that the arm draws from; where that number comes from)."""
     dc = cfg.data
     tokens = dc.seq_len if cfg.is_lm else 1
     if dc.mode == "offline":
         return dc.offline_size * tokens, f"offline subset of {dc.offline_size:,}"
+    return source_size(cfg)
+
+
+def source_size(cfg: Config) -> tuple[int | None, str]:
+    """(samples, or tokens for LMs, of the whole training set; where that number comes from): counted
+    on disk when the data is there, else the published size, and the note says which."""
+    dc = cfg.data
     if dc.source.startswith("synthetic"):
         return None, "endless synthetic stream"
     if dc.source == "cifar5m":
         local = _cifar5m_local(dc.path or "~/data/cifar5m")
-        total, note = (local, "the parts on disk") if local else (KNOWN_SIZES["cifar5m"], "CIFAR-5m")
+        total, note = (local, "the parts on disk") if local else (KNOWN_SIZES["cifar5m"], "CIFAR-5m's published size")
         return total - dc.eval_samples, f"{note} less {dc.eval_samples:,} held out"
-    return KNOWN_SIZES[dc.source], {"cifar10": "CIFAR-10 train", "imagenet": "ImageNet train",
-                                    "c4": "C4 en train, ~156B tokens"}[dc.source]
+    if dc.source == "c4":
+        local = _c4_prepared_tokens(dc.path, dc.seq_len)
+        if local is not None:
+            return local, f"the prepared shards in {dc.path}"
+        return KNOWN_SIZES["c4"], "C4 en train's published size, ~156B tokens"
+    if dc.source == "imagenet":
+        local = _imagenet_local(dc.path or "~/data/imagenet")
+        if local:
+            return local, "the train folders on disk"
+        return KNOWN_SIZES["imagenet"], "ImageNet train's published size"
+    return KNOWN_SIZES[dc.source], "CIFAR-10 train"
+
+
+def _c4_prepared_tokens(path: str, seq_len: int) -> int | None:
+    """Tokens the training split of prepared shards (meta.json) gives, in whole seq_len blocks as the
+    stream reads them; None when `path` holds no prepared shards (raw text is not counted)."""
+    import json
+    folder = Path(os.path.expanduser(path)) if path else None
+    if folder is None or not (folder / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        n = int(meta["splits"]["train"]["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # unreadable: the published size; training reports the real error
+    return (n // seq_len) * seq_len
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _imagenet_local(path: str) -> int:
+    """Images in ImageNet's train/<class>/ folders at `path` (0 if there are none)."""
+    root = Path(os.path.expanduser(path)) / "train"
+    total = 0
+    try:
+        for cls in os.scandir(root):
+            if cls.is_dir():
+                total += sum(1 for f in os.scandir(cls.path) if f.name.lower().endswith(_IMAGE_SUFFIXES))
+    except OSError:
+        return 0
+    return total
 
 
 def _cifar5m_local(path: str) -> int:

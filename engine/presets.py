@@ -1,6 +1,7 @@
 """Presets: one TOML file per experiment (figure), a base config plus named runs (the arms).
 
-    [preset]                 figure, description, twin (the CPU twin's name), needs (data note)
+    [preset]                 figure, description, twin (the CPU twin's name); what it compares:
+                             compares, reference, direction, baselines, departs (engine/contract.py)
     [base]                   any Config keys, shared by all arms
     [runs.<arm>]             per-arm keys, deep-merged over [base]
     [sweep]                  optional: seeds = 3 (or [0, 4]) and key = [values]: every arm at every
@@ -14,9 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import contract
 from engine.config import Config, ConfigError, apply_overrides, build, load_toml, merge
 
 _META_KEYS = {"figure", "description", "twin"}
+_CONTRACT_KEYS = {"compares", "reference", "direction", "baselines", "departs"}
 
 
 def preset_dirs() -> list[Path]:
@@ -45,16 +48,41 @@ class Preset:
     base: dict
     runs: dict[str, dict]
     sweep: dict = field(default_factory=dict)    # the [sweep] table: key = [values], seeds = N or [..]
+    contract: contract.Contract = field(default_factory=contract.Contract)
 
     def configs(self, overrides: list[str] = (), arms: list[str] | None = None, check: bool = True,
                 seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[Config]:
         """The resolved, validated config of each run: each arm, or with seeds and a sweep, each arm
         at each point of the sweep's product and each seed (overrides apply to every run).
 
-        check: also step each arm's plan (engine/plan.py) and refuse one that would not be the
-        experiment it says (a change that never fires, an online arm that repeats data, ...).
+        check: also refuse a preset that would not be the experiment it says: an arm whose plan has a
+        problem (engine/plan.py: a change that never fires, an online arm that repeats data, ...) or
+        arms that differ in more than the knob the preset compares (engine/contract.py; all arms
+        are compared, whichever are chosen).
         """
-        from engine import plan
+        out = [r.cfg for r in self.expand(overrides, arms, seeds, sweep)]
+        if check:
+            from engine import plan
+            for cfg in out:
+                plan.check(cfg, f"{self.path} [runs.{cfg.name}]")
+            chosen = set(arms or self.runs)   # findings about arms not run here are not this run's concern
+            bad = [f for f in contract.errors(self.findings(overrides, seeds, sweep))
+                   if not f.arms or f.arms[0] in chosen]
+            if bad:
+                more = f" (and {len(bad) - 1} more: gpctl presets check {self.name})" if len(bad) > 1 else ""
+                raise ConfigError(f"{self.path}: {bad[0].line()}{more}")
+        return out
+
+    def findings(self, overrides: list[str] = (), seeds: list[int] | None = None,
+                 sweep: dict[str, list[str]] | None = None) -> list[contract.Finding]:
+        """What engine/contract.py finds in all the arms (with these overrides, seeds and sweep)."""
+        own_seeds, _ = preset_sweep(self.sweep, self.path)
+        return contract.check(self.contract, self.expand(overrides, None, seeds, sweep), str(self.path),
+                              seeded=seeds is not None or own_seeds is not None)
+
+    def expand(self, overrides: list[str] = (), arms: list[str] | None = None, seeds: list[int] | None = None,
+               sweep: dict[str, list[str]] | None = None) -> list[contract.Run]:
+        """Each run with its arm and sweep point (configs() without the checks)."""
         chosen = arms or list(self.runs)
         for arm in chosen:
             if arm not in self.runs:
@@ -77,9 +105,8 @@ class Preset:
                     if grid or seeds is not None:
                         data["group"] = f"{self.name}.{family}"
                     where = f"{self.path} [runs.{arm}]" + (f" ({name})" if name != arm else "")
-                    cfg = build(data, where)
-                    out.append(plan.check(cfg, where) if check else cfg)
-        names = [c.name for c in out]
+                    out.append(contract.Run(arm, label, build(data, where), "lr_ref" in data))
+        names = [r.cfg.name for r in out]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"{self.path}: two runs would both be named '{dup}' (give distinct sweep values)")
@@ -192,7 +219,9 @@ def load_preset(name_or_path: str, check: bool = True) -> Preset:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level table '{sorted(unknown)[0]}' (expected preset, base, runs, sweep)")
     meta = raw.get("preset", {})
-    bad = set(meta) - _META_KEYS
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: 'preset' must be a table")
+    bad = set(meta) - _META_KEYS - _CONTRACT_KEYS
     if bad:
         raise ConfigError(f"{path}: unknown key 'preset.{sorted(bad)[0]}'")
     for key in _META_KEYS:
@@ -203,7 +232,8 @@ def load_preset(name_or_path: str, check: bool = True) -> Preset:
         raise ConfigError(f"{path}: needs at least one [runs.<name>] table")
     preset = Preset(name=path.stem, path=path, figure=meta.get("figure", ""),
                     description=meta.get("description", ""), twin=meta.get("twin", ""),
-                    base=raw.get("base", {}), runs=runs, sweep=raw.get("sweep", {}))
+                    base=raw.get("base", {}), runs=runs, sweep=raw.get("sweep", {}),
+                    contract=contract.parse(meta, list(runs), str(path)))
     preset.configs(check=check)  # validate every arm now, so errors surface before anything runs
     return preset
 

@@ -2,8 +2,11 @@
 
 `check` steps every arm's schedule and sample count exactly as the training loop would (engine/plan.py)
 and prints, per arm: steps, samples (tokens), epochs of its data, lr_time at the end, each planned
-change with the step / lr_time where it fires, and the final lr. It exits 1 when a change never fires,
-an online arm repeats data, a horizon is not reached, or the arms end at different LR-normalized times.
+change with the step / lr_time where it fires, and the final lr. Then what the preset compares
+(engine/contract.py) and every finding: an arm that differs from the reference in more than the
+declared knob, a change in the wrong direction or to another noise than the reference's, an lr figure
+without lr_ref, a warmup past T0, an offline subset too big or seen once, ... It exits 1 when a
+preset is not its experiment; a departure the preset declares (preset.departs) is printed, not refused.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import typer
 from rich.table import Table
 
 from engine.config import ConfigError
+from engine.contract import errors
 from engine.plan import Plan, compare_ends, plan
 from engine.presets import list_presets, load_preset
 from gpctl.common import JsonOpt, friendly, out
@@ -50,12 +54,19 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
     report, failed = [], 0
     for p in presets:
         plans = [plan(cfg) for cfg in p.configs(check=False)]
+        findings = p.findings()
         problems = [f"{pl.cfg.name}: {msg}" for pl in plans for msg in pl.problems] + compare_ends(plans)
+        problems += [f.line() for f in errors(findings) if not any(f.line().endswith(m) for m in problems)]
+        declared = [f.line() for f in findings if f.level == "declared"]
         failed += bool(problems)
-        report.append({"preset": p.name, "path": str(p.path), "arms": [_arm_json(pl) for pl in plans],
-                       "problems": problems})
+        c = p.contract
+        report.append({"preset": p.name, "path": str(p.path),
+                       "compares": list(c.compares), "reference": c.reference, "direction": c.direction,
+                       "baselines": c.baselines, "departs": c.departs,
+                       "arms": [_arm_json(pl) for pl in plans], "problems": problems,
+                       "findings": [f.as_json() for f in findings]})
         if not as_json:
-            _print_preset(p.name, p.figure, plans, problems)
+            _print_preset(p, plans, problems, declared)
     if as_json:
         out.print_json(json.dumps(report))
     else:
@@ -95,7 +106,8 @@ def _arm_json(pl: Plan) -> dict:
             "never_fire": pl.unfired, "problems": pl.problems}
 
 
-def _print_preset(name: str, figure: str, plans: list[Plan], problems: list[str]) -> None:
+def _print_preset(p, plans: list[Plan], problems: list[str], declared: list[str]) -> None:
+    name, figure, c = p.name, p.figure, p.contract
     t = Table(title=f"{name} ({figure})" if figure else name, title_justify="left")
     for col in ("arm", "steps", "samples", "epochs", "lr_time", "changes (step / lr_time)", "final lr"):
         t.add_column(col, justify="left" if col in ("arm", "changes (step / lr_time)") else "right",
@@ -108,6 +120,13 @@ def _print_preset(name: str, figure: str, plans: list[Plan], problems: list[str]
         t.add_row(pl.cfg.name, str(pl.steps), _si(pl.samples) + unit, epochs, f"{pl.lr_time:.1f}",
                   "; ".join(fired) or "-", f"{pl.final_lr:.3g}")
     out.print(t)
+    if c.declared:
+        seeds = ", ".join(f"{a} (seed of {of})" for a, of in c.baselines.items()) or "none"
+        out.print(f"  compares {' and '.join(c.compares)}; reference {c.reference}"
+                  + (f"; changes {c.direction} the noise" if c.direction else "") + f"; seed baselines: {seeds}",
+                  markup=False)
+    for msg in declared:
+        out.print(f"  DEPARTS {name}: {msg}", markup=False)
     for msg in problems:
         out.print(f"  FAIL {name}: {msg}", markup=False)
 

@@ -12,6 +12,9 @@ TINY_PRESET = """
 figure = "Fig. 7a (test twin)"
 description = "tiny"
 twin = "tiny"
+compares = "batch_size"
+reference = "bs16"
+direction = "drop"
 
 [base]
 steps = 8
@@ -59,7 +62,7 @@ def test_presets_lists_every_figure(home):
     assert res.exit_code == 0
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["cifar_bs32_512"]["figure"] == "Fig. 7a"
-    assert rows["cifar_bs32_512"]["runs"] == ["bs32to512", "bs512", "bs512_seed2"]
+    assert rows["cifar_bs32_512"]["runs"] == ["bs32to512", "bs32", "bs512", "bs512_seed2"]
     assert rows["demo"]["twin"] == "demo"
 
 

@@ -109,11 +109,12 @@ def test_every_shipped_preset_loads_and_cites_a_figure():
 
 def test_cifar_bs32_512_matches_appendix_a():
     arms = {c.name: c for c in load_preset("cifar_bs32_512").configs()}
-    assert set(arms) == {"bs32to512", "bs512", "bs512_seed2"}
+    assert set(arms) == {"bs32to512", "bs32", "bs512", "bs512_seed2"}   # bs32: Fig. 7a's dashed curve
     a = arms["bs32to512"]
     assert (a.lr, a.batch_size, a.steps, a.optim.momentum, a.model.width) == (0.05, 32, 11700, 0.9, 64)  # one pass
     assert (a.changes[0].at_step, a.changes[0].batch_size) == (1500, 512)
     assert arms["bs512_seed2"].seed != arms["bs512"].seed
+    assert (arms["bs32"].batch_size, arms["bs32"].changes) == (32, [])
 
 
 def test_the_cuda_backend_policy():

@@ -17,6 +17,8 @@ runner = CliRunner()
 SWEEP_PRESET = """
 [preset]
 description = "a sweep"
+compares = "batch_size"
+reference = "b"
 
 [base]
 steps = 4

@@ -123,6 +123,9 @@ def test_cifar_online_arms_take_at_most_one_pass():
 BROKEN = """
 [preset]
 figure = "test"
+compares = "batch_size"
+reference = "plain"
+direction = "drop"
 
 [base]
 steps = 100
@@ -132,9 +135,10 @@ model.name = "cnn"
 data.source = "synthetic_images"
 
 [runs.late]
+batch_size = 256
 [[runs.late.changes]]
 at_step = 150
-batch_size = 1024
+batch_size = 512
 
 [runs.plain]
 """
@@ -162,8 +166,8 @@ def test_a_change_that_cannot_fire_fails_check_and_load(tmp_path):
     res = runner.invoke(app, ["presets", "check", "--json", str(f)])
     assert res.exit_code == 0, res.stdout
     arms = {a["arm"]: a for a in json.loads(res.stdout)[0]["arms"]}
-    assert arms["late"]["changes"] == [{"change": 0, "step": 150, "lr_time": 150.0, "samples": 150 * 512,
-                                        "changed": {"batch_size": [512, 1024]}}]
+    assert arms["late"]["changes"] == [{"change": 0, "step": 150, "lr_time": 150.0, "samples": 150 * 256,
+                                        "changed": {"batch_size": [256, 512]}}]
 
 
 @pytest.mark.parametrize("edit, message", [
