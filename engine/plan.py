@@ -161,7 +161,7 @@ def _problems(p: Plan) -> list[str]:
                        f"{src // tokens:,} ({note})")
         elif p.epochs is not None and p.epochs < MIN_OFFLINE_EPOCHS:
             out.append(f"the offline arm sees its subset {p.epochs:.2f} times: offline means repeated epochs "
-                       f"(at least {MIN_OFFLINE_EPOCHS}); lower 'data.offline_size' = {n:,} or train longer")
+                       f"(at least {MIN_OFFLINE_EPOCHS:g}); lower 'data.offline_size' = {n:,} or train longer")
     return out
 
 
