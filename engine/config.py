@@ -132,6 +132,9 @@ class Config:
     checkpoint_every: int = 0       # steps; 0 = only at the end and at listed points
     checkpoint_at_steps: list[int] = field(default_factory=list)
     checkpoint_at_lr_times: list[float] = field(default_factory=list)
+    checkpoint_at_losses: list[float] = field(default_factory=list)   # held-out losses (nats): checkpoint where the
+                                    # eval loss first reaches each, evaluating more often near them (engine/levels.py)
+    checkpoint_loss_tol: float = 0.01   # a loss checkpoint lands within this fraction of its level (cadence target)
     log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP)
@@ -348,6 +351,13 @@ def _check_ranges(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'model.dropout' must be in [0, 1) and 'model.bn_momentum' in [0, 1]")
     if any(s < 0 for s in cfg.checkpoint_at_steps) or any(t < 0 for t in cfg.checkpoint_at_lr_times):
         raise ConfigError(f"{where}: 'checkpoint_at_steps' and 'checkpoint_at_lr_times' must be >= 0")
+    bad = next((v for v in cfg.checkpoint_at_losses if not 0 < v < 1e6), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: 'checkpoint_at_losses' entries must be held-out losses > 0 (nats), got {bad}")
+    if len(cfg.checkpoint_at_losses) > 1000:
+        raise ConfigError(f"{where}: 'checkpoint_at_losses' has {len(cfg.checkpoint_at_losses)} levels (at most 1000)")
+    if not 0 < cfg.checkpoint_loss_tol < 1:
+        raise ConfigError(f"{where}: 'checkpoint_loss_tol' must be in (0, 1), got {cfg.checkpoint_loss_tol}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"{where}: 'device' = {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0 or cfg.optim.grad_clip < 0:

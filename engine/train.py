@@ -6,8 +6,9 @@
       step          lr and batch from the schedule; micro-batches; clip; optimizer.step()
       record        one buffered record per step; every `log_every` steps the window's losses are copied
                     to pinned memory without waiting, and written at the next flush (no sync on CUDA)
-      eval          every `eval_every` steps and at each checkpoint
-      checkpoint    every `checkpoint_every` steps, at listed steps / lr_times, on stop, at the end
+      eval          every `eval_every` steps, at each checkpoint, and more often near a loss level
+      checkpoint    every `checkpoint_every` steps, at listed steps / lr_times, where the held-out loss
+                    first reaches a listed level (engine/levels.py), on stop, at the end
     end        final eval and checkpoint; status done / stopped / diverged / failed
 
 Every record carries all clocks: step, samples (tokens for LMs), lr_time, wall.
@@ -32,6 +33,7 @@ from engine.config import Config
 from engine.control import LOSS_EMA, ControlReader, Line, Request, request_id, run_dir_untrusted
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
+from engine.levels import LossLevels
 from engine.models import build_model, hf_config_dict
 from engine.rundir import RunDir
 from engine.schedule import Schedule, ended, reached
@@ -133,6 +135,8 @@ class Trainer:
         self._pending: list[tuple[dict, torch.Tensor]] = []
         self._consumed_since_checkpoint = False   # control lines consumed after the last checkpoint
         self.loss_ema: float | None = None         # EMA (LOSS_EMA) of the train loss at the last flush: `when loss<…`
+        self.levels = LossLevels(self.cfg.checkpoint_at_losses, self.cfg.checkpoint_loss_tol, self.cfg.eval_every)
+        self._reached: list[dict] = []              # loss levels the last eval reached (its checkpoint's)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool) -> None:
@@ -215,6 +219,7 @@ class Trainer:
         self.step, self.samples = loop["step"], loop["samples"]
         self.lr_time, self.wall_offset = loop["lr_time"], loop["wall"]
         self.loss_ema = loop.get("loss_ema")
+        self.levels.load_state_dict(loop.get("loss_levels"))
         self.schedule.load_state_dict(state["schedule"])
         self.stream.load_state_dict(state["stream"])
         return state
@@ -256,6 +261,8 @@ class Trainer:
         if cfg.compile:
             self.prewarm()
         self.t0 = time.perf_counter()
+        if self.levels.active and self.levels.last is None and not self._finished():
+            self.evaluate()   # the loss the run starts from: a level is reached from above
         while not self._finished():
             # -- before the step: planned changes, then hooks (control requests)
             self._apply_planned_changes()
@@ -282,8 +289,9 @@ class Trainer:
                 self.flush(wait=self.device.type != "cuda")
             # -- eval and checkpoint
             want_ckpt = self._checkpoint_due(lr_time_before)
-            if want_ckpt or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            if want_ckpt or (cfg.eval_every and self.step % cfg.eval_every == 0) or self.levels.eval_due(self.step):
                 self.evaluate()
+                want_ckpt = want_ckpt or bool(self._reached)
             if want_ckpt:
                 self.save_checkpoint()
         # -- end (a stop takes no eval: the resumed run's records must equal an uninterrupted run's)
@@ -561,6 +569,8 @@ class Trainer:
         self.rd.append_metrics([rec])
         self.rd.write_status(eval_loss=rec["eval_loss"], eval_error=rec["eval_error"], eval_step=self.step)
         self.last_eval = rec
+        if self.levels.active:
+            self._reached = self.levels.crossed(self.step, rec["eval_loss"])
         self.rd.log(f"step {self.step}: eval loss {rec['eval_loss']:.4f} error {rec['eval_error']:.4f}")
         return rec
 
@@ -571,8 +581,13 @@ class Trainer:
                 "eval_loss": self.last_eval.get("eval_loss") if self.last_eval.get("step") == self.step else None,
                 "model": self.cfg.model.name, "model_config": vars(self.cfg.model),
                 "hf_config": hf_config_dict(self.cfg.model), "run": self.rd.id}
+        reached = self._reached if self.last_eval.get("step") == self.step else []
+        if reached:
+            meta["loss_levels"] = [r["level"] for r in reached]   # the levels this checkpoint stands for
+        self._reached = []
         loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
-                "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval, "loss_ema": self.loss_ema}
+                "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval, "loss_ema": self.loss_ema,
+                "loss_levels": self.levels.state_dict()}
         if not self.dist.leader:
             return
         ckpt.save(path, self.model, self.optimizer, meta,
@@ -581,7 +596,8 @@ class Trainer:
         self.last_checkpoint = self.step
         self._consumed_since_checkpoint = False
         self.rd.append_event("checkpoint", step=self.step, lr_time=self.lr_time, samples=self.samples,
-                             path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"])
+                             path=f"checkpoints/{path.name}", eval_loss=meta["eval_loss"],
+                             **({"loss_levels": reached} if reached else {}))
 
 
 def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], None] | None = None,

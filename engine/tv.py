@@ -6,7 +6,10 @@ Both models see the same fixed evaluation set (the run's held-out set, optionall
 examples), in eval mode, batched, on the GPU when there is one, with bf16 autocast where the run
 used it; softmaxes are taken in float32. One pass computes TV plus each model's loss and error, so
 the cost is two forward passes. Matching pairs checkpoints of A and B by step, by lr_time, or by
-nearest evaluation loss (the paper's "at matched loss"), reporting the loss gap of each pair.
+evaluation loss (the paper's "at matched loss"): checkpoints taken at the same loss level
+(`checkpoint_at_losses`) pair first, then each other checkpoint of A with B's nearest in loss (with
+or without replacement); a pair whose recorded losses differ by more than `max_gap` of B's loss is
+dropped and counted, never kept silently.
 """
 from __future__ import annotations
 
@@ -118,30 +121,89 @@ class Ckpt:
     path: Path
     lr_time: float
     eval_loss: float | None
+    levels: tuple[float, ...] = ()     # loss levels it was taken at (checkpoint_at_losses)
 
 
 def checkpoints(rd: RunDir) -> list[Ckpt]:
     out = []
     for step, path in rd.list_checkpoints():
         m = read_meta(path)
-        out.append(Ckpt(rd.id, step, path, m["lr_time"], m.get("eval_loss")))
+        levels = m.get("loss_levels") if isinstance(m.get("loss_levels"), list) else []
+        out.append(Ckpt(rd.id, step, path, m["lr_time"], m.get("eval_loss"),
+                        tuple(float(v) for v in levels if isinstance(v, (int, float)))))
     return out
 
 
-def match(a: list[Ckpt], b: list[Ckpt], by: str) -> list[tuple[Ckpt, Ckpt]]:
-    """Pair each checkpoint of A with one of B: equal step, nearest lr_time, or nearest eval loss."""
-    if not b:
-        return []
+@dataclass
+class Pairing:
+    """Which checkpoints of A and B are compared, and which candidate pairs were dropped, and why."""
+    by: str
+    pairs: list[tuple[Ckpt, Ckpt]]
+    dropped: list[tuple[Ckpt, Ckpt, float]]      # (a, b, |loss gap|): beyond max_gap of B's loss
+    max_gap: float | None                        # the tolerance (a fraction of B's loss); None: none
+    replacement: bool                            # may one checkpoint of B serve several of A
+    unmatched: int = 0                           # checkpoints of A with no candidate in B at all
+
+    def summary(self) -> dict:
+        return {"pairing": self.by, "kept": len(self.pairs), "dropped": len(self.dropped),
+                "unmatched": self.unmatched, "max_gap": self.max_gap, "replacement": self.replacement,
+                "level_pairs": sum(1 for a, b in self.pairs if set(a.levels) & set(b.levels))}
+
+
+def match(a: list[Ckpt], b: list[Ckpt], by: str, max_gap: float | None = None,
+          replacement: bool = True) -> list[tuple[Ckpt, Ckpt]]:
+    """Pair each checkpoint of A with one of B: equal step, nearest lr_time, or nearest eval loss
+    (the kept pairs of pair_up)."""
+    return pair_up(a, b, by, max_gap, replacement).pairs
+
+
+def pair_up(a: list[Ckpt], b: list[Ckpt], by: str, max_gap: float | None = None,
+            replacement: bool = True) -> Pairing:
+    """By loss: checkpoints of one loss level pair first; then each other scored checkpoint of A
+    with B's nearest in eval loss (without replacement: the closest pairs first, each of B once).
+    A pair whose losses differ by more than max_gap x B's loss is dropped and counted."""
+    if by not in ("step", "lr_time", "loss"):
+        raise ValueError(f"unknown pairing {by!r}")
     if by == "step":
         steps = {c.step: c for c in b}
-        return [(ca, steps[ca.step]) for ca in a if ca.step in steps]
+        pairs = [(ca, steps[ca.step]) for ca in a if ca.step in steps]
+        return Pairing(by, pairs, [], None, True, len(a) - len(pairs))
     if by == "lr_time":
-        return [(ca, min(b, key=lambda cb: abs(cb.lr_time - ca.lr_time))) for ca in a]
-    if by == "loss":
-        scored = [c for c in b if c.eval_loss is not None]
-        return [(ca, min(scored, key=lambda cb: abs(cb.eval_loss - ca.eval_loss)))
-                for ca in a if ca.eval_loss is not None and scored]
-    raise ValueError(f"unknown pairing {by!r}")
+        pairs = [(ca, min(b, key=lambda cb: abs(cb.lr_time - ca.lr_time))) for ca in a] if b else []
+        return Pairing(by, pairs, [], None, True, len(a) - len(pairs))
+    sa = [c for c in a if c.eval_loss is not None]
+    sb = [c for c in b if c.eval_loss is not None]
+    chosen: list[tuple[Ckpt, Ckpt]] = []
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    for ca in sa:                                  # the same loss level: the match the run was built for
+        for cb in sb:
+            if set(ca.levels) & set(cb.levels) and (replacement or id(cb) not in used_b) and id(ca) not in used_a:
+                chosen.append((ca, cb))
+                used_a.add(id(ca))
+                used_b.add(id(cb))
+    rest = [ca for ca in sa if id(ca) not in used_a]
+    if replacement:
+        chosen += [(ca, min(sb, key=lambda cb: abs(cb.eval_loss - ca.eval_loss))) for ca in rest if sb]
+    else:
+        cands = sorted(((abs(ca.eval_loss - cb.eval_loss), i, j) for i, ca in enumerate(rest)
+                        for j, cb in enumerate(sb) if id(cb) not in used_b), key=lambda t: t[0])
+        taken_a: set[int] = set()
+        for _, i, j in cands:
+            if i not in taken_a and id(sb[j]) not in used_b:
+                chosen.append((rest[i], sb[j]))
+                taken_a.add(i)
+                used_b.add(id(sb[j]))
+    order = {id(c): k for k, c in enumerate(a)}
+    chosen.sort(key=lambda p: order[id(p[0])])
+    kept, dropped = [], []
+    for ca, cb in chosen:
+        gap = abs(ca.eval_loss - cb.eval_loss)
+        if max_gap is not None and gap > max_gap * abs(cb.eval_loss):
+            dropped.append((ca, cb, gap))
+        else:
+            kept.append((ca, cb))
+    return Pairing(by, kept, dropped, max_gap, replacement, len(a) - len(chosen))
 
 
 def _cache_key(ca: Ckpt, cb: Ckpt, n: int) -> str:
@@ -149,13 +211,9 @@ def _cache_key(ca: Ckpt, cb: Ckpt, n: int) -> str:
     return f"{ca.path.name}@{sa.st_mtime_ns}|{cb.run}/{cb.path.name}@{sb.st_mtime_ns}|n={n}"
 
 
-def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] | None = None,
-             eval_samples: int = 0, device: str = "auto", evalset: EvalSet | None = None,
-             on_pair: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """TV for each matched pair of checkpoints of A and B; cached in A's run directory.
-    `on_pair(done, total, what)` is told before each pair that is computed (not read from the cache)."""
-    from engine.train import pick_device
-
+def pair_runs(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] | None = None,
+              max_gap: float | None = None, replacement: bool = True) -> Pairing:
+    """The checkpoints of runs A and B that tv_curve compares (and the pairs it drops)."""
     cfg_a, cfg_b = rd_a.config(), rd_b.config()
     for key in ("source", "image_size", "seq_len"):
         if getattr(cfg_a.data, key) != getattr(cfg_b.data, key):
@@ -165,7 +223,21 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
     ca = checkpoints(rd_a)
     if at_steps:
         ca = [c for c in ca if c.step in set(at_steps)]
-    pairs = match(ca, checkpoints(rd_b), by)
+    return pair_up(ca, checkpoints(rd_b), by, max_gap, replacement)
+
+
+def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] | None = None,
+             eval_samples: int = 0, device: str = "auto", evalset: EvalSet | None = None,
+             on_pair: Callable[[int, int, str], None] | None = None, max_gap: float | None = None,
+             replacement: bool = True, pairing: Pairing | None = None) -> list[dict]:
+    """TV for each kept pair of checkpoints of A and B (pair_runs, or `pairing`); cached in A's run
+    directory. `on_pair(done, total, what)` is told before each pair that is computed (not read from
+    the cache). Each row has `match_gap`: B's recorded eval loss less A's, the gap it was paired at."""
+    from engine.train import pick_device
+
+    cfg_a = rd_a.config()
+    pairing = pairing or pair_runs(rd_a, rd_b, by, at_steps, max_gap, replacement)
+    pairs = pairing.pairs
     if not pairs:
         return []
     dev = pick_device(device)
@@ -175,7 +247,7 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
     for pa, pb in pairs:
         key = _cache_key(pa, pb, n)
         if key in cache:
-            rows.append(cache[key])
+            rows.append(dict(cache[key]))
         else:
             rows.append(None)
             todo.append((len(rows) - 1, key, pa, pb))
@@ -193,7 +265,12 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
                    "lr_time_a": pa.lr_time, "lr_time_b": pb.lr_time, **asdict(res),
                    "loss_gap": res.loss_a - res.loss_b}
             rows[i] = cache[key] = row
+            rows[i] = dict(row)
         rd_a.write_tv_cache(cache)
+    for row, (pa, pb) in zip(rows, pairs):
+        row["match_gap"] = (pa.eval_loss - pb.eval_loss) if pa.eval_loss is not None and pb.eval_loss is not None \
+            else None
+        row["levels"] = sorted(set(pa.levels) & set(pb.levels), reverse=True)
     return rows
 
 

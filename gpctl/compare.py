@@ -9,6 +9,7 @@ import typer
 
 from engine.config import ConfigError
 from engine.curves import AXES
+from engine.levels import MATCH_MAX_GAP
 from engine.presets import load_preset
 from engine.rundir import RunDir, list_runs, resolve
 from gpctl.common import JsonOpt, State, fmt, friendly, out, plain_table, progress_status
@@ -27,6 +28,9 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
        device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
        as_json: JsonOpt = False,
        plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a TV figure (.png or .svg).")] = None,
+       plot_x: Annotated[str, typer.Option("--plot-x", help="The figure's x-axis with --match-loss: step, lr_time or loss (of A).")] = "step",
+       max_gap: Annotated[float, typer.Option("--max-gap", help="With --match-loss: drop pairs whose losses differ by more than this fraction of B's (0: keep all).")] = MATCH_MAX_GAP,
+       no_replacement: Annotated[bool, typer.Option("--no-replacement", help="With --match-loss: each checkpoint of B in one pair at most.")] = False,
        eval_from: Annotated[Optional[str], typer.Option("--eval-from", help="With two checkpoint files: the run whose held-out set to use.")] = None) -> None:
     """Average total-variation distance of two runs' softmax outputs, checkpoint by checkpoint.
 
@@ -50,33 +54,96 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     by = by.replace("-", "_")    # one spelling of each axis across commands: lr_time (lr-time still works)
     if by not in ("step", "lr_time"):
         raise ConfigError(f"--by must be step or lr_time, got {by!r}")
+    if not 0 <= max_gap < float("inf"):
+        raise ConfigError(f"--max-gap must be a fraction of the loss >= 0 (0: keep every pair), got {max_gap}")
     pairing = "loss" if match_loss else by
     steps = [int(s) for s in at_steps.split(",")] if at_steps else None
     a, b = resolve(State.home, run_a), resolve(State.home, run_b)
     c = resolve(State.home, baseline) if baseline else None
+    gap = (max_gap or None) if match_loss else None
     with progress_status(f"loading torch to compare {a.id} and {b.id}") as status:
-        from engine.tv import tv_curve   # torch: only when a TV is computed
+        from engine.tv import pair_runs, tv_curve   # torch: only when a TV is computed
 
         def told(curve: str):
             return lambda k, n, what: status.update(f"TV ({curve}) pair {k + 1}/{n}: {what}")
-        rows = [dict(r, curve="main") for r in tv_curve(a, b, pairing, steps, eval_samples, device, on_pair=told("main"))]
+        pairings = {"main": pair_runs(a, b, pairing, steps, gap, not no_replacement)}
         if c:
-            rows += [dict(r, curve="baseline")
-                     for r in tv_curve(c, b, pairing, steps, eval_samples, device, on_pair=told("baseline"))]
+            pairings["baseline"] = pair_runs(c, b, pairing, steps, gap, not no_replacement)
+        rows = []
+        for curve, pr in pairings.items():
+            run = a if curve == "main" else c
+            rows += [dict(r, curve=curve) for r in tv_curve(run, b, pairing, steps, eval_samples, device,
+                                                           on_pair=told(curve), pairing=pr)]
     if not rows:
-        raise ConfigError(f"no checkpoint pairs for {a.id} and {b.id} (pairing by {pairing})")
+        dropped = sum(len(p.dropped) for p in pairings.values())
+        why = f": {dropped} candidate pairs dropped, beyond --max-gap {max_gap:g} of B's loss" if dropped else ""
+        raise ConfigError(f"no checkpoint pairs for {a.id} and {b.id} (pairing by {pairing}){why}")
+    spread = seed_spread(rows) if c else None
     if plot:
         from gpctl.figures import tv_figure
-        tv_figure(rows, plot, x="loss_a" if match_loss else "step_a", title=f"TV to {b.id}")
+        x = {"step": "step_a", "lr_time": "lr_time_a"}[by] if not match_loss else plot_x.replace("-", "_") + "_a"
+        if x not in ("loss_a", "step_a", "lr_time_a"):
+            raise ConfigError(f"--plot-x must be step, lr_time or loss, got {plot_x!r}")
+        tv_figure(rows, plot, x=x, title=f"TV to {b.id}")
+    summary = {curve: pr.summary() for curve, pr in pairings.items()}
     if as_json:
-        out.print_json(json.dumps(rows))
+        out.print_json(json.dumps({"pairs": rows, "pairing": summary, "seed_spread": spread,
+                                   "dropped": [_dropped(curve, d) for curve, pr in pairings.items() for d in pr.dropped]}))
         return
-    print(f"TV vs {b.id} (pairs by {pairing})")
+    print(f"TV vs {b.id} (pairs by {pairing}" + (f"; kept within {max_gap:g} of B's loss, "
+                                                 f"{'without' if no_replacement else 'with'} replacement"
+                                                 if gap else "") + ")")
     print(plain_table(("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
                       [[r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
                         f"{r['loss_gap']:+.4f}", fmt(r["tv"])] for r in rows], left=2))
+    for curve, pr in pairings.items():
+        sm = pr.summary()
+        line = f"{curve}: {sm['kept']} pairs kept"
+        if pairing == "loss":
+            line += f" ({sm['level_pairs']} at a shared loss level)"
+            if gap:
+                line += f", {sm['dropped']} dropped beyond {max_gap:g} of B's loss"
+        if sm["unmatched"]:
+            line += f", {sm['unmatched']} checkpoints of A without a candidate"
+        print(line)
+        for ca, cb, g in pr.dropped:
+            print(f"  dropped: step {ca.step} of {ca.run} (loss {ca.eval_loss:.4f}) ~ step {cb.step} of {cb.run} "
+                  f"(loss {cb.eval_loss:.4f}): gap {g:.4f} > {max_gap * abs(cb.eval_loss):.4f}")
+    if spread:
+        print(spread["sentence"])
     if plot:
         out.print(f"wrote {plot}")
+
+
+def _dropped(curve: str, d) -> dict:
+    ca, cb, g = d
+    return {"curve": curve, "run_a": ca.run, "step_a": ca.step, "loss_a": ca.eval_loss,
+            "run_b": cb.run, "step_b": cb.step, "loss_b": cb.eval_loss, "gap": g}
+
+
+def seed_spread(rows: list[dict]) -> dict | None:
+    """The main TV against the seed baseline's, over the loss range both curves cover (by A's loss):
+    mean TV of each there and their ratio, with a sentence that says which is larger."""
+    import numpy as np
+
+    main = [r for r in rows if r["curve"] == "main"]
+    base = [r for r in rows if r["curve"] == "baseline"]
+    if not main or not base:
+        return None
+    lo = max(min(r["loss_a"] for r in main), min(r["loss_a"] for r in base))
+    hi = min(max(r["loss_a"] for r in main), max(r["loss_a"] for r in base))
+    m = [r["tv"] for r in main if lo <= r["loss_a"] <= hi]
+    bl = [r["tv"] for r in base if lo <= r["loss_a"] <= hi]
+    if not m or not bl or hi < lo:
+        return {"range": None, "main": None, "baseline": None, "ratio": None, "pairs": [0, 0],
+                "sentence": "seed spread: the main and baseline curves share no range of A's loss "
+                            "(no comparison with the seed baseline)"}
+    tm, tb = float(np.mean(m)), float(np.mean(bl))
+    ratio = tm / tb if tb > 0 else float("inf")
+    where = "within the seed baseline" if ratio <= 1 else f"{ratio:.2f}x the seed baseline"
+    return {"range": [lo, hi], "main": tm, "baseline": tb, "ratio": ratio, "pairs": [len(m), len(bl)],
+            "sentence": f"seed spread: mean TV {tm:.4f} (main, {len(m)} pairs) vs {tb:.4f} (baseline, "
+                        f"{len(bl)} pairs) at A's losses {lo:.4f}-{hi:.4f}: {where}"}
 
 
 AxisOpt = Annotated[str, typer.Option("--x", help="x-axis: step, samples, lr_time or wall (lr-time works too).")]

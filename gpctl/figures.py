@@ -99,7 +99,8 @@ def tv_figure(rows: list[dict], out: Path, x: str = "loss_a", title: str = "",
         rs = sorted(rs, key=lambda r: r[x])
         style = "o-" if len(rs) <= 30 else "o"   # many noisy checkpoints: points, not a zigzag
         ax.plot([r[x] for r in rs], [r["tv"] for r in rs], style, ms=3, label=f"{a} vs {b}")
-    ax.set_xlabel({"loss_a": "loss (of A)", "step_a": "steps (of A)"}.get(x, x))
+    ax.set_xlabel({"loss_a": "held-out loss (of A)", "step_a": "steps (of A)",
+                   "lr_time_a": "LR-normalized steps (of A)"}.get(x, x))
     ax.set_ylabel("average TV distance")
     if x == "loss_a":
         ax.invert_xaxis()  # training goes left to right: loss decreases

@@ -64,6 +64,51 @@ def test_lm_tv_averages_over_examples_and_positions():
     assert res.tv == pytest.approx(0.375) and res.positions == 2 and res.examples == 2
 
 
+def test_matched_loss_pairs_beyond_the_tolerance_are_dropped_and_counted():
+    """The demo's failure: A's early checkpoints all paired with B's first at gaps of nats."""
+    from engine.tv import pair_up
+    a = [Ckpt("a", s, None, s, l) for s, l in ((10, 8.1), (20, 2.0), (30, 1.52), (40, 1.21))]
+    b = [Ckpt("b", s, None, s, l) for s, l in ((10, 1.8), (20, 1.5), (30, 1.2))]
+    p = pair_up(a, b, "loss", max_gap=0.02)
+    # nearest with replacement: 10->10 (gap 6.3), 20->10 (0.2 > 0.036) dropped; 30->20 (0.02 <= 0.03), 40->30 kept
+    assert [(x.step, y.step) for x, y in p.pairs] == [(30, 20), (40, 30)]
+    assert [(x.step, y.step, round(g, 9)) for x, y, g in p.dropped] == [(10, 10, 6.3), (20, 10, 0.2)]
+    assert p.summary() == {"pairing": "loss", "kept": 2, "dropped": 2, "unmatched": 0, "max_gap": 0.02,
+                           "replacement": True, "level_pairs": 0}
+    # without replacement: each of B once, closest first; A's step 10 is left with no candidate
+    p = pair_up(a, b, "loss", max_gap=0.02, replacement=False)
+    assert [(x.step, y.step) for x, y in p.pairs] == [(30, 20), (40, 30)]
+    assert [(x.step, y.step) for x, y, _ in p.dropped] == [(20, 10)] and p.unmatched == 1
+    # negative control: no tolerance keeps every pair, as before
+    assert len(pair_up(a, b, "loss").pairs) == 4
+    # checkpoints of one loss level pair first, even where another is nearer
+    a2 = [Ckpt("a", 5, None, 5, 1.99, (2.0,))]
+    b2 = [Ckpt("b", 7, None, 7, 1.985, (2.0,)), Ckpt("b", 8, None, 8, 1.99)]
+    assert [(x.step, y.step) for x, y in pair_up(a2, b2, "loss", 0.02).pairs] == [(5, 7)]
+
+
+def test_tv_cli_reports_dropped_pairs_with_their_numbers(three_runs):
+    home, rds = three_runs
+    runner = CliRunner()
+    everything = runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", "0", "--json"])
+    assert everything.exit_code == 0, everything.output
+    report = json.loads(everything.stdout)
+    assert report["pairing"]["main"]["kept"] == 2 and report["dropped"] == []
+    gaps = sorted((abs(r["match_gap"]) / r["loss_b"], r) for r in report["pairs"])
+    (small, _), (big, worst) = gaps[0], gaps[-1]
+    limit = (small + big) / 2
+    res = runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", f"{limit:.6g}"])
+    assert res.exit_code == 0, res.output
+    assert "main: 1 pairs kept (0 at a shared loss level), 1 dropped beyond" in res.stdout
+    la, lb = worst["loss_a"], worst["loss_b"]
+    assert f"dropped: step {worst['step_a']} of drop" in res.stdout and f"~ step {worst['step_b']} of low" in res.stdout
+    none = runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", "1e-9"])
+    assert none.exit_code == 2
+    assert none.stderr.strip() == ("error: no checkpoint pairs for drop and low (pairing by loss): 2 candidate pairs "
+                                   "dropped, beyond --max-gap 1e-09 of B's loss")
+    assert runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", "-1"]).exit_code == 2
+
+
 def test_match_by_loss_picks_the_nearest_and_by_step_the_same_step():
     a = [Ckpt("a", s, None, s, l) for s, l in ((10, 2.0), (20, 1.5), (30, 1.02))]
     b = [Ckpt("b", s, None, s / 2, l) for s, l in ((10, 1.9), (20, 1.2), (30, 1.0), (40, 0.9))]
@@ -114,10 +159,23 @@ def test_cli_json_baseline_and_png(three_runs, tmp_path):
     home, rds = three_runs
     png = tmp_path / "tv.png"
     res = CliRunner().invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--baseline", "low2",
-                                   "--json", "--plot", str(png)])
+                                   "--max-gap", "0", "--json", "--plot", str(png)])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout)
+    report = json.loads(res.stdout)
+    rows = report["pairs"]
     assert [r["curve"] for r in rows] == ["main", "main", "baseline", "baseline"]
+    assert set(report["pairing"]) == {"main", "baseline"}
+    # the seed spread, recomputed: mean TV of each curve over the range of A's loss both cover
+    main = [r for r in rows if r["curve"] == "main"]
+    base = [r for r in rows if r["curve"] == "baseline"]
+    lo = max(min(r["loss_a"] for r in main), min(r["loss_a"] for r in base))
+    hi = min(max(r["loss_a"] for r in main), max(r["loss_a"] for r in base))
+    inside = [[r["tv"] for r in c if lo <= r["loss_a"] <= hi] for c in (main, base)]
+    spread = report["seed_spread"]
+    if hi >= lo and all(inside):
+        assert spread["ratio"] == pytest.approx(np.mean(inside[0]) / np.mean(inside[1]))
+    else:
+        assert spread["ratio"] is None and "share no range" in spread["sentence"]
     assert {"step_a", "step_b", "loss_a", "loss_b", "tv", "loss_gap"} <= set(rows[0])
     assert [r["run_a"] for r in rows] == ["drop", "drop", "low2", "low2"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -192,3 +250,16 @@ def test_fit_shift_left_translation_of_a_raised_run():
     expected = np.sqrt(np.mean((low[before] - high[before]) ** 2))
     assert rms_gap(x[before], low[before], x, high) == pytest.approx(expected, rel=1e-12)
     assert np.isnan(rms_gap(x[before], low[before], x[400:], high[400:]))   # no overlap
+
+
+def test_seed_spread_compares_over_the_shared_loss_range_only():
+    from gpctl.compare import seed_spread
+    rows = [{"curve": "main", "loss_a": l, "tv": t} for l, t in ((3.0, 0.9), (2.0, 0.3), (1.5, 0.2))]
+    rows += [{"curve": "baseline", "loss_a": l, "tv": t} for l, t in ((2.2, 0.1), (1.8, 0.1), (1.2, 0.05))]
+    s = seed_spread(rows)
+    # shared range of A's loss: [1.5, 2.2]; main there: 0.3, 0.2 (3.0 is outside); baseline: 0.1, 0.1
+    assert s["range"] == [1.5, 2.2] and s["pairs"] == [2, 2]
+    assert s["ratio"] == pytest.approx(0.25 / 0.1)
+    assert s["sentence"].endswith("at A's losses 1.5000-2.2000: 2.50x the seed baseline")
+    low = [dict(r, tv=r["tv"] / 10) if r["curve"] == "main" else r for r in rows]
+    assert seed_spread(low)["sentence"].endswith("within the seed baseline")
