@@ -132,6 +132,15 @@ def flat(cfg: Config) -> dict:
     return out
 
 
+def recipe(cfg: Config) -> str:
+    """A short fingerprint of what a run trains, less its seed and name: seeds of one arm share it,
+    a run with any other difference (a raised lr, another length) does not."""
+    import hashlib
+    import json
+    kept = {k: v for k, v in flat(cfg).items() if k not in NEUTRAL and k != "seed"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _close(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         try:

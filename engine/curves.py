@@ -1,6 +1,13 @@
-"""Loss curves as the paper draws them: EMA smoothing and the right-translation fit of Fig. 4.
+"""Loss curves as the paper draws them: EMA smoothing, early stopping, and the translation fit of
+Figs. 4 and 5.
 
 Plain numpy; used by gpctl's figures, the TUI and the reproduction checks.
+
+The paper's panels show held-out loss ("true" loss; early-stopped for offline runs), smoothed with
+an EMA of coefficient 0.8 (App. A.1, A.3), against steps for batch figures and LR-normalized steps
+for lr figures. held_out_curve() is that curve for one run; early_stop() the point an early-stopped
+offline run would return; fit_change() the translation of the reference's curve that best fits a
+changed run after T0 (right for a drop, left for a raise), or why there is none.
 """
 from __future__ import annotations
 
@@ -29,9 +36,57 @@ def train_curve(rd: RunDir, x: str = "step", coef: float = 0.0) -> tuple[np.ndar
     return xs, (ema(ys, coef) if coef else ys)
 
 
-def eval_curve(rd: RunDir, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
-    recs = [r for r in rd.metrics()[0] if "eval_loss" in r]
-    return np.array([r[x] for r in recs], dtype=float), np.array([r["eval_loss"] for r in recs], dtype=float)
+def eval_curve(rd: RunDir, x: str = "step", field: str = "eval_loss") -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for r in rd.metrics()[0] if isinstance(r.get(field), (int, float))]
+    return np.array([r[x] for r in recs], dtype=float), np.array([r[field] for r in recs], dtype=float)
+
+
+def held_out_curve(rd: RunDir, x: str = "step", coef: float = 0.8,
+                   field: str = "eval_loss") -> tuple[np.ndarray, np.ndarray]:
+    """The paper's curve: held-out loss (or error) at each eval, EMA-smoothed over the evals."""
+    xs, ys = eval_curve(rd, x, field)
+    return xs, (ema(ys, coef) if coef and len(ys) else ys)
+
+
+def early_stop(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float] | None:
+    """(x, loss) where the curve is lowest: what an early-stopped run returns (None if empty)."""
+    if not len(ys):
+        return None
+    i = int(np.argmin(ys))
+    return float(xs[i]), float(ys[i])
+
+
+def change_point(rd: RunDir, x: str = "step") -> float | None:
+    """Where the run's first noise change took effect (a planned change, a request or a fork), on x."""
+    for e in rd.events()[0]:
+        kind = e.get("event")
+        if kind == "schedule" or (kind == "fork" and e.get("changed")) or (
+                kind == "control" and e.get("status") == "applied" and e.get("changed")):
+            v = e.get(x, e.get("step"))
+            if isinstance(v, (int, float)):
+                return float(v)
+    return None
+
+
+def fit_change(changed: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], t0: float | None,
+               direction: str = "drop", settle: float = 0.0) -> dict:
+    """fit_shift with the search on the figure's side: a dropped run follows the low-noise curve
+    shifted right (0 <= tau <= t0), a raised run the high-noise curve shifted left (tau <= 0, as far
+    as the reference reaches). `ok` False comes with `why` ("no fit: ...")."""
+    (xd, yd), (xr, yr) = changed, ref
+    if t0 is None:
+        return {"ok": False, "why": "no fit: the run's noise change never took effect", "tau": None}
+    after = int(np.sum(xd > t0 + settle))
+    if after < 3:
+        return {"ok": False, "why": f"no fit: {after} held-out points after T0 = {t0:g} (3 needed)", "tau": None}
+    if len(xr) < 3:
+        return {"ok": False, "why": f"no fit: the reference has {len(xr)} held-out points (3 needed)", "tau": None}
+    taus = (0.0, max(t0, 1e-9)) if direction != "raise" else (-max(float(xr[-1]) - t0, 1e-9), 0.0)
+    fit = fit_shift(xd, yd, xr, yr, t0, settle=settle, taus=taus)
+    if not np.isfinite(fit["residual"]):
+        return {"ok": False, "why": "no fit: no shift leaves enough of the changed run inside the reference's range",
+                "tau": None}
+    return {"ok": True, "why": "", "t0": t0, **fit}
 
 
 def fit_shift(x_drop: np.ndarray, y_drop: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,

@@ -210,7 +210,7 @@ def ls(as_json: JsonOpt = False,
     missing = [r for r in rows if r.get(key) is None]          # runs without a value go last, either way
     rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=sort.startswith("-"))
     rows += missing
-    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "loss", "eval loss", "attempt")
+    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt")
     if as_json:
         out.print_json(json.dumps(rows))
         return

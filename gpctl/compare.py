@@ -155,7 +155,8 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or 
 def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
          x: AxisOpt = "step", ema: EmaOpt = 0.8, out_file: OutOpt = Path("loss.png"),
          logy: Annotated[bool, typer.Option("--logy", help="Logarithmic loss axis.")] = False,
-         evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss.")] = False,
+         evals: Annotated[bool, typer.Option("--eval", help="Held-out loss instead of train loss (EMA'd over the evals).")] = False,
+         error: Annotated[bool, typer.Option("--error", help="Held-out error (EMA'd over the evals).")] = False,
          mean: Annotated[bool, typer.Option("--mean", help="Seeds of one family as their mean with a min-max band.")] = False) -> None:
     """Loss curves of some runs (or every run of a group) in one figure."""
     from gpctl.figures import loss_figure
@@ -163,7 +164,8 @@ def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
     if x not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     rds = [rd for r in runs for rd in runs_or_group(r)]
-    loss_figure(rds, out_file, x=x, coef=ema, logy=logy, evals=evals, mean=mean)
+    loss_figure(rds, out_file, x=x, coef=ema, logy=logy, evals=evals or error, mean=mean,
+                field="eval_error" if error else "eval_loss")
     out.print(f"wrote {out_file}")
 
 
@@ -192,47 +194,87 @@ def latest_runs(preset: str) -> dict[str, RunDir]:
     return found
 
 
-def snap_pair(runs: dict[str, RunDir], x: str) -> tuple[RunDir, RunDir, float] | None:
-    """(dropped run, its low-noise reference, T0 on the x-axis), if the preset has a noise drop."""
-    for name, rd in runs.items():
-        cfg = rd.config()
-        if not cfg.changes:
-            continue
-        ev = next((e for e in rd.events()[0] if e["event"] == "schedule"), None)
-        if ev is None:
-            continue
-        last = [r for r in rd.metrics()[0] if "loss" in r][-1:]
-        if not last:
-            continue
-        for ref_name, ref in runs.items():
-            rc = ref.config()
-            if ref_name != name and not rc.changes and rc.seed == cfg.seed:
-                rl = [r for r in ref.metrics()[0] if "loss" in r][-1:]
-                if rl and (rl[0]["lr"], rl[0]["batch_size"]) == (last[0]["lr"], last[0]["batch_size"]):
-                    return rd, ref, float(ev[x if x in ev else "step"])
-    return None
+def figure_axis(p, x: str | None) -> str:
+    """lr_time for lr figures (the preset's `compares`; or arms whose lrs differ by more than a
+    relative 1e-6 where a preset declares nothing), else step."""
+    if x is not None:
+        x = x.replace("-", "_")
+        if x not in AXES:
+            raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+        return x
+    if p.contract.declared:
+        return "lr_time" if "lr" in p.contract.compares else "step"
+    cfgs = p.configs(check=False)
+    lrs = sorted({c.lr for c in cfgs} | {ch.lr for c in cfgs for ch in c.changes if ch.lr})
+    return "lr_time" if lrs and lrs[-1] > lrs[0] * (1 + 1e-6) else "step"
 
 
 @friendly
 def figure(preset: Annotated[str, typer.Argument(help="Preset whose latest runs to draw.")],
            out_file: OutOpt = Path("figure.png"), ema: EmaOpt = 0.8,
-           x: Annotated[Optional[str], typer.Option("--x", help="x-axis (default: lr_time for lr experiments, else step).")] = None) -> None:
-    """The paper's figure for a preset, from its latest runs here."""
-    from gpctl.figures import loss_figure
+           x: Annotated[Optional[str], typer.Option("--x", help="x-axis (default: lr_time for lr figures, else step).")] = None,
+           train: Annotated[bool, typer.Option("--train", help="Train loss instead of the paper's held-out loss.")] = False,
+           tv_out: Annotated[Optional[Path], typer.Option("--tv", help="Also TV at matched loss against steps (Figs. 7, 8), written here.")] = None,
+           as_json: JsonOpt = False) -> None:
+    """The paper's panel for a preset, from its latest runs here: held-out loss (EMA 0.8) on the
+    figure's axis, the reference translated onto each changed arm, offline early-stopping marked."""
+    from gpctl.figures import draw_panel, fit_sentence, panel_data
     p = load_preset(preset, check=False)
     runs = latest_runs(p.name)
     if not runs:
         raise ConfigError(f"no runs of preset '{p.name}' in {State.home / 'runs'} (gpctl run preset {p.name})")
-    if x is None:
-        lrs = {c.lr for c in p.configs(check=False)} | {ch.lr for c in p.configs(check=False) for ch in c.changes if ch.lr}
-        x = "lr_time" if len(lrs) > 1 else "step"
-    shift = snap_pair(runs, x)
-    fit = loss_figure(list(runs.values()), out_file, x=x, coef=ema, title=f"{p.figure}: {p.name}", shift=shift)
-    out.print(f"wrote {out_file}")
-    if fit:
-        out.print(f"{shift[0].config().name}: after T0 = {shift[2]:g} it follows {shift[1].config().name} "
-                  f"shifted right by {fit['tau']:.1f} {x} (fit residual {fit['residual']:.4f}; "
-                  f"gap before T0 {fit['gap_before']:.4f})")
+    x = figure_axis(p, x)
+    data = panel_data(runs, p.contract, x, ema, train=train)
+    if not any(c["x"] for c in data["curves"]):
+        raise ConfigError(f"no {'train' if train else 'held-out'} loss recorded yet in the runs of '{p.name}'")
+    data["tv"] = tv_panel(p, runs, x, tv_out) if tv_out else None
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    draw_panel(data, out_file, title=f"{p.figure}: {p.name}")
+    out.print(f"wrote {out_file}", markup=False)
+    for fit in data["fits"]:
+        out.print(fit_sentence(fit, x), markup=False)
+    if tv_out:
+        out.print(f"wrote {tv_out}", markup=False)
+        for line in data["tv"]["sentences"]:
+            out.print(line, markup=False)
+
+
+def tv_panel(p, runs: dict[str, RunDir], x: str, path: Path) -> dict:
+    """Figs. 7/8: TV at matched loss of every non-reference arm (and the seed baselines) to the
+    reference, against A's steps or lr_time, T0 marked."""
+    from engine.curves import change_point
+    from engine.tv import pair_runs, tv_curve
+    from gpctl.figures import tv_figure
+
+    c = p.contract
+    ref = runs.get(c.reference) if c.declared else None
+    if ref is None:
+        raise ConfigError(f"--tv needs the preset's reference arm ({c.reference or 'preset.reference is not set'}) "
+                          f"among its runs here")
+    rows, sentences, t0 = [], [], None
+    for arm, rd in runs.items():
+        if arm == c.reference:
+            continue
+        pairing = pair_runs(rd, ref, "loss", max_gap=MATCH_MAX_GAP)
+        curve = "baseline" if c.baselines.get(arm) == c.reference else "main"
+        got = tv_curve(rd, ref, "loss", pairing=pairing)
+        rows += [dict(r, curve=curve, arm=arm) for r in got]
+        sm = pairing.summary()
+        sentences.append(f"{arm} vs {c.reference}: {sm['kept']} pairs at matched loss, {sm['dropped']} dropped "
+                         f"beyond {MATCH_MAX_GAP:g} of the reference's loss")
+        t0 = t0 if t0 is not None else change_point(rd, x)
+    if not rows:
+        raise ConfigError(f"no checkpoint pairs at matched loss to {c.reference} (checkpoint_at_losses puts a "
+                          f"family's checkpoints at the same losses)")
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["curve"] == "main"):
+        spread = seed_spread([r for r in rows if r["arm"] == arm or r["curve"] == "baseline"])
+        if spread:
+            sentences.append(f"{arm}: {spread['sentence']}")
+    tv_figure(rows, path, x=f"{x}_a" if x in ("step", "lr_time") else "step_a",
+              title=f"{p.figure}: TV to {c.reference} at matched loss", t0=t0)
+    return {"pairs": rows, "sentences": sentences}
 
 
 def register(app: typer.Typer) -> None:

@@ -135,6 +135,22 @@ def test_collapse_groups_means_and_agreement():
     assert collapse_groups(rows[1:2], family) == (rows[1:2], {})                # a family of one stays a run
     broken = [dict(rows[1], id=f"x-{i}", preset="?", arm="?", state="unreadable") for i in range(2)]
     assert collapse_groups(broken, family) == (broken, {})                       # unreadable runs: never folded
+    # issue 24: a run of the family that trains something else (here a raised lr, 3000 steps) is no seed
+    recipes = {"p-a_s1": "r1", "p-a_s2": "r1", "p-a_s3": "r2", "p-b": "r9"}
+    more = rows + [dict(rows[0], id="p-a_s3", arm="a_s3", loss_ema=50.0)]
+    out, groups = collapse_groups(more, family, recipes.get)
+    assert groups == {"seeds:p:a": ["p-a_s1", "p-a_s2"]} and [r["id"] for r in out] == ["seeds:p:a", "p-b", "p-a_s3"]
+    assert out[0]["loss_ema"] == pytest.approx(1.5)                              # not averaged with 50
+
+
+def test_the_recipe_is_the_config_less_its_seed():
+    from engine.contract import recipe
+    from tests.conftest import TINY_IMAGES, tiny
+    a, b = tiny(TINY_IMAGES, "seed=1", name="a_s1"), tiny(TINY_IMAGES, "seed=2", name="a_s2", preset="q")
+    assert recipe(a) == recipe(b)                                   # seeds (and names, presets) of one arm
+    assert recipe(tiny(TINY_IMAGES, "seed=1", "lr=0.1")) != recipe(a)
+    assert recipe(tiny(TINY_IMAGES, "seed=1", "steps=3000")) != recipe(a)
+    assert recipe(tiny(TINY_IMAGES, "seed=1", "eval_every=3")) == recipe(a)   # how often it is watched: same
 
 
 def test_a_seed_family_as_one_row(home):

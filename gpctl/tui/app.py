@@ -74,13 +74,17 @@ def fork_words(words: list[str]) -> tuple[int | None, float | None, str | None, 
     return step, lr_time, name, overrides
 
 
-def collapse_groups(rows: list[dict], family) -> tuple[list[dict], dict[str, list[str]]]:
-    """Rows with every seed family of two or more runs (same preset, family(arm, group)) as one row,
-    where its first member was: the family, how many seeds, the mean of their loss and eval loss,
-    the least step, samples and lr_time, lr and batch where all agree. Returns (rows, {row id:
-    member ids}); a group's id is `seeds:<preset>:<family>`, never a run id (run ids have no colon)."""
+def collapse_groups(rows: list[dict], family, recipe=None) -> tuple[list[dict], dict[str, list[str]]]:
+    """Rows with every seed family of two or more runs (same preset, family(arm, group), and the same
+    recipe(run id): configs that differ in their seed only) as one row, where its first member was:
+    the family, how many seeds, the mean of their loss and eval loss, the least step, samples and
+    lr_time, lr and batch where all agree. Returns (rows, {row id: member ids}); a group's id is
+    `seeds:<preset>:<family>` (`~2`, `~3` for the same name training something else), never a run
+    id (run ids have no colon)."""
     def key(r: dict) -> tuple:     # a run whose config cannot be read (preset "?") is never folded
-        return (r["preset"], family(r["arm"], r.get("group") or "")) if r["preset"] != "?" else ("?", r["id"])
+        if r["preset"] == "?":
+            return ("?", r["id"])
+        return (r["preset"], family(r["arm"], r.get("group") or ""), recipe(r["id"]) if recipe else "")
     fam: dict[tuple, list[dict]] = {}
     for r in rows:
         fam.setdefault(key(r), []).append(r)
@@ -95,6 +99,9 @@ def collapse_groups(rows: list[dict], family) -> tuple[list[dict], dict[str, lis
             continue
         placed.add(k)
         gid = f"seeds:{k[0]}:{k[1]}"
+        n = 2
+        while gid in groups:          # the same family name training something else: its own group
+            gid, n = f"seeds:{k[0]}:{k[1]}~{n}", n + 1
         groups[gid] = [m["id"] for m in members]
         states = {m["state"] for m in members}
         mean = lambda k: (sum(v) / len(v)) if (v := [m[k] for m in members if m.get(k) is not None]) else None  # noqa: E731
@@ -175,6 +182,7 @@ class GpctlApp(App):
         self.seed_mean = False             # g: seeds of one family as their mean and min-max band
         self.collapse_seeds = False        # G: a seed family as one table row
         self._groups: dict[str, list[str]] = {}   # collapsed row id -> its runs
+        self._recipes: dict[str, str] = {}        # run id -> what it trains less its seed (config.toml never changes)
         self.metric_fields: list[str] = []  # m: small plots of these fields beside the loss
         self._footer_context: frozenset | None = None
         self._plotted = None
@@ -310,10 +318,21 @@ class GpctlApp(App):
         self._groups = {}
         if self.collapse_seeds:
             from gpctl.runs import family
-            rows, self._groups = collapse_groups(rows, family)
+            rows, self._groups = collapse_groups(rows, family, self._recipe)
         self.rows = rows
         self.table.show(rows, self._marked_rows())
         self.redraw()
+
+    def _recipe(self, rid: str) -> str:
+        """What the run trains, less its seed (engine.contract.recipe): seeds fold only when it agrees."""
+        if rid not in self._recipes:
+            from engine.config import ConfigError
+            from engine.contract import recipe
+            try:
+                self._recipes[rid] = recipe(run_dir(self.home, rid).config())
+            except (ConfigError, OSError):
+                self._recipes[rid] = f"unreadable:{rid}"   # never folded with anything
+        return self._recipes[rid]
 
     def _marked_rows(self) -> set[str]:
         """Marked runs, and the collapsed groups all of whose runs are marked."""
@@ -929,16 +948,25 @@ class GpctlApp(App):
     def compute_tv(self, panel: TvPanel, a: str, b: str, c: str | None) -> None:
         """Off the UI thread: torch, checkpoints and the held-out set; the panel shows each pair."""
         try:
-            from engine.tv import tv_curve
-            rows = []
+            from engine.levels import MATCH_MAX_GAP
+            from engine.tv import pair_runs, tv_curve
+            from gpctl.compare import seed_spread
+            rows, notes = [], []
             for curve, first in (("main", a), ("baseline", c)):
                 if first is None:
                     continue
                 told = lambda k, n, what, curve=curve: self.call_from_thread(   # noqa: E731
                     panel.progress, f"TV ({curve}) pair {k + 1}/{n}: {what}")
-                rows += [dict(r, curve=curve) for r in
-                         tv_curve(run_dir(self.home, first), run_dir(self.home, b), "loss", on_pair=told)]
+                ra, rb = run_dir(self.home, first), run_dir(self.home, b)
+                pairing = pair_runs(ra, rb, "loss", max_gap=MATCH_MAX_GAP)
+                rows += [dict(r, curve=curve) for r in tv_curve(ra, rb, "loss", on_pair=told, pairing=pairing)]
+                if pairing.dropped:
+                    notes.append(f"{curve}: {len(pairing.dropped)} pairs dropped, losses more than "
+                                 f"{MATCH_MAX_GAP:g} of B's apart")
+            spread = seed_spread(rows) if c else None
+            if spread:
+                notes.append(spread["sentence"])
         except Exception as e:  # noqa: BLE001 - shown to the user, in the panel
             self.call_from_thread(panel.show_error, f"{type(e).__name__}: {e}")
             return
-        self.call_from_thread(panel.show_rows, rows)
+        self.call_from_thread(panel.show_rows, rows, notes)

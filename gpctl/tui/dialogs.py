@@ -219,7 +219,7 @@ class TvPanel(ModalScreen[None]):
     def show_error(self, text: str) -> None:
         self.progress(f"TV failed: {text}")
 
-    def show_rows(self, rows: list[dict]) -> None:
+    def show_rows(self, rows: list[dict], notes: list[str] = ()) -> None:
         if not self.is_attached:
             return
         from rich.text import Text
@@ -228,9 +228,11 @@ class TvPanel(ModalScreen[None]):
         from gpctl.tui.widgets.plot import render
         self.rows = rows
         if not rows:
-            self.progress("no checkpoint pairs to compare (each run needs checkpoints)")
+            self.progress("; ".join(["no checkpoint pairs to compare (each run needs checkpoints at matching "
+                                     "losses)", *notes]))
             return
-        self.progress(f"{sum(r['curve'] == 'main' for r in rows)} pairs matched by loss; gap = loss A − loss B")
+        self.progress("; ".join([f"{sum(r['curve'] == 'main' for r in rows)} pairs matched by loss; "
+                                 f"gap = loss A − loss B", *notes]))
         self.query_one("#tv-table", Static).update(plain_table(
             ("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
             [[r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
