@@ -18,13 +18,24 @@ from engine.rundir import RunDir
 AXES = ("step", "samples", "lr_time", "wall")
 
 
-def ema(values: np.ndarray, coef: float, start: float | None = None) -> np.ndarray:
+def ema(values: np.ndarray, coef: float, start: float | None = None, at: np.ndarray | None = None,
+        unit: float = 0.0) -> np.ndarray:
     """s_t = coef * s_{t-1} + (1 - coef) * x_t, started at x_0 (the paper: coef 0.8 for CIFAR), or
-    continued from `start` (the last value of an earlier call, to extend a smoothed series)."""
+    continued from `start` (the last value of an earlier call, to extend a smoothed series).
+
+    at, unit: the points' positions (steps) and the spacing one coefficient stands for (the run's
+    eval_every): a point d steps after the last weighs as d / unit points do, coef ** (d / unit),
+    so evaluations added between the scheduled ones (near a loss level) leave the curve as it was."""
     out = []
     s = start
-    for v in np.asarray(values, dtype=float).tolist():   # Python floats: ~10x faster than numpy scalars
-        s = v if s is None else coef * s + (1 - coef) * v
+    vals = np.asarray(values, dtype=float).tolist()      # Python floats: ~10x faster than numpy scalars
+    pos = np.asarray(at, dtype=float).tolist() if at is not None and unit > 0 else None
+    for i, v in enumerate(vals):
+        if s is None:
+            s = v
+        else:
+            a = coef if pos is None else coef ** (max(pos[i] - pos[i - 1], 0.0) / unit)
+            s = a * s + (1 - a) * v
         out.append(s)
     return np.asarray(out, dtype=float)
 
@@ -43,9 +54,17 @@ def eval_curve(rd: RunDir, x: str = "step", field: str = "eval_loss") -> tuple[n
 
 def held_out_curve(rd: RunDir, x: str = "step", coef: float = 0.8,
                    field: str = "eval_loss") -> tuple[np.ndarray, np.ndarray]:
-    """The paper's curve: held-out loss (or error) at each eval, EMA-smoothed over the evals."""
+    """The paper's curve: held-out loss (or error) at each eval, EMA-smoothed over the evals, one
+    coefficient per `eval_every` steps (extra evals near loss levels do not sharpen it)."""
     xs, ys = eval_curve(rd, x, field)
-    return xs, (ema(ys, coef) if coef and len(ys) else ys)
+    if not coef or not len(ys):
+        return xs, ys
+    steps = xs if x == "step" else eval_curve(rd, "step", field)[0]
+    try:
+        unit = float(rd.config().eval_every)
+    except Exception:   # noqa: BLE001 - an unreadable config: smooth evenly, as before
+        unit = 0.0
+    return xs, ema(ys, coef, at=steps, unit=unit)
 
 
 def early_stop(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float] | None:
