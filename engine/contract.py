@@ -226,7 +226,8 @@ def _check_point(contract: Contract, at: list[tuple[str, Config]], plans: dict, 
             if key == "changes" and of is not None:
                 if a["changes"] != b["changes"]:
                     out.add("changes", [arm, of], [a["changes"], b["changes"]],
-                            f"the baseline {arm} does not make {of}'s planned changes: it must differ in the seed only", excusable=False)
+                            f"the baseline {arm} does not make {of}'s planned changes: it must differ in "
+                            f"the seed only", excusable=False)
                 continue
             if key in NEUTRAL or (key in knobs and of is None) or _close(a.get(key), b.get(key)):
                 continue
@@ -246,7 +247,8 @@ def _check_point(contract: Contract, at: list[tuple[str, Config]], plans: dict, 
                     f"not only in {_knobs(contract, of)}{why}")
         if of is not None and cfg.seed == ref.seed and not seeded:
             out.add("seed", [arm, of], [cfg.seed, ref.seed],
-                    f"the baseline {arm} has the seed of {of} ({cfg.seed}): it is the same run, not a seed baseline", excusable=False)
+                    f"the baseline {arm} has the seed of {of} ({cfg.seed}): it is the same run, not a seed "
+                    f"baseline", excusable=False)
         if of is None:
             _check_changes(contract, arm, cfg, plans[id(cfg)], ref, out)
     offline = [(a, c) for a, c in at if c.data.mode == "offline"]

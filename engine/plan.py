@@ -77,8 +77,26 @@ class Plan:
         return None if not self.data_size else self.samples / self.data_size
 
 
+_PLANS: dict[str, Plan] = {}   # config JSON -> its plan: a preset's check and its arms' checks step each once
+
+
 def plan(cfg: Config) -> Plan:
     """Step `cfg`'s schedule to the run's end (planned changes only; no control requests)."""
+    import copy
+    import json
+
+    from engine.config import to_dict
+    key = json.dumps(to_dict(cfg), sort_keys=True)
+    if key not in _PLANS:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = _plan(copy.deepcopy(cfg))
+    q = copy.copy(_PLANS[key])   # the same numbers, for this (equal) config object
+    q.cfg = cfg
+    return q
+
+
+def _plan(cfg: Config) -> Plan:
     p = Plan(cfg=cfg)
     sched = Schedule(cfg)
     tokens = cfg.data.seq_len if cfg.is_lm else 1
