@@ -14,13 +14,12 @@ levels the run was already below when it started (a fork, a resumed run without 
 crossed. The held-out set is fixed, so its loss has no sampling noise: the raw eval loss is used.
 
 Cadence: from the fastest fall of the loss between the last few evals, doubled (d nats per step),
-once the next
-scheduled eval could pass below the band [level, level x (1 + tol)], an eval comes where the loss
-should enter the band, and then every floor(tol x level / d) steps (at least 1, at most eval_every);
-the loss then moves less than tol x level between evals, so the crossing eval is within the
-tolerance of the level when the loss falls steadily. A crossing further away (a
-jump, a first eval already past several levels) is still checkpointed and recorded with its gap:
-`gpctl tv --match-loss` drops pairs beyond its tolerance rather than hide them.
+once the next scheduled eval could pass the level by more than tol x level, the next eval comes
+after floor(room / d) steps (at least 1, at most eval_every), room being what is left to the level:
+each eval halves the rest, a level costs a few evals (about log2 of room over one step's fall), and
+the eval that reaches it lands less than one step's fall past it when the loss falls steadily. A
+crossing further away (a jump, a first eval already past several levels) is still checkpointed and
+recorded with its gap: `gpctl tv --match-loss` drops pairs beyond its tolerance rather than hide them.
 """
 from __future__ import annotations
 
@@ -86,12 +85,12 @@ class LossLevels:
         if fall <= 0:
             return step + max(1, min(every, 10))  # rising or flat: look again soon, not every step
         room = self.last[1] - level               # nats left to the level
-        band = self.tol * level                   # how far above the level an eval may land
+        band = self.tol * level                   # how far past the level an eval may land
         if room - fall * every > band:
-            return None                           # the next scheduled eval is still above the band
-        if room > band:                           # to where the loss enters the band, then every k
-            return step + max(1, min(every, int((room - band) / fall)))
-        return step + max(1, min(every, int(band / fall)))
+            return None                           # the next scheduled eval is still well above it
+        # aim at half the time the loss would take at its fastest (doubled) recent fall: each eval
+        # halves what is left, and the last step before the crossing moves less than one step's fall
+        return step + max(1, min(every, int(room / fall)))
 
     def state_dict(self) -> dict:
         return {"taken": list(self.taken), "prev": self.prev, "last": self.last, "next_eval": self.next_eval,
