@@ -146,3 +146,61 @@ def test_a_preset_without_a_contract_compares_lrs_with_a_relative_tolerance(tmp_
     assert figure_axis(bare, None) == "step"
     bare.runs = {**p.runs, "other": {"lr": 0.01}}
     assert figure_axis(bare, None) == "lr_time"
+
+
+TV_PRESET = """
+[preset]
+figure = "Fig. 7a (test)"
+compares = "batch_size"
+reference = "bs128"
+direction = "drop"
+baselines = ["bs128_seed2"]
+
+[base]
+steps = 150
+lr = 0.02
+batch_size = 128
+eval_every = 25
+checkpoint_every = 0
+log_every = 10
+device = "cpu"
+checkpoint_at_losses = [2.25, 2.2, 2.15, 2.1, 2.05]
+model.name = "cnn"
+model.width = 8
+data.source = "synthetic_images"
+data.image_size = 8
+data.eval_samples = 64
+data.teacher_width = 8
+control.poll_ms = 0
+
+[runs.bs32to128]
+batch_size = 32
+[[runs.bs32to128.changes]]
+at_step = 60
+batch_size = 128
+
+[runs.bs128]
+
+[runs.bs128_seed2]
+seed = 1
+"""
+
+
+def test_figure_tv_compares_the_arms_at_their_shared_loss_levels(tmp_path):
+    """Figs. 7/8: TV of each arm to the reference at matched loss, against steps, with the seed baseline."""
+    preset = tmp_path / "tvfig.toml"
+    preset.write_text(TV_PRESET)
+    home = tmp_path / "home"
+    assert runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--foreground"]).exit_code == 0
+    png = tmp_path / "tv.png"
+    data = figure_json(home, str(preset), "--tv", str(png))
+    rows = data["tv"]["pairs"]
+    assert {r["arm"] for r in rows} <= {"bs32to128", "bs128_seed2"} and rows
+    for r in rows:                 # every kept pair: recorded losses within 2 % of the reference's
+        assert abs(r["match_gap"]) <= 0.02 * r["loss_b"] + 1e-12
+        assert 0 <= r["tv"] <= 1
+    assert any(r["levels"] for r in rows)                 # pairs taken at a shared loss level
+    assert any(s.startswith("bs32to128 vs bs128: ") and "pairs at matched loss" in s for s in data["tv"]["sentences"])
+    res = runner.invoke(app, ["--home", str(home), "figure", str(preset), "--out", str(tmp_path / "f.png"),
+                              "--tv", str(png)])
+    assert res.exit_code == 0 and f"wrote {png}" in res.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
