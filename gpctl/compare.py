@@ -90,7 +90,8 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
         out.print_json(json.dumps({"pairs": rows, "pairing": summary, "seed_spread": spread,
                                    "dropped": [_dropped(curve, d) for curve, pr in pairings.items() for d in pr.dropped]}))
         return
-    print(f"TV vs {b.id} (pairs by {pairing}" + (f"; kept within {max_gap:g} of B's loss, "
+    print(f"TV vs {b.id} (pairs by {pairing}" + (f"; kept where the losses differ by at most {max_gap:.3g} x B's "
+                                                 f"loss ({max_gap * 100:.3g} %), "
                                                  f"{'without' if no_replacement else 'with'} replacement"
                                                  if gap else "") + ")")
     print(plain_table(("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
@@ -102,7 +103,7 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
         if pairing == "loss":
             line += f" ({sm['level_pairs']} at a shared loss level)"
             if gap:
-                line += f", {sm['dropped']} dropped beyond {max_gap:g} of B's loss"
+                line += f", {sm['dropped']} dropped beyond {max_gap * 100:.3g} % of B's loss"
         if sm["unmatched"]:
             line += f", {sm['unmatched']} checkpoints of A without a candidate"
         print(line)
@@ -262,8 +263,9 @@ def tv_panel(p, runs: dict[str, RunDir], x: str, path: Path) -> dict:
         got = tv_curve(rd, ref, "loss", pairing=pairing)
         rows += [dict(r, curve=curve, arm=arm) for r in got]
         sm = pairing.summary()
-        sentences.append(f"{arm} vs {c.reference}: {sm['kept']} pairs at matched loss, {sm['dropped']} dropped "
-                         f"beyond {MATCH_MAX_GAP:g} of the reference's loss")
+        sentences.append(f"{arm} vs {c.reference}: {sm['kept']} pairs at matched loss ({sm['level_pairs']} at a "
+                         f"shared loss level), {sm['dropped']} dropped beyond {MATCH_MAX_GAP * 100:.3g} % of the "
+                         f"reference's loss")
         t0 = t0 if t0 is not None else change_point(rd, x)
     if not rows:
         raise ConfigError(f"no checkpoint pairs at matched loss to {c.reference} (checkpoint_at_losses puts a "

@@ -225,7 +225,7 @@ def check_online_offline(rep: Report) -> None:
                                                       f"window from {x}": lo},
                                 f"gap > {th}", gap > th,
                                 control=f"two seeds of the low-noise arm ({seeds[1].config().name} minus "
-                                        f"{seeds[0].config().name}), |gap|",
+                                        f"{seeds[0].config().name}), absolute gap",
                                 control_measured={"gap": c_gap}, control_passed=abs(c_gap) > th))
     th, th_t = THRESHOLDS["offline_gap"], THRESHOLDS["offline_track"]
     for low, high, on_low, on_high, what in (("off_low", "off_high", "low", "high", "batch 512 vs 32"),

@@ -962,7 +962,7 @@ class GpctlApp(App):
                 rows += [dict(r, curve=curve) for r in tv_curve(ra, rb, "loss", on_pair=told, pairing=pairing)]
                 if pairing.dropped:
                     notes.append(f"{curve}: {len(pairing.dropped)} pairs dropped, losses more than "
-                                 f"{MATCH_MAX_GAP:g} of B's apart")
+                                 f"{MATCH_MAX_GAP * 100:.3g} % of B's apart")
             spread = seed_spread(rows) if c else None
             if spread:
                 notes.append(spread["sentence"])
