@@ -18,7 +18,8 @@ from pathlib import Path
 from engine.jobs import JobStore
 from engine.rundir import RunDir
 
-SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+                "REQUEUE_FED", "REQUEUE_HOLD", "SIGNALING", "STAGE_OUT", "STOPPED")   # a requeue passes through some
 
 
 class SlurmError(RuntimeError):
@@ -157,8 +158,10 @@ def sync(store: JobStore) -> None:
         return
     try:
         live = squeue_states([j.slurm_id for j in jobs])
-    except SlurmError:
-        live = {}  # e.g. squeue answers "Invalid job id" once every job has left the queue
+    except SlurmError as e:
+        if "Invalid job id" not in str(e):
+            return   # squeue could not answer (slurmctld busy, a timeout): decide nothing; the next sync will
+        live = {}  # squeue answers "Invalid job id" once every job has left the queue
     for j in jobs:
         s = live.get(j.slurm_id)
         if s in SLURM_ACTIVE:
