@@ -19,7 +19,7 @@ from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
 from gpctl import compare, data, export, presetcheck, queue, repro, steer
-from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out
+from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out, print_json
 from gpctl.common import fmt as _f
 from gpctl.common import plain_table
 from gpctl.progress import train_in_foreground
@@ -212,7 +212,7 @@ def ls(as_json: JsonOpt = False,
     rows += missing
     cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt")
     if as_json:
-        out.print_json(json.dumps(rows))
+        print_json(rows)
         return
     if as_csv:
         import csv
@@ -245,7 +245,7 @@ def show(run: RunArg, as_json: JsonOpt = False,
     rd = resolve(State.home, run)
     info = run_info(State.home, rd)
     if as_json:
-        out.print_json(json.dumps(info, default=str))
+        print_json(info, default=str)
         return
     for line in run_lines(rd, info, full_config):
         out.print(line, markup=False)

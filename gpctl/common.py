@@ -18,6 +18,17 @@ from engine.rundir import UnknownRun, home
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+
+def print_json(data, default=None) -> None:
+    """`--json` output: plain JSON on stdout, indented, never coloured (whatever a terminal library
+    decided about colour earlier in the process) and ASCII-escaped, so that any name, even one with a
+    lone surrogate, prints and any parser reads it."""
+    import json
+    import sys
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True, default=default) + "\n")
+    sys.stdout.flush()
+
+
 def complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
     """Shell completion of run ids, from the home the command line names (or $GPCTL_HOME)."""
     from engine.rundir import list_runs

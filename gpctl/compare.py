@@ -1,7 +1,6 @@
 """Comparing runs: `gpctl tv` (function space), `gpctl plot` and `gpctl figure` (pictures)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +11,7 @@ from engine.curves import AXES
 from engine.levels import MATCH_MAX_GAP
 from engine.presets import load_preset
 from engine.rundir import RunDir, list_runs, resolve
-from gpctl.common import JsonOpt, State, fmt, friendly, out, plain_table, progress_status
+from gpctl.common import JsonOpt, State, fmt, friendly, out, plain_table, print_json, progress_status
 
 By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr_time (without --match-loss).")]
 
@@ -46,7 +45,7 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
         row = dict(tv_files(Path(run_a), Path(run_b), resolve(State.home, eval_from).config(), eval_samples, device),
                    curve="files")
         if as_json:
-            out.print_json(json.dumps([row]))
+            print_json([row])
         else:
             out.print(f"TV {fmt(row['tv'])}  loss A {fmt(row['loss_a'])}  loss B {fmt(row['loss_b'])}  "
                       f"gap {row['loss_gap']:+.4f}  ({row['examples']} examples)")
@@ -87,8 +86,8 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
         tv_figure(rows, plot, x=x, title=f"TV to {b.id}")
     summary = {curve: pr.summary() for curve, pr in pairings.items()}
     if as_json:
-        out.print_json(json.dumps({"pairs": rows, "pairing": summary, "seed_spread": spread,
-                                   "dropped": [_dropped(curve, d) for curve, pr in pairings.items() for d in pr.dropped]}))
+        print_json({"pairs": rows, "pairing": summary, "seed_spread": spread,
+                                   "dropped": [_dropped(curve, d) for curve, pr in pairings.items() for d in pr.dropped]})
         return
     print(f"TV vs {b.id} (pairs by {pairing}" + (f"; kept where the losses differ by at most {max_gap:.3g} x B's "
                                                  f"loss ({max_gap * 100:.3g} %), "
@@ -230,7 +229,7 @@ def figure(preset: Annotated[str, typer.Argument(help="Preset whose latest runs 
         raise ConfigError(f"no {'train' if train else 'held-out'} loss recorded yet in the runs of '{p.name}'")
     data["tv"] = tv_panel(p, runs, x, tv_out) if tv_out else None
     if as_json:
-        out.print_json(json.dumps(data))
+        print_json(data)
         return
     draw_panel(data, out_file, title=f"{p.figure}: {p.name}")
     out.print(f"wrote {out_file}", markup=False)

@@ -10,7 +10,6 @@ preset is not its experiment; a departure the preset declares (preset.departs) i
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,7 +20,7 @@ from engine.config import ConfigError
 from engine.contract import errors
 from engine.plan import Plan, compare_ends, plan
 from engine.presets import list_presets, load_preset
-from gpctl.common import JsonOpt, friendly, out
+from gpctl.common import JsonOpt, friendly, out, print_json
 
 app = typer.Typer(invoke_without_command=True, help="The presets: list them, or check what they will run.")
 
@@ -34,8 +33,8 @@ def presets(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     found = list_presets()
     if as_json:
-        out.print_json(json.dumps([{"name": p.name, "figure": p.figure, "description": p.description,
-                                    "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found]))
+        print_json([{"name": p.name, "figure": p.figure, "description": p.description,
+                                    "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found])
         return
     t = Table(title="presets")
     for col in ("name", "figure", "runs", "description"):
@@ -68,7 +67,7 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
         if not as_json:
             _print_preset(p, plans, problems, declared)
     if as_json:
-        out.print_json(json.dumps(report))
+        print_json(report)
     else:
         out.print(f"{len(presets) - failed} of {len(presets)} presets pass" + (f"; {failed} fail" if failed else ""))
     if failed:

@@ -17,7 +17,7 @@ from engine import backends, slurm
 from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, resolve
 from engine.worker import Worker, live_workers, visible_gpus
-from gpctl.common import RunArg, State, err, friendly, out, plain_table
+from gpctl.common import RunArg, State, err, friendly, out, plain_table, print_json
 
 OK_STATES = ("done", "stopped")
 
@@ -238,14 +238,13 @@ def show_queue(ctx: typer.Context,
     attempts, and the worker and devices of running ones."""
     if ctx.invoked_subcommand:
         return
-    import json
     store = JobStore.for_reading(State.home)
     if store.writable:
         sync(store)
     rows = queue_rows(store)
     store.close()
     if as_json:
-        out.print_json(json.dumps(rows))
+        print_json(rows)
         return
     print(queue_text(rows))
 

@@ -141,3 +141,15 @@ def test_repro_out_must_be_a_folder_and_nothing_is_queued(tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == f"error: --out {f}: exists and is not a folder"
     assert f.read_text() == "mine\n" and not (home / "runs").exists()
+
+
+def test_json_output_is_plain_even_where_the_console_would_colour(tmp_path, monkeypatch):
+    """`--json` never carries colour codes: a console that believes it is a terminal (Textual ran in
+    the same process, FORCE_COLOR) left `ls --json` unreadable by json.loads."""
+    from rich.console import Console
+
+    import gpctl.common
+    monkeypatch.setattr(gpctl.common, "out", Console(force_terminal=True, color_system="truecolor"))
+    h = tmp_path / "home"
+    res = runner.invoke(app, ["--home", str(h), "ls", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == [] and "\x1b" not in res.stdout

@@ -7,6 +7,7 @@ import pytest
 from engine.rundir import RunDir
 from engine.train import train
 from gpctl.tui.app import GpctlApp
+from gpctl.tui.widgets.panels import COLUMNS
 from gpctl.tui.widgets.plot import column_minmax, render
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -390,7 +391,8 @@ def test_sort_has_a_direction_puts_missing_values_last_and_shows_in_the_status_l
             await pilot.press("o", "o")                        # step, then the loss EMA
             await pilot.pause()
             status = app.query_one("#status").render().plain
-            assert status == "x step · EMA 0.8 · sort loss_ema ↑ · 3 runs, 1 running"
+            assert status == "x step · EMA 0.8 · sort loss_ema ↑ · 3 runs, 1 running" + \
+                (f" · {len(app.table.hidden_columns)} columns hidden (Enter: all)" if app.table.hidden_columns else "")
             order = [r["id"] for r in app.rows]
             la, lb = (next(r["loss_ema"] for r in app.rows if r["id"] == x.id) for x in (a, b))
             assert order == ([a.id, b.id] if la <= lb else [b.id, a.id]) + [c.id]      # c has none: last
@@ -515,3 +517,57 @@ def test_fork_dialog_takes_a_step_a_name_and_overrides(runs, monkeypatch):
     cfg = run_dir(home, made[0]["id"]).config()
     assert (cfg.parent, cfg.lr, cfg.parent_overrides) == (a.id, 0.01, ["lr=0.01"])
     assert cfg.parent_checkpoint == str(dict(a.list_checkpoints())[4].resolve())   # step 4's, not the latest (8)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (160, 48)])
+def test_a_growing_run_never_has_a_cut_cell_and_agrees_with_ls_json(tmp_path, size):
+    """Opened on a fresh run, the table follows it from step 1 to five digits of steps and six of
+    samples: every shown cell is whole on screen (the column grew), equals `gpctl ls --json`'s value,
+    and a column that cannot fit whole is left out and counted in the status line."""
+    from typer.testing import CliRunner
+
+    from gpctl.cli import app as cli
+
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=20000", "lr=0.05", name="grow"))
+    rd.write_status(state="running", started=1000.0, updated=1000.0)
+
+    def advance(step):
+        rd.append_metrics([{"step": step, "samples": 16 * step, "lr_time": step * 1.0, "wall": 0.1,
+                            "lr": 0.05, "batch_size": 16, "loss": 2.5}])
+        rd.write_status(state="running", started=1000.0, updated=1000.0 + step / 14.6)
+
+    def screen_row(app, rid):
+        t = app.table
+        y = t.get_row_index(rid) + 1                   # + the column labels' line
+        return t.render_line(y - int(t.scroll_y)).text
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=size) as pilot:
+            for step in (1, 9, 120, 1200, 16642):
+                advance(step)
+                app.refresh_data()
+                await pilot.pause()
+                res = CliRunner().invoke(cli, ["--home", str(home), "ls", "--json"])
+                assert res.exit_code == 0 and res.stdout, (res.output, res.stderr, res.exception)
+                listed = json.loads(res.stdout) if res.stdout.lstrip().startswith("[") else pytest.fail(repr(res.stdout[:300]))
+                (mine,) = [r for r in listed if r["id"] == rd.id]
+                line = screen_row(app, rd.id)
+                shown = dict(zip(app.table._cols, app.table.get_row(rd.id)))
+                assert shown["step"] == str(mine["step"]) == str(step)
+                if "samples" in shown:
+                    assert shown["samples"] == str(mine["samples"]) == str(16 * step)
+                if "lr" in shown:
+                    assert shown["lr"] == "0.05" and mine["lr"] == 0.05
+                for col, cell in shown.items():      # whole on screen, every one
+                    text = cell.plain if hasattr(cell, "plain") else str(cell)
+                    assert text.strip() in line, (col, text, line)
+                hidden = app.table.hidden_columns
+                assert set(app.table._cols) | set(hidden) == set(COLUMNS)
+                status = str(app.query_one("#status").render())
+                assert (f"{len(hidden)} column" in status) == bool(hidden)
+            if size[0] == 80:
+                assert app.table.hidden_columns        # 80 columns cannot hold all twelve
+            assert shown["ETA"].endswith("s")          # "(20000 - 16642) / rate" with its unit, whole
+    run(go())

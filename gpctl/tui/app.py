@@ -541,6 +541,10 @@ class GpctlApp(App):
     def _row_changed(self, event) -> None:
         self.redraw()
 
+    @on(RunsTable.ColumnsChanged)
+    def _columns_changed(self, event) -> None:
+        self.redraw()
+
     @on(RunsTable.RowSelected)
     def _row_selected(self, event) -> None:   # Enter on the table: the table takes the key first
         self.action_detail()
@@ -624,6 +628,9 @@ class GpctlApp(App):
             parts.insert(2, "seeds: mean")
         if self.collapse_seeds:
             parts.insert(2, "seeds: one row")
+        hidden = self.table.hidden_columns
+        if hidden:      # left out whole, never cut: say so, and where to read them
+            parts.append(f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} hidden (Enter: all)")
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}'")
         return " · ".join(parts)

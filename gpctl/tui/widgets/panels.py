@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import time
 
+from rich.cells import cell_len
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.coordinate import Coordinate
+from textual.message import Message
 from textual.widgets import DataTable, Footer, RichLog, Static
 from textual.widgets._footer import FooterKey
 
@@ -40,14 +43,51 @@ class RunsTable(DataTable):
     def on_mount(self) -> None:
         self.cursor_type = "row"
         self.zebra_stripes = True
+        self._cols: tuple[str, ...] = COLUMNS
         for c in COLUMNS:
             self.add_column(c, key=c)
+
+    @property
+    def hidden_columns(self) -> tuple[str, ...]:
+        """The columns left out because the table is too narrow for them (whole columns, never a cut
+        cell): the status line names how many, the detail screen (Enter) shows every field."""
+        return tuple(c for c in COLUMNS if c not in getattr(self, "_cols", COLUMNS))
+
+    def fitting(self, cells: dict[str, tuple]) -> tuple[str, ...]:
+        """The columns that fit the table's width with every cell whole, in COLUMNS' order (their
+        priority): a column is as wide as its widest cell or its label, plus padding; the first that
+        does not fit ends the list (`run` always stays). Before the first layout (width 0): all."""
+        width = self.scrollable_content_region.width
+        if width <= 0:
+            return COLUMNS
+        pad = 2 * self.cell_padding
+        used, keep = 0, []
+        for i, c in enumerate(COLUMNS):
+            w = max([cell_len(c)] + [cell_len(row[i].plain if isinstance(row[i], Text) else str(row[i]))
+                                     for row in cells.values()]) + pad
+            if keep and used + w > width:
+                break
+            keep.append(c)
+            used += w
+        return tuple(keep)
+
+    def on_resize(self, event: events.Resize) -> None:
+        last = getattr(self, "_last", None)
+        if last is not None:
+            self.show(*last)
+            self.post_message(self.ColumnsChanged())
+
+    class ColumnsChanged(Message):
+        """The set of shown columns may have changed (a resize): the status line says how many are hidden."""
 
     def show(self, rows: list[dict], marked: set[str]) -> None:
         """Rows grouped by preset (sorted by it), each group under a header row naming the preset and
         how many runs it has (the run column drops the preset prefix); keeps the cursor on the same
         run. When the same runs are shown in the same order (most refreshes: a few runs advanced),
-        only the cells that changed are updated; rebuilding 100 rows on every refresh made keys wait."""
+        only the cells that changed are updated; rebuilding 100 rows on every refresh made keys wait.
+        Columns grow as their values do (a step count that gains a digit is never cut), and a column
+        that cannot fit whole is left out (`hidden_columns`)."""
+        self._last = (rows, marked)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["preset"]] = counts.get(r["preset"], 0) + len(r.get("members") or [r])   # a seed row: its runs
@@ -62,11 +102,22 @@ class RunsTable(DataTable):
                     ("",) * (len(COLUMNS) - 1)
             order.append(r["id"])
             cells[r["id"]] = self._cells(r, r["id"] in marked)
+        cols = self.fitting(cells)
+        if cols != getattr(self, "_cols", COLUMNS):     # rebuild with the columns that fit
+            current = self.selected_id
+            self.clear(columns=True)
+            for c in cols:
+                self.add_column(c, key=c)
+            self._cols, self._order = cols, None
+            if current is not None:
+                self._last_cursor = current
+        idx = [COLUMNS.index(c) for c in cols]
+        cells = {rid: tuple(row[i] for i in idx) for rid, row in cells.items()}
         shown = getattr(self, "_order", None)
         if shown is not None and self.row_count == len(order) and set(order) == set(shown):
             merged = {}
             for rid in order:   # the objects in the table: new ones where a cell changed
-                merged[rid] = tuple(self._update(rid, col, a, b) for col, a, b in zip(COLUMNS, self._shown[rid], cells[rid]))
+                merged[rid] = tuple(self._update(rid, col, a, b) for col, a, b in zip(cols, self._shown[rid], cells[rid]))
             self._shown = merged
             if order != shown:  # sort and sort direction: reorder in place (the run cell's identity is its row)
                 current = self.selected_id
@@ -76,7 +127,8 @@ class RunsTable(DataTable):
                 if current is not None and current in self.rows:
                     self.move_cursor(row=self.get_row_index(current))
             return
-        current = self.selected_id
+        current = self.selected_id or getattr(self, "_last_cursor", None)
+        self._last_cursor = None
         self.clear()
         for rid in order:
             self.add_row(*cells[rid], key=rid)
@@ -109,7 +161,7 @@ class RunsTable(DataTable):
     def _update(self, rid: str, col: str, old, new):
         if old == new:
             return old
-        self.update_cell(rid, col, new)
+        self.update_cell(rid, col, new, update_width=True)
         return new
 
     @staticmethod
