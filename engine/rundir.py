@@ -478,17 +478,32 @@ def run_dir(root: Path, run_id: str) -> RunDir:
 
 
 def resolve(root: Path, text: str) -> RunDir:
-    """A run by its id or a unique prefix of it."""
+    """A run by its id, by its preset-arm name (`demo-bs512` where one run of that arm exists, though
+    `demo-bs512_seed2-...` starts the same way), or by a unique prefix of its id."""
     if not text.strip():
         raise UnknownRun("a run id cannot be empty")
     runs = list_runs(root)
     exact = [r for r in runs if r.id == text]
     if exact:
         return exact[0]
+    named = [r for r in runs if _without_suffix(r.id) == text]    # a whole preset-arm name: that arm's run
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise UnknownRun(f"run '{text}' is ambiguous: {len(named)} runs of that arm ("
+                         f"{', '.join(r.id for r in named[:5])}{', ...' if len(named) > 5 else ''}); name one by its id")
     hits = [r for r in runs if r.id.startswith(text)]
     if len(hits) == 1:
         return hits[0]
     if not hits:
         raise UnknownRun(f"unknown run '{text}' in {root / 'runs'}")
-    raise UnknownRun(f"run '{text}' is ambiguous: {', '.join(r.id for r in hits[:5])}")
+    raise UnknownRun(f"run '{text}' is ambiguous: {', '.join(r.id for r in hits[:5])}"
+                     f"{f' and {len(hits) - 5} more' if len(hits) > 5 else ''}")
+
+
+def _without_suffix(run_id: str) -> str:
+    """`demo-bs512-44e6d9` -> `demo-bs512`: the id less the six hex digits new_run_id adds."""
+    import re
+    m = re.fullmatch(r"(.+)-[0-9a-f]{6}", run_id)
+    return m.group(1) if m else run_id
 

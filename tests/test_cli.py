@@ -153,3 +153,42 @@ def test_json_output_is_plain_even_where_the_console_would_colour(tmp_path, monk
     h = tmp_path / "home"
     res = runner.invoke(app, ["--home", str(h), "ls", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout) == [] and "\x1b" not in res.stdout
+
+
+def test_every_help_example_names_runs_that_resolve_on_the_demos_runs(tmp_path):
+    """The `-h` examples name the demo's runs by preset-arm (`demo-bs512`), though `demo-bs512_seed2`
+    starts the same way: each name resolves to its arm's run, and the examples that only read
+    (show, tv, plot) run as written (blocking flags aside)."""
+    import re
+    import shlex
+
+    from engine.rundir import RunDir, resolve
+    from engine.train import train
+    from gpctl.cli import EXAMPLES
+    from tests.conftest import TINY_IMAGES, tiny
+
+    h = tmp_path / "home"
+    made = {}
+    for arm, seed in (("bs32", 0), ("bs512", 0), ("bs512_seed2", 1), ("bs32to512", 0)):
+        rd = RunDir.create(h, tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=4", f"seed={seed}",
+                                   name=arm, preset="demo"))
+        assert train(rd) == "done"
+        made[arm] = rd.id
+    examples = [e for text in EXAMPLES.values() for e in text.split("|")] + [
+        "gpctl queue move demo-bs512 --first"]
+    named = 0
+    for example in examples:
+        for name in re.findall(r"\bdemo-[A-Za-z0-9_]+\b", example):
+            assert resolve(h, name).id == made[name[len("demo-"):]], example
+            named += 1
+    assert named >= 15
+    with pytest.raises(Exception, match=r"ambiguous: 2 runs of that arm"):
+        RunDir.create(h, tiny(TINY_IMAGES, "steps=8", name="bs32", preset="demo"))
+        resolve(h, "demo-bs32")
+    for cmd in ("show", "tv", "plot"):
+        argv = shlex.split(EXAMPLES[cmd])[1:]
+        argv = [str(tmp_path / a) if a.endswith(".png") else a for a in argv]
+        if cmd == "show":
+            argv[1] = made["bs32"]      # demo-bs32 has two runs now; the example's own name is checked above
+        res = runner.invoke(app, ["--home", str(h), *argv])
+        assert res.exit_code == 0, (cmd, res.output)
