@@ -10,7 +10,7 @@ from engine.rundir import RunDir
 def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = False) -> list[str]:
     states = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+               TextColumn("last loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, loss="-") for rd in rds}
 

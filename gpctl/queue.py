@@ -109,7 +109,7 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
     """Block with one progress bar per run until every job ends; returns the jobs' final states."""
     store = JobStore(State.home)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[state]} loss {task.fields[loss]}"), TimeElapsedColumn())
+               TextColumn("{task.fields[state]} last loss {task.fields[loss]}"), TimeElapsedColumn())
     try:
         states = _watch(store, rds, columns, poll)
     except KeyboardInterrupt:

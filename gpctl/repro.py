@@ -6,7 +6,9 @@
    and wait for its runs. The noisy batch-32 arms have three seeds (`high`, `high_s2`, `high_s3`).
 2. Like `gpctl fork RUN --step T0` plus `gpctl drop/raise --batch-factor 16`: fork `high` at T0 and
    send it a batch x16 request through its control file (the live drop), and fork `low` at T0 with a
-   batch /16 request (the raise). Queue both and wait. The request is in the control file when the
+   batch /16 request (the raise); on the full preset also the lr drop (`high` at T0, lr / 4) and the
+   lr raise (`low_lr` at lr_time T0, lr x 4 over a 100-step ramp), and the language-model preset
+   `repro_lm` (batch 64 vs 8, and a drop 8 -> 64 at T0). Queue both and wait. The request is in the control file when the
    fork starts, so the engine applies it at the fork's first step boundary, T0, and says so in its
    events: the live path at the same step as the preset's scheduled drop.
 3. Check each claim against THRESHOLDS (fixed before the recorded run, never tuned after), like
@@ -64,6 +66,8 @@ THRESHOLDS = {
     "tv_close": 1.3,         # claim 3: TV(dropped, low) / TV(low seed 2, low) at matched loss, at most
     "tv_apart": 1.5,         # claim 3: TV(high, low) / TV(low seed 2, low) at matched loss, at least
     "tv_min_levels": 10,     # claim 3: loss levels a ratio (and its control) needs, shared with the baseline
+    "lm_online_gap": 0.1,    # claim 1 on the language model (repro_lm): high minus low noise held-out loss, last 30%
+                             # (calibration seed 0: gap 0.47, two-seed gap 0.004)
 }
 EMA = 0.8           # rule 1: every held-out curve is smoothed with the paper's EMA (App. A.1) before a fit or comparison
 LAST = 0.3          # "the last part of training": the last 30% of the x-axis
@@ -71,6 +75,7 @@ FIRST = 0.2         # "at first": the first 20% of the steps (offline tracks onl
 SETTLE = 25         # steps after T0 left out of the translation fits (one eval interval)
 TV_AFTER = 100      # dropped-run checkpoints count for TV from T0 + this many steps
 BATCH_FACTOR = 16   # 32 <-> 512
+LR_RAMP = 100.0     # the lr raise reaches its new lr over this many LR-normalized steps (the paper's 100)
 CALIBRATION_SEEDS = (0, 1)   # the seeds (low/high..., low_seed2) the task and thresholds were calibrated on
 
 
@@ -133,6 +138,11 @@ def run_all(preset: str, seed: int = 0) -> Report:
     for cfg in cfgs:
         cfg.seed += seed
     rds = [RunDir.create(State.home, cfg) for cfg in cfgs]
+    if preset == "repro":   # the language-model part, queued with the rest (its arms are named lm_*)
+        lm = load_preset("repro_lm", check=False).configs()
+        for cfg in lm:
+            cfg.seed += seed
+        rds += [RunDir.create(State.home, cfg) for cfg in lm]
     rep.runs = {rd.config().name: rd for rd in rds}
     _queue_and_wait(rds)
     rep.timings["preset runs"] = time.perf_counter() - t
@@ -147,10 +157,35 @@ def run_all(preset: str, seed: int = 0) -> Report:
         raised = fork_run(State.home, rep.runs["low"], step=t0, name="low_raise")
         append_request(raised, dict(noise_request(raised, None, BATCH_FACTOR, lower=False, ramp=0.0), queued_ok=True))
         forks.append(raised)
+    if "high" in rep.runs and "low_lr" in rep.runs:
+        forks += lr_forks(rep.runs["high"], rep.runs["low_lr"], t0)
     rep.runs.update({rd.config().name: rd for rd in forks})
     _queue_and_wait(forks)
     rep.timings["forks"] = time.perf_counter() - t
     return rep
+
+
+def lr_forks(high: RunDir, low_lr: RunDir, t0: int) -> list[RunDir]:
+    """The lr drop and the lr raise (Figs. 4b, 5b), like `gpctl fork` + `gpctl drop/raise --lr-factor`:
+    `high` (lr = lr_ref, so step T0 is lr_time T0) forked at T0 with its lr divided by K, and `low_lr`
+    forked at lr_time T0 with its lr multiplied by K over a ramp of LR_RAMP LR-normalized steps (the
+    paper ramps lr increases), both run on to the lr arms' end in lr_time, at the lr arm's cadence."""
+    import math
+    h, lo = high.config(), low_lr.config()
+    k, end = h.lr / lo.lr, lo.steps * lo.lr / lo.lr_ref          # lr factor; the lr arms' last lr_time
+    cadence = [f"eval_every={lo.eval_every}", f"checkpoint_every={lo.checkpoint_every}", "checkpoint_at_losses=[]"]
+    drop_steps = t0 + math.ceil((end - t0) * lo.lr_ref / lo.lr)
+    dropped = fork_run(State.home, high, step=t0, name="high_lr_drop", overrides=[f"steps={drop_steps}", *cadence])
+    append_request(dropped, dict(noise_request(dropped, k, None, lower=True, ramp=0.0), queued_ok=True))
+    # the ramp is linear in lr_time: it takes lr_ref * R / (b - a) * ln(b / a) steps from lr a to b
+    a, b, at = lo.lr, lo.lr * k, round(t0 * lo.lr_ref / lo.lr)
+    ramp_steps = lo.lr_ref * LR_RAMP / (b - a) * math.log(b / a)
+    raise_steps = at + math.ceil(ramp_steps + (end - t0 - LR_RAMP) * lo.lr_ref / b)
+    raised = fork_run(State.home, low_lr, step=at, name="low_lr_raise",
+                      overrides=[f"steps={raise_steps}", f"eval_every={round(lo.eval_every * a / b)}",
+                                 f"checkpoint_every={lo.checkpoint_every}"])
+    append_request(raised, dict(noise_request(raised, k, None, lower=False, ramp=LR_RAMP), queued_ok=True))
+    return [dropped, raised]
 
 
 def t0_of(rep: Report) -> int:
@@ -201,6 +236,12 @@ def _best(runs) -> float:
     return float(curve(runs, "step")[1].min())
 
 
+def _best_at(runs) -> tuple[int, int]:
+    """Where the smoothed (seed-mean) held-out curve is best, and where it ends (steps)."""
+    xs, ys = curve(runs, "step")
+    return int(xs[int(np.argmin(ys))]), int(xs[-1])
+
+
 def _track(off, on, first: bool) -> float:
     """Mean |offline - online| smoothed held-out loss over the first FIRST (or the last LAST) of the steps."""
     xo, yo = curve(off, "step")
@@ -235,13 +276,19 @@ def check_online_offline(rep: Report) -> None:
         b_low, b_high = _best(family(rep, low)), _best(family(rep, high))
         c_low, c_high = _best(family(rep, on_low)), _best(family(rep, on_high))
         gap, c_gap = b_low - b_high, c_low - c_high
+        (at_h, end_h), (at_l, end_l) = _best_at(family(rep, high)), _best_at(family(rep, low))
+        # early-stopped means the best lies before the end: an arm still improving at its end is not
+        stopped = [arm for arm, at, end in ((high, at_h, end_h), (low, at_l, end_l)) if at > 0.9 * end]
         rep.claims.append(Claim(f"1. offline, {what}: high noise's early-stopped loss is lower",
-                                {"high noise, best": b_high, "low noise, best": b_low, "gap": gap,
+                                {"high noise, best": b_high, "at step": at_h, "of": end_h,
+                                 "low noise, best": b_low, "at step ": at_l, "of ": end_l, "gap": gap,
                                  "low noise, final": _final(family(rep, low))},
                                 f"gap > {th}", gap > th,
                                 control="the same rule on the online pair",
                                 control_measured={"online high, best": c_high, "online low, best": c_low, "gap": c_gap},
-                                control_passed=c_gap > th))
+                                control_passed=c_gap > th, enough=not stopped,
+                                why_not=f"{', '.join(stopped)} still improving in the last 10% of its steps: "
+                                        f"not early-stopped"))
     for off, on in (("off_low", "low"), ("off_high", "high")):
         if off not in r:
             continue
@@ -253,11 +300,18 @@ def check_online_offline(rep: Report) -> None:
                                 control_measured={"mean abs gap": last}, control_passed=last <= th_t))
 
 
-def _fit_ratio(changed, ref, t0: int, taus=None) -> dict:
-    xd, yd = curve(changed, "step")
-    xr, yr = curve(ref, "step")
+def _fit_ratio(changed, ref, t0: int, taus=None, x: str = "step") -> dict:
+    xd, yd = curve(changed, x)
+    xr, yr = curve(ref, x)
     fit = fit_shift(xd, yd, xr, yr, t0, settle=SETTLE, taus=taus)
     return dict(fit, ratio=fit["residual"] / fit["gap_before"])
+
+
+def _gap_before(a, b, t0: float, x: str) -> float:
+    """RMS gap between two arms' smoothed held-out curves before T0 (the scale a fit is judged by)."""
+    xa, ya = curve(a, x)
+    xb, yb = curve(b, x)
+    return rms_gap(xa[xa <= t0], ya[xa <= t0], xb, yb)
 
 
 def check_snap(rep: Report) -> dict:
@@ -309,7 +363,59 @@ def check_snap(rep: Report) -> dict:
                                 control="the never-raised low-noise run",
                                 control_measured={"tau": ctl_r["tau"], "residual / gap": ratio_c},
                                 control_passed=ratio_c <= th))
+    if "high_lr_drop" in r and "low_lr" in r:    # lr figures: x = LR-normalized steps (T0 = lr_time T0)
+        low_lr, highs = family(rep, "low_lr"), family(rep, "high")
+        gap = _gap_before(highs, low_lr, t0, "lr_time")
+        k = r["high"].config().lr / r["low_lr"].config().lr
+        end = r["low_lr"].config().steps * r["low_lr"].config().lr / r["low_lr"].config().lr_ref
+        for name, changed, ref, never, taus, what in (
+                ("high_lr_drop", r["high_lr_drop"], low_lr, highs, None,
+                 f"2. lr drop at T0 (control file, lr / {k:g}): a right-translation of the low-lr curve"),
+                ("low_lr_raise", r.get("low_lr_raise"), highs, low_lr, (-(end - t0), 0.0),
+                 f"2. lr raise at T0 (control file, lr x {k:g} over a {LR_RAMP:g}-step ramp): "
+                 f"a left-translation of the high-lr curve")):
+            if changed is None:
+                continue
+            f = _fit_ratio(changed, ref, t0, taus, x="lr_time")
+            c = _fit_ratio(never, ref, t0, taus, x="lr_time")
+            ratio, c_ratio = f["residual"] / gap, c["residual"] / gap
+            rep.claims.append(Claim(what, {"T0 (lr_time)": t0, "tau": f["tau"], "residual": f["residual"],
+                                           "gap before T0": gap, "residual / gap": ratio},
+                                    f"residual / gap <= {th}", ratio <= th,
+                                    control=f"the never-{'dropped' if name == 'high_lr_drop' else 'raised'} "
+                                            f"{'high' if name == 'high_lr_drop' else 'low'}-lr run",
+                                    control_measured={"tau": c["tau"], "residual / gap": c_ratio},
+                                    control_passed=c_ratio <= th))
     return fit
+
+
+def check_lm(rep: Report) -> None:
+    """The language-model twin (repro_lm): the online gap at equal steps, against two seeds of the
+    low-noise arm, and the snap after the batch drop, against the never-dropped run."""
+    r = rep.runs
+    if "lm_low" not in r:
+        return
+    th = THRESHOLDS["lm_online_gap"]
+    m_high, m_low, lo = _window_means(r["lm_high"], r["lm_low"], "step")
+    c_a, c_b, _ = _window_means(r["lm_low_s2"], r["lm_low"], "step")
+    gap, c_gap = m_high - m_low, c_a - c_b
+    rep.claims.append(Claim("1. online, language model, batch 64 vs 8, equal steps",
+                            {"high noise": m_high, "low noise": m_low, "gap": gap,
+                             "gap / seed spread": gap / abs(c_gap) if c_gap else float("inf"),
+                             "window from step": lo},
+                            f"gap > {th}", gap > th,
+                            control="two seeds of the low-noise arm (lm_low_s2 minus lm_low), absolute gap",
+                            control_measured={"gap": c_gap}, control_passed=abs(c_gap) > th))
+    t0, th = r["lm_drop"].config().changes[0].at_step, THRESHOLDS["snap_residual"]
+    fit, ctl = _fit_ratio(r["lm_drop"], r["lm_low"], t0), _fit_ratio(r["lm_high"], r["lm_low"], t0)
+    rep.claims.append(Claim("2. language model, drop at T0 (scheduled, batch 8 -> 64): a right-translation "
+                            "of the low-noise curve",
+                            {"T0": t0, "tau": fit["tau"], "residual": fit["residual"],
+                             "gap before T0": fit["gap_before"], "residual / gap": fit["ratio"]},
+                            f"residual / gap <= {th}", fit["ratio"] <= th,
+                            control="the never-dropped high-noise run",
+                            control_measured={"tau": ctl["tau"], "residual / gap": ctl["ratio"]},
+                            control_passed=ctl["ratio"] <= th))
 
 
 def level_tv(rep: Report, runs: list[RunDir], after: int | None = None) -> tuple[dict[float, list[float]], list[dict]]:
@@ -344,7 +450,7 @@ def tv_ratio(run: dict[float, list[float]], base: dict[float, list[float]]) -> d
             "range": f"{shared[-1]:.4g}–{shared[0]:.4g}"}
 
 
-def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict], None]:
+def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict]]:
     """Rule 3: TV at matched loss, level by level, against the low-noise seed baseline at the same levels."""
     r, t0 = rep.runs, t0_of(rep)
     # only seeds other than low's: a run that shares low's initialization and data order is close to it
@@ -373,12 +479,12 @@ def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict], None]:
                             control="the dropped run, at its own levels",
                             control_measured={"levels": d["levels"], "ratio": d["ratio"]},
                             control_passed=bool(d["ratio"] >= THRESHOLDS["tv_apart"]), enough=enough, why_not=why))
-    return drop, high, base, None
+    return drop, high, base
 
 
 # ------------------------------------------------------------------ figures and the report
 
-def figures(rep: Report, outdir: Path, tv_rows: list[dict], span: tuple[float, float] | None = None) -> None:
+def figures(rep: Report, outdir: Path, tv_rows: list[dict]) -> None:
     from gpctl.figures import loss_figure, tv_figure
 
     r, t0 = rep.runs, t0_of(rep)
@@ -391,6 +497,14 @@ def figures(rep: Report, outdir: Path, tv_rows: list[dict], span: tuple[float, f
              ("repro_fig5_raise.png", f"Fig. 5: batch 512 -> 32 at T0 = {t0} (live)",
               ["low", "high", "low_raise"], "step", ("low_raise", "high"),
               (-float(r["low"].config().steps - t0), 0.0))]
+    if "low_lr" in r:
+        lo = r["low_lr"].config()
+        end, k = lo.steps * lo.lr / lo.lr_ref, r["high"].config().lr / lo.lr
+        plots += [("repro_fig4_lr_drop.png", f"Fig. 4 (lr): lr / {k:g} at lr_time T0 = {t0}, batch 32",
+                   ["low_lr", "high", "high_lr_drop"], "lr_time", ("high_lr_drop", "low_lr"), None),
+                  ("repro_fig5_lr_raise.png", f"Fig. 5 (lr): lr x {k:g} at lr_time T0 = {t0}, "
+                                              f"{LR_RAMP:g}-step ramp, batch 32",
+                   ["low_lr", "high", "low_lr_raise"], "lr_time", ("low_lr_raise", "high"), (-(end - t0), 0.0))]
     for name, title, arms, x, shift, taus in plots:
         rds = [r[a] for a in arms if a in r]
         if len(rds) < 2 or (shift and shift[0] not in r):
@@ -467,6 +581,13 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               f"gpctl fork {rep.preset}-low-… --step {t0} --name low_raise --no-start",
               f"gpctl raise {rep.preset}-low_raise-… --batch-factor {BATCH_FACTOR} --queued-ok",
               f"gpctl resume {rep.preset}-low_raise-…",
+              *([f"gpctl fork {rep.preset}-high-… --step {t0} --name high_lr_drop --set steps=… --no-start",
+                 f"gpctl drop {rep.preset}-high_lr_drop-… --lr-factor 4 --queued-ok",
+                 f"gpctl fork {rep.preset}-low_lr-… --lr-time {t0} --name low_lr_raise --set steps=… --no-start",
+                 f"gpctl raise {rep.preset}-low_lr_raise-… --lr-factor 4 --ramp {LR_RAMP:g} --queued-ok",
+                 "gpctl resume …                                        # queue both",
+                 "gpctl run preset repro_lm --wait                      # the language-model part"]
+                if "high_lr_drop" in rep.runs else []),
               f"gpctl tv {rep.preset}-high_drop-… {rep.preset}-low-… --match-loss --baseline {rep.preset}-low_seed2-…",
               "gpctl plot … --eval                                   # the figures above",
               "```"]
@@ -531,11 +652,12 @@ def reproduce(preset: str, outdir: Path, command: str, seed: int = 0) -> Report:
     t = time.perf_counter()
     check_online_offline(rep)
     check_snap(rep)
-    drop, high, base, span = check_tv(rep)
+    check_lm(rep)
+    drop, high, base = check_tv(rep)
     for rows, curve in ((drop, "dropped"), (high, "high"), (base, "baseline")):
         for row in rows:
             row["curve"] = curve
-    figures(rep, outdir, drop + high + base, span)
+    figures(rep, outdir, drop + high + base)
     rep.timings["checks, TV and figures"] = time.perf_counter() - t
     write_report(rep, outdir, command)
     return rep
