@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.paths import make_home
+
 TERMINAL = ("done", "failed", "diverged", "stopped", "cancelled")
 STATES = ("queued", "running", "lost") + TERMINAL
 
@@ -112,7 +114,6 @@ class JobStore:
     writable = True
 
     def __init__(self, root: Path):
-        from engine.rundir import make_home
         make_home(root)
         self.path = root / "jobs.db"
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -354,19 +355,3 @@ def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(target, timeout=60, isolation_level=None, uri=uri)
     db.row_factory = sqlite3.Row
     return db
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True

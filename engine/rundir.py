@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
+from engine.paths import DIR_MODE, FILE_MODE, is_name, make_home, pid_alive  # noqa: F401 - re-exported
 
 _CONFIGS: dict[tuple, Config] = {}   # RunDir.config's cache, keyed by the file's identity and mtime
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 STATES = ("created", "running", "done", "failed", "stopped", "diverged")
 
 
@@ -39,13 +38,6 @@ def home(path: str | os.PathLike | None = None) -> Path:
 
 class UnknownRun(LookupError):
     """No run (or more than one) matches what the user typed; str(e) is the line to print."""
-
-
-def make_home(root: Path) -> None:
-    """The home, owner-only when gpctl creates it (its parents keep the usual modes)."""
-    if not root.exists():
-        root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        root.chmod(DIR_MODE)
 
 
 def private_files() -> None:
@@ -159,12 +151,6 @@ def read_jsonl(path: Path, offset: int = 0, skipped: Unreadable | None = None) -
                 skipped.add(f"byte {pos}", why)
         pos += len(line) + 1
     return out, offset + end
-
-
-def is_name(text: str) -> bool:
-    """Preset, arm and run names become paths: letters, digits, '_', '.', '-'; no '..'; not empty."""
-    import re
-    return bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", text)) and ".." not in text and not text.startswith(".")
 
 
 def new_run_id(preset: str, arm: str) -> str:
@@ -395,7 +381,6 @@ class RunDir:
             problems.insert(0, str(e).splitlines()[0])
         state = st.get("state", "unknown")
         if state == "running" and st.get("host") == socket.gethostname():
-            from engine.jobs import pid_alive
             if not pid_alive(st.get("pid") if isinstance(st.get("pid"), int) else None):
                 state = "lost"   # its process is gone from this host: say so before a worker reconciles
         return {"id": self.id, "preset": preset, "arm": arm, "group": group,

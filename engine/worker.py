@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.jobs import Job, JobStore, pid_alive
+from engine.jobs import Job, JobStore
+from engine.paths import pid_alive
 from engine.rundir import RunDir
 
 

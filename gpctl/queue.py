@@ -173,7 +173,7 @@ def show_workers() -> None:
     t = Table(title="workers")
     for col in ("worker", "slots", "alive", "heartbeat", "jobs"):
         t.add_column(col)
-    from engine.jobs import pid_alive
+    from engine.paths import pid_alive
     for w in store.workers():
         jobs = [j.run_id for j in store.jobs(state="running", worker=w["id"])]
         alive = "yes" if not w["stopped"] and w["host"] == socket.gethostname() and pid_alive(w["pid"]) else "no"
