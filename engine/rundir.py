@@ -265,8 +265,10 @@ class RunDir:
     def mark_running(self, device: str) -> dict:
         slurm = {"slurm_job": os.environ["SLURM_JOB_ID"], "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} \
             if os.environ.get("SLURM_JOB_ID") else {}
+        before = self.status() if self.status_file.exists() else {}
+        first = before.get("step") if isinstance(before.get("step"), int) else 0   # a resume starts from here
         return self.write_status(state="running", pid=os.getpid(), host=socket.gethostname(),
-                                 device=device, started=time.time(), error=None, **slurm)
+                                 device=device, started=time.time(), start_step=first, error=None, **slurm)
 
     # ------------------------------------------------------------ records
     def append_metrics(self, records: list[dict]) -> None:

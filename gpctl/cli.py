@@ -6,6 +6,7 @@ one line on stderr and exit code 2 — never a traceback.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ from gpctl import runs as ops
 from engine import slurm
 from engine.jobs import JobStore
 from gpctl import compare, data, export, presetcheck, queue, repro, steer
-from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, friendly, out, print_json
+from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, err, friendly, out, print_json
 from gpctl.common import fmt as _f
 from gpctl.common import plain_table
 from gpctl.progress import train_in_foreground
@@ -188,11 +189,18 @@ def ls(as_json: JsonOpt = False,
                          autocompletion=complete_preset)] = None,
        group: Annotated[Optional[str], typer.Option("--group", help="Only runs of this group (a family of seeds).")] = None,
        sort: Annotated[str, typer.Option("--sort", help=f"Order by one of: {', '.join(LS_SORTS)} (a leading - reverses).")] = "created",
+       wide: Annotated[bool, typer.Option("--wide", "-w", help="Every column, however wide the terminal.")] = False,
        ) -> None:
-    """List runs: state, device, step, samples, lr_time, lr, batch, loss, eval loss. Run ids are never cut."""
+    """List runs: state, step, last loss, eval loss, lr, batch, lr_time, samples, device, attempt.
+    Run ids are never cut; in a terminal the columns that do not fit its width are left out whole
+    (stderr says which; --wide shows all); piped, every column."""
     key = sort.lstrip("-")
     if key not in LS_SORTS:
         raise ConfigError(f"--sort must be one of {', '.join(LS_SORTS)}, got {sort!r}")
+    known = queue.shown_states()
+    bad = [s for s in state or [] if s not in known]
+    if bad:
+        raise ConfigError(f"--state {bad[0]!r} is not a state; one of: {', '.join(known)}")
     store = JobStore.for_reading(State.home)
     if store.writable:
         queue.sync(store)
@@ -228,8 +236,37 @@ def ls(as_json: JsonOpt = False,
     if not cells and not state and not preset and not group:
         print(f"no runs in {State.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         return
-    print(State.home / "runs")
-    print(plain_table(cols, cells, left=3))
+    width = None if wide else _terminal_width()
+    keep = fit_columns(cols, cells, width, LS_PRIORITY)
+    err.print(f"runs in {State.home / 'runs'}" + (f"; {len(cols) - len(keep)} column(s) left out at {width} "
+                                                   f"columns: {', '.join(c for c in cols if c not in keep)} "
+                                                   f"(--wide shows all)" if len(keep) < len(cols) else ""),
+              markup=False, highlight=False)
+    idx = [cols.index(c) for c in keep]
+    print(plain_table(tuple(keep), [[row[i] for i in idx] for row in cells], left=sum(i < 3 for i in idx)))
+
+
+def _terminal_width() -> int | None:
+    """stdout's terminal width; None when stdout is not a terminal (piped: every column)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+LS_PRIORITY = ("id", "state", "step", "last loss", "eval loss", "lr", "batch", "lr_time", "samples", "device", "attempt")
+
+
+def fit_columns(cols: tuple[str, ...], cells: list[list[str]], width: int | None, priority: tuple[str, ...]) -> list[str]:
+    """The columns of a plain_table that fit `width` (None: all), in the table's order: the first in
+    `priority` always, then the others by priority while the line stays within the width."""
+    if width is None:
+        return list(cols)
+    w = {c: max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)}
+    chosen, used = [], -2
+    for c in priority:
+        if chosen and used + 2 + w[c] > width:
+            continue
+        chosen.append(c)
+        used += 2 + w[c]
+    return [c for c in cols if c in chosen]
 
 
 @app.command()
@@ -237,10 +274,7 @@ def ls(as_json: JsonOpt = False,
 def show(run: RunArg, as_json: JsonOpt = False,
          full_config: Annotated[bool, typer.Option("--config", help="Print the whole resolved config.toml too.")] = False) -> None:
     """One run in full: state (and why, when a file is unreadable), progress, job and each attempt,
-    how its config differs from its preset arm (or parent), checkpoints, events as sentences.
-
-    Example: gpctl show demo-bs32 --config
-    """
+    how its config differs from its preset arm (or parent), checkpoints, events as sentences."""
     from gpctl.detail import run_info, run_lines
     rd = resolve(State.home, run)
     info = run_info(State.home, rd)
@@ -283,8 +317,11 @@ def resume(run: RunArg,
 
 
 @app.command()
-def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between looks at the run directories.")] = 1.0) -> None:
+def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between looks at the run directories.")] = 1.0,
+        home_dir: Annotated[Optional[Path], typer.Option("--home", help="Where runs live (the same as `gpctl --home X tui`).")] = None) -> None:
     """Live loss curves and steering in the terminal."""
+    if home_dir is not None:
+        State.home = home(home_dir)
     from gpctl.tui.app import GpctlApp
     tui_app = GpctlApp(State.home, poll=poll)
     tui_app.run()
@@ -336,7 +373,12 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
-    app(prog_name="gpctl")   # also under `python -m gpctl`: completion and usage lines name `gpctl`
+    try:
+        app(prog_name="gpctl")   # also under `python -m gpctl`: completion and usage lines name `gpctl`
+    except BrokenPipeError:      # a pipe closed outside a command's own handling (help text, typer's output)
+        from gpctl.common import quiet_stdout
+        quiet_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

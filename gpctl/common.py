@@ -66,6 +66,9 @@ def friendly(fn):
         except USER_ERRORS as e:
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `gpctl ls | head`: the reader has what it wanted; no error, no traceback
+            quiet_stdout()
+            raise typer.Exit(0) from None
         except OSError as e:   # an unwritable home, a --home that is a file, a full disk: name the path
             where = f"{e.filename}: " if e.filename else ""
             err.print(f"error: {where}{e.strerror or e}", markup=False)
@@ -80,6 +83,18 @@ def friendly(fn):
             err.print(f"error: {State.home / 'jobs.db'}: {e}", markup=False)
             raise typer.Exit(2) from None
     return wrapper
+
+
+def quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so Python's flush at exit says nothing either
+    (the recipe of Python's signal docs, "Note on SIGPIPE")."""
+    import os
+    import sys
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # a stdout with no file descriptor (tests)
+        pass
 
 
 def fmt(v, digits: int = 4) -> str:

@@ -27,14 +27,21 @@ app = typer.Typer(invoke_without_command=True, help="The presets: list them, or 
 
 @app.callback()
 @friendly
-def presets(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List the presets: name, paper figure, description, runs."""
+def presets(ctx: typer.Context, as_json: JsonOpt = False,
+            verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Each preset's arms and description too.")] = False) -> None:
+    """List the presets, one line each: name, paper figure, how many runs (-v: arms and description)."""
     if ctx.invoked_subcommand is not None:
         return
     found = list_presets()
     if as_json:
         print_json([{"name": p.name, "figure": p.figure, "description": p.description,
                                     "twin": p.twin, "runs": list(p.runs), "path": str(p.path)} for p in found])
+        return
+    if not verbose:
+        w = max([4] + [len(p.name) for p in found])
+        print("\n".join([f"{'name'.ljust(w)}  runs  figure"] +
+                        [f"{p.name.ljust(w)}  {len(p.runs):>4}  {p.figure}" for p in found]))
+        print("-v: arms and descriptions; gpctl presets check NAME: what a preset runs")
         return
     t = Table(title="presets")
     for col in ("name", "figure", "runs", "description"):

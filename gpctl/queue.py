@@ -22,6 +22,12 @@ from gpctl.common import RunArg, State, err, friendly, out, plain_table, print_j
 OK_STATES = ("done", "stopped")
 
 
+def shown_states() -> tuple[str, ...]:
+    """Every state `ls` and the TUI can print (what `ls --state` accepts)."""
+    from engine import jobs, rundir
+    return tuple(dict.fromkeys(rundir.STATES + jobs.STATES + ("unreadable",)))
+
+
 def effective_state(run_state: str, job_state: str | None) -> str:
     """What `ls`, steering and the TUI call a run's state: the queue knows better before a run starts,
     and why it ended (queued, lost, cancelled, failed)."""
@@ -109,7 +115,8 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
     """Block with one progress bar per run until every job ends; returns the jobs' final states."""
     store = JobStore(State.home)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[state]} last loss {task.fields[loss]}"), TimeElapsedColumn())
+               TextColumn("{task.fields[state]} last loss {task.fields[loss]} {task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))
     try:
         states = _watch(store, rds, columns, poll)
     except KeyboardInterrupt:
@@ -124,7 +131,8 @@ def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
 
 def _watch(store: JobStore, rds: list[RunDir], columns, poll: float) -> dict[str, str]:
     with Progress(*columns, console=out) as progress:
-        tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, state="queued", loss="-") for rd in rds}
+        tasks = {rd.id: progress.add_task(rd.id, total=rd.config().steps, state="queued", loss="-", rate="", eta="")
+                 for rd in rds}
         while True:
             sync(store)
             states = {}
@@ -133,11 +141,42 @@ def _watch(store: JobStore, rds: list[RunDir], columns, poll: float) -> dict[str
                 st = rd.status()
                 states[rd.id] = job.state if job else st.get("state", "?")
                 loss = st.get("loss")
+                rate, eta = progress_words(st, rd.config().steps) if states[rd.id] == "running" else ("", "")
+                if states[rd.id] == "queued" and job is not None:
+                    rate = f"({why_queued(store, job)})"
                 progress.update(tasks[rd.id], completed=st.get("step", 0), state=states[rd.id],
-                                loss=f"{loss:.4f}" if loss is not None else "-")
+                                loss=f"{loss:.4f}" if loss is not None else "-", rate=rate, eta=eta)
             if all(s in TERMINAL for s in states.values()):
                 return states
             time.sleep(poll)
+
+
+def progress_words(status: dict, steps: int) -> tuple[str, str]:
+    """'12.3 steps/s' and 'ETA 4m05s' from a running run's status.json (steps since its process began
+    over the time since); empty before the first steps."""
+    step, started, updated = status.get("step") or 0, status.get("started"), status.get("updated")
+    first = status.get("start_step") or 0          # a resumed run: count only this process's steps
+    if not (started and updated and updated > started and step > first):
+        return "", ""
+    rate = (step - first) / (updated - started)
+    left = max(0, steps - step) / rate
+    return f"{rate:.3g} steps/s", f"ETA {int(left // 60)}m{int(left % 60):02d}s"
+
+
+def why_queued(store: JobStore, job) -> str:
+    """Why a queued job has not started: the runs it waits for, no worker, or every slot busy."""
+    pending = [d for d in job.deps() if (j := store.get(d)) is None or j.state != "done"]
+    if pending:
+        return f"waits for {', '.join(pending[:2])}{' and more' if len(pending) > 2 else ''}"
+    if job.backend == "slurm":
+        return "waits for Slurm to start it"
+    workers = live_workers(store)
+    if not workers:
+        return "no worker is running: gpctl worker"
+    running = [j for j in store.jobs() if j.state == "running" and j.backend != "slurm"]
+    if running:
+        return f"every slot is busy: {len(running)} running ({running[0].run_id}{', ...' if len(running) > 1 else ''})"
+    return "starting"
 
 
 @friendly

@@ -192,3 +192,17 @@ def test_every_help_example_names_runs_that_resolve_on_the_demos_runs(tmp_path):
             argv[1] = made["bs32"]      # demo-bs32 has two runs now; the example's own name is checked above
         res = runner.invoke(app, ["--home", str(h), *argv])
         assert res.exit_code == 0, (cmd, res.output)
+
+
+def test_presets_is_one_line_per_preset_within_80_columns(home):
+    """`gpctl presets`: one line per preset (name, runs, figure) that fits 80 columns; -v the arms too."""
+    from engine.presets import list_presets
+    found = list_presets()
+    res = invoke(home, "presets")
+    lines = res.stdout.splitlines()
+    assert res.exit_code == 0 and len(lines) == len(found) + 2 and max(map(len, lines)) <= 80
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert rows["cifar_bs32_512"].split()[1:] == ["4", "Fig.", "7a"]
+    assert set(rows) == {p.name for p in found}
+    verbose = invoke(home, "presets", "-v")
+    assert verbose.exit_code == 0 and "bs512_seed2" in verbose.stdout and "bs512_seed2" not in res.stdout

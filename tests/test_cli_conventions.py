@@ -40,9 +40,44 @@ def test_ls_never_cuts_a_run_id(home, columns):
     assert res.returncode == 0, res.stderr
     ids = sorted(rd.name for rd in (home / "runs").iterdir())
     lines = res.stdout.splitlines()
-    assert lines[0] == str(home / "runs")
-    assert sorted(line.split()[0] for line in lines[2:]) == ids
-    assert [line.split()[1] for line in lines[2:]] == ["done", "done", "created"]
+    assert res.stderr.splitlines()[0] == f"runs in {home / 'runs'}"     # the home on stderr: stdout is the table
+    assert lines[0].split() == ["id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last", "loss",
+                                "eval", "loss", "attempt"]            # piped: every column
+    assert sorted(line.split()[0] for line in lines[1:]) == ids
+    assert [line.split()[1] for line in lines[1:]] == ["done", "done", "created"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_ls_in_a_terminal_fits_every_row_on_one_line(home, width, monkeypatch):
+    """In a terminal, `ls` leaves out whole columns (never cuts one) until each row fits; the id and
+    the state always stay; stderr names what was left out; --wide shows everything."""
+    import gpctl.cli
+    monkeypatch.setattr(gpctl.cli, "_terminal_width", lambda: width)
+    res = runner.invoke(app, ["--home", str(home), "ls"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert all(len(line) <= width for line in lines) and len(lines) == 4
+    ids = sorted(rd.name for rd in (home / "runs").iterdir())
+    assert sorted(line.split()[0] for line in lines[1:]) == ids
+    assert lines[0].split()[:2] == ["id", "state"]
+    listed = {r["id"]: r for r in json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)}
+    header = lines[0].replace("last loss", "last_loss").replace("eval loss", "eval_loss").split()
+    for line in lines[1:]:                       # every shown cell is the whole value
+        cells = dict(zip(header, line.split()))
+        r = listed[cells["id"]]
+        assert cells["step"] == str(r["step"])
+        if "samples" in cells:
+            assert cells["samples"] == str(r["samples"])
+    left = [c for c in ("device", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt")
+            if c not in lines[0]]
+    if left:
+        assert "left out" in res.stderr and "--wide shows all" in res.stderr
+    if width == 60:
+        assert left                                 # 60 columns cannot hold all eleven
+    wide = runner.invoke(app, ["--home", str(home), "ls", "--wide"])
+    assert len(wide.stdout.splitlines()[0].split()) == 13 and "left out" not in wide.stderr
+    bad = runner.invoke(app, ["--home", str(home), "ls", "--state", "runing"])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: --state 'runing' is not a state; one of: created,")
 
 
 def test_ls_filters_sorts_and_writes_csv(home):
@@ -130,3 +165,19 @@ def test_ctrl_c_on_a_wait_says_the_runs_go_on(tmp_path, monkeypatch):
                                   f"`gpctl tui` or `gpctl logs -f {rid}`")
     rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
     assert [(r["id"], r["state"]) for r in rows] == [(rid, "queued")]
+
+
+def test_a_closed_pipe_is_quiet(tmp_path):
+    """`gpctl presets check --json | head -1`: the reader stops early; gpctl exits 0 and says nothing
+    (it printed `error: Broken pipe`). The output is far over a pipe's 64 KiB buffer, so the write fails."""
+    env = dict(os.environ, GPCTL_HOME=str(tmp_path / "home"))
+    p = subprocess.Popen([sys.executable, "-m", "gpctl", "presets", "check", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, text=True)
+    assert p.stdout.readline().strip() == "["
+    p.stdout.close()
+    rc = p.wait(timeout=120)
+    assert p.stderr.read() == "" and rc == 0
+    # negative control: the same output read whole is over the buffer (so the test above broke the pipe)
+    full = subprocess.run([sys.executable, "-m", "gpctl", "presets", "check", "--json"], capture_output=True,
+                          text=True, env=env)
+    assert len(full.stdout) > 65536 and full.returncode == 0

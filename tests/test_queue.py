@@ -285,3 +285,30 @@ def test_a_worker_whose_jobs_db_goes_away_stops_loudly(home, how):
     import socket
     assert err.strip() == (f"error: {db} was deleted or replaced under worker {socket.gethostname()}:{w.pid}; "
                            "it stops (jobs it started keep running: none; start a worker again to serve the new queue)")
+
+
+def test_wait_says_steps_per_second_eta_and_why_a_run_is_queued(tmp_path):
+    """`--wait`'s words: this process's steps/s and the ETA from status.json (a resumed run counts
+    only its own steps), and why a queued job waits: its dependency, no worker, or busy slots."""
+    import os
+    import socket
+
+    from gpctl.queue import progress_words, why_queued
+    assert progress_words({"step": 150, "start_step": 50, "started": 100.0, "updated": 110.0}, 1150) == \
+        ("10 steps/s", "ETA 1m40s")                                   # (150 - 50) / 10 s; (1150 - 150) / 10
+    assert progress_words({"step": 150, "started": 100.0, "updated": 110.0}, 150) == ("15 steps/s", "ETA 0m00s")
+    assert progress_words({"step": 0, "started": 100.0, "updated": 100.0}, 10) == ("", "")
+    store = JobStore(tmp_path)
+    store.enqueue("a", tmp_path / "a")
+    store.enqueue("b", tmp_path / "b", after=["a"])
+    b = next(j for j in store.jobs() if j.run_id == "b")
+    assert why_queued(store, b) == "waits for a"
+    a = next(j for j in store.jobs() if j.run_id == "a")
+    assert why_queued(store, a) == "no worker is running: gpctl worker"
+    store.register_worker("w1", socket.gethostname(), os.getpid(), "cpu")
+    assert why_queued(store, a) == "starting"
+    assert store.claim("w1", socket.gethostname(), None).run_id == "a"
+    store.enqueue("c", tmp_path / "c")
+    c = next(j for j in store.jobs() if j.run_id == "c")
+    assert why_queued(store, c) == "every slot is busy: 1 running (a)"
+    store.close()

@@ -292,7 +292,8 @@ class GpctlApp(App):
                 r = rd.summary()
                 st = rd.status()
                 if r["run_state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
-                    r["rate"] = r["step"] / (st["updated"] - st["started"])   # steps/s (since this process began)
+                    first = st.get("start_step") if isinstance(st.get("start_step"), int) else 0
+                    r["rate"] = (r["step"] - first) / (st["updated"] - st["started"])   # steps/s (this process's)
                 if cache is not None:
                     cache[rd.id] = (key, dict(r), now)
             r["state"] = shown_state(r, jobs.get(rd.id))
