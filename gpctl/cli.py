@@ -255,14 +255,15 @@ LS_PRIORITY = ("id", "state", "step", "last loss", "eval loss", "lr", "batch", "
 
 
 def fit_columns(cols: tuple[str, ...], cells: list[list[str]], width: int | None, priority: tuple[str, ...]) -> list[str]:
-    """The columns of a plain_table that fit `width` (None: all), in the table's order: the first in
-    `priority` always, then the others by priority while the line stays within the width."""
+    """The columns of a plain_table that fit `width` (None: all), in the table's order: the first two
+    in `priority` always (a run's id and state), then the others by priority while the line stays
+    within the width."""
     if width is None:
         return list(cols)
     w = {c: max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)}
     chosen, used = [], -2
     for c in priority:
-        if chosen and used + 2 + w[c] > width:
+        if len(chosen) >= 2 and used + 2 + w[c] > width:
             continue
         chosen.append(c)
         used += 2 + w[c]

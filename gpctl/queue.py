@@ -165,7 +165,7 @@ def progress_words(status: dict, steps: int) -> tuple[str, str]:
 
 def why_queued(store: JobStore, job) -> str:
     """Why a queued job has not started: the runs it waits for, no worker, or every slot busy."""
-    pending = [d for d in job.deps() if (j := store.get(d)) is None or j.state != "done"]
+    pending = [d for d in job.deps if (j := store.get(d)) is None or j.state != "done"]
     if pending:
         return f"waits for {', '.join(pending[:2])}{' and more' if len(pending) > 2 else ''}"
     if job.backend == "slurm":

@@ -41,17 +41,43 @@ def run_state(rd: RunDir) -> str:
         store.close()
 
 
+def refusal(rd: RunDir, action: bool, queued_ok: bool = False) -> str | None:
+    """Why this run takes no request now (None: it does): an ended run takes none; a run that is not
+    running takes an action (stop, checkpoint) but not a noise change unless queued_ok. The TUI asks
+    this before it opens a dialog; check_request before anything is written."""
+    state = run_state(rd)
+    if state in ("done", "diverged", "cancelled"):
+        return f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})"
+    if state != "running" and not action and not queued_ok:
+        hint = (f"give it at creation (--set) or fork it (gpctl fork {rd.id} --set …)" if state in ("created", "queued")
+                else "it would apply when it resumes")
+        return (f"run {rd.id} is {state}, not running: {hint}; --queued-ok sends it anyway, "
+                f"to apply at its first step boundary")
+    return None
+
+
+def request_words(request: dict) -> str:
+    """A request as words: 'batch_size 32 -> 512'-style sentences for toasts ('lr 0.001 over a
+    100-step ramp', 'stop', 'checkpoint'), never a Python dict."""
+    if "action" in request:
+        return str(request["action"])
+    parts = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (request.get("set") or {}).items()]
+    words = " and ".join(parts) or "nothing"
+    if request.get("ramp"):
+        words += f" over a {request['ramp']:g}-step ramp (LR-normalized)"
+    for key, what in (("at_step", "at step"), ("at_lr_time", "at lr_time"), ("when", "when")):
+        if key in request:
+            words += f" {what} {request[key]}"
+    return words
+
+
 def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
     """Refuse, before anything is written, a request the run would reject or one that would silently
     change an experiment that is not running."""
     state = run_state(rd)
-    if state in ("done", "diverged", "cancelled"):
-        raise ControlError(f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})")
-    if state != "running" and "action" not in request and not queued_ok:
-        hint = (f"give it at creation (--set) or fork it (gpctl fork {rd.id} --set …)" if state in ("created", "queued")
-                else "it would apply when it resumes")
-        raise ControlError(f"run {rd.id} is {state}, not running: {hint}; --queued-ok sends it anyway, "
-                           f"to apply at its first step boundary")
+    why = refusal(rd, "action" in request, queued_ok)
+    if why:
+        raise ControlError(why)
     reason = Request(request).check(rd.config())
     if reason:
         raise ControlError(f"run {rd.id} would reject it: {reason}")

@@ -571,3 +571,42 @@ def test_a_growing_run_never_has_a_cut_cell_and_agrees_with_ls_json(tmp_path, si
                 assert app.table.hidden_columns        # 80 columns cannot hold all twelve
             assert shown["ETA"].endswith("s")          # "(20000 - 16642) / rate" with its unit, whole
     run(go())
+
+
+def test_steering_keys_refuse_before_any_dialog_and_toasts_are_sentences(runs):
+    """On a done run d, r, s, t and C say why at once (no dialog opens); on a running one the toast of
+    a sent request is words ('batch_size 512'), and a bad factor says what was expected."""
+    home, a, b, c = runs
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            _select(app, a.id)
+            await pilot.pause()
+            for key in ("d", "r", "s", "t", "C"):
+                before = len(app._notifications)
+                await pilot.press(key)
+                await pilot.pause()
+                assert type(app.screen).__name__ not in ("Ask", "Confirm"), key        # no dialog opened
+                assert len(app._notifications) == before + 1, key
+            messages = [n.message for n in app._notifications]
+            assert sum("is done: it takes no more requests" in m for m in messages) == 4
+            assert any(m.startswith(f"{a.id} has no queued or running job to cancel") for m in messages)
+            _select(app, c.id)
+            await pilot.pause()
+            await pilot.press("d")
+            await pilot.pause()
+            app.screen.query_one("Input").value = "lr abc"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert list(app._notifications)[-1].message == "expected a number after 'lr', got 'abc'"
+            await pilot.press("d")
+            await pilot.pause()
+            app.screen.query_one("Input").value = "batch 16"
+            await pilot.press("enter")
+            await pilot.pause()
+            last = list(app._notifications)[-1].message
+            assert last.startswith(f"{c.id}: sent batch_size 256 (request ") and "{" not in last
+        assert a.control_file.read_text() == ""
+        assert json.loads(c.control_file.read_text().splitlines()[-1])["set"] == {"batch_size": 256}
+    run(go())

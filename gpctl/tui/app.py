@@ -776,20 +776,36 @@ class GpctlApp(App):
         except (ControlError, ConfigError, OSError) as e:
             self.notify(str(e), severity="error")
             return
-        self.notify(f"{rd.id}: request {rid} sent: {request}")
+        from gpctl.steer import request_words
+        self.notify(f"{rd.id}: sent {request_words(request)} (request {rid}); its acknowledgement shows in the events")
+
+    def _steerable(self, action: bool = False) -> RunDir | None:
+        """The selected run if it takes this kind of request now; else say why at once, before any dialog."""
+        from gpctl.steer import refusal
+        rd = self._selected()
+        if rd is None:
+            return None
+        why = refusal(rd, action)
+        if why:
+            self.notify(why, severity="warning")
+            return None
+        return rd
 
     def _noise(self, lower: bool) -> None:
         from gpctl.steer import noise_request
-        rd = self._selected()
+        rd = self._steerable()
         if rd is None:
             return
 
         def done(answer: str | None) -> None:
             if not answer:
                 return
-            what, _, k = answer.partition(" ")
+            what, _, k = answer.strip().partition(" ")
             try:
-                factor = float(k) if k else None
+                try:
+                    factor = float(k) if k.strip() else None
+                except ValueError:
+                    raise ControlError(f"expected a number after '{what}', got {k.strip()!r}") from None
                 if what == "batch":   # "batch 0" is a bad factor, not the default
                     req = noise_request(rd, None, 16 if factor is None else int(factor), lower, ramp=0.0)
                 elif what == "lr":
@@ -813,7 +829,7 @@ class GpctlApp(App):
         self._noise(lower=False)
 
     def action_set(self) -> None:
-        rd = self._selected()
+        rd = self._steerable()
         if rd is None:
             return
 
@@ -830,13 +846,13 @@ class GpctlApp(App):
         self.push_screen(Ask(f"set on {rd.id}: lr=… batch_size=… [ramp=N]"), done)
 
     def action_stop(self) -> None:
-        rd = self._selected()
+        rd = self._steerable(action=True)
         if rd:
             self.push_screen(Confirm(f"stop {rd.id}? (it checkpoints and ends; gpctl resume continues it)"),
                              lambda yes: self._send(rd, {"action": "stop"}) if yes else None)
 
     def action_checkpoint(self) -> None:
-        rd = self._selected()
+        rd = self._steerable(action=True)
         if rd:
             self._send(rd, {"action": "checkpoint"})
 
@@ -872,6 +888,15 @@ class GpctlApp(App):
     def action_cancel(self) -> None:
         rd = self._selected()
         if rd is None:
+            return
+        store = JobStore.for_reading(self.home)
+        try:
+            job = store.get(rd.id)
+        finally:
+            store.close()
+        if job is None or job.state not in ("queued", "running"):   # refuse before the dialog, as d r s t do
+            self.notify(f"{rd.id} has no queued or running job to cancel"
+                        + (f" (its job is {job.state})" if job else " (it is not in the queue)"), severity="warning")
             return
         self.push_screen(Confirm(f"cancel {rd.id}'s job? (a running one checkpoints and stops)"),
                          lambda yes: self._cancel(rd) if yes else None)
