@@ -91,10 +91,11 @@ def sync(store: JobStore) -> None:
         err.print(f"warning: {e}", markup=False)
 
 
-def ensure_worker(idle_exit: float | None = None) -> bool:
+def ensure_worker(idle_exit: float | None = None, cpu_slots: int = 1) -> bool:
     """Start a detached local worker unless one serves this home on this host; True if started.
 
-    It exits after `idle_exit` seconds with nothing to do ($GPCTL_WORKER_IDLE_EXIT, default 60).
+    It exits after `idle_exit` seconds with nothing to do ($GPCTL_WORKER_IDLE_EXIT, default 60);
+    on a machine without GPUs it runs `cpu_slots` jobs at once.
     """
     if idle_exit is None:
         idle_exit = float(os.environ.get("GPCTL_WORKER_IDLE_EXIT", "60"))
@@ -106,7 +107,7 @@ def ensure_worker(idle_exit: float | None = None) -> bool:
         store.close()
     log = open(State.home / "worker.log", "ab")
     subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(State.home), "worker", "--exclusive",
-                      "--idle-exit", str(idle_exit)], stdout=log, stderr=subprocess.STDOUT,
+                      "--idle-exit", str(idle_exit), "--cpu-slots", str(cpu_slots)], stdout=log, stderr=subprocess.STDOUT,
                      stdin=subprocess.DEVNULL, start_new_session=True)
     return True
 

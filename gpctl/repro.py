@@ -121,16 +121,16 @@ class Report:
 
 # ------------------------------------------------------------------ running
 
-def _queue_and_wait(rds: list[RunDir]) -> None:
+def _queue_and_wait(rds: list[RunDir], cpu_slots: int = 1) -> None:
     queue.enqueue(rds)
-    queue.ensure_worker()
+    queue.ensure_worker(cpu_slots=cpu_slots)
     states = queue.wait_for(rds)
     bad = [f"{rd.id} ({s})" for rd, s in zip(rds, states) if s != "done"]
     if bad:
         raise ConfigError(f"repro: runs did not finish: {', '.join(bad)} (gpctl show RUN; gpctl logs RUN)")
 
 
-def run_all(preset: str, seed: int = 0) -> Report:
+def run_all(preset: str, seed: int = 0, cpu_slots: int = 1) -> Report:
     """The preset's runs with every arm's seed moved by `seed` (rule 5: record on fresh seeds), then the forks."""
     rep = Report(preset, seed=seed)
     t = time.perf_counter()
@@ -144,7 +144,7 @@ def run_all(preset: str, seed: int = 0) -> Report:
             cfg.seed += seed
         rds += [RunDir.create(State.home, cfg) for cfg in lm]
     rep.runs = {rd.config().name: rd for rd in rds}
-    _queue_and_wait(rds)
+    _queue_and_wait(rds, cpu_slots)
     rep.timings["preset runs"] = time.perf_counter() - t
     t0 = t0_of(rep)
     t = time.perf_counter()
@@ -160,7 +160,7 @@ def run_all(preset: str, seed: int = 0) -> Report:
     if "high" in rep.runs and "low_lr" in rep.runs:
         forks += lr_forks(rep.runs["high"], rep.runs["low_lr"], t0)
     rep.runs.update({rd.config().name: rd for rd in forks})
-    _queue_and_wait(forks)
+    _queue_and_wait(forks, cpu_slots)
     rep.timings["forks"] = time.perf_counter() - t
     return rep
 
@@ -649,9 +649,9 @@ def _torch() -> str:
     return torch.__version__
 
 
-def reproduce(preset: str, outdir: Path, command: str, seed: int = 0) -> Report:
+def reproduce(preset: str, outdir: Path, command: str, seed: int = 0, cpu_slots: int = 1) -> Report:
     outdir.mkdir(parents=True, exist_ok=True)
-    rep = run_all(preset, seed)
+    rep = run_all(preset, seed, cpu_slots)
     t = time.perf_counter()
     check_online_offline(rep)
     check_snap(rep)
@@ -670,15 +670,19 @@ def reproduce(preset: str, outdir: Path, command: str, seed: int = 0) -> Report:
 def repro(ci: Annotated[bool, typer.Option("--ci", help="The small version (preset repro_ci, ~4 min on 2 cores).")] = False,
           out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for REPRODUCTION.md and the figures.")] = None,
           seed: Annotated[int, typer.Option("--seed", help="Added to every arm's seed: record on seeds the calibration did not use.")] = 0,
+          cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Runs trained at once by the worker it starts "
+                                                 "(the CI preset trains on one thread per run, so 2 fit 2 cores).")] = 1,
           tiny: Annotated[bool, typer.Option("--tiny", help="The CPU-sized reproduction (the default; the only size).")] = True) -> None:
     """Reproduce the paper's three claims end to end (runs, forks, live requests, TV, figures)."""
     preset = "repro_ci" if ci else "repro"
     outdir = out_dir or State.home / "repro"
     if outdir.exists() and not outdir.is_dir():
         raise ConfigError(f"--out {outdir}: exists and is not a folder")
+    if cpu_slots < 1:
+        raise ConfigError(f"--cpu-slots must be >= 1, got {cpu_slots}")
     command = ("gpctl repro" + (" --ci" if ci else "") + (f" --seed {seed}" if seed else "")
-               + (f" --out {out_dir}" if out_dir else ""))
-    rep = reproduce(preset, outdir, command, seed)
+               + (f" --cpu-slots {cpu_slots}" if cpu_slots > 1 else "") + (f" --out {out_dir}" if out_dir else ""))
+    rep = reproduce(preset, outdir, command, seed, cpu_slots)
     for c in rep.claims:
         verdict = {"holds": "holds", "does not hold": "FAIL"}.get(c.label, c.label)
         ctl = ", ".join(f"{k} {_fmt(v)}" for k, v in c.control_measured.items())

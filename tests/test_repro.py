@@ -26,7 +26,8 @@ HOLD_AT_CI_SIZE = (   # with a wide margin: the drop's snap (0.237 against 0.25 
 
 def test_repro_ci_reproduces_the_claims_that_hold_at_its_size_with_their_controls(tmp_path):
     home, out = tmp_path / "home", tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "gpctl", "--home", str(home), "repro", "--ci", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "gpctl", "--home", str(home), "repro", "--ci", "--cpu-slots", "2",
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=900)
     report = json.loads((out / "repro.json").read_text())
     assert report["thresholds"] == THRESHOLDS
