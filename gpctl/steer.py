@@ -207,7 +207,7 @@ def fork(run: RunArg,
          start: Annotated[bool, typer.Option("--start/--no-start", help="--no-start: only create the run directory.")] = True,
          foreground: Annotated[bool, typer.Option("--foreground", help="Train it here, now, instead of queueing it.")] = False,
          enqueue: Annotated[bool, typer.Option("--queue", help="Queue it for a worker (the default).", hidden=True)] = False,
-         timeout: TimeoutOpt = 120.0) -> None:
+         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the checkpoint --now asks for.")] = 120.0) -> None:
     """A new run from RUN's checkpoint, with overrides from its first step; it shares RUN's past.
     Queued for a worker like `gpctl run` (`--foreground` trains it here)."""
     if sum(x is not None and x is not False for x in (step, lr_time, latest or None, now or None)) > 1:
