@@ -237,6 +237,8 @@ def event_text(e: dict) -> str:
                                       else None) if x)
         return f"started{at} on {e.get('device', '?')}" + (f" ({extra})" if extra else "")
     if kind == "resume":
+        if e.get("restarted"):
+            return f"restarted{at}: {e['restarted']}"
         return f"resumed{at} from {e.get('checkpoint') or 'the start (no checkpoint yet)'}"
     if kind == "fork":
         return f"forked from {e.get('parent')}{at} ({e.get('checkpoint')})"

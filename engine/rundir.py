@@ -299,6 +299,30 @@ class RunDir:
         except FileNotFoundError:
             return 0
 
+    def sweep_temp_files(self, older_than: float = 60.0) -> list[str]:
+        """Remove the temp files of writes that never finished (`.status.json.PID.tmp`,
+        `.step_N.safetensors.PID.tmp`: a process killed between write and rename) in the run and
+        checkpoint folders, when their process is gone and they are older than `older_than` seconds
+        (a writer on another host of a shared filesystem is never that slow). Returns their names."""
+        import re
+        gone, now = [], time.time()
+        for folder in (self.path, self.checkpoints):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for e in entries:
+                m = re.fullmatch(r"\..+\.(\d+)\.tmp", e.name)
+                if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+                    continue
+                try:
+                    if now - e.stat(follow_symlinks=False).st_mtime > older_than and e.is_file(follow_symlinks=False):
+                        os.unlink(e.path)
+                        gone.append(e.name)
+                except OSError:
+                    continue
+        return gone
+
     def truncate_metrics(self, size: int) -> int:
         """Drop records written after a checkpoint (on resume); returns bytes dropped."""
         cur = self.metrics_size()
@@ -447,6 +471,22 @@ def _tail_records(path: Path, limit: int = _TAIL_LIMIT, chunk: int = 1 << 15,
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         pass
     return last or {}, last_eval or {}, losses[::-1]
+
+
+def restart_blocker(rd: "RunDir") -> str | None:
+    """Why a run with records but no checkpoint cannot start again from its beginning (None: it can,
+    exactly as a fresh start: it was lost before its first checkpoint). It cannot when it did take
+    checkpoints (they are gone: its records are the only trace of that work), or when the lost attempt
+    took control requests (a restart would apply them at other steps)."""
+    events = rd.events()[0]
+    taken = sum(e.get("event") == "checkpoint" for e in events)
+    if taken:
+        return f"it took {taken} checkpoint(s) that are gone from {rd.checkpoints}"
+    steered = sum(e.get("event") == "control" for e in events)
+    if steered:
+        return (f"the lost attempt took {steered} control request(s) that a restart from its beginning "
+                f"would apply at other steps")
+    return None
 
 
 def list_runs(root: Path) -> list[RunDir]:

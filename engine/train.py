@@ -56,6 +56,7 @@ class _Follower(RunDir):
     def log(self, line): print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr, flush=True)
     def truncate_metrics(self, size): return 0
     def write_tv_cache(self, cache): pass
+    def sweep_temp_files(self, older_than=60.0): return []
 
 
 def cuda_flags(precision: str, device_type: str) -> dict[str, bool]:
@@ -194,17 +195,30 @@ class Trainer:
         self._poll_s, self._last_poll = cfg.control.poll_ms / 1000, -math.inf
         self._window = None   # the last flush's records, their losses still on their way to the host
         self.control = ControlReader(self.rd)
+        swept = self.rd.sweep_temp_files()   # what a killed writer left behind
+        if swept:
+            self.rd.log(f"removed {len(swept)} temp file(s) of unfinished writes: {', '.join(swept[:5])}")
+        restart = None   # a run lost before its first checkpoint starts again, exactly as a fresh start
         if resume and not self.rd.list_checkpoints() and self.rd.metrics_size() > 0:
-            raise RuntimeError(f"cannot resume: no checkpoint in {self.rd.checkpoints} (the records are kept)")
+            from engine.rundir import restart_blocker
+            why = restart_blocker(self.rd)
+            if why:
+                raise RuntimeError(f"cannot resume: no checkpoint in {self.rd.checkpoints}: {why} (the records are kept)")
+            restart = (f"no checkpoint yet: started again from "
+                       f"{'its parent checkpoint' if cfg.parent_checkpoint else 'step 0'}; the lost attempt's "
+                       f"{self.rd.metrics_size()} bytes of records were dropped")
         self.rd.checkpoints.mkdir(mode=0o700, exist_ok=True)
         if resume and self.rd.list_checkpoints():
             self._resume()
         elif cfg.parent_checkpoint:
             self._start_from_parent()
+            if restart:
+                self.rd.append_event("resume", step=self.step, lr_time=self.lr_time, checkpoint=None, restarted=restart)
         else:
             self.rd.truncate_metrics(0)
             if resume:
-                self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None)
+                self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None,
+                                     **({"restarted": restart} if restart else {}))
         self.rd.mark_running(str(self.device))
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),

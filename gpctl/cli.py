@@ -295,9 +295,13 @@ def resume(run: RunArg,
     rd = resolve(State.home, run)
     if rd.status().get("state") == "done":
         raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
-    if not rd.list_checkpoints() and rd.metrics_size() > 0:
-        raise ConfigError(f"run {rd.id} has records but no checkpoint in {rd.checkpoints}: it cannot resume "
-                          f"(its records are kept; fork it or start a new run)")
+    restart = not rd.list_checkpoints() and rd.metrics_size() > 0
+    if restart:
+        from engine.rundir import restart_blocker
+        why = restart_blocker(rd)
+        if why:
+            raise ConfigError(f"run {rd.id} has records but no checkpoint in {rd.checkpoints}: it cannot resume: "
+                              f"{why} (its records are kept; fork it or start a new run)")
     if foreground:
         states = train_in_foreground([rd], out, resume=True)
     else:
@@ -307,7 +311,9 @@ def resume(run: RunArg,
             raise ConfigError(f"run {rd.id} is already {job.state}")
         store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
         store.close()
-        out.print(f"{rd.id}: queued to resume from its last checkpoint")
+        out.print(f"{rd.id}: queued to resume from its last checkpoint" if not restart else
+                  f"{rd.id}: queued to start again from its beginning (lost before its first checkpoint; "
+                  f"its records so far are dropped)")
         queue.ensure_worker()
         if not wait:
             return

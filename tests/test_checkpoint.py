@@ -168,3 +168,67 @@ def test_the_lm_loss_is_transformers_own():
     assert float(unshifted) != pytest.approx(float(theirs), rel=1e-3)
     total = loss_fn(logits, x, None, reduction="sum")
     assert float(total) == pytest.approx(float(ours) * 3 * 15, rel=1e-6)       # 15 predicted positions each
+
+
+def test_a_run_lost_before_its_first_checkpoint_starts_again_exactly(tmp_path):
+    """Issue 26: a job killed before its first checkpoint could never resume (every retry failed with
+    `cannot resume: no checkpoint`). It now starts again from step 0, its records dropped, and ends with
+    the records and weights of an uninterrupted run; the event says so. A run that took control
+    requests before it was lost is refused (a restart would apply them at other steps), records kept."""
+    from typer.testing import CliRunner
+
+    from engine.control import append_request, event_text
+    from gpctl.cli import app
+    cfg = tiny(TINY_IMAGES, "checkpoint_every=100", "eval_every=3")
+    cfg.changes = []
+    full = RunDir.create(tmp_path, cfg, run_id="full")
+    assert train(full) == "done"
+    lost = RunDir.create(tmp_path, cfg, run_id="lost")
+    assert train(lost, hooks=[_crash_at(7)]) == "failed"
+    assert lost.list_checkpoints() == [] and len(_records(lost)) > 0
+    res = CliRunner().invoke(app, ["--home", str(tmp_path), "resume", lost.id, "--foreground"])
+    assert res.exit_code == 0, res.output
+    assert lost.status()["state"] == "done"
+    assert _records(lost) == _records(full)
+    (restart,) = [e for e in lost.events()[0] if e["event"] == "resume"]
+    assert restart["step"] == 0 and restart["checkpoint"] is None
+    assert event_text(restart).startswith("restarted at step 0: no checkpoint yet: started again from step 0")
+    w_full, _ = ckpt.load_weights(full.list_checkpoints()[-1][1])
+    w_res, _ = ckpt.load_weights(lost.list_checkpoints()[-1][1])
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    # negative control: steered before it was lost -> refused by the engine and the CLI, records kept
+    steered = RunDir.create(tmp_path, cfg, run_id="steered")
+    append_request(steered, {"set": {"lr": 0.01}, "queued_ok": True})
+    assert train(steered, hooks=[_crash_at(7)]) == "failed"
+    before = steered.metrics_file.read_bytes()
+    assert train(steered, resume=True) == "failed"
+    assert "took 1 control request(s)" in steered.status()["error"]
+    res = CliRunner().invoke(app, ["--home", str(tmp_path), "resume", steered.id])
+    assert res.exit_code == 2 and "took 1 control request(s)" in res.stderr
+    assert steered.metrics_file.read_bytes() == before
+
+
+def test_temp_files_of_killed_writers_are_swept_at_start(tmp_path):
+    """Issue 26: `.status.json.PID.tmp` and `.step_*.tmp` of a writer killed between write and rename
+    were never removed. At start the trainer removes those of dead processes older than a minute,
+    and keeps a live writer's and a fresh one's."""
+    import os
+    import subprocess
+    import time
+    rd = RunDir.create(tmp_path, tiny(TINY_IMAGES, "steps=2"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = time.time() - 3600
+    names = {"stale": rd.path / f".status.json.{dead.pid}.tmp",
+             "stale_ckpt": rd.checkpoints / f".step_0000004.safetensors.{dead.pid}.tmp",
+             "live": rd.path / f".status.json.{os.getppid()}.tmp",
+             "fresh": rd.checkpoints / f".step_0000008.safetensors.{dead.pid + 1000000}.tmp",
+             "other": rd.path / ".notes.tmp"}
+    for key, p in names.items():
+        p.write_text("x")
+        if key != "fresh":
+            os.utime(p, (old, old))
+    assert train(rd) == "done"
+    assert not names["stale"].exists() and not names["stale_ckpt"].exists()
+    assert names["live"].exists() and names["fresh"].exists() and names["other"].exists()
+    assert "removed 2 temp file(s) of unfinished writes" in rd.log_file.read_text()

@@ -631,7 +631,7 @@ class GpctlApp(App):
             parts.insert(2, "seeds: one row")
         hidden = self.table.hidden_columns
         if hidden:      # left out whole, never cut: say so, and where to read them
-            parts.append(f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} hidden (Enter: all)")
+            parts.append(f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} hidden (Enter)")
         if self.filter_text:
             parts.append(f"filter '{self.filter_text}'")
         return " · ".join(parts)
