@@ -41,11 +41,12 @@ def run_state(rd: RunDir) -> str:
         store.close()
 
 
-def refusal(rd: RunDir, action: bool, queued_ok: bool = False) -> str | None:
+def refusal(rd: RunDir, action: bool, queued_ok: bool = False, state: str | None = None) -> str | None:
     """Why this run takes no request now (None: it does): an ended run takes none; a run that is not
     running takes an action (stop, checkpoint) but not a noise change unless queued_ok. The TUI asks
-    this before it opens a dialog; check_request before anything is written."""
-    state = run_state(rd)
+    this before it opens a dialog; check_request before anything is written (`state`: run_state(rd),
+    when the caller has it)."""
+    state = state or run_state(rd)
     if state in ("done", "diverged", "cancelled"):
         return f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})"
     if state != "running" and not action and not queued_ok:
@@ -75,7 +76,7 @@ def check_request(rd: RunDir, request: dict, queued_ok: bool) -> dict:
     """Refuse, before anything is written, a request the run would reject or one that would silently
     change an experiment that is not running."""
     state = run_state(rd)
-    why = refusal(rd, "action" in request, queued_ok)
+    why = refusal(rd, "action" in request, queued_ok, state)   # one read of the run's state
     if why:
         raise ControlError(why)
     reason = Request(request).check(rd.config())
