@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from engine.paths import read_small
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -215,12 +217,22 @@ def _check_value(where: str, key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {_show(value)}")
+        if why := text_problem(value):
+            raise ConfigError(f"{where}: '{key}': {why}")
+        if len(value) > 4096:
+            raise ConfigError(f"{where}: '{key}' is {len(value)} characters, over the 4096-character limit")
         return value
     raise TypeError(f"unsupported config type {tp}")  # a schema bug, not a user error
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (str, int, float, bool, list)) else type(value).__name__
+    """A value as the error quotes it: short (at most 60 characters) and in ASCII, whatever it holds."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, (str, int, float, bool, list)):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return type(value).__name__
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,12 +424,49 @@ def build(data: dict, where: str) -> Config:
 
 # ---------------------------------------------------------------- --set overrides
 
-def parse_value(text: str) -> Any:
-    """A `--set` value is a TOML value (numbers, true/false, [lists], "strings"); bare words are strings."""
+MAX_DEPTH = 16          # tables and lists nested deeper than this are refused (configs use 3)
+MAX_TEXT = 1 << 20      # characters of TOML parsed at once (a --set value, a preset, a settings file)
+
+
+def depth_problem(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Why `value` (parsed TOML or JSON) is nested too deeply to keep, or None; never recurses."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return f"nested deeper than {limit} levels"
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def loads_toml(text: str, where: str) -> dict:
+    """Parse TOML with bounds: at most MAX_TEXT characters, nested at most MAX_DEPTH deep, integers
+    of at most 4300 digits (Python's own limit): anything past them is one ConfigError naming `where`."""
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"{where}: {len(text)} characters, over the {MAX_TEXT}-character limit")
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid TOML: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:        # an integer of more than 4300 digits (Python's int parsing limit)
+        raise ConfigError(f"{where}: invalid TOML: an integer of more than 4300 digits") from None
+    if why := depth_problem(data):
+        raise ConfigError(f"{where}: {why}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value is a TOML value (numbers, true/false, [lists], "strings"); bare words are strings.
+    A value nested too deeply or with too many digits is a ConfigError, never a traceback."""
+    try:
+        return loads_toml(f"v = {text}", "--set")["v"]
+    except ConfigError as e:
+        if "invalid TOML:" in str(e) and "nested" not in str(e) and "digits" not in str(e):
+            return text
+        raise ConfigError(f"--set value {text[:60]!r}: {str(e).split(': ', 1)[1]}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -450,12 +499,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return loads_toml(read_small(path, 4 * MAX_TEXT, follow=True).decode("utf-8"), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     except OSError as e:
@@ -474,11 +520,31 @@ def _toml_scalar(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return repr(v)
-    if isinstance(v, (int, str)):
-        return json.dumps(v) if isinstance(v, str) else str(v)
+    if isinstance(v, str):
+        return toml_string(v)
+    if isinstance(v, int):
+        return str(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
     raise TypeError(type(v))
+
+
+def text_problem(v: str) -> str | None:
+    """Why a string cannot be kept in a config (None: it can): lone surrogates (undecodable bytes in
+    an argument) are not text, and TOML cannot hold them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid text (character {e.start + 1} is an undecodable byte)"
+    return None
+
+
+def toml_string(v: str) -> str:
+    """A TOML basic string holding exactly `v`, whatever its characters (emoji and other characters
+    beyond U+FFFF are written as themselves; JSON's surrogate-pair escapes are not TOML)."""
+    if why := text_problem(v):
+        raise ConfigError(f"{v[:40]!r}: {why}")
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _dump_table(data: dict, path: list[str], lines: list[str]) -> None:

@@ -40,7 +40,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from engine.rundir import FILE_MODE, RunDir, read_jsonl
+from engine.rundir import FILE_MODE, RunDir, open_regular, read_jsonl
 
 SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
@@ -53,7 +53,9 @@ LIVE = ("created", "running")
 
 
 MAX_LINE = 64 * 1024       # bytes: a longer line is rejected (naming its size), never parsed or stored
-MAX_READ = 4 * 1024 * 1024 # bytes read per poll; the rest waits for the next poll
+MAX_READ = 64 * 1024 * 1024  # bytes scanned per poll (in 1 MiB reads: memory stays under MAX_LINE + 1 MiB);
+                              # the rest waits for the next poll: a multi-GiB tail costs ~30 ms a poll
+REWRITE_SCAN = 64 * 1024 * 1024  # bytes of a rewritten control file whose lines are counted
 QUOTE = 60                 # characters of a bad value quoted in an event or a log line
 
 
@@ -102,6 +104,14 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
     unknown = [k for k in req if k not in REQUEST_KEYS]
     if unknown:
         return f"unknown key '{_cut(unknown[0])}' (known: {', '.join(REQUEST_KEYS)})"
+    if "id" in req and not (isinstance(req["id"], str) and req["id"].isprintable()):
+        return f"'id' must be printable text (one line), got {_quote(req['id'])}"   # a long one names no event
+    if "by" in req and not (isinstance(req["by"], str) and 0 < len(req["by"]) <= 64 and req["by"].isprintable()):
+        return f"'by' must be printable text of 1 to 64 characters, got {_quote(req['by'])}"
+    if "time" in req and _number(req["time"]) is None:
+        return f"'time' must be a number (seconds since the epoch), got {_quote(req['time'])}"
+    if "queued_ok" in req and not isinstance(req["queued_ok"], bool):
+        return f"'queued_ok' must be true or false, got {_quote(req['queued_ok'])}"
     if ("set" in req) == ("action" in req):
         return "a request needs exactly one of 'set' or 'action'"
     if "twin" in req and (req["twin"] is not True or "set" not in req):
@@ -260,6 +270,8 @@ def event_text(e: dict) -> str:
         return f"lost{at}: {e.get('reason')}" + ("; queued again to resume" if e.get("requeued") else "")
     if kind == "retry":
         return f"attempt {e.get('attempt')} failed ({e.get('error')}); retrying from the last checkpoint"
+    if kind in ("control_unreadable", "control_rewritten") and isinstance(e.get("detail"), str):
+        return e["detail"][:300]
     if kind == "slurm_submit":
         return f"submitted to Slurm as job {e.get('slurm_id')}"
     detail = {k: v for k, v in e.items() if k not in ("event", "time", "host", "python", "torch")}
@@ -360,9 +372,19 @@ class Request:
 
 
 def request_id(req: object) -> str | None:
-    """The request's own id when it is a short string (a long one is not copied into events)."""
+    """The request's own id when it is short printable text (a long one, or one with a newline or an
+    undecodable character, is not copied into events: the request is then named by its line)."""
     rid = req.get("id") if isinstance(req, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 and rid.isprintable() else None
+
+
+MAX_WAITING = 64     # requests waiting for their condition at once; they are kept in every checkpoint
+
+
+def kept(req: dict) -> dict:
+    """What a waiting request keeps (in checkpoints): what it does and when, not who sent it when
+    (nor its id, which is kept beside it, cut to request_id's bound)."""
+    return {k: v for k, v in req.items() if k not in ("by", "time", "id")}
 
 
 def untrusted_reason(st: os.stat_result, dir_st: os.stat_result | None = None) -> str | None:
@@ -433,23 +455,48 @@ class ControlReader:
         self.rd, self.path = rd, rd.control_file
         self.state = ControlState()
         self._untrusted_reported = False
+        self._unusable_reported: str | None = None
 
     def poll(self) -> list["Line"]:
         """New complete lines, in order. Call `consume(line)` as each is applied, so that a
         checkpoint taken in between records exactly the lines already applied.
 
-        Never raises for what the file contains: every line comes back as a request or a problem."""
+        Never raises and never blocks for what the path holds: it is opened without following a link
+        and without waiting (O_NOFOLLOW | O_NONBLOCK), and only a regular file is read, at most
+        MAX_READ bytes a poll (the rest with the next ones); trust is decided on the open descriptor's
+        fstat, so the file judged is the file read. A control file that is a folder, a FIFO, a device
+        or a link is one `control_unreadable` event (once per reason) and the run goes on."""
         try:
-            st = os.stat(self.path)
+            f = open_regular(self.path)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            self._unusable(e.strerror or str(e))
+            return []
+        with f:
+            try:
+                return self._poll(f)
+            except OSError as e:          # an I/O error mid-read: nothing consumed, try at the next poll
+                self.state.stat_key = []
+                self._unusable(e.strerror or str(e))
+                return []
+
+    def _unusable(self, why: str) -> None:
+        if why != self._unusable_reported:
+            self._unusable_reported = why
+            self.rd.append_event("control_unreadable", detail=f"control.jsonl: {why}; no request is read "
+                                 "from it until it is a regular file again (the run goes on)")
+
+    def _poll(self, f) -> list["Line"]:
+        st = os.fstat(f.fileno())
+        self._unusable_reported = None
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
         if key == self.state.stat_key:
             return []  # the cheap path: nothing changed
         self.state.stat_key = key
         s = self.state
-        if s.inode and st.st_ino != s.inode or st.st_size < s.offset or not self._tail_intact():
-            self._rewritten(st)
+        if s.inode and st.st_ino != s.inode or st.st_size < s.offset or not self._tail_intact(f):
+            self._rewritten(f, st)
             return []
         s.inode = st.st_ino
         try:
@@ -458,29 +505,28 @@ class ControlReader:
             trust = "run directory cannot be read"
         out: list[Line] = []
         pos, number, skipping = s.offset - s.skipping, s.lines, s.skipping   # pos: where the unfinished line starts
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(s.offset)
+        f.seek(s.offset)
+        buf, budget = b"", MAX_READ
+        while budget > 0 and (chunk := f.read(min(budget, 1 << 20))):   # memory under MAX_LINE + 1 MiB
+            budget -= len(chunk)
+            buf += chunk
+            start = 0
+            while (nl := buf.find(b"\n", start)) >= 0:
+                raw, start = buf[start:nl], nl + 1
+                size = skipping + len(raw)
+                pos, number = pos + skipping + len(raw) + 1, number + 1
+                if size > MAX_LINE:
+                    out.append(Line(number, pos, "", None,
+                                    f"line is {size} bytes, over the {MAX_LINE}-byte limit"))
+                else:
+                    out.append(self._parse(number, pos, raw, trust))
+                skipping = 0
+            buf = buf[start:]
+            if skipping or len(buf) > MAX_LINE:   # an over-long line without its newline yet
+                skipping += len(buf)
                 buf = b""
-                while chunk := f.read(MAX_READ):   # memory stays under MAX_LINE + MAX_READ
-                    buf += chunk
-                    start = 0
-                    while (nl := buf.find(b"\n", start)) >= 0:
-                        raw, start = buf[start:nl], nl + 1
-                        size = skipping + len(raw)
-                        pos, number = pos + skipping + len(raw) + 1, number + 1
-                        if size > MAX_LINE:
-                            out.append(Line(number, pos, "", None,
-                                            f"line is {size} bytes, over the {MAX_LINE}-byte limit"))
-                        else:
-                            out.append(self._parse(number, pos, raw, trust))
-                        skipping = 0
-                    buf = buf[start:]
-                    if skipping or len(buf) > MAX_LINE:   # an over-long line without its newline yet
-                        skipping += len(buf)
-                        buf = b""
-        except OSError:
-            return []             # not a readable file (a folder, a broken link): nothing to apply
+        if budget <= 0:
+            s.stat_key = []      # more is there: the next poll goes on from what this one consumed
         if skipping != s.skipping or (skipping and not out):
             # pass over the over-long line's bytes: with the last line returned, or now if there is none
             if out:
@@ -514,34 +560,45 @@ class ControlReader:
         s.offset, s.lines, s.skipping = line.end + line.then_skip, line.number, line.then_skip
         s.tail_len, s.tail_sha = self._digest(line.end) if not line.then_skip else (0, "")
 
-    def _digest(self, end: int) -> tuple[int, str]:
+    def _digest(self, end: int, f=None) -> tuple[int, str]:
         n = min(TAIL, end)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(end - n)
-                return n, hashlib.sha256(f.read(n)).hexdigest()
+            if f is None:
+                with open_regular(self.path) as g:
+                    return self._digest(end, g)
+            f.seek(end - n)
+            return n, hashlib.sha256(f.read(n)).hexdigest()
         except OSError:
             return 0, ""
 
-    def _tail_intact(self) -> bool:
+    def _tail_intact(self, f) -> bool:
         s = self.state
         if not s.tail_len:
             return True
-        return self._digest(s.offset) == (s.tail_len, s.tail_sha)
+        return self._digest(s.offset, f) == (s.tail_len, s.tail_sha)
 
-    def _rewritten(self, st: os.stat_result) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        skipped = data[:end].count(b"\n")
+    def _rewritten(self, f, st: os.stat_result) -> None:
+        """The file was truncated or replaced: what it holds now is never applied. Its lines are
+        counted in chunks, at most REWRITE_SCAN bytes (a bigger file is passed over whole)."""
+        f.seek(0)
+        skipped, end, read = 0, 0, 0
+        while read < REWRITE_SCAN and (chunk := f.read(1 << 20)):
+            skipped += chunk.count(b"\n")
+            if (nl := chunk.rfind(b"\n")) >= 0:
+                end = read + nl + 1
+            read += len(chunk)
+        whole = read >= st.st_size
+        if not whole:
+            end = st.st_size        # passed over: a line finished later reads as garbage, and is rejected
         s = self.state
         self.rd.append_event("control_rewritten", old_offset=s.offset, new_size=st.st_size,
-                             skipped_lines=skipped,
+                             skipped_lines=skipped if whole else None,
                              detail="control.jsonl was truncated or rewritten; its present lines are "
-                                    "not applied (append new requests instead)")
+                                    "not applied (append new requests instead)"
+                                    + ("" if whole else f"; it is over {REWRITE_SCAN} bytes, passed over unread"))
         self.state = ControlState(offset=end, lines=s.lines + skipped, inode=st.st_ino,
                                   stat_key=[st.st_size, st.st_mtime_ns, st.st_ino])
-        self.state.tail_len, self.state.tail_sha = self._digest(end)
+        self.state.tail_len, self.state.tail_sha = self._digest(end, f)
 
     def state_dict(self) -> dict:
         d = dict(vars(self.state))

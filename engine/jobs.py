@@ -112,6 +112,7 @@ class JobStore:
     """The store, opened for writing (created with its schema if missing)."""
 
     writable = True
+    problem: str | None = None      # for_reading: why jobs.db could not be read (then it reads as empty)
 
     def __init__(self, root: Path):
         make_home(root)
@@ -134,15 +135,32 @@ class JobStore:
         self.identity = (st.st_dev, st.st_ino)   # the worker checks that this is still the file at `path`
 
     @classmethod
-    def for_reading(cls, root: Path) -> "JobStore":
+    def for_reading(cls, root: Path, lenient: bool = False) -> "JobStore":
         """A store that creates and changes nothing: what `ls`, `show`, `logs` and the TUI use, so they
         work on a read-only home (a colleague's, a mounted results disk). No jobs.db yet: an empty store.
         A home we may write to gets the usual connection (so `ls` can still bring Slurm states up to
-        date); otherwise the file is opened read-only (immutable where its WAL index cannot be made)."""
+        date); otherwise the file is opened read-only (immutable where its WAL index cannot be made).
+        `lenient` (ls, show, the TUI: views of the runs themselves): a jobs.db that cannot be read
+        reads as an empty queue and `problem` says why, so the runs can still be seen."""
         self = cls.__new__(cls)
         self.path = root / "jobs.db"
         self.identity = None
-        if not self.path.exists():
+        self.problem = None
+        try:
+            self._open_for_reading(root)
+        except sqlite3.DatabaseError as e:      # garbage, a folder, a lost WAL: runs are still readable
+            if not lenient:
+                raise
+            self.problem = (f"{self.path}: {e} (the queue cannot be read: runs are shown without their jobs)")
+            self.db = _connect(":memory:")
+            self.writable = False
+            self._open_for_reading(None)
+        return self
+
+    def _open_for_reading(self, root: Path | None) -> None:
+        if root is None:
+            pass
+        elif not self.path.exists():
             self.db = _connect(":memory:")
             self.writable = False
         elif os.access(self.path, os.W_OK) and os.access(root, os.W_OK):
@@ -156,13 +174,12 @@ class JobStore:
             except sqlite3.OperationalError:   # WAL needs a -shm file it cannot create: read as immutable
                 self.db.close()
                 self.db = _connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
-        if True:                               # a missing table (no store yet, an older one) reads as empty
-            have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            for statement in SCHEMA.split(";"):
-                words = statement.split()
-                if words[:2] == ["CREATE", "TABLE"] and words[5] not in have:
-                    self.db.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
-        return self
+        # a missing table (no store yet, an older one) reads as empty
+        have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for statement in SCHEMA.split(";"):
+            words = statement.split()
+            if words[:2] == ["CREATE", "TABLE"] and words[5] not in have:
+                self.db.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
 
     @contextmanager
     def tx(self):

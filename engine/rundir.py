@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import secrets
 import socket
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
-from engine.paths import DIR_MODE, FILE_MODE, is_name, make_home, pid_alive  # noqa: F401 - re-exported
+from engine.paths import (DIR_MODE, FILE_MODE, NotRegular, is_name, make_home, open_regular,  # noqa: F401
+                          SMALL_FILE, pid_alive, read_small)
 
 _CONFIGS: dict[tuple, Config] = {}   # RunDir.config's cache, keyed by the file's identity and mtime
 STATES = ("created", "running", "done", "failed", "stopped", "diverged")
@@ -76,19 +78,46 @@ def _append_lines(path: Path, lines: list[str]) -> None:
 
 _NUMBERS = ("loss", "eval_loss", "eval_error", "lr", "lr_time", "wall", "samples", "step", "batch_size",
             "unique_samples", "time")
+_FINITE = ("lr_time", "wall", "samples", "step", "batch_size", "unique_samples", "time")   # clocks and counts
+_INTEGERS = ("step", "samples", "batch_size", "unique_samples")
+_NEEDS = {"metrics.jsonl": "step", "events.jsonl": "event"}   # the field every line of that file has
+MAX_RECORD = 1 << 20   # bytes: a longer line of a JSONL file is skipped unread (the engine's are < 4 KiB)
+_CHUNK = 1 << 24       # bytes read at a time: memory stays under what is kept + _CHUNK + MAX_RECORD
 
 
-def record_problem(rec: object) -> str | None:
-    """Why a metrics record or event cannot be used (None: it can): it must be an object whose known
-    numeric fields are numbers (a record whose `loss` is a string is skipped, not fatal to readers)."""
+def record_problem(rec: object, file: str = "") -> str | None:
+    """Why a metrics record, event or status cannot be used (None: it can): it must be an object whose
+    known numeric fields are numbers (clocks and counts finite, steps and samples integers), whose
+    `event` is text and whose `changed` maps names to [before, after] numbers (and `skipped` to words). In metrics.jsonl
+    (`file`), a known field may not be null and every record has a step; in events.jsonl every line
+    has an event. A record that fails is skipped and counted by every reader, never fatal to one."""
     if not isinstance(rec, dict):
         return "not a JSON object"
+    if (need := _NEEDS.get(file)) and need not in rec:
+        return f"no {need!r}"
     for key in _NUMBERS:
         v = rec.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if v is None:
+            if key in rec and file == "metrics.jsonl":
+                return f"{key!r} is null"
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"{key!r} is not a number"
+        if key in _FINITE and not math.isfinite(v):
+            return f"{key!r} is not finite"
+        if key in _INTEGERS and not isinstance(v, int):
+            return f"{key!r} is not a whole number"
     if "event" in rec and not isinstance(rec["event"], str):
         return "'event' is not text"
+    if (changed := rec.get("changed")) is not None:
+        if not isinstance(changed, dict):
+            return "'changed' is not an object"
+        for k, v in changed.items():
+            if k == "skipped" and isinstance(v, str):     # what a manual change left out, in words
+                continue
+            if not (isinstance(v, list) and len(v) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                return f"'changed' of {k[:40]!r} is not [before, after] numbers"
     return None
 
 
@@ -96,8 +125,10 @@ def record_ok(rec: object) -> bool:
     return record_problem(rec) is None
 
 
-def parse_line(line: bytes) -> tuple[dict | None, str | None]:
+def parse_line(line: bytes, file: str = "") -> tuple[dict | None, str | None]:
     """One JSONL line: (record, None) or (None, why it is unreadable)."""
+    if len(line) > MAX_RECORD:
+        return None, f"{len(line)} bytes, over the {MAX_RECORD}-byte limit"
     try:
         rec = json.loads(line)
     except UnicodeDecodeError:
@@ -106,7 +137,7 @@ def parse_line(line: bytes) -> tuple[dict | None, str | None]:
         return None, "not JSON"
     except RecursionError:
         return None, "nested too deep"
-    why = record_problem(rec)
+    why = record_problem(rec, file)
     return (None, why) if why else (rec, None)
 
 
@@ -121,7 +152,13 @@ class Unreadable:
         self.count += 1
         self.first = self.first or f"{where}: {why}"
 
+    def whole(self, why: str) -> None:
+        """The file itself cannot be read (not a regular file): none of its lines were."""
+        self.count, self.first = max(self.count, 1), f"not read: {why}"
+
     def __str__(self) -> str:
+        if self.first.startswith("not read: "):
+            return f"{self.file}: {self.first[10:]}, not read"
         lines = "line" if self.count == 1 else "lines"
         return f"{self.file}: {self.count} unreadable {lines} skipped ({self.first})"
 
@@ -130,27 +167,55 @@ def read_jsonl(path: Path, offset: int = 0, skipped: Unreadable | None = None) -
     """Complete, well-formed records from byte `offset` on, and the offset after the last complete line.
 
     A trailing line without its newline (a writer mid-append) is left for the next call. A line that is
-    not UTF-8, not JSON, or not a record (see record_problem) is skipped, never fatal to a reader, and
-    counted in `skipped` when one is given.
+    not UTF-8, not JSON, over MAX_RECORD bytes or not a record (see record_problem) is skipped, never
+    fatal to a reader, and counted in `skipped` when one is given; so is a file that is not a regular
+    file (a FIFO, a device, a link), which is never opened for reading. Memory is bounded by what is
+    returned plus one read, whatever the file holds (a sparse multi-GiB tail is passed over in chunks).
     """
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        f = open_regular(path)
+    except NotRegular as e:
+        if skipped is not None:
+            skipped.whole(e.strerror)
         return [], offset
-    end = data.rfind(b"\n") + 1
-    out = []
-    pos = offset
-    for line in data[:end].split(b"\n"):
-        if line.strip():
-            rec, why = parse_line(line)
-            if rec is not None:
-                out.append(rec)
-            elif skipped is not None:
-                skipped.add(f"byte {pos}", why)
-        pos += len(line) + 1
-    return out, offset + end
+    except OSError:
+        return [], offset
+    out: list[dict] = []
+    end = offset           # just past the last whole line handled
+    carry = b""            # the start of an unfinished line
+    over = 0               # bytes of an over-long line passed over so far (its newline not yet seen)
+    with f:
+        f.seek(offset)
+        while chunk := f.read(_CHUNK):
+            data = carry + chunk
+            nl = data.rfind(b"\n")
+            if nl < 0:
+                carry = data
+                if len(carry) > MAX_RECORD:
+                    over, carry = over + len(carry), b""
+                continue
+            lines, carry = data[:nl].split(b"\n"), data[nl + 1:]
+            for i, line in enumerate(lines):
+                if i == 0 and over:
+                    size, over = over + len(line), 0
+                    if skipped is not None:
+                        skipped.add(f"byte {end}", f"{size} bytes, over the {MAX_RECORD}-byte limit")
+                    end += size + 1
+                    continue
+                if line.strip():
+                    rec, why = parse_line(line, path.name)
+                    if rec is not None:
+                        out.append(rec)
+                    elif skipped is not None:
+                        skipped.add(f"byte {end}", why)
+                end += len(line) + 1
+            if len(carry) > MAX_RECORD:
+                over, carry = len(carry), b""
+    if over:                # an over-long line that never ended: passed over, so no reader reads it again
+        if skipped is not None:
+            skipped.add(f"byte {end}", f"{over}+ bytes with no newline, over the {MAX_RECORD}-byte limit")
+        end += over + len(carry)
+    return out, end
 
 
 def new_run_id(preset: str, arm: str) -> str:
@@ -221,12 +286,12 @@ class RunDir:
     def _read_status(self) -> tuple[dict, str | None]:
         """status.json, read once: its contents ({"state": "unknown"} when unusable) and the problem."""
         try:
-            raw = self.status_file.read_bytes()
+            raw = read_small(self.status_file)
         except FileNotFoundError:
             return {"state": "unknown"}, "status.json is missing"
         except OSError as e:
             return {"state": "unknown"}, f"status.json: {e.strerror}"
-        rec, why = parse_line(raw)
+        rec, why = parse_line(raw, "status.json")
         if rec is not None and not isinstance(rec.get("state"), str):
             why = "no 'state'"
         try:
@@ -330,12 +395,13 @@ class RunDir:
             os.truncate(self.metrics_file, size)
         return max(0, cur - size)
 
-    def read_log(self, offset: int = 0) -> tuple[bytes, int]:
-        """log.txt from byte `offset` on, and the offset after it (nothing if it is missing or unreadable)."""
+    def read_log(self, offset: int = 0, limit: int = 1 << 26) -> tuple[bytes, int]:
+        """log.txt from byte `offset` on (at most `limit` bytes: the rest comes with the next call), and
+        the offset after it (nothing if it is missing, unreadable or not a regular file)."""
         try:
-            with open(self.log_file, "rb") as f:
+            with open_regular(self.log_file) as f:
                 f.seek(offset)
-                chunk = f.read()
+                chunk = f.read(limit)
         except OSError:
             return b"", offset
         return chunk, offset + len(chunk)
@@ -349,7 +415,7 @@ class RunDir:
     def read_tv_cache(self) -> dict:
         """TV results computed with this run as A, keyed by checkpoints and eval size."""
         try:
-            cache = json.loads(self.tv_cache_file.read_bytes())
+            cache = json.loads(read_small(self.tv_cache_file, 64 * SMALL_FILE))
         except (OSError, ValueError, RecursionError):
             return {}
         return cache if isinstance(cache, dict) else {}
@@ -439,7 +505,7 @@ def _tail_records(path: Path, limit: int = _TAIL_LIMIT, chunk: int = 1 << 15,
     last_eval: dict | None = None
     losses: list[float] = []
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             pos = size = f.seek(0, 2)
             carry = b""
             while pos > 0 and (len(losses) < EMA_TAIL or last_eval is None) and size - pos < limit:
@@ -457,7 +523,7 @@ def _tail_records(path: Path, limit: int = _TAIL_LIMIT, chunk: int = 1 << 15,
                     is_eval = b'"eval_loss"' in line
                     if not line.strip() or (len(losses) >= EMA_TAIL and not is_eval) or (last_eval is not None and is_eval):
                         continue
-                    rec, why = parse_line(line)
+                    rec, why = parse_line(line, path.name)
                     if rec is None:
                         if skipped is not None:   # reading backwards: the earliest one found is named
                             skipped.first = ""
@@ -468,7 +534,10 @@ def _tail_records(path: Path, limit: int = _TAIL_LIMIT, chunk: int = 1 << 15,
                     elif "loss" in rec:
                         last = last or rec
                         losses.append(rec["loss"])
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
+    except NotRegular as e:
+        if skipped is not None:
+            skipped.whole(e.strerror)
+    except OSError:
         pass
     return last or {}, last_eval or {}, losses[::-1]
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
 from engine.config import Config
-from engine.control import LOSS_EMA, ControlReader, Line, Request, request_id, run_dir_untrusted
+from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, kept, request_id,
+                            run_dir_untrusted)
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.levels import LossLevels
@@ -456,8 +457,15 @@ class Trainer:
                 self.rd.log(f"control line {req.line} rejected: {reason}")
                 continue
             met = self._met(req)
+            if met is None and len(self.control.state.waiting) >= MAX_WAITING:
+                reason = (f"{MAX_WAITING} requests already wait for their conditions (the most a run keeps, "
+                          "in every checkpoint); send this one when one of them has applied")
+                self.rd.append_event("control", id=req.id, line=req.line, status="rejected", reason=reason,
+                                     **self.where())
+                self.rd.log(f"control line {req.line} rejected: {reason}")
+                continue
             if met is None:
-                self.control.state.waiting.append([req.line, req.id, req.body])
+                self.control.state.waiting.append([req.line, req.id, kept(req.body)])
                 self.rd.append_event("control", id=req.id, line=req.line, status="waiting", **req.condition,
                                      **self.where())
                 continue

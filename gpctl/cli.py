@@ -201,7 +201,9 @@ def ls(as_json: JsonOpt = False,
     bad = [s for s in state or [] if s not in known]
     if bad:
         raise ConfigError(f"--state {bad[0]!r} is not a state; one of: {', '.join(known)}")
-    store = JobStore.for_reading(State.home)
+    store = JobStore.for_reading(State.home, lenient=True)
+    if store.problem:
+        print(f"warning: {store.problem}", file=sys.stderr)
     if store.writable:
         queue.sync(store)
     rows = []

@@ -4,6 +4,7 @@ preset arm (or parent), checkpoints, events as sentences."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def run_lines(rd: RunDir, info: dict, full_config: bool = False) -> list[str]:
 
 def _job(home: Path, rd: RunDir) -> dict | None:
     from gpctl import queue
-    store = JobStore.for_reading(home)
+    store = JobStore.for_reading(home, lenient=True)
+    if store.problem:
+        print(f"warning: {store.problem}", file=sys.stderr)
     if store.writable:
         queue.sync(store)
     job = store.get(rd.id)

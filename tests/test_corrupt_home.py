@@ -1,6 +1,8 @@
 """Issue 12: one bad file never takes down the others. A home with one healthy run and one run for
 each kind of corruption: every reader shows the healthy run, and no command prints a traceback."""
 import json
+import os
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -12,7 +14,7 @@ from tests.conftest import TINY_IMAGES, tiny
 
 runner = CliRunner()
 
-REASONS = {   # what `ls --json` and `show` say about each
+_REASONS = {   # what `ls --json` and `show` say about each ({m}, {e}: the sizes of the files before)
     "config_bytes": "config.toml: not UTF-8 text (byte 11)",
     "metrics_bytes": "metrics.jsonl: 1 unreadable line skipped (byte 0: not JSON)",
     "loss_string": "metrics.jsonl: 3 unreadable lines skipped (byte 0: 'loss' is not a number)",
@@ -20,7 +22,35 @@ REASONS = {   # what `ls --json` and `show` say about each
     "status_garbage": "status.json: not UTF-8",
     "status_list": "status.json: not a JSON object",
     "nested": "metrics.jsonl: 1 unreadable line skipped (byte 0: nested too deep)",
+    # issue 31: values of the wrong type, files that are not files, parsers' bounds
+    "loss_null": "metrics.jsonl: 1 unreadable line skipped (byte {m}: 'loss' is null)",
+    "step_infinite": "metrics.jsonl: 1 unreadable line skipped (byte {m}: 'step' is not finite)",
+    "step_float": "metrics.jsonl: 1 unreadable line skipped (byte {m}: 'step' is not a whole number)",
+    "config_nested": "config.toml: invalid TOML: nested deeper than 16 levels",
+    "config_bigint": "config.toml: invalid TOML: an integer of more than 4300 digits",
+    "config_fifo": "config.toml: a FIFO, not a regular file",
+    "metrics_fifo": "metrics.jsonl: a FIFO, not a regular file, not read",
+    "events_fifo": "events.jsonl: a FIFO, not a regular file, not read",
+    "status_fifo": "status.json: a FIFO, not a regular file",
+    "metrics_device": "metrics.jsonl: a symbolic link (run files are never followed), not read",
+    "metrics_folder": "metrics.jsonl: a folder, not a regular file, not read",
+    "event_without_kind": "events.jsonl: 1 unreadable line skipped (byte {e}: no 'event')",
+    "event_changed_text": "events.jsonl: 1 unreadable line skipped (byte {e}: 'changed' is not an object)",
+    "event_changed_words": "events.jsonl: 1 unreadable line skipped (byte {e}: 'changed' of 'lr' is not [before, after] numbers)",
+    "event_step_infinite": "events.jsonl: 1 unreadable line skipped (byte {e}: 'step' is not finite)",
 }
+
+REASONS: dict[str, str] = {}   # _REASONS for the home the fixture made
+
+
+def _append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _replace(path, make):
+    path.unlink()
+    make(path)
 
 CORRUPTIONS = {
     "config_bytes": lambda rd: rd.config_file.write_bytes(b"steps = 3\n\xff\xfe\x00garbage"),
@@ -31,6 +61,23 @@ CORRUPTIONS = {
     "status_garbage": lambda rd: rd.status_file.write_bytes(b"\xff\xfe not json"),
     "status_list": lambda rd: rd.status_file.write_text("[1, 2, 3]"),
     "nested": lambda rd: rd.metrics_file.write_text("[" * 50_000 + "\n"),
+    "loss_null": lambda rd: _append(rd.metrics_file, '{"step": 5, "loss": null, "lr": 0.1}\n'),
+    "step_infinite": lambda rd: _append(rd.metrics_file, '{"step": Infinity, "loss": 1.0}\n'),
+    "step_float": lambda rd: _append(rd.metrics_file, '{"step": 5.5, "loss": 1.0}\n'),
+    "config_nested": lambda rd: rd.config_file.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n"),
+    "config_bigint": lambda rd: rd.config_file.write_text("steps = " + "9" * 5000 + "\n"),
+    "config_fifo": lambda rd: _replace(rd.config_file, os.mkfifo),
+    "metrics_fifo": lambda rd: _replace(rd.metrics_file, os.mkfifo),
+    "events_fifo": lambda rd: _replace(rd.events_file, os.mkfifo),
+    "status_fifo": lambda rd: _replace(rd.status_file, os.mkfifo),
+    "metrics_device": lambda rd: _replace(rd.metrics_file, lambda p: os.symlink("/dev/zero", p)),
+    "metrics_folder": lambda rd: _replace(rd.metrics_file, os.mkdir),
+    "event_without_kind": lambda rd: _append(rd.events_file, '{"time": 1}\n'),
+    "event_changed_text": lambda rd: _append(rd.events_file, '{"event": "control", "status": "applied", '
+                                                             '"changed": "lr", "step": 2, "time": 1}\n'),
+    "event_changed_words": lambda rd: _append(rd.events_file, '{"event": "control", "status": "applied", '
+                                                              '"changed": {"lr": ["a", "b"]}, "time": 1}\n'),
+    "event_step_infinite": lambda rd: _append(rd.events_file, '{"event": "fork", "step": Infinity, "time": 1}\n'),
 }
 
 
@@ -39,12 +86,18 @@ def corrupt_home(tmp_path):
     home = tmp_path / "home"
     healthy = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "eval_every=2", "checkpoint_every=2", name="healthy"))
     assert train(healthy) == "done"
+    template = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", name="template"))
+    assert train(template) == "done"
+    sizes = {"m": template.metrics_size(), "e": template.events_file.stat().st_size}
     bad = {}
-    for kind, corrupt in CORRUPTIONS.items():
-        rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", name=kind.replace("_", "-")))
-        assert train(rd) == "done"
+    for kind, corrupt in CORRUPTIONS.items():   # copies of one trained run, each corrupted one way
+        rd = RunDir(home / "runs" / f"tiny-{kind.replace('_', '-')}-{len(bad):06x}")
+        shutil.copytree(template.path, rd.path, symlinks=True)
         corrupt(rd)
         bad[kind] = rd
+    shutil.rmtree(template.path)
+    REASONS.clear()
+    REASONS.update({k: v.format(**sizes) for k, v in _REASONS.items()})
     return home, healthy, bad
 
 
@@ -289,3 +342,71 @@ def test_a_read_only_home_is_read_and_never_written(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "HOME": str(out_dir)})
     assert res.returncode == 0 and res.stdout.strip() == "['done', 'done']", res.stderr[-2000:]
     assert snapshot() == before                                  # nothing in the home was written
+
+
+def test_a_garbage_jobs_db_still_shows_the_runs(tmp_path):
+    """Issue 31: a jobs.db that is not a database crashed the TUI where `ls` said one line. The views
+    of the runs (ls, show, the TUI) show them without their jobs and say why; the queue's own commands
+    refuse in one line; the TUI's queue keys are one toast."""
+    import asyncio
+
+    from gpctl.tui.app import GpctlApp
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", name="one"))
+    assert train(rd) == "done"
+    (home / "jobs.db").write_bytes(b"\x13\x37 not sqlite " * 400)
+    warning = f"warning: {home / 'jobs.db'}: file is not a database (the queue cannot be read: runs are shown without their jobs)"
+    res = invoke(home, "ls")
+    assert res.exit_code == 0 and res.stderr.splitlines()[0] == warning, res.output
+    assert rd.id in res.stdout and " done " in res.stdout
+    res = invoke(home, "show", rd.id)
+    assert res.exit_code == 0 and res.stderr.splitlines()[0] == warning and "done" in res.stdout, res.output
+    res = invoke(home, "queue")
+    assert res.exit_code == 2 and res.stderr.strip() == f"error: {home / 'jobs.db'}: file is not a database", res.output
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            assert [r["state"] for r in app.rows] == ["done"]
+            assert app.status_text().startswith("jobs.db unreadable (runs shown without jobs) · ")
+            for key in ("Q", "C"):
+                await pilot.press(key)
+                await pilot.pause()
+            assert app.is_running
+            texts = [str(n.message) for n in app._notifications]
+            assert f"{home / 'jobs.db'}: file is not a database" in texts, texts
+    asyncio.run(go())
+
+
+def test_long_lines_and_sparse_tails_are_passed_over_in_bounded_memory(tmp_path):
+    """Issue 31: a line over MAX_RECORD is skipped (counted, never parsed), an unfinished one passed
+    over so no later read starts inside it, and a multi-GiB sparse tail read in chunks."""
+    import tracemalloc
+
+    from engine.rundir import MAX_RECORD, Unreadable, read_jsonl
+    p = tmp_path / "metrics.jsonl"
+    good = '{"step": 1, "loss": 2.5}\n'
+    long = '{"step": 2, "x": "' + "a" * (MAX_RECORD + 10) + '"}\n'
+    p.write_text(good + long + good)
+    skipped = Unreadable("metrics.jsonl")
+    recs, end = read_jsonl(p, 0, skipped)
+    assert [r["step"] for r in recs] == [1, 1] and end == p.stat().st_size
+    assert str(skipped) == (f"metrics.jsonl: 1 unreadable line skipped (byte {len(good)}: "
+                            f"{len(long) - 1} bytes, over the {MAX_RECORD}-byte limit)")
+    with open(p, "r+b") as f:               # 1 GiB of zeros with no newline, appended in place
+        f.truncate(p.stat().st_size + (1 << 30))
+    skipped = Unreadable("metrics.jsonl")
+    tracemalloc.start()
+    try:
+        recs, end2 = read_jsonl(p, end, skipped)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert recs == [] and end2 == p.stat().st_size and skipped.count == 1
+    assert 16 << 20 < peak < 80 << 20, peak   # a chunk or three of 16 MiB at a time, never the whole tail
+    assert read_jsonl(p, end2) == ([], end2)
+    with open(p, "ab") as f:                # the writer finishes that "line" and goes on
+        f.write(b'\n{"step": 3, "loss": 1.0}\n')
+    recs, _ = read_jsonl(p, end2)
+    assert [r["step"] for r in recs] == [3]

@@ -161,6 +161,21 @@ class ActionsAndRuns(Provider):
             yield DiscoveryHit(text, callback, help=help_text)
 
 
+def _queue_action(method):
+    """An action that reads or writes jobs.db: a store that cannot be opened (garbage, a lost WAL, a
+    full disk) is one error toast naming it, never the end of the TUI."""
+    import functools
+    import sqlite3
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            self.notify(f"{self.home / 'jobs.db'}: {e}", severity="error")
+    return guarded
+
+
 class GpctlApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
@@ -196,6 +211,7 @@ class GpctlApp(App):
 
     # ------------------------------------------------------------------ crashes
     crash_log: Path | None = None
+    jobs_problem: str | None = None     # why jobs.db could not be read (load_rows), shown in the status line
 
     def _handle_exception(self, error: Exception) -> None:
         """An unexpected error ends the app with return code 1 (Textual's rule); first keep its
@@ -279,8 +295,9 @@ class GpctlApp(App):
         With `cache` (run id -> (change key, row, when)), only runs whose files changed, or whose row
         is older than 5 s (a process may have died), are summarized again; jobs.db is one query."""
         from gpctl.queue import shown_state
-        store = JobStore.for_reading(self.home)
+        store = JobStore.for_reading(self.home, lenient=True)
         jobs = {j.run_id: j.state for j in store.jobs()}
+        self.jobs_problem = store.problem        # shown in the status line
         store.close()
         rows, now = [], time.monotonic()
         for rd in list_runs(self.home):
@@ -529,7 +546,7 @@ class GpctlApp(App):
         return float("-inf"), float("inf")
 
     def gpu_refresh(self) -> None:
-        store = JobStore.for_reading(self.home)
+        store = JobStore.for_reading(self.home, lenient=True)
         on = {}
         for j in store.jobs(state="running"):
             for d in (j.devices or "").split(","):
@@ -629,6 +646,8 @@ class GpctlApp(App):
             parts.insert(2, "seeds: mean")
         if self.collapse_seeds:
             parts.insert(2, "seeds: one row")
+        if self.jobs_problem:   # the queue could not be read: states come from the runs alone
+            parts.insert(0, "jobs.db unreadable (runs shown without jobs)")
         hidden = self.table.hidden_columns
         if hidden:      # left out whole, never cut: say so, and where to read them
             parts.append(f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} hidden (Enter)")
@@ -731,6 +750,7 @@ class GpctlApp(App):
         self.save_state()
         self.exit()
 
+    @_queue_action
     def action_queue(self) -> None:
         """The queue as `gpctl queue` prints it (read-only: the TUI never syncs or changes it here)."""
         from gpctl.queue import queue_rows, queue_text
@@ -885,6 +905,7 @@ class GpctlApp(App):
                              f"{', '.join(str(st) for st, _ in ckpts[-6:]) or 'none yet'})",
                              f"--step {ckpts[-1][0]} " if ckpts else ""), done)
 
+    @_queue_action
     def action_cancel(self) -> None:
         rd = self._selected()
         if rd is None:
@@ -901,6 +922,7 @@ class GpctlApp(App):
         self.push_screen(Confirm(f"cancel {rd.id}'s job? (a running one checkpoints and stops)"),
                          lambda yes: self._cancel(rd) if yes else None)
 
+    @_queue_action
     def _cancel(self, rd: RunDir) -> None:
         from engine import backends
         store = JobStore(self.home)
@@ -914,6 +936,7 @@ class GpctlApp(App):
             store.close()
         self.refresh_data()
 
+    @_queue_action
     def action_resume(self) -> None:
         from gpctl import queue
         from gpctl.common import State
