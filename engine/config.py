@@ -425,7 +425,7 @@ def build(data: dict, where: str) -> Config:
 # ---------------------------------------------------------------- --set overrides
 
 MAX_DEPTH = 16          # tables and lists nested deeper than this are refused (configs use 3)
-MAX_TEXT = 1 << 20      # characters of TOML parsed at once (a --set value, a preset, a settings file)
+MAX_TEXT = 16 << 20     # characters of TOML parsed at once (a --set value, a preset, a settings file)
 
 
 def depth_problem(value: Any, limit: int = MAX_DEPTH) -> str | None:
@@ -469,6 +469,15 @@ def parse_value(text: str) -> Any:
         raise ConfigError(f"--set value {text[:60]!r}: {str(e).split(': ', 1)[1]}") from None
 
 
+_BOOKKEEPING = {   # config keys gpctl writes itself: a --set of one would be silently overwritten
+    "preset": "it is the preset file's name",
+    "name": "a preset names its arms; a fork takes --name",
+    "parent": "gpctl fork records the run it forks",
+    "parent_checkpoint": "gpctl fork records the checkpoint it starts from, inside the home",
+    "parent_overrides": "gpctl fork records them",
+}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `key=value` strings (dotted keys for nested tables) to a raw config dict."""
     out = json.loads(json.dumps(data))  # deep copy of plain data
@@ -477,6 +486,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key in _BOOKKEEPING:
+            raise ConfigError(f"--set {key}: '{key}' is written by gpctl, not set ({_BOOKKEEPING[key]})")
         parts = key.split(".")
         cls: Any = Config
         node = out
@@ -499,7 +510,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_toml(path: Path) -> dict:
     try:
-        return loads_toml(read_small(path, 4 * MAX_TEXT, follow=True).decode("utf-8"), str(path))
+        return loads_toml(read_small(path, MAX_TEXT, follow=True).decode("utf-8"), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:

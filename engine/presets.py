@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine import contract
 from engine.config import Config, ConfigError, apply_overrides, build, load_toml, merge
+from engine.paths import is_name
 
 _META_KEYS = {"figure", "description", "twin"}
 _CONTRACT_KEYS = {"compares", "reference", "direction", "baselines", "departs"}
@@ -227,9 +228,18 @@ def load_preset(name_or_path: str, check: bool = True) -> Preset:
     for key in _META_KEYS:
         if key in meta and not isinstance(meta[key], str):
             raise ConfigError(f"{path}: 'preset.{key}' must be a string")
+    for key in ("base", "runs", "sweep"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigError(f"{path}: '{key}' must be a table ([{key}]), got {type(raw[key]).__name__}")
     runs = raw.get("runs", {})
-    if not runs or not all(isinstance(v, dict) for v in runs.values()):
+    if not runs:
         raise ConfigError(f"{path}: needs at least one [runs.<name>] table")
+    for arm, v in runs.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{path}: 'runs.{arm[:40]}' must be a table ([runs.{arm[:40]}]), got {type(v).__name__}")
+        if not is_name(arm):
+            raise ConfigError(f"{path}: arm name {arm[:40]!r} is not a plain name (letters, digits, _ . -; "
+                              "not empty, no '..')")
     preset = Preset(name=path.stem, path=path, figure=meta.get("figure", ""),
                     description=meta.get("description", ""), twin=meta.get("twin", ""),
                     base=raw.get("base", {}), runs=runs, sweep=raw.get("sweep", {}),

@@ -45,6 +45,29 @@ def reached(lr_time: float, target: float) -> bool:
     return lr_time >= target - 1e-9 * max(1.0, abs(target))
 
 
+def advance(x: float, inc: float, k: int) -> float:
+    """`x` after `k` float additions of `inc` (x += inc, k times), bit for bit, in O(binades) steps.
+
+    Inside one binade [2^(e-1), 2^e) of x the float grid is evenly spaced, so every addition of the
+    same inc moves x by the same multiple d of the spacing (inc rounded to the grid): n of them are
+    one exact x + n*d, as long as x stays in the binade. The binade's last steps, a tie in the rounding
+    (d alternating), and x below inc are stepped one by one. What the trainer's clock adds step by
+    step (lr_time += base / lr_ref) is thus reproduced exactly by plans of any length."""
+    while k > 0:
+        y = x + inc
+        if x < inc or x <= 0.0:
+            x, k = y, k - 1
+            continue
+        d = y - x                               # exact (Sterbenz: y and x within a factor 2)
+        top = math.ldexp(1.0, math.frexp(x)[1])  # the binade's end
+        n = min(k, int((top - x) / d) - 2)      # additions that surely stay inside the binade
+        if n < 2 or (y + inc) - y != d:          # near the binade's end, or a rounding tie: step
+            x, k = y, k - 1
+            continue
+        x, k = x + n * d, k - n                 # n*d is a whole number of grid steps: exact
+    return x
+
+
 def ended(cfg: Config, step: int, lr_time: float) -> bool:
     """The run's end: `steps` taken, or `max_lr_time` reached."""
     return step >= cfg.steps or (cfg.max_lr_time > 0 and reached(lr_time, cfg.max_lr_time))
@@ -123,23 +146,50 @@ class Schedule:
             n.batch_size = batch_size
         return changed
 
+    def _index(self) -> tuple[list, list]:
+        """The planned changes by step and by lr_time target, sorted, with a cursor each past those
+        applied (built again whenever the noise is replaced, e.g. on resume)."""
+        if getattr(self, "_indexed", None) is not self.noise:
+            changes, applied = self.cfg.changes, self.noise.applied
+            by_step = sorted((ch.at_step, i) for i, ch in enumerate(changes) if ch.at_step >= 0 and not applied[i])
+            by_time = sorted((ch.at_lr_time, i) for i, ch in enumerate(changes) if ch.at_lr_time >= 0 and not applied[i])
+            self._queues, self._cursors, self._indexed = (by_step, by_time), [0, 0], self.noise
+        return self._queues
+
+    def next_events(self) -> tuple[int | None, float | None]:
+        """The smallest at_step and at_lr_time among the planned changes not yet applied (None: none)."""
+        queues, out = self._index(), []
+        for q, c in zip(queues, self._cursors):
+            while c < len(q) and self.noise.applied[q[c][1]]:
+                c += 1
+            out.append(q[c][0] if c < len(q) else None)
+        return out[0], out[1]
+
     def due(self, step: int, lr_time: float) -> list[tuple[int, Change, dict]]:
         """Apply the planned changes due at this step boundary; returns (index, change, what changed).
-
         After a manual lr, a planned change's lr part is skipped (its batch part still applies).
-        """
+        Several due at one boundary apply in their order in `changes`. Amortized O(1) a step, whatever
+        the number of changes (each is looked at once, by a cursor over the sorted targets)."""
+        (by_step, by_time), cursors = self._index(), self._cursors
+        fire = []
+        while cursors[0] < len(by_step) and step >= by_step[cursors[0]][0]:
+            fire.append(by_step[cursors[0]][1])
+            cursors[0] += 1
+        while cursors[1] < len(by_time) and reached(lr_time, by_time[cursors[1]][0]):
+            fire.append(by_time[cursors[1]][1])
+            cursors[1] += 1
         out = []
-        for i, ch in enumerate(self.cfg.changes):
+        for i in sorted(set(fire)):
             if self.noise.applied[i]:
                 continue
-            if (ch.at_step >= 0 and step >= ch.at_step) or (ch.at_lr_time >= 0 and reached(lr_time, ch.at_lr_time)):
-                self.noise.applied[i] = True
-                skip_lr = self.noise.manual and not ch.manual
-                lr = 0.0 if skip_lr else ch.lr
-                changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp, manual=ch.manual)
-                if ch.lr and skip_lr:
-                    changed["skipped"] = "lr (a manual lr overrides the schedule)"
-                out.append((i, ch, changed))
+            ch = self.cfg.changes[i]
+            self.noise.applied[i] = True
+            skip_lr = self.noise.manual and not ch.manual
+            lr = 0.0 if skip_lr else ch.lr
+            changed = self.set(step, lr_time, lr, ch.batch_size, ch.ramp, manual=ch.manual)
+            if ch.lr and skip_lr:
+                changed["skipped"] = "lr (a manual lr overrides the schedule)"
+            out.append((i, ch, changed))
         return out
 
     # ------------------------------------------------------------ resume

@@ -22,7 +22,7 @@ from engine.jobs import JobStore
 from gpctl import compare, data, export, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, err, friendly, out, print_json
 from gpctl.common import fmt as _f
-from gpctl.common import plain_table
+from gpctl.common import MAX_PRIORITY, check_int, plain_table
 from gpctl.progress import train_in_foreground
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -52,11 +52,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    home_dir: Annotated[Optional[Path], typer.Option("--home", envvar="GPCTL_HOME",
+    home_dir: Annotated[Optional[str], typer.Option("--home", envvar="GPCTL_HOME",
                         help="Where runs live (default ./gpctl-runs).")] = None,
     version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
                                           help="Print gpctl's version and exit.")] = False,
 ) -> None:
+    if home_dir is not None and not home_dir.strip():
+        from gpctl.common import err
+        err.print("error: --home is empty: give the folder where runs live (default ./gpctl-runs)", markup=False)
+        raise typer.Exit(2)
     State.home = home(home_dir)
     if State.home.exists() and not State.home.is_dir():
         from gpctl.common import err
@@ -108,8 +112,9 @@ def run_preset(
     from engine.presets import parse_seeds, parse_sweep
     if notify is not None:
         overrides = [*(overrides or []), f"notify={json.dumps(notify)}"]
-    if not 0 <= retries <= 100:
-        raise ConfigError(f"--retries must be in [0, 100], got {retries}")
+    check_int("--retries", retries, 0, 100)
+    check_int("--priority", priority, -MAX_PRIORITY, MAX_PRIORITY)
+    check_int("--array-limit", array_limit, 0, 100_000)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     grid = parse_sweep(sweep or [])
     if dry_run:
@@ -327,9 +332,17 @@ def resume(run: RunArg,
 
 @app.command()
 def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between looks at the run directories.")] = 1.0,
-        home_dir: Annotated[Optional[Path], typer.Option("--home", help="Where runs live (the same as `gpctl --home X tui`).")] = None) -> None:
+        home_dir: Annotated[Optional[str], typer.Option("--home", help="Where runs live (the same as `gpctl --home X tui`).")] = None) -> None:
     """Live loss curves and steering in the terminal."""
+    import math
+    from gpctl.common import err
+    if not (math.isfinite(poll) and 0.05 <= poll <= 3600):
+        err.print(f"error: --poll must be seconds in [0.05, 3600], got {poll}", markup=False)
+        raise typer.Exit(2)
     if home_dir is not None:
+        if not home_dir.strip():
+            err.print("error: --home is empty: give the folder where runs live", markup=False)
+            raise typer.Exit(2)
         State.home = home(home_dir)
     from gpctl.tui.app import GpctlApp
     tui_app = GpctlApp(State.home, poll=poll)

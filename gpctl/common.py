@@ -125,3 +125,53 @@ def progress_status(text: str):
         return
     with err.status(text) as status:
         yield status
+
+
+# ---------------------------------------------------------------- arguments, checked before any work
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+MAX_PRIORITY = 10 ** 9
+
+
+def check_figure(option: str, path: Path | None) -> None:
+    """A figure's file: a suffix matplotlib writes and gpctl documents."""
+    if path is not None and path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ConfigError(f"{option} {str(path)!r}: a figure is written as {', '.join(FIGURE_SUFFIXES)} "
+                          f"(got {path.suffix or 'no suffix'!r})")
+
+
+def check_int(option: str, value: int | None, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise ConfigError(f"{option} must be in [{lo}, {hi}], got {value if abs(value) < 10 ** 30 else 'a larger number'}")
+
+
+def check_float(option: str, value: float | None, lo: float, hi: float = float("inf")) -> None:
+    import math
+    if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{option} must be a finite number in [{lo:g}, {hi:g}], got {value}")
+
+
+def check_device(option: str, value: str) -> None:
+    import re
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value):
+        raise ConfigError(f"{option} {value!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def parse_steps(option: str, text: str | None) -> list[int] | None:
+    """`--at-steps 100,200`: whole steps >= 0, comma-separated."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and len(p) <= 12 for p in parts):
+        raise ConfigError(f"{option} {text[:60]!r}: expected whole steps separated by commas, e.g. 100,200")
+    return [int(p) for p in parts]
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    """`--gpus 0,1`: GPU indices, comma-separated, each once."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and len(p) <= 3 for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigError(f"--gpus {text[:60]!r}: expected GPU indices separated by commas, each once, e.g. 0,1")
+    return parts

@@ -11,7 +11,8 @@ from engine.curves import AXES
 from engine.levels import MATCH_MAX_GAP
 from engine.presets import load_preset
 from engine.rundir import RunDir, list_runs, resolve
-from gpctl.common import JsonOpt, State, fmt, friendly, out, plain_table, print_json, progress_status
+from gpctl.common import (JsonOpt, State, check_device, check_figure, check_int, fmt, friendly, out, parse_steps,
+                          plain_table, print_json, progress_status)
 
 By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr_time (without --match-loss).")]
 
@@ -35,6 +36,10 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
 
     RUN_A and RUN_B may also be two checkpoint files (.safetensors); then --eval-from names the run
     whose held-out examples they are compared on."""
+    check_int("--eval-samples", eval_samples, 0, 10 ** 9)
+    check_device("--device", device)
+    check_figure("--plot", plot)
+    steps = parse_steps("--at-steps", at_steps)
     if run_a.endswith(".safetensors") or run_b.endswith(".safetensors"):
         from engine.tv import tv_files
         if not eval_from:
@@ -56,7 +61,6 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     if not 0 <= max_gap < float("inf"):
         raise ConfigError(f"--max-gap must be a fraction of the loss >= 0 (0: keep every pair), got {max_gap}")
     pairing = "loss" if match_loss else by
-    steps = [int(s) for s in at_steps.split(",")] if at_steps else None
     a, b = resolve(State.home, run_a), resolve(State.home, run_b)
     c = resolve(State.home, baseline) if baseline else None
     gap = (max_gap or None) if match_loss else None
@@ -160,6 +164,7 @@ def plot(runs: Annotated[list[str], typer.Argument(help="Runs to draw.")],
          mean: Annotated[bool, typer.Option("--mean", help="Seeds of one family as their mean with a min-max band.")] = False) -> None:
     """Loss curves of some runs (or every run of a group) in one figure."""
     from gpctl.figures import loss_figure
+    check_figure("--out", out_file)
     x = x.replace("-", "_")
     if x not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
@@ -219,6 +224,10 @@ def figure(preset: Annotated[str, typer.Argument(help="Preset whose latest runs 
     """The paper's panel for a preset, from its latest runs here: held-out loss (EMA 0.8) on the
     figure's axis, the reference translated onto each changed arm, offline early-stopping marked."""
     from gpctl.figures import draw_panel, fit_sentence, panel_data
+    check_figure("--out", out_file)
+    check_figure("--tv", tv_out)
+    if x is not None and x.replace("-", "_") not in AXES:
+        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     p = load_preset(preset, check=False)
     runs = latest_runs(p.name)
     if not runs:

@@ -116,6 +116,9 @@ def _arm_json(pl: Plan) -> dict:
             "never_fire": pl.unfired, "problems": pl.problems}
 
 
+SHOWN = 8    # planned changes shown per arm in the table (the count of the rest is said)
+
+
 def _print_preset(p, plans: list[Plan], problems: list[str], declared: list[str]) -> None:
     name, figure, c = p.name, p.figure, p.contract
     t = Table(title=f"{name} ({figure})" if figure else name, title_justify="left")
@@ -125,8 +128,10 @@ def _print_preset(p, plans: list[Plan], problems: list[str], declared: list[str]
     for pl in plans:
         unit = " tok" if pl.cfg.is_lm else ""
         epochs = "endless" if pl.epochs is None else f"{pl.epochs:.3g}"
-        fired = [f"{_what(f.changed)} @ {f.step} / {f.lr_time:.1f}" for f in pl.fired]
-        fired += [f"changes[{i}] NEVER FIRES" for i in pl.unfired]
+        fired = [f"{_what(f.changed)} @ {f.step} / {f.lr_time:.1f}" for f in pl.fired[:SHOWN]]
+        fired += [f"changes[{i}] NEVER FIRES" for i in pl.unfired[:SHOWN]]
+        if len(pl.fired) > SHOWN or len(pl.unfired) > SHOWN:     # said, never cut silently
+            fired.append(f"… {len(pl.fired) + len(pl.unfired) - len(fired)} more (--json lists every one)")
         t.add_row(pl.cfg.name, str(pl.steps), _si(pl.samples) + unit, epochs, f"{pl.lr_time:.1f}",
                   "; ".join(fired) or "-", f"{pl.final_lr:.3g}")
     out.print(t)
@@ -135,10 +140,9 @@ def _print_preset(p, plans: list[Plan], problems: list[str], declared: list[str]
         out.print(f"  compares {' and '.join(c.compares)}; reference {c.reference}"
                   + (f"; changes {c.direction} the noise" if c.direction else "") + f"; seed baselines: {seeds}",
                   markup=False)
-    for msg in declared:
-        out.print(f"  DEPARTS {name}: {msg}", markup=False)
-    for msg in problems:
-        out.print(f"  FAIL {name}: {msg}", markup=False)
+    out.file.write("".join(f"  DEPARTS {name}: {msg}\n" for msg in declared)
+                   + "".join(f"  FAIL {name}: {msg}\n" for msg in problems))   # every one, one write
+    out.file.flush()
 
 
 def _what(changed: dict) -> str:

@@ -14,10 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from engine import backends, slurm
+from engine.config import ConfigError
 from engine.jobs import TERMINAL, JobStore
 from engine.rundir import RunDir, UnknownRun, resolve
 from engine.worker import Worker, live_workers, visible_gpus
-from gpctl.common import RunArg, State, err, friendly, out, plain_table, print_json
+from gpctl.common import MAX_PRIORITY, RunArg, State, check_int, err, friendly, out, parse_gpus, plain_table, print_json
 
 OK_STATES = ("done", "stopped")
 
@@ -189,6 +190,11 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
            exclusive: Annotated[bool, typer.Option("--exclusive", help="Exit if another worker already serves this home on this host.")] = False,
            status: Annotated[bool, typer.Option("--status", help="Show the workers and their jobs, then exit.")] = False) -> None:
     """Serve the queue: run queued jobs on this machine's GPUs (or CPU), survive crashes."""
+    check_int("--cpu-slots", cpu_slots, 1, 1024)
+    check_int("--jobs-per-gpu", jobs_per_gpu, 1, 64)
+    if not 0 <= idle_exit < float("inf"):
+        raise ConfigError(f"--idle-exit must be seconds >= 0 (0: never), got {idle_exit}")
+    gpu_ids = parse_gpus(gpus)
     if status:
         show_workers()
         return
@@ -199,7 +205,7 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
         except BlockingIOError:
             out.print("another worker serves this home on this host")
             return
-    ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else visible_gpus()
+    ids = gpu_ids if gpu_ids is not None else visible_gpus()
     w = Worker(State.home, gpus=ids, jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, idle_exit=idle_exit,
                requeue_lost=not no_requeue)
     out.print(f"worker {w.id} serving {State.home} on {'GPUs ' + ','.join(ids) if ids else f'{cpu_slots} CPU slot(s)'}")
@@ -323,6 +329,7 @@ def move(run: RunArg,
     """Reorder the queue: give a queued job a priority, or put it first."""
     if first == (priority is not None):
         raise UnknownRun("give one of --first or --priority N")
+    check_int("--priority", priority, -MAX_PRIORITY, MAX_PRIORITY)
     rd = resolve(State.home, run)
     store = JobStore(State.home)
     try:

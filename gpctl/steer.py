@@ -15,7 +15,7 @@ from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request, describe, wait_for_ack
 from engine.fork import fork as fork_run
 from engine.rundir import RunDir, resolve
-from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, err, friendly, out
+from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, check_float, check_int, err, friendly, out
 
 LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="K > 1: drop divides the lr by K, raise multiplies it.")]
 BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="K > 1: drop multiplies the batch by K, raise divides it.")]
@@ -213,6 +213,9 @@ def fork(run: RunArg,
     Queued for a worker like `gpctl run` (`--foreground` trains it here)."""
     if sum(x is not None and x is not False for x in (step, lr_time, latest or None, now or None)) > 1:
         raise ConfigError("give one of --step, --lr-time, --latest, --now")
+    check_int("--step", step, 0, 10 ** 12)
+    check_float("--lr-time", lr_time, 0.0)
+    check_float("--timeout", timeout, 0.0, 7 * 86400)
     parent = resolve(State.home, run)
     if now:
         step = checkpoint_now(parent, timeout)

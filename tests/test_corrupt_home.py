@@ -145,7 +145,7 @@ def test_every_reader_shows_the_healthy_run(corrupt_home):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["fork", "{id}", "--no-start", "--set", "preset=../../x"], "'preset' = '../../x' is not a plain name"),
+    (["fork", "{id}", "--no-start", "--set", "preset=../../x"], "--set preset: 'preset' is written by gpctl, not set"),
     (["fork", "{id}", "--no-start", "--name", "a/../../../x"], "'name' = 'a/../../../x' is not a plain name"),
     (["fork", "{id}", "--no-start", "--name", "../x"], "'name' = '../x' is not a plain name"),
     (["cancel", ""], "a run id cannot be empty"),

@@ -288,3 +288,92 @@ def test_every_preset_description_states_its_own_values():
     stale = "GPT-2 small / C4, batch 256: lr 6e-4->6e-5 at 2880 LR-normalized steps vs 6e-5"
     assert [n for n in description_numbers(stale)
             if not any(abs(n - h) <= 0.02 * max(abs(h), 1e-12) for h in config_numbers(real))] == [256, 6e-4, 6e-5, 2880, 6e-5]
+
+
+def _loop_sum(x, inc, k):
+    for _ in range(k):
+        x += inc
+    return x
+
+
+@pytest.mark.parametrize("x, inc, k", [
+    (0.0, 0.1, 300_000), (0.0, 6e-5 / 6e-4, 200_000), (12.5, 1e-4, 400_000), (0.0, 0.25, 100_000),
+    (3.0, 1 / 3, 250_000), (1e6, 0.7, 100_000), (0.0, 0.01 / 0.04, 120_000)])
+def test_advance_adds_exactly_as_the_float_loop(x, inc, k):
+    """Issue 31: a plan jumps quiet stretches; its lr_time must still be the trainer's float sum
+    bit for bit (engine.schedule.advance), which x + k * inc is not (the negative control)."""
+    from engine.schedule import advance
+    want = _loop_sum(x, inc, k)
+    assert advance(x, inc, k) == want
+    for cut in (1, 2, 3, 17, k // 3):
+        assert advance(advance(x, inc, cut), inc, k - cut) == want
+
+
+def test_the_negative_control_of_advance_is_inexact():
+    assert any(x + k * inc != _loop_sum(x, inc, k)
+               for x, inc, k in [(0.0, 0.1, 300_000), (12.5, 1e-4, 400_000), (3.0, 1 / 3, 250_000)])
+
+
+def _fields(p):
+    return (p.steps, p.samples, p.lr_time, p.final_lr, p.last_increment, p.ended_by, p.warmup_end, p.unfired,
+            [(f.index, f.step, f.lr_time, f.samples, f.changed, f.before, f.after) for f in p.fired], p.problems)
+
+
+LONG = [   # plans of 10^5 steps and more: quiet stretches jumped, events met where the stepped loop meets them
+    ("lr=0.04", "lr_ref=0.04", "max_lr_time=100000.0", "steps=400000", 'schedule.kind="cosine"',
+     'schedule.clock="lr_time"', "schedule.warmup_lr_time=400.0", "schedule.final_lr_ratio=0.1"),
+    ("lr=0.004", "lr_ref=0.04", "steps=300000", "schedule.warmup_steps=1000", 'schedule.kind="cosine"'),
+    ("lr=0.004", "lr_ref=0.04", "max_lr_time=12345.6", "steps=10000000"),
+]
+CHANGES = [Change(at_lr_time=600.0, lr=0.04), Change(at_step=150_000, batch_size=32),
+           Change(at_lr_time=2880.0, lr=0.008, ramp=100.0), Change(at_step=150_000, lr=0.002),
+           Change(at_lr_time=2880.0000000001, batch_size=64), Change(at_step=10 ** 8, lr=0.01)]
+
+
+@pytest.mark.parametrize("i", range(len(LONG)))
+def test_a_jumped_plan_equals_the_stepped_plan(monkeypatch, i):
+    import engine.plan as planmod
+    cfg = tiny(TINY_IMAGES, "eval_every=0", *LONG[i])
+    cfg.changes = list(CHANGES)
+    fast = planmod._plan(cfg)
+    monkeypatch.setattr(planmod, "JUMP", 10 ** 18)          # every step iterated: the old loop
+    slow = planmod._plan(cfg)
+    assert _fields(fast) == _fields(slow)
+    assert len(fast.fired) >= 3 and fast.steps > 10_000
+
+
+def test_the_negative_control_of_jumping_misses_events(monkeypatch):
+    """Jumping without the margin and the tolerance of `reached` lands changes at other steps."""
+    import engine.plan as planmod
+    cfg = tiny(TINY_IMAGES, "eval_every=0", *LONG[0])
+    cfg.changes = list(CHANGES)
+    monkeypatch.setattr(planmod, "JUMP", 10 ** 18)
+    stepped = planmod._plan(cfg)
+    monkeypatch.setattr(planmod, "JUMP", 8)
+    real = planmod._quiet
+    monkeypatch.setattr(planmod, "_quiet", lambda *a: real(*a) + 5 if real(*a) else 0)
+    assert _fields(planmod._plan(cfg)) != _fields(stepped)
+
+
+def test_a_billion_steps_and_twenty_thousand_changes_are_planned(tmp_path):
+    """`presets check` and `run --dry-run` at 10^9 steps (they hung) and with 20,000 changes (128 s):
+    the numbers are the closed form's (the time is measured in benchmarks/plan_speed.py)."""
+    from engine.schedule import advance
+    p = tmp_path / "big.toml"
+    p.write_text((REPO / "presets" / "demo.toml").read_text().replace("steps = 200 ", "steps = 1000000000 ", 1)
+                 .replace("at_step = 50", "at_step = 500000000"))
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "run", "preset", str(p), "--dry-run"])
+    assert res.exit_code == 0 and res.stdout.strip().endswith("3 run(s); nothing created (--dry-run)"), res.output
+    res = runner.invoke(app, ["presets", "check", str(p), "--json"])
+    assert res.exit_code in (0, 1), res.output          # 1: the data repeat (the synthetic stream does not)
+    cfg = load_preset(str(p), check=False).configs(check=False)[0]
+    pl = plan(cfg)
+    assert cfg.name == "bs32to512" and [(f.step, f.samples) for f in pl.fired] == [(5 * 10 ** 8, 32 * 5 * 10 ** 8)]
+    assert (pl.steps, pl.samples) == (10 ** 9, 32 * 5 * 10 ** 8 + 512 * 5 * 10 ** 8)
+    assert pl.lr_time == advance(0.0, cfg.lr / cfg.reference_lr, 10 ** 9)
+    cfg.steps = 10 ** 6
+    cfg.changes = [Change(at_step=50 * (i + 1), lr=0.05 if i % 2 else 0.01) for i in range(20_000)]
+    pl = plan(cfg)
+    assert len(pl.fired) == 19_999 and pl.fired[-1].step == 999_950 and pl.unfired == [19_999]
+    assert pl.problems == ["changes[19999] (at_step 1000000) never fires: the run ends at step 1000000, "
+                           "lr_time 600000.0"]
