@@ -40,6 +40,13 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes `model_weights` would save for `model` (works on the meta device)."""
+    m = _base(model)
+    sd = {k: v for k, v in m.hf.state_dict().items() if k != "lm_head.weight"} if hasattr(m, "hf") else m.state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
 def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     m = _base(model)
     target = m.hf if hasattr(m, "hf") else m

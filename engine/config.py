@@ -460,13 +460,14 @@ def loads_toml(text: str, where: str) -> dict:
 
 def parse_value(text: str) -> Any:
     """A `--set` value is a TOML value (numbers, true/false, [lists], "strings"); bare words are strings.
-    A value nested too deeply or with too many digits is a ConfigError, never a traceback."""
+    A value nested too deeply or with too many digits is a ConfigError saying why (the caller names
+    the key), never a traceback."""
     try:
         return loads_toml(f"v = {text}", "--set")["v"]
     except ConfigError as e:
         if "invalid TOML:" in str(e) and "nested" not in str(e) and "digits" not in str(e):
             return text
-        raise ConfigError(f"--set value {text[:60]!r}: {str(e).split(': ', 1)[1]}") from None
+        raise ConfigError(str(e).split("--set: ", 1)[-1].replace("invalid TOML: ", "")) from None   # the reason alone
 
 
 _BOOKKEEPING = {   # config keys gpctl writes itself: a --set of one would be silently overwritten
@@ -499,7 +500,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"--set {key}: '{key}' is a table; set one of its keys")
-                node[part] = parse_value(text.strip())
+                try:
+                    node[part] = parse_value(text.strip())
+                except ConfigError as e:
+                    raise ConfigError(f"--set {key}: {e}") from None
             else:
                 if not dataclasses.is_dataclass(tp):
                     raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a table")

@@ -293,15 +293,19 @@ def _fmt_num(v: object) -> str:
 def parse_words(words: list[str], ramp: float = 0.0) -> dict:
     """A request from `k=v` words (`lr=0.005 batch_size=512 ramp=100`), the CLI's and the TUI's one
     parser. Values are TOML values; what they mean is checked by `validate`, like any line."""
-    from engine.config import parse_value
+    from engine.config import ConfigError, parse_value
 
     changes: dict = {}
     for item in words:
         key, _, text = item.partition("=")
+        try:
+            value = parse_value(text) if text else None
+        except ConfigError as e:
+            raise ControlError(f"{key[:40]}: {e}") from None
         if key == "ramp" and text:
-            ramp = parse_value(text)
+            ramp = value
         elif key in SET_KEYS and text:
-            changes[key] = parse_value(text)
+            changes[key] = value
         else:
             raise ControlError(f"expected lr=VALUE, batch_size=VALUE or ramp=N, got {_quote(item)}")
     return {"set": changes, **({"ramp": ramp} if ramp else {})}

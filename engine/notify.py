@@ -35,8 +35,9 @@ def settings(home: Path) -> dict:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: notify, stall_minutes)")
     if not isinstance(data.get("notify", ""), str):
         raise ConfigError(f"{path}: 'notify' must be a string (a shell command)")
-    if not isinstance(data.get("stall_minutes", STALL_MINUTES), (int, float)) or data.get("stall_minutes", 1) < 0:
-        raise ConfigError(f"{path}: 'stall_minutes' must be a number >= 0 (0: never)")
+    minutes = data.get("stall_minutes", STALL_MINUTES)
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 <= minutes <= 10 ** 6:
+        raise ConfigError(f"{path}: 'stall_minutes' must be a number in [0, 1000000] (0: never)")
     return data
 
 

@@ -7,6 +7,7 @@ back to gpctl's states. scancel sends SIGTERM first, so a cancelled run checkpoi
 """
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import ConfigError
 from engine.jobs import JobStore
 from engine.rundir import RunDir
 
@@ -34,6 +36,39 @@ class SlurmOptions:
     extra: tuple[str, ...] = ()
     warn: int = 120         # seconds before the time limit: USR1 -> checkpoint, stop, requeue (0: off)
     array_limit: int = 0    # --array: at most this many tasks at once (0: no cap)
+
+    def __post_init__(self):
+        """Every value goes into a `#SBATCH` line of a script bash runs: checked here, before any run
+        is created, so a newline can never add a line (or a command) to it."""
+        for option, value, pattern in (("--partition", self.partition, r"[A-Za-z0-9_.,-]*"),
+                                       ("--gres", self.gres, r"[A-Za-z0-9_:.,=/-]*"),
+                                       ("--time", self.time, r"[A-Za-z0-9:-]*")):
+            if not re.fullmatch(pattern, value):
+                raise ConfigError(f"slurm {option} {value[:60]!r}: only letters, digits and {_marks(pattern)} may "
+                                  "go in an #SBATCH line")
+        for x in self.extra:
+            if _control_char(x):
+                raise ConfigError(f"slurm option {x[:60]!r}: a control character (a newline) cannot go in an #SBATCH line")
+        if not (isinstance(self.warn, int) and 0 <= self.warn <= 86400):
+            raise ConfigError(f"slurm --signal-before must be seconds in [0, 86400], got {self.warn}")
+
+
+def _marks(pattern: str) -> str:
+    return " ".join(pattern[pattern.index("9") + 1:pattern.index("]")].replace("\\", ""))
+
+
+def _control_char(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def directive_path(path: Path) -> str:
+    """A folder for `#SBATCH --chdir=`: refused with a control character, quoted with a space
+    (sbatch reads quoted directive values)."""
+    text = str(path)
+    if _control_char(text) or '"' in text:
+        raise ConfigError(f"{text[:80]!r}: a home path with a newline, control character or '\"' cannot be "
+                          "given to Slurm (#SBATCH --chdir); use another folder")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
 def _run(cmd: list[str]) -> str:
@@ -70,7 +105,7 @@ exit $code
 
 
 def _header(name: str, opts: SlurmOptions, chdir: Path) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --output=/dev/null", f"#SBATCH --chdir={chdir}"]
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --output=/dev/null", f"#SBATCH --chdir={directive_path(chdir)}"]
     if opts.partition:
         lines.append(f"#SBATCH --partition={opts.partition}")
     if opts.gres:

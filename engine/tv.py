@@ -47,9 +47,43 @@ def tv_per_item(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (pa - pb).abs().sum(-1)
 
 
+def model_config_of(meta: dict, path: Path) -> ModelConfig:
+    """The checkpoint's model_config, checked as a run's config is (known keys, types, ranges)."""
+    from engine.config import _RANGES, ConfigError, from_dict
+    raw = meta.get("model_config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: its metadata has no model_config")
+    try:
+        mc = from_dict(ModelConfig, raw, str(path), prefix="model_config.")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    for key, (lo, hi) in _RANGES.items():
+        if key.startswith("model.") and not lo <= getattr(mc, key[6:]) <= hi:
+            raise CheckpointError(f"{path}: model_config.{key[6:]} must be in [{lo}, {hi}], got {getattr(mc, key[6:])}")
+    return mc
+
+
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model, on `device`. Its metadata is checked before any model is built, and
+    the model is first built on the meta device (no memory) to compare every tensor's name and shape
+    with the file's header: a checkpoint whose tensors do not fit its model_config is one line, and
+    a hostile model_config (a huge width) allocates nothing."""
+    from engine.checkpoint import expected_shapes
+    from engine.ckptmeta import tensor_shapes
+    meta = read_meta(path)
+    mc = model_config_of(meta, path)
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(mc)
+    except Exception as e:  # noqa: BLE001 - a model_config the builders refuse: one line
+        raise CheckpointError(f"{path}: its model_config builds no model ({type(e).__name__}: {str(e)[:120]})") from None
+    want, have = expected_shapes(skeleton), tensor_shapes(path)
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            what = (f"has no tensor {name!r}" if name not in have else f"has tensor {name!r} the model does not"
+                    if name not in want else f"tensor {name!r} is {list(have[name])} where its model_config makes {list(want[name])}")
+            raise CheckpointError(f"{path}: does not fit its model_config ({what})")
     weights, meta = load_weights(path)
-    mc = ModelConfig(**meta["model_config"])
     model = build_model(mc).to(device)
     load_weights_into(model, weights, path)
     return model.eval(), meta

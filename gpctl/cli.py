@@ -5,10 +5,8 @@ one line on stderr and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -111,7 +109,8 @@ def run_preset(
         raise ConfigError(f"--backend must be local or slurm, got {backend!r}")
     from engine.presets import parse_seeds, parse_sweep
     if notify is not None:
-        overrides = [*(overrides or []), f"notify={json.dumps(notify)}"]
+        from engine.config import toml_string
+        overrides = [*(overrides or []), f"notify={toml_string(notify)}"]   # TOML, whatever its characters
     check_int("--retries", retries, 0, 100)
     check_int("--priority", priority, -MAX_PRIORITY, MAX_PRIORITY)
     check_int("--array-limit", array_limit, 0, 100_000)
@@ -125,13 +124,15 @@ def run_preset(
         print(f"{len(configs)} run(s); nothing created (--dry-run)")
         return
     deps = queue.resolve_after(after or [])
+    if backend == "slurm":     # checked before any run is created: the values go into #SBATCH lines
+        opts = slurm.SlurmOptions(partition, gres, time_limit, warn=signal_before, array_limit=array_limit)
+        slurm.directive_path(State.home)
     rds = ops.create_runs(name, overrides or [], State.home, arm, seed_list, grid)
     if foreground:
         for rd in rds:
             out.print(rd.id)
         states = train_in_foreground(rds, out)
     elif backend == "slurm":
-        opts = slurm.SlurmOptions(partition, gres, time_limit, warn=signal_before, array_limit=array_limit)
         ids = queue.submit_slurm(rds, opts, array=array, after=deps, priority=priority)
         for rd, sid in zip(rds, ids):
             out.print(f"{rd.id}  slurm job {sid}")

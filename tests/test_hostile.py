@@ -133,3 +133,183 @@ def test_waiting_requests_are_capped_and_bounded(tmp_path):
     assert [ln.split("  ", 2)[-1] for ln in lines] == [     # each on its one line, newline escaped
         "rejected at step 2 (lr_time 2.0, samples 32): 'id' must be printable text (one line), got \"\\ud800\"",
         "rejected at step 2 (lr_time 2.0, samples 32): 'id' must be printable text (one line), got \"a\\nb\""]
+
+
+def _invoke(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args])
+
+
+def _one_line_refusal(res, message):
+    assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    home = tmp_path_factory.mktemp("args") / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "checkpoint_every=2", name="a"))
+    assert train(rd) == "done"
+    return home, rd
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tv", "{id}", "{id}", "--at-steps", "a,b"], "--at-steps 'a,b': expected whole steps separated by commas"),
+    (["tv", "{id}", "{id}", "--at-steps", "2,-4"], "--at-steps '2,-4': expected whole steps"),
+    (["tv", "{id}", "{id}", "--eval-samples", "-5"], "--eval-samples must be in [0, 1000000000], got -5"),
+    (["tv", "{id}", "{id}", "--device", "tpu"], "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    (["tv", "{id}", "{id}", "--plot", "x.foo"], "--plot 'x.foo': a figure is written as .png, .svg, .pdf"),
+    (["plot", "{id}", "--out", "x.foo"], "--out 'x.foo': a figure is written as .png, .svg, .pdf (got '.foo')"),
+    (["plot", "{id}", "--out", "noext"], "(got 'no suffix')"),
+    (["figure", "demo", "--x", "foo"], "--x must be one of"),
+    (["run", "preset", "demo", "--no-worker", "--priority", "1" + "0" * 30], "--priority must be in [-1000000000, 1000000000]"),
+    (["worker", "--cpu-slots", "0"], "--cpu-slots must be in [1, 1024], got 0"),
+    (["worker", "--cpu-slots", "-1"], "--cpu-slots must be in [1, 1024], got -1"),
+    (["worker", "--gpus", "abc"], "--gpus 'abc': expected GPU indices separated by commas"),
+    (["worker", "--gpus", "0,0"], "--gpus '0,0': expected GPU indices separated by commas, each once"),
+    (["fork", "{id}", "--no-start", "--lr-time", "nan"], "--lr-time must be a finite number in [0, inf], got nan"),
+    (["fork", "{id}", "--no-start", "--step", "-3"], "--step must be in [0, 1000000000000], got -3"),
+    (["run", "preset", "demo", "--no-worker", "--set", "parent_checkpoint=/etc/passwd"],
+     "--set parent_checkpoint: 'parent_checkpoint' is written by gpctl, not set"),
+    (["run", "preset", "demo", "--no-worker", "--set", "preset="], "--set preset: 'preset' is written by gpctl"),
+    (["run", "preset", "demo", "--no-worker", "--set", "name=x"], "--set name: 'name' is written by gpctl"),
+    (["run", "preset", "demo", "--no-worker", "--set", "steps=" + "[" * 40 + "]" * 40],
+     "--set steps: nested deeper than 16 levels"),
+    (["run", "preset", "demo", "--no-worker", "--set", "seed=" + "9" * 5000], "an integer of more than 4300 digits"),
+    (["run", "preset", "demo", "--no-worker", "--set", "notify=\udcff"], "'notify': not valid text"),
+    (["run", "preset", "demo", "--no-worker", "--backend", "slurm", "--partition", "gpu\n#SBATCH --x"],
+     "slurm --partition 'gpu\\n#SBATCH --x': only letters, digits and _ . , - may go in an #SBATCH line"),
+    (["run", "preset", "demo", "--no-worker", "--backend", "slurm", "--time", "1:00\nrm -rf ~"],
+     "slurm --time '1:00\\nrm -rf ~': only letters, digits and : - may go in an #SBATCH line"),
+    (["tui", "--poll", "-1"], "--poll must be seconds in [0.05, 3600], got -1.0"),
+])
+def test_arguments_are_checked_before_any_work(trained, args, message):
+    home, rd = trained
+    before = sorted(p.name for p in (home / "runs").iterdir())
+    res = _invoke(home, *[a.replace("{id}", rd.id) for a in args])
+    _one_line_refusal(res, message)
+    assert sorted(p.name for p in (home / "runs").iterdir()) == before     # nothing created
+
+
+def test_an_empty_home_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["--home", "", "ls"], ["--home", " ", "run", "preset", "demo", "--no-worker"], ["tui", "--home", ""]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and res.stderr.startswith("error: --home is empty"), (args, res.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ("base = 5\n[runs.a]\nlr = 0.1\n", "'base' must be a table ([base]), got int"),
+    ("sweep = 5\n[runs.a]\nlr = 0.1\n", "'sweep' must be a table ([sweep]), got int"),
+    ("preset = 5\n[runs.a]\n", "'preset' must be a table"),
+    ('[runs.""]\nlr = 0.1\n', "arm name '' is not a plain name"),
+    ("[runs]\nx = 5\n", "'runs.x' must be a table ([runs.x]), got int"),
+    ("[runs.a]\nx = " + "[" * 30 + "]" * 30 + "\n", "nested deeper than 16 levels"),
+    ("[runs.a]\nseed = " + "7" * 5000 + "\n", "invalid TOML: an integer of more than 4300 digits"),
+])
+def test_hostile_preset_files_are_one_line(tmp_path, body, message):
+    p = tmp_path / "p.toml"
+    p.write_text(body)
+    for args in (["run", "preset", str(p), "--no-worker"], ["presets", "check", str(p)]):
+        res = _invoke(tmp_path / "home", *args)
+        _one_line_refusal(res, message)
+    assert not (tmp_path / "home" / "runs").exists() or not any((tmp_path / "home" / "runs").iterdir())
+
+
+def test_strings_round_trip_through_toml_whatever_their_characters(tmp_path):
+    """A notify command with an emoji (beyond U+FFFF), a tab, a DEL and quotes: written into the
+    run's config.toml, read back the same (JSON's surrogate-pair escapes are not TOML)."""
+    from engine.config import dump_toml, loads_toml
+    text = 'echo "😀\t\x7f\\ done" \'ok\''
+    assert loads_toml(dump_toml({"notify": text}), "x")["notify"] == text
+    res = _invoke(tmp_path / "home", "run", "preset", "demo", "--no-worker", "--arm", "bs512", "--notify", text)
+    assert res.exit_code == 0, res.output
+    (rd,) = [RunDir(p) for p in (tmp_path / "home" / "runs").iterdir()]
+    assert rd.config().notify == text
+
+
+def test_slurm_scripts_quote_the_home_and_refuse_newlines(tmp_path):
+    from engine.config import ConfigError
+    from engine.slurm import SlurmOptions, script
+    home = tmp_path / "my home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2"))
+    text = script(rd, SlurmOptions(partition="gpu", gres="gpu:1", time="04:00:00"), resume=False)
+    assert f'#SBATCH --chdir="{rd.path}"' in text.splitlines()
+    assert [ln for ln in text.splitlines() if ln.startswith("#SBATCH")] == [
+        f"#SBATCH --job-name=gpctl-{rd.id}", "#SBATCH --output=/dev/null", f'#SBATCH --chdir="{rd.path}"',
+        "#SBATCH --partition=gpu", "#SBATCH --gres=gpu:1", "#SBATCH --time=04:00:00",
+        "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"]
+    bad = RunDir(tmp_path / "a\nb" / "runs" / "x")
+    with pytest.raises(ConfigError, match="a home path with a newline"):
+        script(bad, SlurmOptions(), resume=False)
+    with pytest.raises(ConfigError, match="a control character"):
+        SlurmOptions(extra=("--mem=4G\nrm -rf ~",))
+
+
+def _hostile_checkpoint(src, dst, tensors=None, meta=None, raw_meta=None):
+    """A copy of checkpoint `src` (weights and resume state) with changed tensors or metadata."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(src), framework="pt") as f:
+        md = dict(f.metadata())
+    weights = load_file(str(src))
+    if tensors:
+        weights = tensors(weights)
+    if meta:
+        mc = json.loads(md["model_config"])
+        md["model_config"] = json.dumps(meta(mc))
+    if raw_meta:
+        md.update(raw_meta)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(dst), metadata=md)
+    shutil.copy(src.with_name(src.name.replace(".safetensors", ".state.safetensors")),
+                dst.with_name(dst.name.replace(".safetensors", ".state.safetensors")))
+    return dst
+
+
+def _off_by_one(w):
+    name = next(k for k, v in w.items() if v.dim() == 2)
+    v = w[name]
+    return {**w, name: v[:-1].clone()}
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("off_by_one", dict(tensors=_off_by_one), "does not fit its model_config (tensor "),
+    ("extra_tensor", dict(tensors=lambda w: {**w, "evil": next(iter(w.values())).clone()}),
+     "does not fit its model_config (has tensor 'evil' the model does not)"),
+    ("unknown_key", dict(meta=lambda mc: {**mc, "evil": 1}), "unknown key 'model_config.evil'"),
+    ("missing_keys", dict(meta=lambda mc: {"name": mc["name"]}), "does not fit its model_config"),
+    ("negative_width", dict(meta=lambda mc: {**mc, "width": -8}), "model_config.width must be in [1, 65536], got -8"),
+    ("huge_width", dict(meta=lambda mc: {**mc, "width": 65536, "n_embd": 10 ** 6}), "does not fit its model_config"),
+    ("wrong_type", dict(meta=lambda mc: {**mc, "width": "8"}), "'model_config.width' must be an integer"),
+    ("nested", dict(raw_meta={"step": "[" * 200_000 + "]" * 200_000}), "damaged gpctl metadata (nested too deeply)"),
+    ("not_json", dict(raw_meta={"model_config": "{"}), "damaged gpctl metadata"),
+])
+def test_hostile_checkpoint_metadata_is_one_line_before_any_model_is_built(trained, tmp_path, kind, change, message):
+    home, rd = trained
+    (step, src), = [c for c in rd.list_checkpoints() if c[0] == 4]
+    bad = _hostile_checkpoint(src, tmp_path / kind / "step_0000004.safetensors", **change)
+    res = _invoke(home, "tv", str(src), str(bad), "--eval-from", rd.id)
+    _one_line_refusal(res, message)
+    res = _invoke(home, "tv", str(src), str(src), "--eval-from", rd.id, "--json")   # the healthy pair works
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["tv"] == 0.0, res.output
+
+
+def test_a_gpt2_checkpoint_is_checked_on_the_meta_device_too(tmp_path):
+    import torch
+
+    from engine.errors import CheckpointError
+    from engine.tv import load_model
+    from tests.conftest import TINY_LM
+    rd = RunDir.create(tmp_path / "home", tiny(TINY_LM, "steps=2"))
+    assert train(rd) == "done"
+    (_, src), = rd.list_checkpoints()[-1:]
+    model, meta = load_model(src, torch.device("cpu"))
+    assert meta["model"] == "gpt2" and sum(p.numel() for p in model.parameters()) > 0
+    bad = _hostile_checkpoint(src, tmp_path / "bad" / src.name, tensors=_off_by_one)
+    with pytest.raises(CheckpointError, match=r"does not fit its model_config \(tensor '.*' is \[\d+, \d+\] where"):
+        load_model(bad, torch.device("cpu"))
