@@ -414,7 +414,10 @@ def untrusted_reason(st: os.stat_result, dir_st: os.stat_result | None = None) -
 
 
 def run_dir_untrusted(path) -> str | None:
-    """Why a run directory may not start, resume or take requests (writable by others), or None."""
+    """Why a run directory may not start, resume or take requests, or None: it (or its control file's
+    folder) is writable by others, or a folder above it in the home (runs/, the home itself) is, so
+    that another user could swap the run's folder for theirs in one rename (a sticky folder, where
+    only a file's owner may rename it, is safe)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -423,6 +426,20 @@ def run_dir_untrusted(path) -> str | None:
         return f"{path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
     if st.st_mode & 0o022:
         return f"{path} is writable by others (mode {oct(st.st_mode & 0o777)}); chmod go-w it to run it"
+    return parents_untrusted(path)
+
+
+def parents_untrusted(path) -> str | None:
+    """runs/ and the home above a run directory: writable by others (not sticky) is refused."""
+    from pathlib import Path
+    for above in (Path(path).parent, Path(path).parent.parent):
+        try:
+            st = os.stat(above)
+        except OSError as e:
+            return f"{above}: {e.strerror}"
+        if st.st_mode & 0o022 and not st.st_mode & 0o1000:
+            return (f"{above} is writable by others (mode {oct(st.st_mode & 0o777)}): another user could replace "
+                    f"the run's folder; chmod go-w {above}")
     return None
 
 
@@ -442,6 +459,7 @@ class ControlState:
     waiting: list = field(default_factory=list)   # conditional requests read but not yet applied:
                                                    # [line number, request id, request], in order
     stat_key: list = field(default_factory=list)
+    tainted: list = field(default_factory=list)   # [inode, reason]: a file once seen untrusted stays so
 
 
 @dataclass
@@ -494,7 +512,7 @@ class ControlReader:
     def _poll(self, f) -> list["Line"]:
         st = os.fstat(f.fileno())
         self._unusable_reported = None
-        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        key = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]   # a chmod is news too
         if key == self.state.stat_key:
             return []  # the cheap path: nothing changed
         self.state.stat_key = key
@@ -504,9 +522,15 @@ class ControlReader:
             return []
         s.inode = st.st_ino
         try:
-            trust = untrusted_reason(st, os.stat(self.path.parent))
+            trust = untrusted_reason(st, os.stat(self.path.parent)) or parents_untrusted(self.path.parent)
         except OSError:
             trust = "run directory cannot be read"
+        if trust and not (s.tainted and s.tainted[0] == st.st_ino):
+            s.tainted = [st.st_ino, trust]        # this file stays untrusted, whatever its mode later
+        elif not trust and s.tainted and s.tainted[0] == st.st_ino:
+            trust = (f"this control file was untrusted earlier ({s.tainted[1][:120]}): a descriptor opened "
+                     "then may still write to it; move it away and make a new one (mv control.jsonl control.old; "
+                     "install -m 600 /dev/null control.jsonl)")
         out: list[Line] = []
         pos, number, skipping = s.offset - s.skipping, s.lines, s.skipping   # pos: where the unfinished line starts
         f.seek(s.offset)
@@ -601,7 +625,9 @@ class ControlReader:
                                     "not applied (append new requests instead)"
                                     + ("" if whole else f"; it is over {REWRITE_SCAN} bytes, passed over unread"))
         self.state = ControlState(offset=end, lines=s.lines + skipped, inode=st.st_ino,
-                                  stat_key=[st.st_size, st.st_mtime_ns, st.st_ino])
+                                  stat_key=[st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode])
+        if s.tainted and s.tainted[0] == st.st_ino:      # truncated in place: still the file others had
+            self.state.tainted = s.tainted
         self.state.tail_len, self.state.tail_sha = self._digest(end, f)
 
     def state_dict(self) -> dict:

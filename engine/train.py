@@ -43,6 +43,11 @@ from engine.schedule import Schedule, ended, reached
 _now = time.monotonic   # the control file's polling clock (a test steps it by hand)
 
 
+class RunDirReplaced(RuntimeError):
+    """The run's folder is no longer the one the job started in (renamed away, swapped by someone who
+    could write the folder above it): the job stops writing at once, and writes nothing into it."""
+
+
 class Diverged(RuntimeError):
     pass
 
@@ -146,6 +151,8 @@ class Trainer:
         untrusted = run_dir_untrusted(self.rd.path)
         if untrusted:   # others could steer it or replace its files: refuse to start or resume
             raise RuntimeError(f"refusing to train: {untrusted}")
+        st = os.stat(self.rd.path)
+        self._dir_key = (st.st_dev, st.st_ino)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist = Dist()
@@ -433,6 +440,7 @@ class Trainer:
             if now - self._last_poll < self._poll_s:
                 return []
             self._last_poll = now
+            self.check_run_dir()
             return self.control.poll()
         if self.step % self.cfg.log_every:
             return []
@@ -522,10 +530,26 @@ class Trainer:
         return any(not reached(lr_time_before, t) and reached(self.lr_time, t) for t in cfg.checkpoint_at_lr_times)
 
     # ------------------------------------------------------------------ records
+    def check_run_dir(self) -> None:
+        """Raise RunDirReplaced when rd.path is no longer the folder setup() found (one stat, at
+        every flush and control poll: records never go into a folder swapped in under the job)."""
+        key = getattr(self, "_dir_key", None)
+        if key is None:
+            return
+        try:
+            st = os.stat(self.rd.path)
+            now = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now != key:
+            raise RunDirReplaced(f"{self.rd.path} is no longer the folder this job started in (moved or "
+                                 "replaced); it stops without writing into it")
+
     def flush(self, wait: bool = True) -> None:
         """Write buffered step records. On CUDA, the step loop calls flush(wait=False): the window's
         losses start their copy into pinned memory without waiting, and the window before it (whose
         copy finished long ago) is written. Eval, checkpoints and the end flush everything."""
+        self.check_run_dir()
         window = self._window
         self._window = None
         if self._pending:
@@ -645,6 +669,10 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
         trainer.rd.append_event("end", state=state, step=trainer.step, lr_time=trainer.lr_time,
                                 eval_loss=trainer.last_eval.get("eval_loss"), **graphs)
         return state
+    except RunDirReplaced as e:   # nothing more is written under rd.path: it is not ours any more
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        state = "replaced"
+        return "failed"
     except Diverged as e:
         state = "diverged"
         trainer.rd.write_status(state="diverged", ended=time.time(), error=str(e))

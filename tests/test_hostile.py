@@ -313,3 +313,112 @@ def test_a_gpt2_checkpoint_is_checked_on_the_meta_device_too(tmp_path):
     bad = _hostile_checkpoint(src, tmp_path / "bad" / src.name, tensors=_off_by_one)
     with pytest.raises(CheckpointError, match=r"does not fit its model_config \(tensor '.*' is \[\d+, \d+\] where"):
         load_model(bad, torch.device("cpu"))
+
+
+def test_a_control_file_once_untrusted_stays_untrusted_until_replaced(tmp_path):
+    """Issue 31, the trust rule raced: a descriptor opened while the file was writable by others can
+    write after the owner restored 0600. A file the run once saw untrusted (its inode) is refused for
+    good; a new file (a new inode) is trusted again."""
+    rd = _run(tmp_path / "home", "steps=10")
+
+    def hook(t):
+        if t.step == 2:
+            os.chmod(rd.control_file, 0o666)              # seen by the poll at the next boundary
+        if t.step == 3:
+            os.chmod(rd.control_file, 0o600)              # restored: the mode looks clean again
+        if t.step == 4:                                   # written through a descriptor opened earlier
+            with open(rd.control_file, "a") as f:
+                f.write(json.dumps({"id": "late", "set": {"lr": 0.5}}) + "\n")
+        if t.step == 6:                                   # the owner replaces the file, as the reason says
+            os.rename(rd.control_file, rd.path / "control.old")
+            os.close(os.open(rd.control_file, os.O_WRONLY | os.O_CREAT, 0o600))
+        if t.step == 7:
+            with open(rd.control_file, "a") as f:
+                f.write(json.dumps({"id": "fresh", "set": {"lr": 0.02}}) + "\n")
+    assert train(rd, hooks=[hook]) == "done"
+    acks = [(a["id"], a["status"], a["step"]) for a in _acks(rd)]
+    assert acks == [("line-1", "rejected", 5), ("fresh", "applied", 8)]
+    reason = _acks(rd)[0]["reason"]
+    assert reason.startswith("untrusted: this control file was untrusted earlier (control file is writable by "
+                             "others (mode 0o666)): a descriptor opened then may still write to it"), reason
+    assert {r["lr"] for r in rd.metrics()[0] if "loss" in r} == {0.05, 0.02}
+
+
+def test_a_home_writable_by_others_is_refused(tmp_path):
+    home = tmp_path / "home"
+    rd = _run(home, "steps=2")
+    home.chmod(0o777)
+    assert train(rd) == "failed"
+    assert rd.status()["error"] == (f"RuntimeError: refusing to train: {home} is writable by others (mode 0o777): "
+                                    f"another user could replace the run's folder; chmod go-w {home}")
+    home.chmod(0o1777)                 # sticky: only a folder's owner may rename it
+    rd.write_status(state="created")
+    assert train(rd) == "done"
+
+
+def test_a_run_folder_swapped_under_the_job_gets_nothing_written(tmp_path, capsys):
+    """Someone who can write the home renames runs/ away and puts their own folder (with a link
+    out of the home) where the run's was: the job stops at its next flush, writing nothing there."""
+    home = tmp_path / "home"
+    rd = _run(home, "steps=40", "log_every=1")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("theirs\n")
+
+    def swap(t):
+        if t.step == 3:
+            os.rename(home / "runs", home / "runs-moved")
+            fake = rd.path
+            fake.mkdir(parents=True)
+            for name in ("metrics.jsonl", "events.jsonl", "status.json", "log.txt"):
+                os.symlink(outside, fake / name)
+    assert train(rd, hooks=[swap]) == "failed"
+    assert outside.read_text() == "theirs\n"
+    assert sorted(p.name for p in rd.path.iterdir()) == ["events.jsonl", "log.txt", "metrics.jsonl", "status.json"]
+    assert f"error: {rd.path} is no longer the folder this job started in" in capsys.readouterr().err
+    moved = RunDir(home / "runs-moved" / rd.id)
+    assert [r["step"] for r in moved.metrics()[0]][-1] <= 4          # what it wrote before, in its own folder
+
+
+def test_another_users_descriptor_opened_while_writable_is_refused_after_restore():
+    """The race with a real second user: they open control.jsonl while it is writable by others,
+    the owner restores 0600 (and an owner-only folder), then they write through the descriptor they
+    kept. Their line is refused; the run trains on unsteered."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_control import _other_user
+    other = _other_user()
+    root = Path(tempfile.mkdtemp(prefix="gpctl-race-", dir="/tmp"))
+    root.chmod(0o755)
+    proc = None
+    try:
+        rd = _run(root, "steps=8")
+        (root / "runs").chmod(0o755)
+        line = json.dumps({"id": "evil", "set": {"lr": 0.5}})
+
+        def hook(t):
+            nonlocal proc
+            if t.step == 2:
+                rd.path.chmod(0o711)                        # others may pass through, not write it
+                rd.control_file.chmod(0o666)
+                proc = subprocess.Popen(["su", other, "-c", f"exec 3>>{rd.control_file}; echo opened; read go; "
+                                         f"echo '{line}' >&3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert proc.stdout.readline().strip() == "opened"
+            if t.step == 3:
+                rd.control_file.chmod(0o600)
+                rd.path.chmod(0o700)
+            if t.step == 4:
+                proc.communicate("go\n", timeout=30)
+                assert proc.returncode == 0
+        assert train(rd, hooks=[hook]) == "done"
+        (ack,) = _acks(rd)
+        assert (ack["status"], ack["step"]) == ("rejected", 5)
+        assert ack["reason"].startswith("untrusted: this control file was untrusted earlier (control file is "
+                                        "writable by others (mode 0o666))")
+        assert {r["lr"] for r in rd.metrics()[0] if "loss" in r} == {0.05}
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(root)
