@@ -422,3 +422,50 @@ def test_another_users_descriptor_opened_while_writable_is_refused_after_restore
         if proc and proc.poll() is None:
             proc.kill()
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("stall_minutes = " + "9" * 4000 + "\n", "'stall_minutes' must be a number in [0, 1000000]"),
+    ("stall_minutes = nan\n", "'stall_minutes' must be a number in [0, 1000000]"),
+    ("notify = " + "[" * 50 + "]" * 50 + "\n", "nested deeper than 16 levels"),
+    ("stall_minutes = " + "9" * 5000 + "\n", "an integer of more than 4300 digits"),
+])
+def test_a_hostile_settings_file_is_one_warning_and_the_worker_serves_on(tmp_path, body, message, capsys):
+    from engine.config import ConfigError
+    from engine.notify import settings
+    from engine.worker import Worker
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "settings.toml").write_text(body)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        settings(home)
+    w = Worker(home, gpus=[], cpu_slots=1, idle_exit=0.0)
+    w.check_stalls()                                    # what the worker's loop calls: one warning line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and message in err[0], err
+
+
+def test_the_tuis_set_dialog_takes_a_nesting_bomb_as_one_toast(tmp_path):
+    import asyncio
+
+    from gpctl.tui.app import GpctlApp
+    from textual.widgets import Input
+    home = tmp_path / "home"
+    rd = _run(home, "steps=2")
+    rd.write_status(state="running", pid=os.getpid(), host=__import__("socket").gethostname())
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            await pilot.press("s")
+            await pilot.pause()
+            box = app.screen.query_one(Input)
+            box.value = "lr=" + "[" * 5000 + "]" * 5000
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.is_running
+            return [str(n.message) for n in app._notifications]
+    texts = asyncio.run(go())
+    assert "lr: nested deeper than 16 levels" in texts, texts
+    assert rd.control_file.read_text() == ""

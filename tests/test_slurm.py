@@ -166,7 +166,7 @@ def test_a_time_limit_checkpoints_requeues_and_ends_done_exactly(slurm_cluster, 
     from engine.train import train
     home, runner = tmp_path / "home", CliRunner()
     preset = tmp_path / "t.toml"
-    preset.write_text(PRESET.format(steps=4000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
+    preset.write_text(PRESET.format(steps=2000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
     res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
                               "--time", "00:01:00", "--signal-before", "50"])
     assert res.exit_code == 0, res.output
