@@ -41,17 +41,9 @@ def read_meta(path: Path) -> dict:
 
     Read from the safetensors header itself (8-byte little-endian length, then JSON), so listing
     checkpoints needs neither torch nor the tensors."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100 * 2**20:
-                raise ValueError(f"header length {n}")
-            header = json.loads(f.read(n))
-        raw = header.get("__metadata__") or {}
-        if not isinstance(raw, dict):
-            raise ValueError("metadata is not an object")
-    except (OSError, ValueError, RecursionError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    raw = _header(path).get("__metadata__") or {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint (metadata is not an object)")
     if raw.get("gpctl") != FORMAT:
         raise CheckpointError(f"{path}: not a gpctl checkpoint (no '{FORMAT}' metadata)")
     try:
