@@ -12,6 +12,7 @@ lm_head): `export_hf(ckpt, folder)` adds config.json so `GPT2LMHeadModel.from_pr
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -61,11 +62,25 @@ def load_weights_into(model: nn.Module, weights: dict[str, torch.Tensor], path: 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:     # safetensors' own I/O errors: a full disk is an OSError here
+            if "No space left" in str(e) or "os error 28" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            if "os error 122" in str(e):
+                raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path)) from None
+            raise
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)          # a failed write (a full disk) leaves nothing behind
+        except OSError:
+            pass
+        raise
 
 
 def state_path(weights_path: Path) -> Path:
@@ -89,8 +104,15 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: d
             tensors[f"rng.cuda.{i}"] = s
     full_state = {"format": FORMAT, "optim_groups": opt["param_groups"], "optim_scalars": scalars, **state}
     _save_atomic(tensors, state_path(path), {"state": json.dumps(full_state)})
-    _save_atomic(model_weights(model), path, {"format": "pt", "gpctl": FORMAT,
-                                              **{k: json.dumps(v) for k, v in meta.items()}})
+    try:
+        _save_atomic(model_weights(model), path, {"format": "pt", "gpctl": FORMAT,
+                                                  **{k: json.dumps(v) for k, v in meta.items()}})
+    except BaseException:
+        try:
+            os.unlink(state_path(path))   # half a checkpoint is none: free its space
+        except OSError:
+            pass
+        raise
     return path
 
 

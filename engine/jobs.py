@@ -108,6 +108,10 @@ class Job:
         return json.loads(self.after) if self.after else []
 
 
+DB_TIMEOUT = float(os.environ.get("GPCTL_DB_TIMEOUT") or 60)   # seconds a writer waits for a lock
+                                                                # (tests shorten it to hold one past it)
+
+
 class JobStore:
     """The store, opened for writing (created with its schema if missing)."""
 
@@ -117,10 +121,10 @@ class JobStore:
     def __init__(self, root: Path):
         make_home(root)
         self.path = root / "jobs.db"
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db = sqlite3.connect(self.path, timeout=DB_TIMEOUT, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
+        self.db.execute(f"PRAGMA busy_timeout={int(DB_TIMEOUT * 1000)}")
         with self.tx():
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -165,7 +169,7 @@ class JobStore:
             self.writable = False
         elif os.access(self.path, os.W_OK) and os.access(root, os.W_OK):
             self.db = _connect(str(self.path))
-            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute(f"PRAGMA busy_timeout={int(DB_TIMEOUT * 1000)}")
         else:
             self.writable = False
             self.db = _connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
@@ -369,6 +373,6 @@ class JobStore:
 
 
 def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
-    db = sqlite3.connect(target, timeout=60, isolation_level=None, uri=uri)
+    db = sqlite3.connect(target, timeout=DB_TIMEOUT, isolation_level=None, uri=uri)
     db.row_factory = sqlite3.Row
     return db

@@ -16,6 +16,7 @@ Directories are created 0700 and files 0600: other users of a shared box cannot 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -57,13 +58,47 @@ def write_atomic(path: Path, text: str, durable: bool = True) -> None:
     except FileNotFoundError:
         mode = FILE_MODE
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.fchmod(fd, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)            # a write that failed (a full disk) leaves no temp file behind
+        except OSError:
+            pass
+        raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """Overwrite a small existing file in place (no new file, so usually no new block): the last
+    resort for status.json on a full disk, where the atomic temp-and-rename cannot get space."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
@@ -324,7 +359,13 @@ class RunDir:
     def write_status(self, durable: bool = True, **fields: Any) -> dict:
         st = self.status() if self.status_file.exists() else {}
         st.update(fields, updated=time.time())
-        write_atomic(self.status_file, json.dumps(st, sort_keys=True) + "\n", durable)
+        text = json.dumps(st, sort_keys=True) + "\n"
+        try:
+            write_atomic(self.status_file, text, durable)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            write_in_place(self.status_file, text)      # a full disk: the old file's block takes it
         return st
 
     def mark_running(self, device: str) -> dict:

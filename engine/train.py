@@ -36,7 +36,7 @@ from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.levels import LossLevels
 from engine.models import build_model, hf_config_dict
-from engine.rundir import RunDir
+from engine.rundir import RunDir, disk_full, free_bytes
 from engine.schedule import Schedule, ended, reached
 
 
@@ -685,6 +685,8 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
         trainer.rd.log(f"error: {e}")
         return "failed"
     except Exception as e:  # recorded, with the traceback in log.txt
+        if disk_full(e) or disk_full(e.__context__):
+            return _end_disk_full(trainer, e if disk_full(e) else e.__context__)
         trainer.rd.write_status(state="failed", ended=time.time(), error=f"{type(e).__name__}: {e}")
         trainer.rd.append_event("error", step=trainer.step, error=f"{type(e).__name__}: {e}")
         trainer.rd.log(traceback.format_exc())
@@ -701,6 +703,29 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
                 notify(rd, state)
             except Exception as e:  # noqa: BLE001 - a notification never changes how a run ended
                 rd.log(f"notify: {type(e).__name__}: {e}")
+
+
+def _end_disk_full(trainer: "Trainer", e: OSError) -> str:
+    """Out of space is an ending, not a crash: the last good checkpoint is kept (a torn one never
+    replaced it: checkpoints are written to a temp file and renamed), and the run ends `failed` with
+    one line naming the path and the free space; each record is tried on its own, and status.json
+    is overwritten in place if it must (it takes no new block). `gpctl resume` continues it once
+    there is space; its records then equal an uninterrupted run's (tested on a small tmpfs)."""
+    rd = trainer.rd
+    where = e.filename or rd.path
+    last = rd.list_checkpoints()[-1][0] if rd.list_checkpoints() else None
+    free = free_bytes(rd.path)
+    error = (f"disk full: {where}: {e.strerror} ({free if free is not None else '?'} bytes free); "
+             + (f"its last checkpoint (step {last}) is kept: free space, then gpctl resume {rd.id}" if last is not None
+                else f"no checkpoint yet: free space, then gpctl resume {rd.id} starts it again"))
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    for write in (lambda: rd.write_status(state="failed", ended=time.time(), error=error, disk_full=True),
+                  lambda: rd.append_event("error", step=trainer.step, error=error, disk_full=True)):
+        try:
+            write()
+        except OSError:
+            pass
+    return "failed"
 
 
 def _in_main_thread() -> bool:

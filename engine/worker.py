@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,6 +67,15 @@ def job_memory(job: Job) -> float:
         peak = rd.status().get("gpu_peak_gib")
         need = float(peak) if isinstance(peak, (int, float)) else 0.0
     return need
+
+
+def _transient(e: Exception) -> bool:
+    """Errors that pass: a full disk or quota, a database locked or full (not a missing or damaged one)."""
+    import errno
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e)
+        return "locked" in text or "full" in text or "disk I/O error" in text
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def log_tail(rd: RunDir, lines: int = 20) -> str:
@@ -138,15 +148,27 @@ class Worker:
             while not self.stopping:
                 if not self.store_is_ours():
                     break
-                self.reap()
-                self.handle_cancels()
-                launched = self.fill()
+                try:
+                    self.reap()
+                    self.handle_cancels()
+                    launched = self.fill()
+                except (sqlite3.OperationalError, OSError) as e:
+                    if not _transient(e):
+                        raise
+                    self._wait_out(e)     # a full disk, a lock held past the timeout: wait, say so, retry
+                    continue
+                self._trouble_since = None
                 if self.running or launched:
                     idle_since = time.monotonic()
                 elif self.idle_exit and time.monotonic() - idle_since > self.idle_exit:
                     break
                 if time.monotonic() - last_beat > 5:
-                    self.store.heartbeat(self.id)
+                    try:
+                        self.store.heartbeat(self.id)
+                    except sqlite3.OperationalError as e:
+                        if not _transient(e):
+                            raise
+                        self._wait_out(e)
                     self.check_stalls()
                     last_beat = time.monotonic()
                 time.sleep(self.poll)
@@ -155,6 +177,21 @@ class Worker:
         finally:
             if not self.ghost:
                 self.store.worker_stopped(self.id)
+
+    _trouble_since: float | None = None
+    _trouble_said = 0.0
+
+    def _wait_out(self, e: Exception) -> None:
+        """jobs.db or the home cannot be written for now: its jobs keep running (their records are
+        in their run directories); the worker says so once a minute and tries again, backing off to 5 s."""
+        now = time.monotonic()
+        self._trouble_since = self._trouble_since or now
+        if now - self._trouble_said >= 60:
+            self._trouble_said = now
+            print(f"warning: worker {self.id}: {self.store.path}: {e}; waiting and retrying "
+                  f"(for {now - self._trouble_since:.0f} s; its {len(self.running)} running job(s) go on)",
+                  file=sys.stderr, flush=True)
+        time.sleep(min(5.0, 0.5 + (now - self._trouble_since) / 10))
 
     def _notify(self, rd: RunDir, state: str) -> None:
         from engine.notify import notify
@@ -297,8 +334,8 @@ class Worker:
                 continue
             else:
                 code = None
+            self._record_end(r, code)     # may raise (a full disk): the job stays ours, tried again
             del self.running[job_id]
-            self._record_end(r, code)
 
     def _record_end(self, r: Running, code: int | None) -> None:
         rd = RunDir(Path(r.job.run_dir))

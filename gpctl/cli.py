@@ -294,6 +294,19 @@ def show(run: RunArg, as_json: JsonOpt = False,
         out.print(line, markup=False)
 
 
+def _stranded(store: JobStore, job) -> bool:
+    """A local job recorded `running` whose process and worker are both gone from this host (a
+    worker that died on a full disk never recorded its end): nothing will ever end it but this."""
+    import socket
+
+    from engine.paths import pid_alive
+    if job.backend != "local" or job.host != socket.gethostname():
+        return False
+    worker = next((w for w in store.workers() if w["id"] == job.worker), None)
+    worker_alive = worker is not None and not worker["stopped"] and pid_alive(worker["pid"])
+    return not pid_alive(job.pid) and not worker_alive
+
+
 @app.command()
 @friendly
 def resume(run: RunArg,
@@ -315,6 +328,9 @@ def resume(run: RunArg,
     else:
         store = JobStore(State.home)
         job = store.get(rd.id)
+        if job and job.state == "running" and _stranded(store, job):   # its process and worker are gone
+            store.finish(job.id, "lost", error="its process and its worker were gone (found by gpctl resume)")
+            job = store.get(rd.id)
         if job and job.state in ("queued", "running"):
             raise ConfigError(f"run {rd.id} is already {job.state}")
         store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
