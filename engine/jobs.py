@@ -161,14 +161,24 @@ class JobStore:
             self._open_for_reading(None)
         return self
 
+    def _probe(self, db: sqlite3.Connection) -> bool:
+        """Keep `db` if it can read (a full disk cannot make the -shm file a WAL read needs: then the
+        file is read read-only, or immutable, as for a home we may not write)."""
+        try:
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            db.close()
+            return False
+        self.db = db
+        return True
+
     def _open_for_reading(self, root: Path | None) -> None:
         if root is None:
             pass
         elif not self.path.exists():
             self.db = _connect(":memory:")
             self.writable = False
-        elif os.access(self.path, os.W_OK) and os.access(root, os.W_OK):
-            self.db = _connect(str(self.path))
+        elif os.access(self.path, os.W_OK) and os.access(root, os.W_OK) and self._probe(_connect(str(self.path))):
             self.db.execute(f"PRAGMA busy_timeout={int(DB_TIMEOUT * 1000)}")
         else:
             self.writable = False

@@ -283,12 +283,20 @@ class RunDir:
         rd = cls(runs / run_id)
         if not is_name(run_id) or rd.path.resolve().parent != runs.resolve():
             raise ConfigError(f"run id {run_id!r} is not a plain name (letters, digits, _ . -; no '..')")
+        text = dump_toml(to_dict(cfg))
         rd.path.mkdir(mode=DIR_MODE)
-        rd.checkpoints.mkdir(mode=DIR_MODE)
-        write_atomic(rd.config_file, dump_toml(to_dict(cfg)))
-        for f in (rd.metrics_file, rd.events_file, rd.control_file, rd.log_file):
-            os.close(os.open(f, os.O_WRONLY | os.O_CREAT, FILE_MODE))
-        rd.write_status(state="created", created=time.time())
+        try:
+            rd.checkpoints.mkdir(mode=DIR_MODE)
+            write_atomic(rd.config_file, text)
+            for f in (rd.metrics_file, rd.events_file, rd.control_file, rd.log_file):
+                os.close(os.open(f, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+            rd.write_status(state="created", created=time.time())
+        except BaseException as e:     # all or nothing: no half-made run folder is left (a full disk)
+            import shutil
+            shutil.rmtree(rd.path, ignore_errors=True)
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(rd.path)) from None
+            raise
         if cfg.control.share_with_group:  # the group may read (and watch), never write or steer
             rd.path.chmod(0o750)
             for f in rd.path.iterdir():

@@ -140,9 +140,13 @@ def run_preset(
             return
         states = queue.wait_for(rds)
     else:
+        try:
+            queue.enqueue(rds, priority=priority, after=deps, retries=retries)
+        except BaseException:           # a full or locked jobs.db: no run folder is left without its job
+            ops.remove_runs(rds)
+            raise
         for rd in rds:
             out.print(rd.id)
-        queue.enqueue(rds, priority=priority, after=deps, retries=retries)
         if not no_worker and queue.ensure_worker():
             out.print(f"started a worker (log: {State.home / 'worker.log'})")
         if not wait:

@@ -51,7 +51,22 @@ def plan_runs(name: str, overrides: list[str], arms: list[str] | None = None, se
 
 def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | None = None,
                 seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[RunDir]:
-    return [RunDir.create(root, cfg) for cfg in plan_runs(name, overrides, arms, seeds, sweep)]
+    """The preset's runs, created all or none (a failure part way removes those made)."""
+    made: list[RunDir] = []
+    try:
+        for cfg in plan_runs(name, overrides, arms, seeds, sweep):
+            made.append(RunDir.create(root, cfg))
+    except BaseException:
+        remove_runs(made)
+        raise
+    return made
+
+
+def remove_runs(rds: list[RunDir]) -> None:
+    """Remove run folders that were just made and never queued (a create or enqueue that failed)."""
+    import shutil
+    for rd in rds:
+        shutil.rmtree(rd.path, ignore_errors=True)
 
 
 def family(arm: str, group: str = "") -> str:

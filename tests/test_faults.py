@@ -187,3 +187,47 @@ def test_resume_takes_back_a_job_whose_process_and_worker_are_gone(tmp_path):
     store = JobStore(home)
     assert store.get(rd.id).state == "done" and rd.status()["state"] == "done"
     assert [a["state"] for a in store.attempts(job.id)][-2:] == ["lost", "done"]
+
+
+def test_a_full_home_is_listed_and_run_leaves_nothing_half_made(small_disk):
+    """Fault 5: with no live connection, reading jobs.db needs a -shm file a full disk cannot make;
+    `ls` and `show` read it read-only instead. `gpctl run` names the path and leaves no run folder."""
+    from engine.jobs import JobStore
+    home = small_disk / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    store.close()
+    assert not (home / "jobs.db-shm").exists()
+    _fill(home / "filler")
+    res = runner.invoke(app, ["--home", str(home), "ls", "--json"])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert [(r["id"], r["state"], r["job"]) for r in json.loads(res.stdout)] == [(rd.id, "queued", "queued")]
+    res = runner.invoke(app, ["--home", str(home), "show", rd.id])
+    assert res.exit_code == 0 and "job queued" in res.stdout, res.output
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", "demo", "--no-worker"])
+    assert res.exit_code == 2, res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"error: {home / 'runs'}/demo-") and line.endswith(": No space left on device"), line
+    assert sorted(p.name for p in (home / "runs").iterdir()) == [rd.id]
+
+
+def test_a_locked_jobs_db_leaves_no_run_without_its_job(tmp_path, monkeypatch):
+    """Fault 4's other half: `gpctl run` against a lock held past the timeout exits 2 in one line
+    and removes the run folders it had made."""
+    import sqlite3
+
+    import engine.jobs
+    from engine.jobs import JobStore
+    home = tmp_path / "home"
+    JobStore(home).close()
+    monkeypatch.setattr(engine.jobs, "DB_TIMEOUT", 0.3)
+    lock = sqlite3.connect(home / "jobs.db", timeout=5, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        res = runner.invoke(app, ["--home", str(home), "run", "preset", "demo", "--no-worker"])
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    assert res.exit_code == 2 and res.stderr.strip() == f"error: {home / 'jobs.db'}: database is locked", res.output
+    assert not (home / "runs").exists() or list((home / "runs").iterdir()) == []
