@@ -258,7 +258,26 @@ def _suggest(key: str, names: set[str]) -> str:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config as plain dicts and lists (what dataclasses.asdict gives, ~5x faster: a preset with
+    20,000 planned changes is turned into a dict several times by `presets check`)."""
+    return _plain(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: _plain(getattr(v, k)) for k in _field_names(type(v))}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    return v
 
 
 def merge(base: dict, over: dict) -> dict:

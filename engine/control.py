@@ -249,7 +249,10 @@ def event_text(e: dict) -> str:
     if kind == "resume":
         if e.get("restarted"):
             return f"restarted{at}: {e['restarted']}"
-        return f"resumed{at} from {e.get('checkpoint') or 'the start (no checkpoint yet)'}"
+        skipped = e.get("skipped")
+        past = (f", past {len(skipped)} unreadable newer checkpoint(s): {'; '.join(map(str, skipped[:2]))[:200]}"
+                if isinstance(skipped, list) and skipped else "")
+        return f"resumed{at} from {e.get('checkpoint') or 'the start (no checkpoint yet)'}{past}"
     if kind == "fork":
         return f"forked from {e.get('parent')}{at} ({e.get('checkpoint')})"
     if kind == "forked":

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
+from engine.errors import CheckpointError
 from engine.config import Config
 from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, kept, request_id,
                             run_dir_untrusted)
@@ -247,13 +248,26 @@ class Trainer:
         return state
 
     def _resume(self) -> None:
-        step, path = self.rd.list_checkpoints()[-1]
-        state = self._restore(path)
+        """From the newest checkpoint that reads whole: a torn one (a machine crash mid-write, a bad
+        block) is skipped, said in the event and the log, and the one before it is used (its files
+        are kept; the step is written again when the run gets there)."""
+        skipped = []
+        for step, path in reversed(self.rd.list_checkpoints()):
+            try:
+                state = self._restore(path)
+                break
+            except CheckpointError as e:
+                skipped.append(f"{path.name} ({str(e).rsplit(': ', 1)[-1][:120]})")
+        else:
+            raise CheckpointError(f"cannot resume: no checkpoint of {self.rd.id} reads whole: {'; '.join(skipped[:3])}")
+        if skipped:
+            self.rd.log(f"resume: skipped unreadable checkpoint(s) {', '.join(skipped)}; resuming from {path.name}")
         self.last_eval = state["loop"].get("last_eval", {})
         self.control.load_state_dict(state["control"])
         dropped = self.rd.truncate_metrics(state["loop"]["metrics_size"])
         self.rd.append_event("resume", step=self.step, lr_time=self.lr_time, samples=self.samples,
-                             checkpoint=path.name, dropped_metric_bytes=dropped)
+                             checkpoint=path.name, dropped_metric_bytes=dropped,
+                             **({"skipped": skipped} if skipped else {}))
 
     def _start_from_parent(self) -> None:
         """A fork: the parent's state at its checkpoint, then the fork's overrides from the first step."""

@@ -231,3 +231,24 @@ def test_a_locked_jobs_db_leaves_no_run_without_its_job(tmp_path, monkeypatch):
         lock.close()
     assert res.exit_code == 2 and res.stderr.strip() == f"error: {home / 'jobs.db'}: database is locked", res.output
     assert not (home / "runs").exists() or list((home / "runs").iterdir()) == []
+
+
+def test_resume_falls_back_past_a_torn_newest_checkpoint(tmp_path):
+    """A machine crash tore the newest checkpoint: resume used to refuse it, and a worker retried it
+    in vain. It now resumes from the one before, says which it skipped, and ends exactly."""
+    args = ("steps=8", "checkpoint_every=2", "eval_every=4")
+    rd = RunDir.create(tmp_path / "home", tiny(TINY_IMAGES, *args))
+    assert train(rd, hooks=[lambda t: setattr(t, "stop_requested", True) if t.step == 7 else None]) == "stopped"
+    newest = rd.list_checkpoints()[-1][1]
+    assert newest.name == "step_0000007.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])                     # torn mid-write
+    assert train(rd, resume=True) == "done"
+    (ev,) = [e for e in rd.events()[0] if e["event"] == "resume"]
+    assert ev["checkpoint"] == "step_0000006.safetensors" and ev["skipped"][0].startswith("step_0000007.safetensors (")
+    whole = RunDir.create(tmp_path / "whole", tiny(TINY_IMAGES, *args))
+    assert train(whole) == "done"
+    assert _strip(rd) == _strip(whole)
+    res = runner.invoke(app, ["--home", str(tmp_path / "home"), "show", rd.id])
+    assert "resumed at step 6 from step_0000006.safetensors, past 1 unreadable newer checkpoint(s): step_0000007" \
+        in res.stdout, res.stdout
