@@ -138,6 +138,14 @@ class JobStore:
         st = os.stat(self.path)
         self.identity = (st.st_dev, st.st_ino)   # the worker checks that this is still the file at `path`
 
+    def wal_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of jobs.db-wal, which lives as long as this connection (None: none)."""
+        try:
+            st = os.stat(self.path.with_name(self.path.name + "-wal"))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     @classmethod
     def for_reading(cls, root: Path, lenient: bool = False) -> "JobStore":
         """A store that creates and changes nothing: what `ls`, `show`, `logs` and the TUI use, so they

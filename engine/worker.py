@@ -178,6 +178,8 @@ class Worker:
             if not self.ghost:
                 self.store.worker_stopped(self.id)
 
+    _wal: tuple[int, int] | None = None   # jobs.db-wal's identity while this worker's connection lives
+    wal_lost = False                        # it changed: exit without closing the connection (no checkpoint)
     _trouble_since: float | None = None
     _trouble_said = 0.0
 
@@ -238,7 +240,18 @@ class Worker:
                   f"(jobs it started keep running: {running}; start a worker again to serve the new queue)",
                   file=sys.stderr, flush=True)
             self.ghost = True
-        return same
+            return False
+        if self._wal is None:
+            self._wal = self.store.wal_identity()
+        elif self.store.wal_identity() != self._wal:
+            running = ", ".join(r.job.run_id for r in self.running.values()) or "none"
+            print(f"error: {self.store.path}-wal was deleted or replaced under worker {self.id}: the queue's "
+                  "latest writes may be gone from it; the worker stops at once and writes nothing more "
+                  f"(jobs it started keep running: {running}; check `gpctl queue`, then start a worker)",
+                  file=sys.stderr, flush=True)
+            self.ghost = self.wal_lost = True
+            return False
+        return True
 
     def _on_term(self, signum, frame) -> None:
         self.stopping = True

@@ -210,6 +210,10 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
                requeue_lost=not no_requeue)
     out.print(f"worker {w.id} serving {State.home} on {'GPUs ' + ','.join(ids) if ids else f'{cpu_slots} CPU slot(s)'}")
     w.serve()
+    if w.wal_lost:      # closing the connection would checkpoint a WAL nobody else reads into jobs.db
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if w.ghost:
         raise typer.Exit(1)
 

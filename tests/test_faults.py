@@ -252,3 +252,34 @@ def test_resume_falls_back_past_a_torn_newest_checkpoint(tmp_path):
     res = runner.invoke(app, ["--home", str(tmp_path / "home"), "show", rd.id])
     assert "resumed at step 6 from step_0000006.safetensors, past 1 unreadable newer checkpoint(s): step_0000007" \
         in res.stdout, res.stdout
+
+
+def test_a_deleted_wal_under_a_live_worker_stops_it_loudly(tmp_path):
+    """Fault 3: deleting jobs.db-wal under a live worker went unnoticed while every other command
+    failed (and queued jobs could be lost). The worker now notices, as it does a replaced jobs.db,
+    and exits at once without writing (so it checkpoints no WAL nobody else reads)."""
+    import signal
+
+    from engine.jobs import JobStore
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=100000", "eval_every=0", "log_every=10"))
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path)
+    store.close()
+    w = _worker(home)
+    try:
+        _until(lambda: rd.status().get("state") == "running" and rd.status().get("step", 0) > 0)
+        (home / "jobs.db-wal").unlink()
+        assert w.wait(timeout=30) == 1
+        log = w.stdout.read()
+        assert f"error: {home / 'jobs.db'}-wal was deleted or replaced under worker" in log, log
+        assert f"jobs it started keep running: {rd.id}" in log and "Traceback" not in log, log
+    finally:
+        if w.poll() is None:
+            w.kill()
+        pid = rd.status().get("pid")
+        if pid:
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
