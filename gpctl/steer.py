@@ -7,6 +7,7 @@ LR-normalized steps (App. A.3).
 """
 from __future__ import annotations
 
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -93,7 +94,8 @@ def conditioned(request: dict, at_step: int | None, at_lr_time: float | None, wh
     return {**request, **given, **({"twin": True} if twin else {})}
 
 
-def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> None:
+def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = False) -> dict | None:
+    """Append the request; with `wait`, print how it was answered and return the answer."""
     rd = resolve(State.home, run)
     rid = append_request(rd, check_request(rd, request, queued_ok))
     if not wait:
@@ -118,6 +120,27 @@ def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = 
         err.print(f"rejected: {ack['reason']}", markup=False)
         raise typer.Exit(1)
     out.print(describe(ack, rd.id), markup=False)
+    return ack
+
+
+def wait_for_end(rd: RunDir, timeout: float) -> None:
+    """After an applied stop: the run still checkpoints and ends; say how it ended (or that it has
+    not yet), so "stopped" is printed only once the run recorded it."""
+    from engine.control import LIVE
+    deadline = time.monotonic() + timeout
+    while (st := rd.status()).get("state") in LIVE and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = st.get("state")
+    if state == "stopped":
+        last = rd.list_checkpoints()[-1:]
+        out.print(f"{rd.id}: stopped at step {st.get('step')}" + (f" ({last[0][1].name}; gpctl resume {rd.id} "
+                  "continues it)" if last else ""), markup=False)
+    elif state in LIVE:
+        err.print(f"error: run {rd.id} took the stop but had not ended after {timeout:g}s (state {state})")
+        raise typer.Exit(1)
+    else:
+        err.print(f"error: run {rd.id} ended {state} after the stop: {st.get('error') or 'see gpctl show ' + rd.id}")
+        raise typer.Exit(1)
 
 
 def current(rd: RunDir) -> tuple[float, int]:
@@ -186,7 +209,10 @@ def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = 
 def stop(run: RunArg, wait: WaitOpt = False, timeout: TimeoutOpt = 60.0,
          at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None) -> None:
     """Checkpoint, then end the run cleanly (state "stopped"; `gpctl resume` continues it)."""
-    send(run, conditioned({"action": "stop"}, at_step, at_lr_time, when), wait, timeout)
+    started = time.monotonic()
+    ack = send(run, conditioned({"action": "stop"}, at_step, at_lr_time, when), wait, timeout)
+    if ack is not None and ack.get("status") == "applied":
+        wait_for_end(resolve(State.home, run), max(5.0, timeout - (time.monotonic() - started)))
 
 
 @friendly

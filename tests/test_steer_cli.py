@@ -313,3 +313,24 @@ def test_at_lr_time_applies_on_the_exact_step(home):
     # 0.5 LR-normalized steps per step: lr_time 3.5 is reached at step 7 (by hand)
     assert (ack["step"], ack["lr_time"], ack["met"]["at_lr_time"]) == (7, 3.5, 3.5)
     assert [r["lr"] for r in rd.metrics()[0] if "loss" in r] == [0.05] * 7 + [0.01] * 5
+
+
+def test_stop_wait_says_stopped_only_once_the_run_recorded_it(home, run):
+    """Issue 31: `stop --wait` printed "stopped" when the stop was applied, before the run had
+    checkpointed and ended (once, it failed after). It now waits for the run's own end."""
+    def slow(t):
+        time.sleep(0.05)
+    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [slow]})
+    th.start()
+    try:
+        while run.status().get("pid") is None:
+            time.sleep(0.02)
+        res = invoke(home, "stop", run.id, "--wait", "--timeout", "30")
+    finally:
+        th.join()
+    assert res.exit_code == 0, res.output
+    sent, applied, ended = res.stdout.strip().splitlines()
+    st = run.status()
+    assert st["state"] == "stopped" and applied.startswith(f"{run.id}: stopped at step ")
+    assert ended == (f"{run.id}: stopped at step {st['step']} (step_{st['step']:07d}.safetensors; "
+                     f"gpctl resume {run.id} continues it)")
