@@ -13,6 +13,7 @@ from engine.rundir import RunDir
 from engine.train import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
+from tests.test_queue import wait_until
 
 runner = CliRunner()
 
@@ -84,16 +85,6 @@ def _worker(home, env=None):
                             start_new_session=True, env={**os.environ, **(env or {})})
 
 
-def _until(pred, timeout=120.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def test_a_lock_held_past_the_timeout_makes_the_worker_wait_never_exit(tmp_path):
     """Fault 4: a write lock on jobs.db held past the busy timeout killed the worker. It now waits,
     says so, and records the job's end once the lock is gone."""
@@ -108,15 +99,15 @@ def test_a_lock_held_past_the_timeout_makes_the_worker_wait_never_exit(tmp_path)
     store.close()
     w = _worker(home, {"GPCTL_DB_TIMEOUT": "0.5"})
     try:
-        _until(lambda: rd.status().get("state") == "running")
+        wait_until(lambda: rd.status().get("state") == "running")
         lock = sqlite3.connect(home / "jobs.db", timeout=5, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")                 # held 3 s: six times the worker's timeout
-        _until(lambda: rd.status().get("state") == "done")   # the job itself never needed jobs.db
+        wait_until(lambda: rd.status().get("state") == "done")   # the job itself never needed jobs.db
         time.sleep(3)
         assert w.poll() is None                         # still serving
         lock.execute("COMMIT")
         lock.close()
-        _until(lambda: JobStore.for_reading(home).get(rd.id).state == "done", timeout=60)
+        wait_until(lambda: JobStore.for_reading(home).get(rd.id).state == "done", timeout=60)
         assert w.wait(timeout=60) == 0                  # its idle exit, not an error
         log = w.stdout.read()
         assert "database is locked; waiting and retrying" in log and "Traceback" not in log, log
@@ -140,13 +131,13 @@ def test_a_full_disk_under_a_worker_strands_nothing(small_disk, tmp_path):
     w = _worker(home)
     filler = home / "filler"
     try:
-        _until(lambda: rd.status().get("step", 0) >= 250)
+        wait_until(lambda: rd.status().get("step", 0) >= 250)
         _fill(filler)
-        _until(lambda: rd.status().get("state") == "failed")
+        wait_until(lambda: rd.status().get("state") == "failed")
         assert rd.status().get("disk_full") is True and rd.status()["error"].startswith("disk full: ")
         assert w.poll() is None or w.returncode == 0, w.stdout.read()
         filler.unlink()
-        _until(lambda: JobStore.for_reading(home).get(rd.id).state == "failed", timeout=60)
+        wait_until(lambda: JobStore.for_reading(home).get(rd.id).state == "failed", timeout=60)
         w.wait(timeout=60)
         log = w.stdout.read()
         assert "Traceback" not in log, log
@@ -268,7 +259,7 @@ def test_a_deleted_wal_under_a_live_worker_stops_it_loudly(tmp_path):
     store.close()
     w = _worker(home)
     try:
-        _until(lambda: rd.status().get("state") == "running" and rd.status().get("step", 0) > 0)
+        wait_until(lambda: rd.status().get("state") == "running" and rd.status().get("step", 0) > 0)
         (home / "jobs.db-wal").unlink()
         assert w.wait(timeout=30) == 1
         log = w.stdout.read()
