@@ -118,8 +118,13 @@ def parse(meta: dict, arms: list[str], where: str) -> Contract:
     return c
 
 
-def flat(cfg: Config) -> dict:
-    """The config as dotted keys (lists kept whole)."""
+def flat(cfg: Config, memo: dict | None = None) -> dict:
+    """The config as dotted keys (lists kept whole). memo (id -> dict, for configs that live as long
+    as it): the reference is flattened once for all the arms compared with it."""
+    if memo is not None:
+        if id(cfg) not in memo:
+            memo[id(cfg)] = (cfg, flat(cfg))    # the config is kept with it: its id stays its own
+        return memo[id(cfg)][1]
     out: dict = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -205,6 +210,7 @@ def check(contract: Contract, runs: list[Run], where: str = "", seeded: bool = F
 def _check_point(contract: Contract, at: list[tuple[str, Config]], plans: dict, out: _Collect,
                  seeded: bool = False) -> None:
     refs = [cfg for a, cfg in at if a == contract.reference]
+    memo: dict = {}
     if not refs:
         return   # the reference is not at this point (an --arms choice): nothing to compare with
     knobs = {k for knob in contract.compares for k in KNOBS[knob]}
@@ -220,7 +226,7 @@ def _check_point(contract: Contract, at: list[tuple[str, Config]], plans: dict, 
             continue
         else:                   # compared with the reference of the same seed (sweep seeds), if any
             ref = next((r for r in refs if r.seed == cfg.seed), refs[0])
-        a, b = flat(cfg), flat(ref)
+        a, b = flat(cfg, memo), flat(ref, memo)
         other = of or contract.reference
         for key in sorted(set(a) | set(b)):
             if key == "changes" and of is not None:

@@ -102,6 +102,7 @@ def _plan(cfg: Config) -> Plan:
     step, samples, lr_time, lr, base = 0, 0, 0.0, 0.0, 0.0
     sc = cfg.schedule
     warm = sc.warmup_steps if sc.clock == "steps" else sc.warmup_lr_time
+    hold = 0
     while not ended(cfg, step, lr_time):
         if warm and p.warmup_end is None and (step if sc.clock == "steps" else lr_time) >= warm - 1e-9 * warm:
             p.warmup_end = (step, lr_time)
@@ -114,9 +115,13 @@ def _plan(cfg: Config) -> Plan:
         samples += sched.batch_size * tokens
         lr_time += base / sched.lr_ref
         step += 1
+        if hold:        # just after a jump: the event is within its margin; stepping is always exact
+            hold -= 1
+            continue
         k = _quiet(cfg, sched, step, lr_time, base / sched.lr_ref, warm if p.warmup_end is None else 0.0)
         if k > JUMP:     # a long stretch where nothing happens: taken in closed form (see _quiet)
             step, samples, lr_time = step + k, samples + k * sched.batch_size * tokens, advance(lr_time, base / sched.lr_ref, k)
+            hold = 2     # _quiet's margin: it would answer 0 for these steps
     if warm and p.warmup_end is None and (step if sc.clock == "steps" else lr_time) >= warm - 1e-9 * warm:
         p.warmup_end = (step, lr_time)
     p.steps, p.samples, p.lr_time, p.final_lr = step, samples, lr_time, lr

@@ -50,6 +50,7 @@ class Preset:
     runs: dict[str, dict]
     sweep: dict = field(default_factory=dict)    # the [sweep] table: key = [values], seeds = N or [..]
     contract: contract.Contract = field(default_factory=contract.Contract)
+    _built: list | None = field(default=None, repr=False, compare=False)   # see expand()
 
     def configs(self, overrides: list[str] = (), arms: list[str] | None = None, check: bool = True,
                 seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[Config]:
@@ -75,15 +76,19 @@ class Preset:
         return out
 
     def findings(self, overrides: list[str] = (), seeds: list[int] | None = None,
-                 sweep: dict[str, list[str]] | None = None) -> list[contract.Finding]:
-        """What engine/contract.py finds in all the arms (with these overrides, seeds and sweep)."""
+                 sweep: dict[str, list[str]] | None = None, runs: list[contract.Run] | None = None) -> list[contract.Finding]:
+        """What engine/contract.py finds in all the arms (with these overrides, seeds and sweep; or
+        in `runs`, an expand() of all the arms with them, when the caller has one)."""
         own_seeds, _ = preset_sweep(self.sweep, self.path)
-        return contract.check(self.contract, self.expand(overrides, None, seeds, sweep), str(self.path),
-                              seeded=seeds is not None or own_seeds is not None)
+        return contract.check(self.contract, runs if runs is not None else self.expand(overrides, None, seeds, sweep),
+                              str(self.path), seeded=seeds is not None or own_seeds is not None)
 
     def expand(self, overrides: list[str] = (), arms: list[str] | None = None, seeds: list[int] | None = None,
                sweep: dict[str, list[str]] | None = None) -> list[contract.Run]:
         """Each run with its arm and sweep point (configs() without the checks)."""
+        if self._built is not None and not overrides and arms is None and seeds is None and sweep is None:
+            built, self._built = self._built, None   # load_preset's own expansion, handed over once:
+            return built                             # its configs belong to no one else
         chosen = arms or list(self.runs)
         for arm in chosen:
             if arm not in self.runs:
@@ -244,7 +249,12 @@ def load_preset(name_or_path: str, check: bool = True) -> Preset:
                     description=meta.get("description", ""), twin=meta.get("twin", ""),
                     base=raw.get("base", {}), runs=runs, sweep=raw.get("sweep", {}),
                     contract=contract.parse(meta, list(runs), str(path)))
-    preset.configs(check=check)  # validate every arm now, so errors surface before anything runs
+    # every arm is validated now, so errors surface before anything runs; without the contract's
+    # check, what it built is handed to the next expand() (a config that no one else holds)
+    if check:
+        preset.configs(check=True)
+    else:
+        preset._built = preset.expand()
     return preset
 
 

@@ -59,8 +59,9 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
     presets = [load_preset(n, check=False) for n in names] if names else list_presets()
     report, failed = [], 0
     for p in presets:
-        plans = [plan(cfg) for cfg in p.configs(check=False)]
-        findings = p.findings()
+        runs = p.expand()
+        plans = [plan(r.cfg) for r in runs]
+        findings = p.findings(runs=runs)
         ends = compare_ends(plans)
         reason = p.contract.departs.get("steps")   # arms that end elsewhere on purpose (offline: past their best)
         problems = [f"{pl.cfg.name}: {msg}" for pl in plans for msg in pl.problems] + ([] if reason else ends)
