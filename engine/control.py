@@ -45,7 +45,7 @@ from engine.rundir import FILE_MODE, RunDir, open_regular, read_jsonl
 SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
 CONDITIONS = ("at_step", "at_lr_time", "when")
-REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok", "twin") + CONDITIONS
+REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok", "twin", "until", "attempt") + CONDITIONS
 WHEN_KEYS = ("loss", "eval_loss")   # loss: EMA (0.8) of the train loss at the last flush; eval_loss: the last eval
 LOSS_EMA = 0.8
 FINISHED = ("done", "diverged", "cancelled")   # take no more requests (stopped/failed runs resume)
@@ -110,6 +110,10 @@ def validate(req: object, *, base_lr: float, micro_batch: int, max_lr_factor: fl
         return f"'by' must be printable text of 1 to 64 characters, got {_quote(req['by'])}"
     if "time" in req and _number(req["time"]) is None:
         return f"'time' must be a number (seconds since the epoch), got {_quote(req['time'])}"
+    if "until" in req and _number(req["until"]) is None:
+        return f"'until' must be a number (seconds since the epoch), got {_quote(req['until'])}"
+    if "attempt" in req and _number(req["attempt"]) is None:
+        return f"'attempt' must be a number (the `started` of the attempt it is for), got {_quote(req['attempt'])}"
     if "queued_ok" in req and not isinstance(req["queued_ok"], bool):
         return f"'queued_ok' must be true or false, got {_quote(req['queued_ok'])}"
     if ("set" in req) == ("action" in req):
@@ -376,6 +380,17 @@ class Request:
         else:  # stop: the trainer checkpoints at the end of run() and ends cleanly
             run.stop_requested = True
             run.rd.append_event("control", **answer, status="applied", action="stop", **extra, **where)
+
+
+def expired(req: dict, now: float | None = None) -> str | None:
+    """Why a request with `until` may no longer apply (it was not taken in time), or None. `fork
+    --now` sends its checkpoint request with one: a run that stops first never takes it later."""
+    until = req.get("until")
+    now = time.time() if now is None else now
+    if until is None or now <= until:
+        return None
+    return (f"expired: not taken before its 'until' ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))}, "
+            f"{now - until:.0f} s ago)")
 
 
 def request_id(req: object) -> str | None:

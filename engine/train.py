@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from engine import checkpoint as ckpt
 from engine.errors import CheckpointError
 from engine.config import Config
-from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, kept, request_id,
+from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, expired, kept, request_id,
                             run_dir_untrusted)
 from engine.distributed import Dist
 from engine.data import DataMissing, build_stream
@@ -228,7 +228,7 @@ class Trainer:
             if resume:
                 self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None,
                                      **({"restarted": restart} if restart else {}))
-        self.rd.mark_running(str(self.device))
+        self.attempt = self.rd.mark_running(str(self.device)).get("started")   # requests may name it
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),
                              host=platform.node(), params=sum(p.numel() for p in self.model.parameters()),
@@ -472,7 +472,7 @@ class Trainer:
             if item.problem == "blank":
                 continue
             req = Request(item.request, item.number, request_id(item.request) or f"line-{item.number}")
-            reason = item.problem or req.check(self.cfg)
+            reason = item.problem or req.check(self.cfg) or expired(req.body) or self._other_attempt(req.body)
             if reason:
                 self.rd.append_event("control", id=req.id, line=req.line, status="rejected", reason=reason,
                                      **self.where())
@@ -493,10 +493,23 @@ class Trainer:
                 continue
             req.apply(self, met)
 
+    attempt: float | None = None     # this process's `started` in status.json
+
+    def _other_attempt(self, req: dict) -> str | None:
+        """A request for one attempt (process) of the run is not taken by a later one: `fork --now`'s
+        checkpoint, sent to the job running then, never fires on a resume after that job stopped."""
+        if "attempt" not in req or self.attempt is None or req["attempt"] == self.attempt:
+            return None
+        return ("sent to an earlier attempt of this run (started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(req['attempt']))}), which ended before taking it")
+
     def _apply_waiting(self) -> None:
         waiting, still = self.control.state.waiting, []
         for line, rid, body in waiting:
             req = Request(body, line, rid)
+            if reason := expired(body):
+                self.rd.append_event("control", id=rid, line=line, status="rejected", reason=reason, **self.where())
+                continue
             met = self._met(req)
             if met is None:
                 still.append([line, rid, body])

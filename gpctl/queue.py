@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -106,11 +107,46 @@ def ensure_worker(idle_exit: float | None = None, cpu_slots: int = 1) -> bool:
             return False
     finally:
         store.close()
-    log = open(State.home / "worker.log", "ab")
-    subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(State.home), "worker", "--exclusive",
-                      "--idle-exit", str(idle_exit), "--cpu-slots", str(cpu_slots)], stdout=log, stderr=subprocess.STDOUT,
-                     stdin=subprocess.DEVNULL, start_new_session=True)
+    # the host's worker lock is taken here and handed to the worker it starts: a second `gpctl run`
+    # during the worker's start-up (seconds: it imports torch) finds it held and starts none
+    fd = os.open(worker_lock(State.home), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False          # a worker holds it: running, or starting
+        with open(State.home / "worker.log", "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(State.home), "worker", "--exclusive",
+                              "--idle-exit", str(idle_exit), "--cpu-slots", str(cpu_slots)], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             pass_fds=(fd,), env=dict(os.environ, GPCTL_WORKER_LOCK_FD=str(fd)))
+    finally:
+        os.close(fd)   # the worker's copy of it keeps the lock (flock belongs to the open file)
     return True
+
+
+def worker_lock(home: Path) -> Path:
+    return home / f"worker.{socket.gethostname()}.lock"
+
+
+def _take_worker_lock(home: Path):
+    """The host's worker lock for `worker --exclusive`, or None when another worker holds it. A
+    worker started by ensure_worker is handed the lock already taken ($GPCTL_WORKER_LOCK_FD)."""
+    given = os.environ.pop("GPCTL_WORKER_LOCK_FD", None)
+    if given is not None and given.isdigit():
+        try:
+            lock = os.fdopen(int(given), "a")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # ours already: the same open file
+            return lock
+        except OSError:
+            pass          # not a descriptor of ours (a stale variable): take it the usual way
+    lock = open(worker_lock(home), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
 
 
 def wait_for(rds: list[RunDir], poll: float = 0.5) -> list[str]:
@@ -199,10 +235,8 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
         show_workers()
         return
     if exclusive:
-        lock = open(State.home / f"worker.{socket.gethostname()}.lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock = _take_worker_lock(State.home)   # held until the process exits
+        if lock is None:
             out.print("another worker serves this home on this host")
             return
     ids = gpu_ids if gpu_ids is not None else visible_gpus()

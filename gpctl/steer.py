@@ -266,12 +266,30 @@ def checkpoint_now(rd: RunDir, timeout: float) -> int:
     if run_state(rd) != "running":
         raise ControlError(f"run {rd.id} is {run_state(rd)}, not running: --now needs a running job "
                            f"(fork a checkpoint it has with --step or --latest)")
-    rid = append_request(rd, {"action": "checkpoint"})
+    st = rd.status()
+    step_then = st.get("step") or 0
+    # for this attempt only, and until the wait ends: a run that stops (or is killed) before it
+    # takes it never takes it later, on a resume, when no one waits for it
+    req = {"action": "checkpoint", "until": time.time() + timeout}
+    if isinstance(st.get("started"), (int, float)):
+        req["attempt"] = st["started"]
+    rid = append_request(rd, req)
     ack = wait_for_ack(rd, rid, timeout)
-    if ack is None or ack.get("status") != "applied":
-        why = ack.get("reason") if ack else f"no answer within {timeout:g}s"
-        raise ControlError(f"run {rd.id} did not checkpoint: {why}")
-    return int(ack["step"])
+    if ack is not None and ack.get("status") == "applied":
+        return int(ack["step"])
+    if ack is not None:
+        raise ControlError(f"run {rd.id} did not checkpoint: {ack.get('reason')}")
+    state = rd.status().get("state")
+    last = rd.list_checkpoints()[-1:]
+    if state == "stopped" and last and last[0][0] >= step_then:   # a stop came first: its checkpoint is as new
+        out.print(f"run {rd.id} stopped before it took the checkpoint request: forking its stop checkpoint "
+                  f"(step {last[0][0]}); the request expires unused", markup=False)
+        return last[0][0]
+    if state in ("running", "created"):
+        raise ControlError(f"run {rd.id} did not checkpoint: no answer within {timeout:g}s (the request "
+                           f"expires unused; fork --latest forks its newest checkpoint)")
+    raise ControlError(f"run {rd.id} ended {state} before it took the checkpoint request (the request expires "
+                       f"unused; fork --latest forks its newest checkpoint)")
 
 
 def register(app: typer.Typer) -> None:

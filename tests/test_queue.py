@@ -312,3 +312,26 @@ def test_wait_says_steps_per_second_eta_and_why_a_run_is_queued(tmp_path):
     c = next(j for j in store.jobs() if j.run_id == "c")
     assert why_queued(store, c) == "every slot is busy: 1 running (a)"
     store.close()
+
+
+def test_a_run_during_the_worker_start_up_starts_no_second_worker(home, monkeypatch):
+    """Issue 26: `gpctl run` during a worker's start-up (it imports torch before it registers) started
+    a second detached worker. The host's lock is taken before the worker is started and handed to it."""
+    from gpctl import queue
+    from gpctl.common import State
+    monkeypatch.setattr(State, "home", home)
+    assert queue.ensure_worker(idle_exit=1) is True
+    assert queue.ensure_worker(idle_exit=1) is False       # at once: the first has not registered yet
+    store = JobStore(home)
+    wait_until(lambda: store.workers(), timeout=60)
+    assert queue.ensure_worker(idle_exit=1) is False       # registered and holding the lock
+    wait_until(lambda: not queue.live_workers(store), timeout=60)
+    store.close()
+    log = (home / "worker.log").read_text()
+    assert log.count(" serving ") == 1 and "another worker serves" not in log, log
+    # negative control: with the lock free again (its worker exited), the next call starts one
+    assert queue.ensure_worker(idle_exit=1) is True
+    store = JobStore(home)
+    wait_until(lambda: (home / "worker.log").read_text().count(" serving ") == 2, timeout=60)
+    wait_until(lambda: not queue.live_workers(store), timeout=60)
+    store.close()

@@ -334,3 +334,62 @@ def test_stop_wait_says_stopped_only_once_the_run_recorded_it(home, run):
     assert st["state"] == "stopped" and applied.startswith(f"{run.id}: stopped at step ")
     assert ended == (f"{run.id}: stopped at step {st['step']} (step_{st['step']:07d}.safetensors; "
                      f"gpctl resume {run.id} continues it)")
+
+
+def test_fork_now_that_meets_a_stop_forks_the_stop_checkpoint_and_leaves_no_request(home, run, monkeypatch):
+    """Issue 26: `fork --now` racing a stop answered "no answer within 60s" though the run had
+    stopped, and its checkpoint request fired on the next resume. Here the stop is applied first and
+    the run's final checkpoint is slowed, so --now's request arrives while the run is still `running`
+    and is never read by that attempt."""
+    from engine.control import append_request, wait_for_ack
+    from engine.train import Trainer
+    save = Trainer.save_checkpoint
+
+    def slow_save(self, *a, **k):
+        if self.stop_requested:
+            time.sleep(1.5)     # the stop's checkpoint: --now's request lands meanwhile
+        return save(self, *a, **k)
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_save)
+    th = threading.Thread(target=train, args=(run,), kwargs={"hooks": [lambda t: time.sleep(0.05)]})
+    th.start()
+    try:
+        while run.status().get("pid") is None:
+            time.sleep(0.02)
+        assert wait_for_ack(run, append_request(run, {"action": "stop"}), 30)["status"] == "applied"
+        res = invoke(home, "fork", run.id, "--now", "--no-start", "--name", "late", "--timeout", "30")
+    finally:
+        th.join()
+    assert res.exit_code == 0, res.output
+    st = run.status()
+    assert st["state"] == "stopped"
+    msg, child_id = res.stdout.strip().splitlines()
+    assert msg == (f"run {run.id} stopped before it took the checkpoint request: forking its stop checkpoint "
+                   f"(step {st['step']}); the request expires unused")
+    child = RunDir(home / "runs" / child_id)
+    assert child.config().parent_checkpoint.endswith(f"step_{st['step']:07d}.safetensors")
+    # the resume reads the request and rejects it: no checkpoint at its first boundary
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    before = [s for s, _ in run.list_checkpoints()]
+    cp = next(e for e in run.events()[0] if e["event"] == "control" and e.get("action") == "stop")
+    assert train(run, resume=True) == "done"
+    late = [e for e in run.events()[0] if e["event"] == "control" and e["line"] == cp["line"] + 1]
+    assert [e["status"] for e in late] == ["rejected"] and "earlier attempt" in late[0]["reason"]
+    steps = [s for s, _ in run.list_checkpoints()]
+    assert steps[: len(before)] == before and all(s % 10 == 0 for s in steps[len(before):])
+    # negative control: the attempt rule rejects only another attempt's request
+    t = Trainer.__new__(Trainer)
+    t.attempt = 1.0
+    assert t._other_attempt({"action": "checkpoint", "attempt": 1.0}) is None
+    assert t._other_attempt({"action": "checkpoint"}) is None
+    assert "earlier attempt" in t._other_attempt({"action": "checkpoint", "attempt": 2.0})
+
+
+def test_a_request_past_its_until_is_rejected_as_expired():
+    from engine.control import expired, validate
+    assert expired({"until": 100.0}, now=100.0) is None and expired({}, now=1e12) is None
+    assert expired({"until": 100.0}, now=160.0).startswith("expired: not taken before its 'until'")
+    assert expired({"until": 100.0}, now=160.0).endswith("60 s ago)")
+    kw = dict(base_lr=0.1, micro_batch=0, max_lr_factor=100, max_batch=65536)
+    assert validate({"action": "checkpoint", "until": "soon"}, **kw).startswith("'until' must be a number")
+    assert validate({"action": "checkpoint", "attempt": None}, **kw).startswith("'attempt' must be a number")
+    assert validate({"action": "checkpoint", "until": 1.0, "attempt": 2.0}, **kw) is None
