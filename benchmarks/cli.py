@@ -35,7 +35,7 @@ def fill_home(home: Path, n: int) -> None:
     """n finished-looking runs (config + a few records), made without training."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from engine.presets import load_preset
-    from engine.rundir import RunDir
+    from engine.store.rundir import RunDir
 
     cfg = load_preset("demo").configs()[1]
     for i in range(n):

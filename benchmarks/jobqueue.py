@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import build  # noqa: E402
-from engine.jobs import JobStore  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from engine.store.jobs import JobStore  # noqa: E402
+from engine.store.rundir import RunDir  # noqa: E402
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config import build  # noqa: E402
 from engine.data import build_stream  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
-from engine.train import Trainer  # noqa: E402
+from engine.store.rundir import RunDir  # noqa: E402
+from engine.train.loop import Trainer  # noqa: E402
 
 
 def make_parts(folder: Path, n: int = 8192) -> None:

@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import build  # noqa: E402
-from engine.jobs import JobStore  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from engine.store.jobs import JobStore  # noqa: E402
+from engine.store.rundir import RunDir  # noqa: E402
 
 CFG = {"steps": 1, "eval_every": 0, "checkpoint_every": 0, "batch_size": 4, "device": "cpu",
        "model": {"name": "resnet18", "width": 2},

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from engine.config import build  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
-from engine.train import Trainer, compiled_graphs  # noqa: E402
+from engine.store.rundir import RunDir  # noqa: E402
+from engine.train.loop import Trainer, compiled_graphs  # noqa: E402
 
 PEAK_BF16 = 989e12
 FLOPS = {"resnet": 3.33e9, "gpt2": 0.98e9}   # fwd+bwd per image / per token, at full size

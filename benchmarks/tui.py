@@ -26,7 +26,7 @@ from textual.app import App
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import build  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from engine.store.rundir import RunDir  # noqa: E402
 from gpctl.tui.widgets.plot import render  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python benchmarks/tv_throughput.py [--width 16] [--n 4096] [--repeats 5] [--device auto]
 
 Both sides see the same EvalSet batches (CIFAR-shaped, ResNet-18). "Plain" runs model_a(x) and
-model_b(x) under no_grad and nothing else; "TV" is engine.tv.compare_models (softmaxes, TV, losses,
+model_b(x) under no_grad and nothing else; "TV" is engine.analysis.tv.compare_models (softmaxes, TV, losses,
 errors). The goal: TV rate ≥ 0.9 × the plain rate.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import build  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.train import pick_device  # noqa: E402
-from engine.tv import EvalSet, autocast_for, compare_models  # noqa: E402
+from engine.train.loop import pick_device  # noqa: E402
+from engine.analysis.tv import EvalSet, autocast_for, compare_models  # noqa: E402
 
 
 def sync(device):

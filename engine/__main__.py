@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.rundir import RunDir, private_files
-from engine.train import train
+from engine.store.rundir import RunDir, private_files
+from engine.train.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

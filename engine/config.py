@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from engine.paths import read_small
+from engine.fs import read_small
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -394,7 +394,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
     if cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0 or cfg.optim.eps <= 0 or cfg.optim.grad_clip < 0:
         raise ConfigError(f"{where}: 'optim.momentum', 'optim.weight_decay' and 'optim.grad_clip' must be >= 0 "
                           f"and 'optim.eps' > 0")
-    from engine.paths import is_name
+    from engine.fs import is_name
     for key in ("name", "preset"):
         v = getattr(cfg, key)
         if v and not is_name(v):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine import contract
 from engine.config import Config, ConfigError, apply_overrides, build, load_toml, merge
-from engine.paths import is_name
+from engine.fs import is_name
 
 _META_KEYS = {"figure", "description", "twin"}
 _CONTRACT_KEYS = {"compares", "reference", "direction", "baselines", "departs"}

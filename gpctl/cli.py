@@ -13,10 +13,11 @@ import typer
 from typer.core import TyperGroup
 
 from engine.config import ConfigError
-from engine.rundir import RunDir, home, list_runs, private_files, resolve
+from engine.store.rundir import RunDir, home, list_runs, private_files, resolve
 from gpctl import runs as ops
-from engine import slurm
-from engine.jobs import JobStore
+from engine.launch import slurm
+from engine.store import state as states_
+from engine.store.jobs import JobStore
 from gpctl import compare, data, export, presetcheck, queue, repro, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, err, friendly, out, print_json
 from gpctl.common import fmt as _f
@@ -102,7 +103,7 @@ def run_preset(
     retries: Annotated[int, typer.Option("--retries", help="Retry a failed attempt (not a diverged one) up to N times from its last checkpoint.")] = 0,
     notify: Annotated[Optional[str], typer.Option("--notify", metavar="CMD",
                       help="Shell command run when each run ends, fails, diverges, is lost or stalls "
-                           "($GPCTL_RUN, $GPCTL_STATE, $GPCTL_LOSS, ...; see README).")] = None,
+                           "($GPCTL_RUN, $GPCTL_STATE, $GPCTL_LOSS, ...; see docs/runs.md).")] = None,
 ) -> None:
     """Queue the runs of a preset (and make sure a local worker serves them); prints the run ids."""
     if backend not in ("local", "slurm"):
@@ -153,7 +154,7 @@ def run_preset(
             return
         states = queue.wait_for(rds)
     final_table(rds)
-    if any(s not in queue.OK_STATES for s in states):
+    if any(s not in states_.OK for s in states):
         raise typer.Exit(1)
 
 
@@ -176,7 +177,7 @@ def final_table(rds: list[RunDir], last: int = 20) -> None:
 def _mean_last_losses(rd: RunDir, n: int) -> float | None:
     """Mean train loss of the last n steps: online, every batch is fresh data, so this is a test loss
     with far less noise than one step's."""
-    losses = [r["loss"] for r in rd.metrics()[0] if "loss" in r][-n:]
+    losses = [r["loss"] for r in rd.train_records()][-n:]
     return sum(losses) / len(losses) if losses else None
 
 
@@ -207,7 +208,7 @@ def ls(as_json: JsonOpt = False,
     key = sort.lstrip("-")
     if key not in LS_SORTS:
         raise ConfigError(f"--sort must be one of {', '.join(LS_SORTS)}, got {sort!r}")
-    known = queue.shown_states()
+    known = states_.SHOWN
     bad = [s for s in state or [] if s not in known]
     if bad:
         raise ConfigError(f"--state {bad[0]!r} is not a state; one of: {', '.join(known)}")
@@ -219,7 +220,7 @@ def ls(as_json: JsonOpt = False,
     rows = []
     for rd in list_runs(State.home):
         row, job = rd.summary(), store.get(rd.id)
-        row["state"] = queue.shown_state(row, job and job.state)
+        row["state"] = states_.shown(row, job and job.state)
         row["job"] = job.state if job else None
         row["slurm_id"] = job.slurm_id if job else None
         row["attempts"] = job.attempts if job else 0
@@ -298,19 +299,6 @@ def show(run: RunArg, as_json: JsonOpt = False,
         out.print(line, markup=False)
 
 
-def _stranded(store: JobStore, job) -> bool:
-    """A local job recorded `running` whose process and worker are both gone from this host (a
-    worker that died on a full disk never recorded its end): nothing will ever end it but this."""
-    import socket
-
-    from engine.paths import pid_alive
-    if job.backend != "local" or job.host != socket.gethostname():
-        return False
-    worker = next((w for w in store.workers() if w["id"] == job.worker), None)
-    worker_alive = worker is not None and not worker["stopped"] and pid_alive(worker["pid"])
-    return not pid_alive(job.pid) and not worker_alive
-
-
 @app.command()
 @friendly
 def resume(run: RunArg,
@@ -318,36 +306,17 @@ def resume(run: RunArg,
            foreground: Annotated[bool, typer.Option("--foreground", help="Train here instead of through the queue.")] = False) -> None:
     """Continue a run from its last checkpoint (re-enqueued; --foreground trains here)."""
     rd = resolve(State.home, run)
-    if rd.status().get("state") == "done":
-        raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
-    restart = not rd.list_checkpoints() and rd.metrics_size() > 0
-    if restart:
-        from engine.rundir import restart_blocker
-        why = restart_blocker(rd)
-        if why:
-            raise ConfigError(f"run {rd.id} has records but no checkpoint in {rd.checkpoints}: it cannot resume: "
-                              f"{why} (its records are kept; fork it or start a new run)")
     if foreground:
+        ops.resume_blocker(rd)
         states = train_in_foreground([rd], out, resume=True)
     else:
-        store = JobStore(State.home)
-        job = store.get(rd.id)
-        if job and job.state == "running" and _stranded(store, job):   # its process and worker are gone
-            store.finish(job.id, "lost", error="its process and its worker were gone (found by gpctl resume)")
-            job = store.get(rd.id)
-        if job and job.state in ("queued", "running"):
-            raise ConfigError(f"run {rd.id} is already {job.state}")
-        store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
-        store.close()
-        out.print(f"{rd.id}: queued to resume from its last checkpoint" if not restart else
-                  f"{rd.id}: queued to start again from its beginning (lost before its first checkpoint; "
-                  f"its records so far are dropped)")
+        out.print(ops.resume_job(State.home, rd))
         queue.ensure_worker()
         if not wait:
             return
         states = queue.wait_for([rd])
     final_table([rd])
-    if states[0] not in queue.OK_STATES:
+    if states[0] not in states_.OK:
         raise typer.Exit(1)
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from engine.config import ConfigError
 from engine.control import ControlError
 from engine.errors import CheckpointError, DataMissing
-from engine.rundir import UnknownRun, home
+from engine.store.rundir import UnknownRun, home
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -31,7 +31,7 @@ def print_json(data, default=None) -> None:
 
 def complete_run(ctx: typer.Context, incomplete: str) -> list[str]:
     """Shell completion of run ids, from the home the command line names (or $GPCTL_HOME)."""
-    from engine.rundir import list_runs
+    from engine.store.rundir import list_runs
     root = home(ctx.find_root().params.get("home_dir"))
     return [rd.id for rd in list_runs(root) if rd.id.startswith(incomplete)]
 
@@ -74,7 +74,7 @@ def friendly(fn):
             err.print(f"error: {where}{e.strerror or e}", markup=False)
             raise typer.Exit(2) from None
         except RuntimeError as e:     # sbatch/squeue/scancel missing or refusing: one line
-            from engine.slurm import SlurmError
+            from engine.launch.slurm import SlurmError
             if not isinstance(e, SlurmError):
                 raise
             err.print(f"error: {e}", markup=False)

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from engine.config import ConfigError
-from engine.curves import AXES
+from engine.analysis.curves import AXES
 from engine.levels import MATCH_MAX_GAP
 from engine.presets import load_preset
-from engine.rundir import RunDir, list_runs, resolve
+from engine.store.rundir import RunDir, list_runs, resolve
 from gpctl.common import (JsonOpt, State, check_device, check_figure, check_int, fmt, friendly, out, parse_steps,
                           plain_table, print_json, progress_status)
 
@@ -41,7 +41,7 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     check_figure("--plot", plot)
     steps = parse_steps("--at-steps", at_steps)
     if run_a.endswith(".safetensors") or run_b.endswith(".safetensors"):
-        from engine.tv import tv_files
+        from engine.analysis.tv import tv_files
         if not eval_from:
             raise ConfigError("comparing checkpoint files needs --eval-from RUN (whose held-out set to use)")
         for f in (run_a, run_b):
@@ -65,7 +65,7 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     c = resolve(State.home, baseline) if baseline else None
     gap = (max_gap or None) if match_loss else None
     with progress_status(f"loading torch to compare {a.id} and {b.id}") as status:
-        from engine.tv import pair_runs, tv_curve   # torch: only when a TV is computed
+        from engine.analysis.tv import pair_runs, tv_curve   # torch: only when a TV is computed
 
         def told(curve: str):
             return lambda k, n, what: status.update(f"TV ({curve}) pair {k + 1}/{n}: {what}")
@@ -253,8 +253,8 @@ def figure(preset: Annotated[str, typer.Argument(help="Preset whose latest runs 
 def tv_panel(p, runs: dict[str, RunDir], x: str, path: Path) -> dict:
     """Figs. 7/8: TV at matched loss of every non-reference arm (and the seed baselines) to the
     reference, against A's steps or lr_time, T0 marked."""
-    from engine.curves import change_point
-    from engine.tv import pair_runs, tv_curve
+    from engine.analysis.curves import change_point
+    from engine.analysis.tv import pair_runs, tv_curve
     from gpctl.figures import tv_figure
 
     c = p.contract

@@ -8,23 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from engine.ckptmeta import read_meta
+from engine.store.ckptmeta import read_meta
 from engine.config import ConfigError
 from engine.errors import CheckpointError
-from engine.fork import children
-from engine.jobs import JobStore
-from engine.rundir import RunDir, UnknownRun
+from engine.store.fork import children
+from engine.store import state as states_
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir, UnknownRun
 from gpctl.common import fmt as _f
 
 
 def run_info(home: Path, rd: RunDir) -> dict:
     """Everything `gpctl show --json` prints."""
-    from gpctl import queue
     events, _ = rd.events()
     s = rd.summary()
     problems = rd.problems(full=True)                 # the whole of every file, not only its end
     job = _job(home, rd)
-    s["state"] = "unreadable" if problems else queue.effective_state(s["run_state"], job and job["state"])
+    # the one state rule (engine/store/state.py), with every file read whole rather than its end
+    s["state"] = states_.shown(dict(s, problem=problems or None), job and job["state"])
     try:
         cfg = rd.config()
     except ConfigError:
@@ -122,7 +123,7 @@ def _config_diff(home: Path, cfg) -> tuple[str, list[tuple[str, object, object]]
     to dotted keys; ("", []) when there is nothing to compare with (a preset file since moved)."""
     from engine.config import to_dict
     from engine.presets import load_preset
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     try:
         if cfg.parent:
             base, label = run_dir(home, cfg.parent).config(), f"its parent {cfg.parent}"

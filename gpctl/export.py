@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from engine.config import ConfigError
-from engine.rundir import RunDir, resolve
+from engine.store.rundir import RunDir, resolve
 from gpctl.common import State, complete_run, friendly, out
 
 FORMATS = ("csv", "parquet", "tensorboard")

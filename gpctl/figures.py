@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.curves import change_point, early_stop, fit_change, fit_shift, held_out_curve, rms_gap, train_curve
-from engine.rundir import RunDir
+from engine.analysis.curves import change_point, early_stop, fit_change, fit_shift, held_out_curve, rms_gap, train_curve
+from engine.store.rundir import RunDir
 from gpctl.runs import family
 
 LABELS = {"step": "steps", "samples": "samples", "lr_time": "LR-normalized steps", "wall": "seconds"}

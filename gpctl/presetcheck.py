@@ -91,8 +91,8 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
 def from_run(run: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
              out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the preset here (default: stdout).")] = None) -> None:
     """A preset that replays RUN: its config, with the requests it applied as planned changes."""
-    from engine.replay import preset_from_run
-    from engine.rundir import resolve
+    from engine.analysis.replay import preset_from_run
+    from engine.store.rundir import resolve
     from gpctl.common import State
 
     text = preset_from_run(resolve(State.home, run))

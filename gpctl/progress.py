@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 
 
 def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = False) -> list[str]:
@@ -17,11 +17,11 @@ def train_in_foreground(rds: list[RunDir], console: Console, resume: bool = Fals
         for rd in rds:
             task = tasks[rd.id]
 
-            def update(t, task=task) -> None:   # t: engine.train.Trainer
+            def update(t, task=task) -> None:   # t: engine.train.loop.Trainer
                 loss = t.last_record.get("loss")
                 progress.update(task, completed=t.step, loss=f"{loss:.4f}" if loss is not None else "-")
 
-            from engine.train import train   # torch: only when training here
+            from engine.train.loop import train   # torch: only when training here
             state = train(rd, resume=resume, on_progress=update)
             progress.update(task, description=f"{rd.id} [{state}]")
             states.append(state)

@@ -14,39 +14,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine import backends, slurm
+from engine.launch import backends, slurm
 from engine.config import ConfigError
-from engine.jobs import TERMINAL, JobStore
-from engine.rundir import RunDir, UnknownRun, resolve
-from engine.worker import Worker, live_workers, visible_gpus
+from engine.store.jobs import JobStore
+from engine.store.state import TERMINAL
+from engine.store.rundir import RunDir, UnknownRun, resolve
+from engine.launch.worker import Worker, live_workers, visible_gpus
 from gpctl.common import MAX_PRIORITY, RunArg, State, check_int, err, friendly, out, parse_gpus, plain_table, print_json
 
-OK_STATES = ("done", "stopped")
-
-
-def shown_states() -> tuple[str, ...]:
-    """Every state `ls` and the TUI can print (what `ls --state` accepts)."""
-    from engine import jobs, rundir
-    return tuple(dict.fromkeys(rundir.STATES + jobs.STATES + ("unreadable",)))
-
-
-def effective_state(run_state: str, job_state: str | None) -> str:
-    """What `ls`, steering and the TUI call a run's state: the queue knows better before a run starts,
-    and why it ended (queued, lost, cancelled, failed)."""
-    if job_state and (job_state in ("queued", "lost", "cancelled", "failed") or run_state == "created"):
-        return job_state
-    return run_state
-
-
-def shown_state(summary: dict, job_state: str | None) -> str:
-    """The state `ls` and the TUI print: `unreadable` when a file of the run could not be read (its
-    summary's `problem` says why), else effective_state."""
-    return "unreadable" if summary.get("problem") else effective_state(summary["run_state"], job_state)
-
-
 def enqueue(rds: list[RunDir], resume: bool = False, priority: int = 0, after: list[str] = (),
-            retries: int = 0) -> None:
-    store = JobStore(State.home)
+            retries: int = 0, home: Path | None = None) -> None:
+    store = JobStore(home or State.home)
     try:
         backends.BACKENDS["local"].submit(store, rds, resume, after, priority, retries)
     finally:
@@ -93,15 +71,17 @@ def sync(store: JobStore) -> None:
         err.print(f"warning: {e}", markup=False)
 
 
-def ensure_worker(idle_exit: float | None = None, cpu_slots: int = 1) -> bool:
+def ensure_worker(idle_exit: float | None = None, cpu_slots: int = 1, home: Path | None = None) -> bool:
     """Start a detached local worker unless one serves this home on this host; True if started.
 
     It exits after `idle_exit` seconds with nothing to do ($GPCTL_WORKER_IDLE_EXIT, default 60);
-    on a machine without GPUs it runs `cpu_slots` jobs at once.
+    on a machine without GPUs it runs `cpu_slots` jobs at once. `home`: the CLI's --home by default
+    (the TUI passes its own).
     """
+    home = home or State.home
     if idle_exit is None:
         idle_exit = float(os.environ.get("GPCTL_WORKER_IDLE_EXIT", "60"))
-    store = JobStore(State.home)
+    store = JobStore(home)
     try:
         if live_workers(store):
             return False
@@ -109,14 +89,14 @@ def ensure_worker(idle_exit: float | None = None, cpu_slots: int = 1) -> bool:
         store.close()
     # the host's worker lock is taken here and handed to the worker it starts: a second `gpctl run`
     # during the worker's start-up (seconds: it imports torch) finds it held and starts none
-    fd = os.open(worker_lock(State.home), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(worker_lock(home), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False          # a worker holds it: running, or starting
-        with open(State.home / "worker.log", "ab") as log:
-            subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(State.home), "worker", "--exclusive",
+        with open(home / "worker.log", "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "gpctl", "--home", str(home), "worker", "--exclusive",
                               "--idle-exit", str(idle_exit), "--cpu-slots", str(cpu_slots)], stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                              pass_fds=(fd,), env=dict(os.environ, GPCTL_WORKER_LOCK_FD=str(fd)))
@@ -257,7 +237,7 @@ def show_workers() -> None:
     t = Table(title="workers")
     for col in ("worker", "slots", "alive", "heartbeat", "jobs"):
         t.add_column(col)
-    from engine.paths import pid_alive
+    from engine.fs import pid_alive
     for w in store.workers():
         jobs = [j.run_id for j in store.jobs(state="running", worker=w["id"])]
         alive = "yes" if not w["stopped"] and w["host"] == socket.gethostname() and pid_alive(w["pid"]) else "no"

@@ -45,14 +45,15 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from engine.control import BATCH_FACTOR, RAISE_RAMP as LR_RAMP   # the paper's, as drop/raise use them
 from engine.config import ConfigError
 from engine.control import append_request
-from engine.curves import eval_curve, fit_shift, held_out_curve, rms_gap
-from engine.fork import fork as fork_run
+from engine.analysis.curves import eval_curve, fit_shift, held_out_curve, rms_gap
+from engine.store.fork import fork as fork_run
 from engine.presets import load_preset
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 from gpctl import queue
-from gpctl.common import State, friendly, out
+from gpctl.common import State, check_int, friendly, out
 from gpctl.steer import noise_request
 
 # Fixed before the recorded run (docs/REPRODUCTION.md); a failed claim is reported, never tuned away.
@@ -74,8 +75,6 @@ LAST = 0.3          # "the last part of training": the last 30% of the x-axis
 FIRST = 0.2         # "at first": the first 20% of the steps (offline tracks online)
 SETTLE = 25         # steps after T0 left out of the translation fits (one eval interval)
 TV_AFTER = 100      # dropped-run checkpoints count for TV from T0 + this many steps
-BATCH_FACTOR = 16   # 32 <-> 512
-LR_RAMP = 100.0     # the lr raise reaches its new lr over this many LR-normalized steps (the paper's 100)
 CALIBRATION_SEEDS = (0, 1)   # the seeds (low/high..., low_seed2) the task and thresholds were calibrated on
 
 
@@ -197,7 +196,7 @@ def t0_of(rep: Report) -> int:
 
 # ------------------------------------------------------------------ checking
 
-def family(rep: Report, arm: str) -> list[RunDir]:
+def seed_runs(rep: Report, arm: str) -> list[RunDir]:
     """An arm and its extra seeds (`high`, `high_s2`, `high_s3`): rule 5's seeds of the noisy arms."""
     r = rep.runs
     return [r[k] for k in sorted(r, key=lambda k: (k != arm, k))
@@ -260,8 +259,8 @@ def check_online_offline(rep: Report) -> None:
                                ("low_lr", "high", "lr_time", "lr 0.0125 vs 0.05 (batch 32), equal LR-normalized steps")):
         if low not in r:
             continue
-        m_high, m_low, lo = _window_means(family(rep, high), family(rep, low), x)
-        seeds = family(rep, low) if low != "low" else [r["low"], r["low_seed2"]]   # the low-noise arm's own seeds
+        m_high, m_low, lo = _window_means(seed_runs(rep, high), seed_runs(rep, low), x)
+        seeds = seed_runs(rep, low) if low != "low" else [r["low"], r["low_seed2"]]   # the low-noise arm's own seeds
         c_a, c_b, _ = _window_means(seeds[1], seeds[0], x)
         gap, c_gap = m_high - m_low, c_a - c_b
         rep.claims.append(Claim(f"1. online, {what}", {"high noise": m_high, "low noise": m_low, "gap": gap,
@@ -276,16 +275,16 @@ def check_online_offline(rep: Report) -> None:
                                              ("off_low_lr", "off_high", "low_lr", "high", "lr 0.0125 vs 0.05 (batch 32)")):
         if low not in r:
             continue
-        b_low, b_high = _best(family(rep, low)), _best(family(rep, high))
-        c_low, c_high = _best(family(rep, on_low)), _best(family(rep, on_high))
+        b_low, b_high = _best(seed_runs(rep, low)), _best(seed_runs(rep, high))
+        c_low, c_high = _best(seed_runs(rep, on_low)), _best(seed_runs(rep, on_high))
         gap, c_gap = b_low - b_high, c_low - c_high
-        (at_h, end_h), (at_l, end_l) = _best_at(family(rep, high)), _best_at(family(rep, low))
+        (at_h, end_h), (at_l, end_l) = _best_at(seed_runs(rep, high)), _best_at(seed_runs(rep, low))
         # early-stopped means the best lies before the end: an arm still improving at its end is not
         stopped = [arm for arm, at, end in ((high, at_h, end_h), (low, at_l, end_l)) if at > 0.9 * end]
         rep.claims.append(Claim(f"1. offline, {what}: high noise's early-stopped loss is lower",
                                 {"high noise, best": b_high, "at step": at_h, "of": end_h,
                                  "low noise, best": b_low, "at step ": at_l, "of ": end_l, "gap": gap,
-                                 "low noise, final": _final(family(rep, low))},
+                                 "low noise, final": _final(seed_runs(rep, low))},
                                 f"gap > {th}", gap > th,
                                 control="the same rule on the online pair",
                                 control_measured={"online high, best": c_high, "online low, best": c_low, "gap": c_gap},
@@ -295,7 +294,7 @@ def check_online_offline(rep: Report) -> None:
     for off, on in (("off_low", "low"), ("off_high", "high")):
         if off not in r:
             continue
-        first, last = _track(family(rep, off), family(rep, on), True), _track(family(rep, off), family(rep, on), False)
+        first, last = _track(seed_runs(rep, off), seed_runs(rep, on), True), _track(seed_runs(rep, off), seed_runs(rep, on), False)
         rep.claims.append(Claim(f"1. offline tracks online at first ({off} vs {on})",
                                 {f"mean abs gap, first {int(FIRST * 100)}%": first},
                                 f"<= {th_t}", first <= th_t,
@@ -319,10 +318,10 @@ def _gap_before(a, b, t0: float, x: str) -> float:
 
 def check_snap(rep: Report) -> dict:
     r, t0, th = rep.runs, t0_of(rep), THRESHOLDS["snap_residual"]
-    fit = _fit_ratio(family(rep, "high_drop"), r["low"], t0)
-    ctl = _fit_ratio(family(rep, "high"), r["low"], t0)    # the never-dropped run must not fit
+    fit = _fit_ratio(seed_runs(rep, "high_drop"), r["low"], t0)
+    ctl = _fit_ratio(seed_runs(rep, "high"), r["low"], t0)    # the never-dropped run must not fit
     rep.claims.append(Claim("2. drop at T0 (scheduled): a right-translation of the low-noise curve",
-                            {"T0": t0, "seeds": len(family(rep, "high_drop")), "tau": fit["tau"],
+                            {"T0": t0, "seeds": len(seed_runs(rep, "high_drop")), "tau": fit["tau"],
                              "residual": fit["residual"],
                              "gap before T0": fit["gap_before"], "residual / gap": fit["ratio"]},
                             f"residual / gap <= {th}", fit["ratio"] <= th,
@@ -334,8 +333,8 @@ def check_snap(rep: Report) -> dict:
         ack = next((e for e in live.events()[0] if e.get("event") == "control"), {})
 
         def max_diff(a: RunDir, b: RunDir) -> tuple[int, float]:
-            la = {m["step"]: m["loss"] for m in a.metrics()[0] if "loss" in m}
-            lb = {m["step"]: m["loss"] for m in b.metrics()[0] if "loss" in m and m["step"] > t0}
+            la = {m["step"]: m["loss"] for m in a.train_records()}
+            lb = {m["step"]: m["loss"] for m in b.train_records() if m["step"] > t0}
             common = sorted(set(la) & set(lb))
             return len(common), (max(abs(la[s] - lb[s]) for s in common) if common else float("inf"))
 
@@ -354,10 +353,10 @@ def check_snap(rep: Report) -> dict:
         steps = r["low"].config().steps
         taus = (-float(steps - t0), 0.0)
         xl, yl = curve(r["low"], "step")
-        xh, yh = curve(family(rep, "high"), "step")
+        xh, yh = curve(seed_runs(rep, "high"), "step")
         gap = rms_gap(xl[xl <= t0], yl[xl <= t0], xh, yh)
-        fit_r = _fit_ratio(r["low_raise"], family(rep, "high"), t0, taus)
-        ctl_r = _fit_ratio(r["low"], family(rep, "high"), t0, taus)   # the never-raised run must not fit
+        fit_r = _fit_ratio(r["low_raise"], seed_runs(rep, "high"), t0, taus)
+        ctl_r = _fit_ratio(r["low"], seed_runs(rep, "high"), t0, taus)   # the never-raised run must not fit
         ratio_r, ratio_c = fit_r["residual"] / gap, ctl_r["residual"] / gap
         rep.claims.append(Claim("2. raise at T0 (control file): a left-translation of the high-noise curve",
                                 {"tau": fit_r["tau"], "residual": fit_r["residual"], "gap before T0": gap,
@@ -367,7 +366,7 @@ def check_snap(rep: Report) -> dict:
                                 control_measured={"tau": ctl_r["tau"], "residual / gap": ratio_c},
                                 control_passed=ratio_c <= th))
     if "high_lr_drop" in r and "low_lr" in r:    # lr figures: x = LR-normalized steps (T0 = lr_time T0)
-        low_lr, highs = family(rep, "low_lr"), family(rep, "high")
+        low_lr, highs = seed_runs(rep, "low_lr"), seed_runs(rep, "high")
         gap = _gap_before(highs, low_lr, t0, "lr_time")
         k = r["high"].config().lr / r["low_lr"].config().lr
         end = r["low_lr"].config().steps * r["low_lr"].config().lr / r["low_lr"].config().lr_ref
@@ -426,7 +425,7 @@ def level_tv(rep: Report, runs: list[RunDir], after: int | None = None) -> tuple
     tolerance), over seeds: {level: [TV of each seed]}, and the rows (for the figure). `after`: only
     the run's checkpoints after this step."""
     from engine.levels import MATCH_MAX_GAP
-    from engine.tv import Pairing, pair_runs, tv_curve   # torch: only when the checks run
+    from engine.analysis.tv import Pairing, pair_runs, tv_curve   # torch: only when the checks run
 
     low = rep.runs["low"]
     by_level: dict[float, list[float]] = {}
@@ -458,7 +457,7 @@ def check_tv(rep: Report) -> tuple[list[dict], list[dict], list[dict]]:
     r, t0 = rep.runs, t0_of(rep)
     # only seeds other than low's: a run that shares low's initialization and data order is close to it
     # early for that reason alone, and the baseline (low seed 2) does not share them
-    other = lambda arm: [rd for rd in family(rep, arm) if rd.config().seed != r["low"].config().seed]  # noqa: E731
+    other = lambda arm: [rd for rd in seed_runs(rep, arm) if rd.config().seed != r["low"].config().seed]  # noqa: E731
     drop_lv, drop = level_tv(rep, other("high_drop"), after=t0 + TV_AFTER)
     high_lv, high = level_tv(rep, other("high"))
     base_lv, base = level_tv(rep, [r["low_seed2"]])
@@ -564,7 +563,7 @@ def write_report(rep: Report, outdir: Path, command: str) -> Path:
               "|---|---|---|---|---|---|---|---|"]
     for name, rd in rep.runs.items():
         cfg = rd.config()
-        recs = [m for m in rd.metrics()[0] if "loss" in m]
+        recs = rd.train_records()
         # from the config (a fork's is its parent's at T0) to the last record
         batch, lr = (f"{a:g} → {b:g}" if a != b else f"{a:g}"
                      for a, b in ((cfg.batch_size, recs[-1]["batch_size"]), (cfg.lr, recs[-1]["lr"])))
@@ -671,15 +670,13 @@ def repro(ci: Annotated[bool, typer.Option("--ci", help="The small version (pres
           out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for REPRODUCTION.md and the figures.")] = None,
           seed: Annotated[int, typer.Option("--seed", help="Added to every arm's seed: record on seeds the calibration did not use.")] = 0,
           cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="Runs trained at once by the worker it starts "
-                                                 "(the CI preset trains on one thread per run, so 2 fit 2 cores).")] = 1,
-          tiny: Annotated[bool, typer.Option("--tiny", help="The CPU-sized reproduction (the default; the only size).")] = True) -> None:
+                                                 "(the CI preset trains on one thread per run, so 2 fit 2 cores).")] = 1) -> None:
     """Reproduce the paper's three claims end to end (runs, forks, live requests, TV, figures)."""
     preset = "repro_ci" if ci else "repro"
     outdir = out_dir or State.home / "repro"
     if outdir.exists() and not outdir.is_dir():
         raise ConfigError(f"--out {outdir}: exists and is not a folder")
-    if cpu_slots < 1:
-        raise ConfigError(f"--cpu-slots must be >= 1, got {cpu_slots}")
+    check_int("--cpu-slots", cpu_slots, 1, 1024)
     command = ("gpctl repro" + (" --ci" if ci else "") + (f" --seed {seed}" if seed else "")
                + (f" --cpu-slots {cpu_slots}" if cpu_slots > 1 else "") + (f" --out {out_dir}" if out_dir else ""))
     rep = reproduce(preset, outdir, command, seed, cpu_slots)

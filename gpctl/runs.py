@@ -6,7 +6,7 @@
     ev = home.events()                          # one row per event, with its sentence
     home.info()                                 # one row per run: what `gpctl ls --json` shows
 
-It reads through engine/rundir.py, the same readers `ls` and the TUI use: an unreadable line is
+It reads through engine/store/rundir.py, the same readers `ls` and the TUI use: an unreadable line is
 skipped, never fatal, and the run's `problem` says so in info().
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from engine.config import Config, ConfigError
 from engine.errors import DataMissing
 from engine.presets import Preset, load_preset
-from engine.rundir import RunDir, home as default_home, list_runs, resolve
+from engine.store.rundir import RunDir, home as default_home, list_runs, resolve
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,3 +142,57 @@ def load(home: str | Path | None = None, runs: list[str] | None = None, preset: 
     if preset:
         rds = [rd for rd in rds if Runs([rd])._labels(rd)["preset"] == preset]
     return Runs(rds)
+
+
+# ------------------------------------------------------------------ operations both faces call
+
+
+def resume_blocker(rd: RunDir) -> None:
+    """Raise ConfigError (one line) when `rd` cannot be resumed: it is done, or it has records but no
+    checkpoint and cannot start again from its beginning (engine/store/rundir.py restart_blocker)."""
+    if rd.status().get("state") == "done":
+        raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
+    if not rd.list_checkpoints() and rd.metrics_size() > 0:
+        from engine.store.rundir import restart_blocker
+        why = restart_blocker(rd)
+        if why:
+            raise ConfigError(f"run {rd.id} has records but no checkpoint in {rd.checkpoints}: it cannot resume: "
+                              f"{why} (its records are kept; fork it or start a new run)")
+
+
+def resume_job(home: Path, rd: RunDir) -> str:
+    """Queue `rd` to continue from its last checkpoint (or, lost before its first, to start again from
+    its beginning); the sentence that says which. What `gpctl resume` and the TUI's `u` both do.
+    Raises ConfigError when it cannot (resume_blocker; already queued or running)."""
+    from engine.store.jobs import JobStore
+    resume_blocker(rd)
+    restart = not rd.list_checkpoints() and rd.metrics_size() > 0
+    store = JobStore(home)
+    try:
+        job = store.get(rd.id)
+        if job and job.state == "running" and _stranded(store, job):   # its process and worker are gone
+            store.finish(job.id, "lost", error="its process and its worker were gone (found by gpctl resume)")
+            job = store.get(rd.id)
+        if job and job.state in ("queued", "running"):
+            raise ConfigError(f"run {rd.id} is already {job.state}")
+        store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
+    finally:
+        store.close()
+    return (f"{rd.id}: queued to resume from its last checkpoint" if not restart else
+            f"{rd.id}: queued to start again from its beginning (lost before its first checkpoint; "
+            f"its records so far are dropped)")
+
+
+def _stranded(store, job) -> bool:
+    """A local job recorded `running` whose process and worker are both gone from this host (a
+    worker that died on a full disk never recorded its end): nothing will ever end it but this."""
+    import socket
+
+    from engine.fs import pid_alive
+    if job.backend != "local" or job.host != socket.gethostname():
+        return False
+    worker = next((w for w in store.workers() if w["id"] == job.worker), None)
+    worker_alive = worker is not None and not worker["stopped"] and pid_alive(worker["pid"])
+    return not pid_alive(job.pid) and not worker_alive
+
+

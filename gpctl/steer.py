@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 import typer
 
 from engine.config import ConfigError
-from engine.control import ControlError, Request, append_request, describe, wait_for_ack
-from engine.fork import fork as fork_run
-from engine.rundir import RunDir, resolve
+from engine.control import LR_FACTOR, RAISE_RAMP, ControlError, Request, append_request, describe, wait_for_ack
+from engine.store.fork import fork as fork_run
+from engine.store.rundir import RunDir, resolve
+from engine.store.state import FINISHED, LIVE
 from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, check_float, check_int, err, friendly, out
 
 LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="K > 1: drop divides the lr by K, raise multiplies it.")]
@@ -31,13 +32,12 @@ QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run th
 
 
 def run_state(rd: RunDir) -> str:
-    """The run's state as `gpctl ls` shows it (queue.effective_state)."""
-    from engine.jobs import JobStore
-    from gpctl.queue import effective_state
-
-    store = JobStore.for_reading(rd.path.parent.parent)
+    """The run's state as `gpctl ls` shows it (engine/store/state.py)."""
+    from engine.store import state
+    from engine.store.jobs import JobStore
+    store = JobStore.for_reading(rd.home)
     try:
-        return effective_state(rd.summary()["run_state"], (job := store.get(rd.id)) and job.state)
+        return state.of(rd, store)
     finally:
         store.close()
 
@@ -48,7 +48,7 @@ def refusal(rd: RunDir, action: bool, queued_ok: bool = False, state: str | None
     this before it opens a dialog; check_request before anything is written (`state`: run_state(rd),
     when the caller has it)."""
     state = state or run_state(rd)
-    if state in ("done", "diverged", "cancelled"):
+    if state in FINISHED:
         return f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})"
     if state != "running" and not action and not queued_ok:
         hint = (f"give it at creation (--set) or fork it (gpctl fork {rd.id} --set …)" if state in ("created", "queued")
@@ -126,7 +126,6 @@ def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = 
 def wait_for_end(rd: RunDir, timeout: float) -> None:
     """After an applied stop: the run still checkpoints and ends; say how it ended (or that it has
     not yet), so "stopped" is printed only once the run recorded it."""
-    from engine.control import LIVE
     deadline = time.monotonic() + timeout
     while (st := rd.status()).get("state") in LIVE and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -163,7 +162,7 @@ def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None,
         if batch % batch_factor:
             raise ControlError(f"batch {batch} is not divisible by --batch-factor {batch_factor}")
         return {"set": {"batch_size": batch // batch_factor}}
-    k = 10.0 if lr_factor is None else lr_factor
+    k = LR_FACTOR if lr_factor is None else lr_factor
     if not k > 1 or k == float("inf"):
         raise ControlError(f"--lr-factor must be a number > 1, got {k:g} "
                            f"({'drop divides' if lower else 'raise multiplies'} the lr by it)")
@@ -196,7 +195,7 @@ def drop(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = No
 
 @friendly
 def raise_(run: RunArg, lr_factor: LrFactor = None, batch_factor: BatchFactor = None,
-           ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = 100.0,
+           ramp: Annotated[float, typer.Option("--ramp", help="LR-normalized steps to reach a raised lr (App. A.3: 100).")] = RAISE_RAMP,
            wait: WaitOpt = False, timeout: TimeoutOpt = 60.0, queued_ok: QueuedOk = False,
            at_step: AtStep = None, at_lr_time: AtLrTime = None, when: When = None, twin: Twin = False) -> None:
     """Raise the noise: lr × K (default K = 10, ramped) or batch ÷ K, now or when a condition holds."""

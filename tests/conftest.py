@@ -71,7 +71,7 @@ def fixed_runs(home: Path) -> list:
     import math
 
     from engine.presets import load_preset
-    from engine.rundir import RunDir
+    from engine.store.rundir import RunDir
 
     out = []
     for k, cfg in enumerate(load_preset("demo").configs()):

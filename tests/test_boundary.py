@@ -4,7 +4,7 @@ import sys
 
 
 def test_engine_imports_no_ui_modules():
-    code = ("import sys, engine, engine.train, engine.rundir, engine.checkpoint, engine.presets, "
+    code = ("import sys, engine, engine.train.loop, engine.store.rundir, engine.train.checkpoint, engine.presets, "
             "engine.data.c4, engine.data.images, engine.models.gpt2, engine.__main__\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gpctl', 'typer', 'textual', 'rich'))\n"
             "print(','.join(bad))")
@@ -29,7 +29,7 @@ def test_the_cli_starts_without_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == ""
     # negative control: the trainer does import torch
-    code = "import sys, engine.train\nprint('torch' in sys.modules)"
+    code = "import sys, engine.train.loop\nprint('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "True"
 
@@ -85,13 +85,45 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_engines_imports_have_no_cycle():
     """Issue 25: config -> rundir -> jobs -> rundir was a circle; the shared helpers (names, homes, pid
-    liveness) now live in engine.paths, which imports no engine module. Function-level imports count."""
+    liveness) now live in engine.fs, which imports no engine module. Function-level imports count."""
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     graph = _engine_import_graph(root)
-    assert len(graph) > 30 and graph["engine.paths"] == set()
+    assert len(graph) > 30 and graph["engine.fs"] == set()
     assert _cycles(graph) == []
     # negative control: the old edge (jobs importing rundir's make_home) closes the circle again
-    graph["engine.jobs"] = graph["engine.jobs"] | {"engine.rundir"}
-    graph["engine.rundir"] = graph["engine.rundir"] | {"engine.jobs"}
-    assert _cycles(graph) == [["engine.jobs", "engine.rundir"]]
+    graph["engine.store.jobs"] = graph["engine.store.jobs"] | {"engine.store.rundir"}
+    graph["engine.store.rundir"] = graph["engine.store.rundir"] | {"engine.store.jobs"}
+    assert _cycles(graph) == [["engine.store.jobs", "engine.store.rundir"]]
+
+
+def _lint_imports(root, cwd):
+    """lint-imports (import-linter) with `root`'s pyproject.toml contracts, on the packages under cwd."""
+    import os
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "lint-imports"
+    env = dict(os.environ, PYTHONPATH=str(cwd))
+    return subprocess.run([str(exe), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_the_engines_layers_hold_and_a_crossing_breaks_them(tmp_path):
+    """Issue 25: engine/ in layers (launch > analysis > train > control > store, and what an experiment
+    is beneath them), no torch under store and control: import-linter's contracts in pyproject.toml."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = _lint_imports(root, root)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "Contracts: 4 kept, 0 broken." in res.stdout
+    # negative controls, each on a copy: the store importing the trainer, the control layer torch
+    for where, line, broken in (("engine/store/rundir.py", "from engine.train import loop", "engine layers import downwards BROKEN"),
+                                ("engine/control/request.py", "import torch", "no torch under store, control and the experiment's definition BROKEN"),
+                                ("engine/plan.py", "from engine.store import rundir", "what an experiment is does not depend on runs BROKEN")):
+        copy = tmp_path / where.replace("/", "_")
+        for pkg in ("engine", "gpctl"):
+            shutil.copytree(root / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        f = copy / where
+        f.write_text(f.read_text() + f"\n\ndef _crossing():\n    {line}\n")
+        res = _lint_imports(root, copy)
+        assert res.returncode == 1 and broken in res.stdout, res.stdout[-2000:]

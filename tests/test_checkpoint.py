@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.rundir import RunDir
-from engine.train import train
+from engine.train import checkpoint as ckpt
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from tests.conftest import TINY_IMAGES, TINY_LM, tiny
 
 
@@ -155,7 +155,7 @@ def test_the_lm_loss_is_transformers_own():
     import torch.nn.functional as F
 
     from engine.models import build_model
-    from engine.train import loss_fn
+    from engine.train.loop import loss_fn
     cfg = tiny(TINY_LM)
     model = build_model(cfg.model).eval()
     x = torch.randint(0, cfg.model.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))

@@ -93,7 +93,7 @@ def test_run_ls_show_resume(home, preset):
 
 def test_resume_continues_a_stopped_run(home, preset, monkeypatch):
     from gpctl import runs as ops
-    from engine.train import train
+    from engine.train.loop import train
     from pathlib import Path
     rd = ops.create_runs(str(preset), ["steps=8"], Path(home), ["bs16"])[0]
 
@@ -162,8 +162,8 @@ def test_every_help_example_names_runs_that_resolve_on_the_demos_runs(tmp_path):
     import re
     import shlex
 
-    from engine.rundir import RunDir, resolve
-    from engine.train import train
+    from engine.store.rundir import RunDir, resolve
+    from engine.train.loop import train
     from gpctl.cli import EXAMPLES
     from tests.conftest import TINY_IMAGES, tiny
 

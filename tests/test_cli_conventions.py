@@ -10,8 +10,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 

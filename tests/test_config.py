@@ -119,7 +119,7 @@ def test_cifar_bs32_512_matches_appendix_a():
 
 def test_the_cuda_backend_policy():
     """Issue 13: no cudnn.benchmark and no TF32 policy on CUDA; nothing changes on the CPU."""
-    from engine.train import cuda_flags
+    from engine.train.loop import cuda_flags
     assert cuda_flags("auto", "cpu") == {}
     assert cuda_flags("auto", "cuda") == {"cudnn_benchmark": True, "tf32": True}
     assert cuda_flags("bf16", "cuda") == {"cudnn_benchmark": True, "tf32": True}

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from engine.config import ConfigError
 from engine.presets import load_preset
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -318,7 +318,7 @@ def test_online_arms_are_counted_on_the_prepared_c4_shards_and_imagenet_folders(
 def test_a_fork_that_sets_a_new_lr_keeps_its_parents_clock(tmp_path):
     """lr_ref is resolved when the config is built (config.toml records it): a fork at step 6 with
     lr 0.01 of a parent at 0.05 adds 0.01 / 0.05 = 0.2 LR-normalized steps per step, by hand."""
-    from engine.fork import fork
+    from engine.store.fork import fork
     parent = RunDir.create(tmp_path, tiny(TINY_IMAGES, "steps=12", "eval_every=0", "checkpoint_every=6"))
     assert parent.config().lr_ref == 0.05 and "lr_ref = 0.05" in parent.config_file.read_text()
     assert train(parent) == "done"

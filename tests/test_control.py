@@ -6,9 +6,9 @@ import time
 import pytest
 
 from engine.control import ControlError, append_request
-from engine.fork import fork
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.fork import fork
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from tests.conftest import TINY_IMAGES, tiny
 
 
@@ -89,7 +89,7 @@ def test_checkpoint_and_stop_actions(tmp_path):
 
 BAD_LINES = [
     ("{not json}\n", "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
-    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok, twin, at_step, at_lr_time, when)"),
+    ('{"set": {"lr": 0.1}, "colour": 1}\n', "unknown key 'colour' (known: id, set, ramp, action, time, by, queued_ok, twin, until, attempt, at_step, at_lr_time, when)"),
     ('{"set": {"momentum": 0.5}}\n', "unknown key 'set.momentum' (known: lr, batch_size)"),
     ('{"set": {"lr": "0.1"}}\n', "'lr' must be a number, got \"0.1\""),
     ('{"set": {"lr": 0}}\n', "'lr' must be finite and > 0, got 0"),

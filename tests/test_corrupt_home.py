@@ -7,8 +7,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -296,7 +296,7 @@ def test_a_read_only_home_is_read_and_never_written(tmp_path):
     import tempfile
     from pathlib import Path
 
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     top = Path(tempfile.mkdtemp(dir="/tmp", prefix="gpctl-ro-"))
     top.chmod(0o755)
     home = top / "home"
@@ -384,7 +384,7 @@ def test_long_lines_and_sparse_tails_are_passed_over_in_bounded_memory(tmp_path)
     over so no later read starts inside it, and a multi-GiB sparse tail read in chunks."""
     import tracemalloc
 
-    from engine.rundir import MAX_RECORD, Unreadable, read_jsonl
+    from engine.store.rundir import MAX_RECORD, Unreadable, read_jsonl
     p = tmp_path / "metrics.jsonl"
     good = '{"step": 1, "loss": 2.5}\n'
     long = '{"step": 2, "x": "' + "a" * (MAX_RECORD + 10) + '"}\n'

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.rundir import RunDir
-from engine.train import train
+from engine.train import checkpoint as ckpt
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from tests.conftest import TINY_LM, tiny
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from engine.fork import fork
-from engine.jobs import JobStore
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.fork import fork
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl import runs
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
@@ -134,7 +134,7 @@ def test_the_homes_notify_fires_for_lost_and_stalled_runs_once(tmp_path):
     import socket
     import subprocess
 
-    from engine.worker import Running, Worker
+    from engine.launch.worker import Running, Worker
     out, cmd = _recorder(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
@@ -158,6 +158,6 @@ def test_the_homes_notify_fires_for_lost_and_stalled_runs_once(tmp_path):
     assert _lines(out, 2)[1] == f"{rd.id} lost 0 "
     (home / "settings.toml").write_text("notify = 5\n")              # a broken settings file: one line, no crash
     from engine.config import ConfigError
-    from engine.notify import settings
+    from engine.control.notify import settings
     with pytest.raises(ConfigError, match="settings.toml: 'notify' must be a string"):
         settings(home)

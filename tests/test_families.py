@@ -7,8 +7,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from engine.jobs import JobStore
-from engine.rundir import RunDir, list_runs
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir, list_runs
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -164,7 +164,7 @@ def test_retries_stop_at_the_cap_and_keep_every_attempts_error(tmp_path):
 
 def test_a_diverged_run_is_never_retried(tmp_path):
     """The retry policy is for failures, not for a loss that became NaN."""
-    from engine.worker import Running, Worker
+    from engine.launch.worker import Running, Worker
     home = tmp_path / "home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2"))
     store = JobStore(home)
@@ -185,8 +185,8 @@ def test_a_diverged_run_is_never_retried(tmp_path):
 def test_a_group_plots_as_the_mean_of_its_seeds_with_a_band(tmp_path):
     import numpy as np
 
-    from engine.curves import train_curve
-    from engine.train import train
+    from engine.analysis.curves import train_curve
+    from engine.train.loop import train
     from gpctl.figures import seed_band
     home = tmp_path / "home"
     res = invoke(home, "run", "preset", "demo", "--arm", "bs512", "--seeds", "3", "--no-worker",
@@ -213,7 +213,7 @@ def test_a_gpu_worker_packs_jobs_by_free_memory_and_never_starts_one_that_would_
     stood in for by a table of free GiB; the jobs' processes by a stub (no GPU here)."""
     import os
 
-    import engine.worker as wm
+    import engine.launch.worker as wm
 
     class Proc:
         def __init__(self, cmd, **kw):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from engine.data import build_stream
-from engine.rundir import RunDir
-from engine.train import compile_policy, train
+from engine.store.rundir import RunDir
+from engine.train.loop import compile_policy, train
 from tests.conftest import TINY_IMAGES, TINY_LM, tiny
 from tests.test_data import _c4_cfg, _c4_folder
 
@@ -211,7 +211,7 @@ def test_ddp_batch_that_does_not_divide_is_refused(tmp_path):
 
 
 def test_control_file_is_checked_by_time_and_the_step_is_recorded(tmp_path, monkeypatch):
-    import engine.train as train_mod
+    import engine.train.loop as train_mod
 
     clock = {"t": 0}
 
@@ -292,7 +292,7 @@ def test_prewarm_compiles_every_planned_size_before_step_one_and_changes_nothing
     """Issue 13: compile's shapes are pre-warmed, so the noise drop at step 4 does not wait for the
     compiler; the pre-warm (on held-out batches) leaves batch-norm statistics, gradients and RNG as
     they were: the records equal those of a run compiled as it goes."""
-    from engine import train as train_mod
+    from engine.train import loop as train_mod
     _eager_compile(monkeypatch)
     over = ("compile=true", "steps=8", "batch_size=4", "eval_every=2", "log_every=2",
             "changes=[{at_step=4, batch_size=8}]")
@@ -317,7 +317,7 @@ def test_prewarm_compiles_every_planned_size_before_step_one_and_changes_nothing
 def test_prewarm_without_restoring_the_model_changes_the_run(tmp_path, monkeypatch):
     """Negative control for the test above: a pre-warm that leaves its batch-norm statistics behind
     changes the eval losses."""
-    from engine import train as train_mod
+    from engine.train import loop as train_mod
     _eager_compile(monkeypatch)
     over = ("compile=true", "steps=8", "batch_size=4", "eval_every=2", "log_every=2",
             "changes=[{at_step=4, batch_size=8}]")
@@ -337,7 +337,7 @@ def test_prewarm_sizes_are_the_shapes_still_to_come():
     from types import SimpleNamespace
 
     from engine.schedule import Schedule
-    from engine.train import Trainer
+    from engine.train.loop import Trainer
     cfg = tiny(TINY_IMAGES, "batch_size=4", "steps=30", "changes=[{at_step=5, batch_size=16}, {at_step=9, batch_size=64}]")
     t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=1))
     assert Trainer.prewarm_sizes(t) == [4, 16, 64]
@@ -353,7 +353,7 @@ def test_prewarm_sizes_are_the_shapes_still_to_come():
 def test_prewarm_puts_back_the_rng_that_dropout_drew(tmp_path, monkeypatch, restore):
     """GPT-2 with dropout: the pre-warm's forwards draw dropout masks; with the RNG put back the train
     losses equal a cold-compiled run's, without it (the negative control) they differ."""
-    from engine import train as train_mod
+    from engine.train import loop as train_mod
     _eager_compile(monkeypatch)
     over = ("compile=true", "steps=6", "batch_size=4", "log_every=2", "model.dropout=0.1",
             "changes=[{at_step=3, batch_size=8}]")

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from typer.testing import CliRunner
 
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 from tests.test_queue import wait_until
@@ -91,7 +91,7 @@ def test_a_lock_held_past_the_timeout_makes_the_worker_wait_never_exit(tmp_path)
     import sqlite3
     import time
 
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home = tmp_path / "home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=30", "eval_every=0", "log_every=1"))
     store = JobStore(home)
@@ -121,7 +121,7 @@ def test_a_full_disk_under_a_worker_strands_nothing(small_disk, tmp_path):
     line naming the path; the worker survives (waiting while jobs.db cannot be written) and records
     the end; after space is freed, `gpctl resume` continues the run to `done`, with records equal to
     an uninterrupted run's."""
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home = small_disk / "home"
     args = ("steps=1000", "checkpoint_every=100", "log_every=10", "eval_every=0")
     rd = RunDir.create(home, tiny(TINY_IMAGES, *args))
@@ -159,7 +159,7 @@ def test_resume_takes_back_a_job_whose_process_and_worker_are_gone(tmp_path):
     import socket
     import sys
 
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home = tmp_path / "home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4", "checkpoint_every=2", "eval_every=0"))
     assert train(rd) == "done"
@@ -183,7 +183,7 @@ def test_resume_takes_back_a_job_whose_process_and_worker_are_gone(tmp_path):
 def test_a_full_home_is_listed_and_run_leaves_nothing_half_made(small_disk):
     """Fault 5: with no live connection, reading jobs.db needs a -shm file a full disk cannot make;
     `ls` and `show` read it read-only instead. `gpctl run` names the path and leaves no run folder."""
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home = small_disk / "home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=4"))
     store = JobStore(home)
@@ -208,11 +208,11 @@ def test_a_locked_jobs_db_leaves_no_run_without_its_job(tmp_path, monkeypatch):
     and removes the run folders it had made."""
     import sqlite3
 
-    import engine.jobs
-    from engine.jobs import JobStore
+    import engine.store.jobs
+    from engine.store.jobs import JobStore
     home = tmp_path / "home"
     JobStore(home).close()
-    monkeypatch.setattr(engine.jobs, "DB_TIMEOUT", 0.3)
+    monkeypatch.setattr(engine.store.jobs, "DB_TIMEOUT", 0.3)
     lock = sqlite3.connect(home / "jobs.db", timeout=5, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
@@ -251,7 +251,7 @@ def test_a_deleted_wal_under_a_live_worker_stops_it_loudly(tmp_path):
     and exits at once without writing (so it checkpoints no WAL nobody else reads)."""
     import signal
 
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home = tmp_path / "home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=100000", "eval_every=0", "log_every=10"))
     store = JobStore(home)

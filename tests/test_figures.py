@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.presets import load_preset
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 from gpctl.cli import app
 
 runner = CliRunner()

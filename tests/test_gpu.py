@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rundir import RunDir
-from engine.train import Trainer, train
+from engine.store.rundir import RunDir
+from engine.train.loop import Trainer, train
 from tests.conftest import TINY_IMAGES, TINY_LM, tiny
 
 pytestmark = [pytest.mark.gpu,
@@ -157,7 +157,7 @@ def test_gpu_resume_is_exact_in_fp32(tmp_path):
 
 
 def test_tv_on_gpu_matches_cpu(tmp_path):
-    from engine.tv import tv_curve
+    from engine.analysis.tv import tv_curve
     rds = []
     for name, extra in (("a", ["batch_size=4"]), ("b", [])):
         cfg = tiny(TINY_IMAGES, "steps=4", "checkpoint_every=2", "eval_every=0", "precision=\"fp32\"", *extra,

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.control import MAX_LINE, MAX_READ, MAX_WAITING, ControlReader
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -232,7 +232,7 @@ def test_strings_round_trip_through_toml_whatever_their_characters(tmp_path):
 
 def test_slurm_scripts_quote_the_home_and_refuse_newlines(tmp_path):
     from engine.config import ConfigError
-    from engine.slurm import SlurmOptions, script
+    from engine.launch.slurm import SlurmOptions, script
     home = tmp_path / "my home"
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2"))
     text = script(rd, SlurmOptions(partition="gpu", gres="gpu:1", time="04:00:00"), resume=False)
@@ -303,7 +303,7 @@ def test_a_gpt2_checkpoint_is_checked_on_the_meta_device_too(tmp_path):
     import torch
 
     from engine.errors import CheckpointError
-    from engine.tv import load_model
+    from engine.analysis.tv import load_model
     from tests.conftest import TINY_LM
     rd = RunDir.create(tmp_path / "home", tiny(TINY_LM, "steps=2"))
     assert train(rd) == "done"
@@ -432,8 +432,8 @@ def test_another_users_descriptor_opened_while_writable_is_refused_after_restore
 ])
 def test_a_hostile_settings_file_is_one_warning_and_the_worker_serves_on(tmp_path, body, message, capsys):
     from engine.config import ConfigError
-    from engine.notify import settings
-    from engine.worker import Worker
+    from engine.control.notify import settings
+    from engine.launch.worker import Worker
     home = tmp_path / "home"
     home.mkdir()
     (home / "settings.toml").write_text(body)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from engine.ckptmeta import read_meta
+from engine.store.ckptmeta import read_meta
 from engine.config import ConfigError
 from engine.levels import LossLevels
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from tests.conftest import TINY_IMAGES, tiny
 
 

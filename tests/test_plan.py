@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from engine.config import Change, ConfigError
 from engine.plan import plan
 from engine.presets import load_preset
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 from engine.schedule import Schedule
-from engine.train import train
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import REPO, TINY_IMAGES, tiny
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.jobs import JobStore
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, TINY_LM, tiny
 
@@ -214,7 +214,7 @@ def test_gpu_slots_give_each_job_its_own_device(home):
 def test_reconcile_leaves_a_live_workers_jobs_alone(home):
     """A job another live worker has just claimed (its pid not yet recorded) is not 'lost'."""
     import socket
-    from engine.worker import Worker
+    from engine.launch.worker import Worker
     store = JobStore(home)
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", name="claimed"))
     store.enqueue(rd.id, rd.path)
@@ -235,7 +235,7 @@ def test_reconcile_leaves_a_live_workers_jobs_alone(home):
 def test_reconcile_records_the_lost_attempt_and_keeps_every_attempts_error(home):
     """Issue 12: no `lost` event was written, and a job's error was cleared when it was claimed again."""
     import socket
-    from engine.worker import Worker
+    from engine.launch.worker import Worker
     host = socket.gethostname()
     rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=2", name="lost"))
     store = enqueue(home, rd)

@@ -3,9 +3,9 @@ import math
 import pytest
 
 from engine.config import Change
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 from engine.schedule import Schedule
-from engine.train import train
+from engine.train.loop import train
 from tests.conftest import TINY_IMAGES, tiny
 
 

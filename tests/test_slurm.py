@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.jobs import JobStore
+from engine.store.jobs import JobStore
 from gpctl.cli import app
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_scancel_stops_a_running_slurm_job(slurm_cluster, tmp_path):
     preset.write_text(PRESET.format(steps=100000, width=4, size=16))
     res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm"])
     run_id = res.stdout.split()[0]
-    from engine.rundir import resolve
+    from engine.store.rundir import resolve
     rd = resolve(home, run_id)
     _wait(lambda: rd.status().get("step", 0) >= 4)
     res = runner.invoke(app, ["--home", str(home), "cancel", run_id, "--wait", "--timeout", "60"])
@@ -162,8 +162,8 @@ def test_scancel_stops_a_running_slurm_job(slurm_cluster, tmp_path):
 def test_a_time_limit_checkpoints_requeues_and_ends_done_exactly(slurm_cluster, tmp_path):
     """Issue 16: a run that hits its --time limit is signalled first, checkpoints, and is requeued
     to resume until done; its records equal an uninterrupted run's."""
-    from engine.rundir import RunDir, resolve
-    from engine.train import train
+    from engine.store.rundir import RunDir, resolve
+    from engine.train.loop import train
     home, runner = tmp_path / "home", CliRunner()
     preset = tmp_path / "t.toml"
     preset.write_text(PRESET.format(steps=2000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
@@ -207,7 +207,7 @@ def test_cancel_from_the_tui_scancels_a_slurm_job(slurm_cluster, tmp_path):
     """Issue 16: the TUI's cancel wrote to jobs.db only; a Slurm job never heard of it."""
     import asyncio
 
-    from engine.rundir import resolve
+    from engine.store.rundir import resolve
     from gpctl.tui.app import GpctlApp
     home, runner = tmp_path / "home", CliRunner()
     preset = tmp_path / "long.toml"

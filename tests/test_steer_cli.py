@@ -6,8 +6,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -126,13 +126,13 @@ def test_fork_cli_links_parent_and_child(home):
     assert child["parent"] == parent.id
     res = invoke(home, "resume", child_id, "--foreground")   # a fork that never ran starts from its parent's checkpoint
     assert res.exit_code == 0, res.output
-    from engine.rundir import resolve
+    from engine.store.rundir import resolve
     recs = [r for r in resolve(home, child_id).metrics()[0] if "loss" in r]
     assert [r["step"] for r in recs] == [4, 5, 6] and {r["lr"] for r in recs} == {0.005}
 
 
 def test_fork_queue_enqueues_the_child(home, monkeypatch):
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     from gpctl import queue
     started = []
     monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: started.append(1) or True)
@@ -261,7 +261,7 @@ def test_drop_at_matched_loss_with_a_twin(home):
     """Issue 11's worked example: `gpctl drop RUN --when 'eval_loss<X' --twin`. The drop applies at the
     first eval that meets X (the step an unsteered run predicts), and the twin, forked there and queued,
     continues exactly as the unsteered run."""
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     args = ("steps=20", "eval_every=5", "log_every=1", "lr=0.02", "batch_size=16", "checkpoint_every=0")
     plain = RunDir.create(home, tiny(TINY_IMAGES, *args), run_id="tiny-t-plain")
     assert train(plain) == "done"
@@ -342,7 +342,7 @@ def test_fork_now_that_meets_a_stop_forks_the_stop_checkpoint_and_leaves_no_requ
     the run's final checkpoint is slowed, so --now's request arrives while the run is still `running`
     and is never read by that attempt."""
     from engine.control import append_request, wait_for_ack
-    from engine.train import Trainer
+    from engine.train.loop import Trainer
     save = Trainer.save_checkpoint
 
     def slow_save(self, *a, **k):

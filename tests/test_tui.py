@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from engine.rundir import RunDir
-from engine.train import train
+from engine.store.rundir import RunDir
+from engine.train.loop import train
 from gpctl.tui.app import GpctlApp
 from gpctl.tui.widgets.panels import COLUMNS
 from gpctl.tui.widgets.plot import column_minmax, render
@@ -353,7 +353,7 @@ async def _quit(pilot):
 
 def test_enter_opens_the_runs_whole_story(runs):
     """Issue 14: a run's config diff, events as sentences and log tail, one key away."""
-    from engine.fork import fork
+    from engine.store.fork import fork
     home, a, b, c = runs
     child = fork(home, a, step=4, overrides=["lr=0.01"], name="a-low")
     child.log("hello from the child's log")
@@ -429,7 +429,7 @@ def test_an_empty_home_says_what_to_type(tmp_path):
 
 def test_the_tui_sees_a_cancel_made_by_the_cli(runs):
     """Issue 14: after `gpctl cancel` the TUI still showed the old state (it did not watch jobs.db)."""
-    from engine.jobs import JobStore
+    from engine.store.jobs import JobStore
     home, a, b, c = runs
     store = JobStore(home)
     store.enqueue(c.id, c.path)
@@ -513,7 +513,7 @@ def test_fork_dialog_takes_a_step_a_name_and_overrides(runs, monkeypatch):
     offered, errors, made = asyncio.run(go())
     assert offered == "--step 8 " and errors == ["fork failed: --step needs a whole number, got 'x'"]
     assert len(made) == 1 and made[0]["state"] == "queued"
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     cfg = run_dir(home, made[0]["id"]).config()
     assert (cfg.parent, cfg.lr, cfg.parent_overrides) == (a.id, 0.01, ["lr=0.01"])
     assert cfg.parent_checkpoint == str(dict(a.list_checkpoints())[4].resolve())   # step 4's, not the latest (8)

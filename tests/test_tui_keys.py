@@ -24,7 +24,7 @@ def test_bindings_key_screen_and_readme_table_are_one_list():
     assert all(hasattr(GpctlApp, f"action_{a}") for a in actions)
     lines = key_screen_text().splitlines()
     assert len(lines) == len(KEYS) + 2 and max(map(len, lines)) <= 76     # fits 80 columns inside the box
-    assert markdown_table() in (REPO / "README.md").read_text()          # the README's table is this one
+    assert markdown_table() in (REPO / "docs" / "tui.md").read_text()   # the TUI page's table is this one
     from gpctl.tui.keys import FOOTER
     assert {b.action for b in GpctlApp.BINDINGS if b.show} == {a for a, _ in FOOTER}   # a footer label each
 
@@ -183,8 +183,8 @@ def test_the_view_is_kept_per_home_between_uses(demo_home, tmp_path, monkeypatch
 
 
 def test_queue_view_shows_what_gpctl_queue_prints(demo_home):
-    from engine.jobs import JobStore
-    from engine.rundir import list_runs
+    from engine.store.jobs import JobStore
+    from engine.store.rundir import list_runs
     from gpctl.queue import queue_rows, queue_text
 
     rds = list_runs(demo_home)
@@ -207,8 +207,8 @@ def test_queue_view_shows_what_gpctl_queue_prints(demo_home):
 
 
 def test_seeds_of_one_family_are_one_mean_line_with_a_band(demo_home):
-    from engine.curves import train_curve
-    from engine.rundir import run_dir
+    from engine.analysis.curves import train_curve
+    from engine.store.rundir import run_dir
 
     seeds = ["demo-bs512-000001", "demo-bs512_seed2-000002"]
 

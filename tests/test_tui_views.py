@@ -31,7 +31,7 @@ def _footer(app) -> list[str]:
 
 
 def test_footer_shows_the_keys_that_apply(home):
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     from textual.widgets._footer import FooterKey
     run_dir(home, RUN0).write_status(state="running")
     run_dir(home, RUN1).write_status(state="stopped")
@@ -75,7 +75,7 @@ def _records(rd, field):
 
 
 def test_small_plots_of_recorded_fields_beside_the_loss(home):
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
 
     async def go():
         app = GpctlApp(home, live=False)
@@ -154,7 +154,7 @@ def test_the_recipe_is_the_config_less_its_seed():
 
 
 def test_a_seed_family_as_one_row(home):
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
 
     async def go():
         app = GpctlApp(home, live=False)
@@ -199,7 +199,7 @@ async def _open_detail(app, pilot, rid):
 
 
 def test_detail_screen_follows_the_log(home):
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     rd = run_dir(home, RUN0)
     rd.log("step 1: loss 2.5")
 
@@ -229,7 +229,7 @@ def test_detail_screen_follows_the_log(home):
 
 
 def test_runs_sit_under_a_header_per_preset_that_the_cursor_passes_over(home):
-    from engine.rundir import RunDir
+    from engine.store.rundir import RunDir
     from tests.conftest import TINY_IMAGES, tiny
     other = RunDir.create(home, tiny(TINY_IMAGES, name="x", preset="zz"))
 
@@ -266,7 +266,7 @@ def test_fork_dialog_words_are_the_cli_flags():
 
 
 def test_detail_screen_says_when_the_log_is_empty_until_it_is_not(home):
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     rd = run_dir(home, RUN1)
 
     async def go():
@@ -285,7 +285,7 @@ def test_detail_screen_says_when_the_log_is_empty_until_it_is_not(home):
 def test_hostile_field_names_and_many_fields_never_crash_the_small_plots(home):
     """A record with markup-like, non-identifier and thousands of numeric keys: the TUI keeps at most
     MAX_FIELDS plottable names, shows them as text, and goes on."""
-    from engine.rundir import run_dir
+    from engine.store.rundir import run_dir
     from gpctl.tui.data import MAX_FIELDS
     rd = run_dir(home, RUN0)
     junk = {f"f{i}": i for i in range(3000)}

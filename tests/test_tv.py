@@ -5,10 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from engine.checkpoint import CheckpointError
-from engine.rundir import RunDir
-from engine.train import train
-from engine.tv import Ckpt, compare_models, match, tv_curve, tv_per_item
+from engine.train.checkpoint import CheckpointError
+from engine.store.rundir import RunDir
+from engine.train.loop import train
+from engine.analysis.tv import Ckpt, compare_models, match, tv_curve, tv_per_item
 from gpctl.cli import app
 from tests.conftest import TINY_IMAGES, tiny
 
@@ -66,7 +66,7 @@ def test_lm_tv_averages_over_examples_and_positions():
 
 def test_matched_loss_pairs_beyond_the_tolerance_are_dropped_and_counted():
     """The demo's failure: A's early checkpoints all paired with B's first at gaps of nats."""
-    from engine.tv import pair_up
+    from engine.analysis.tv import pair_up
     a = [Ckpt("a", s, None, s, l) for s, l in ((10, 8.1), (20, 2.0), (30, 1.52), (40, 1.21))]
     b = [Ckpt("b", s, None, s, l) for s, l in ((10, 1.8), (20, 1.5), (30, 1.2))]
     p = pair_up(a, b, "loss", max_gap=0.02)
@@ -211,7 +211,7 @@ def test_figure_of_a_preset_fits_the_translation(tmp_path):
 
 def test_fit_shift_recovers_a_known_translation():
     import numpy as np
-    from engine.curves import fit_shift
+    from engine.analysis.curves import fit_shift
     x = np.arange(0, 400, dtype=float)
     ref = 2.0 * np.exp(-x / 100) + 0.5
     drop = np.where(x <= 100, 3.0 - x / 200, 2.0 * np.exp(-(x - 37) / 100) + 0.5)
@@ -237,7 +237,7 @@ def test_fit_shift_left_translation_of_a_raised_run():
     """A raised run is ahead on the high-noise path: the fit finds a negative shift; the gap before
     T0 is NaN for a fork (no points before T0) and rms_gap measures it from the parent instead."""
     import numpy as np
-    from engine.curves import fit_shift, rms_gap
+    from engine.analysis.curves import fit_shift, rms_gap
     x = np.arange(0, 600, dtype=float)
     high = 2.0 * np.exp(-x / 200) + 0.8
     low = 2.0 * np.exp(-x / 100) + 0.5

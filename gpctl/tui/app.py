@@ -27,9 +27,10 @@ from textual.widgets import Header, Input, Static
 
 from engine.config import ConfigError
 from engine.control import ControlError, Request, append_request
-from engine.curves import AXES
-from engine.jobs import TERMINAL, JobStore
-from engine.rundir import RunDir, UnknownRun, list_runs, run_dir
+from engine.analysis.curves import AXES
+from engine.store.jobs import JobStore
+from engine.store.state import ENDED
+from engine.store.rundir import RunDir, UnknownRun, list_runs, run_dir
 from gpctl.tui.data import RunTail
 from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick, TvPanel
 from gpctl.tui.keys import FOOTER, KEYS, bindings, footer_actions, key_screen_text, state_file
@@ -39,7 +40,6 @@ from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 EMAS = (0.0, 0.8, 0.9, 0.99)
 ZOOMS = (1.0, 0.25, 0.05)
 MAX_METRICS = 6            # small plots beside the loss
-ENDED = TERMINAL + ("lost",)   # a job's end states, and a run whose process died
 
 
 def fork_words(words: list[str]) -> tuple[int | None, float | None, str | None, list[str]]:
@@ -180,7 +180,7 @@ class GpctlApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]   # screen classes used by app.tcss
-    BINDINGS = bindings()        # gpctl/tui/keys.py: the one list of keys (key screen, palette, README)
+    BINDINGS = bindings()        # gpctl/tui/keys.py: the one list of keys (key screen, palette, docs/tui.md)
     COMMANDS = App.COMMANDS | {ActionsAndRuns}
 
     def __init__(self, home: Path, poll: float = 1.0, live: bool = True):
@@ -294,7 +294,7 @@ class GpctlApp(App):
         """Every run's summary and state: the part that reads the disk (the poll thread calls it).
         With `cache` (run id -> (change key, row, when)), only runs whose files changed, or whose row
         is older than 5 s (a process may have died), are summarized again; jobs.db is one query."""
-        from gpctl.queue import shown_state
+        from engine.store.state import shown as shown_state
         store = JobStore.for_reading(self.home, lenient=True)
         jobs = {j.run_id: j.state for j in store.jobs()}
         self.jobs_problem = store.problem        # shown in the status line
@@ -812,6 +812,7 @@ class GpctlApp(App):
         return rd
 
     def _noise(self, lower: bool) -> None:
+        from engine.control import BATCH_FACTOR, LR_FACTOR, RAISE_RAMP
         from gpctl.steer import noise_request
         rd = self._steerable()
         if rd is None:
@@ -827,10 +828,10 @@ class GpctlApp(App):
                 except ValueError:
                     raise ControlError(f"expected a number after '{what}', got {k.strip()!r}") from None
                 if what == "batch":   # "batch 0" is a bad factor, not the default
-                    req = noise_request(rd, None, 16 if factor is None else int(factor), lower, ramp=0.0)
+                    req = noise_request(rd, None, BATCH_FACTOR if factor is None else int(factor), lower, ramp=0.0)
                 elif what == "lr":
-                    req = noise_request(rd, 10.0 if factor is None else factor, None, lower,
-                                        ramp=0.0 if lower else 100.0)
+                    req = noise_request(rd, LR_FACTOR if factor is None else factor, None, lower,
+                                        ramp=0.0 if lower else RAISE_RAMP)
                 else:
                     raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
             except (ControlError, ValueError, OverflowError) as e:
@@ -878,9 +879,8 @@ class GpctlApp(App):
 
     def action_fork(self) -> None:
         """Fork at a checkpoint (the latest, prefilled) with overrides and a name, as `gpctl fork` does."""
-        from engine.fork import fork
+        from engine.store.fork import fork
         from gpctl import queue
-        from gpctl.common import State
         rd = self._selected()
         if rd is None:
             return
@@ -894,9 +894,8 @@ class GpctlApp(App):
             except Exception as e:  # noqa: BLE001 - shown, not fatal
                 self.notify(f"fork failed: {e}", severity="error")
                 return
-            State.home = self.home
-            queue.enqueue([child])
-            queue.ensure_worker()
+            queue.enqueue([child], home=self.home)
+            queue.ensure_worker(home=self.home)
             self.notify(f"forked {child.id} (queued)")
             self.refresh_data()
 
@@ -924,7 +923,7 @@ class GpctlApp(App):
 
     @_queue_action
     def _cancel(self, rd: RunDir) -> None:
-        from engine import backends
+        from engine.launch import backends
         store = JobStore(self.home)
         try:
             self.notify(f"{rd.id}: {backends.cancel(store, rd.id)}")   # scancel for a Slurm job
@@ -939,24 +938,17 @@ class GpctlApp(App):
     @_queue_action
     def action_resume(self) -> None:
         from gpctl import queue
-        from gpctl.common import State
+        from gpctl import runs as ops
         rd = self._selected()
         if rd is None:
             return
-        if rd.status().get("state") == "done":
-            self.notify(f"{rd.id} is already done", severity="warning")
-            return
-        store = JobStore(self.home)
         try:
-            store.enqueue(rd.id, rd.path, gpus=rd.config().gpus, resume=True)
-        except ValueError as e:
+            said = ops.resume_job(self.home, rd)     # what `gpctl resume` does, with its refusals
+        except (ConfigError, ValueError) as e:
             self.notify(str(e), severity="warning")
             return
-        finally:
-            store.close()
-        State.home = self.home
-        queue.ensure_worker()
-        self.notify(f"{rd.id}: queued to resume")
+        queue.ensure_worker(home=self.home)
+        self.notify(said)
         self.refresh_data()
 
     def action_enqueue(self) -> None:
@@ -964,7 +956,6 @@ class GpctlApp(App):
         from engine.presets import list_presets
         from gpctl import queue
         from gpctl import runs as ops
-        from gpctl.common import State
 
         def enqueue(name: str, answer: str | None) -> None:
             if answer is None:
@@ -975,9 +966,8 @@ class GpctlApp(App):
             except Exception as e:  # noqa: BLE001 - one line, not a crash
                 self.notify(str(e).splitlines()[0] if str(e) else type(e).__name__, severity="error")
                 return
-            State.home = self.home
-            queue.enqueue(rds)
-            queue.ensure_worker()
+            queue.enqueue(rds, home=self.home)
+            queue.ensure_worker(home=self.home)
             self.notify(f"queued {len(rds)} runs of {name}" + (f" with {' '.join(overrides)}" if overrides else ""))
             self.refresh_data()
 
@@ -1005,7 +995,7 @@ class GpctlApp(App):
         """Off the UI thread: torch, checkpoints and the held-out set; the panel shows each pair."""
         try:
             from engine.levels import MATCH_MAX_GAP
-            from engine.tv import pair_runs, tv_curve
+            from engine.analysis.tv import pair_runs, tv_curve
             from gpctl.compare import seed_spread
             rows, notes = [], []
             for curve, first in (("main", a), ("baseline", c)):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.curves import ema
-from engine.rundir import RunDir
+from engine.analysis.curves import ema
+from engine.control import changed_text
+from engine.store.rundir import RunDir
 
 FIELDS = ("step", "samples", "lr_time", "wall", "loss")
 EVAL_FIELDS = ("step", "samples", "lr_time", "wall", "eval_loss")
@@ -97,19 +98,7 @@ class RunTail:
         out = []
         for e in self.events:
             if e.get("event") in MARK_EVENTS and e.get("status", "applied") == "applied" and x in e:
-                what = e.get("changed")
-                parts = []
-                if isinstance(what, dict):
-                    for k, v in what.items():
-                        if k == "skipped":
-                            continue
-                        name = {"batch_size": "batch"}.get(k, k)
-                        if isinstance(v, list) and len(v) == 2:
-                            parts.append(f"{name} {v[0]:.3g}→{v[1]:.3g}" if all(isinstance(u, (int, float)) for u in v)
-                                         else f"{name} {v[0]}→{v[1]}")
-                        else:
-                            parts.append(name)
-                label = ", ".join(parts) or str(e.get("action") or e["event"])
+                label = changed_text(e.get("changed"), digits=3, arrow="→") or str(e.get("action") or e["event"])
                 at = e[x]
                 out.append((float(at), f"{label} @ {at:.6g}" if isinstance(at, (int, float)) else label))
         return out

@@ -1,5 +1,5 @@
 """Every key of the TUI in one place: the app's bindings, its key screen (`?`), its command palette
-(ctrl+p), its contextual footer (FOOTER) and the README's key table are all made from KEYS. The view's state (axis, EMA, log-y,
+(ctrl+p), its contextual footer (FOOTER) and docs/tui.md's key table are all made from KEYS. The view's state (axis, EMA, log-y,
 eval, zoom, sort, filter, marks, selection) is kept per home between uses (state_file)."""
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def key_screen_text() -> str:
 
 
 def markdown_table() -> str:
-    """The README's key table."""
+    """docs/tui.md's key table."""
     return "| key | what it does |\n|---|---|\n" + "\n".join(
         f"| `{shown}` | {desc} |" for _, shown, _, _, desc in KEYS)
 

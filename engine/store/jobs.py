@@ -15,10 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.paths import make_home
+from engine.fs import make_home
 
-TERMINAL = ("done", "failed", "diverged", "stopped", "cancelled")
-STATES = ("queued", "running", "lost") + TERMINAL
+from engine.store.state import JOB_STATES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -313,7 +312,7 @@ class JobStore:
             db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
 
     def finish(self, job_id: int, state: str, exit_code: int | None = None, error: str | None = None) -> None:
-        assert state in STATES
+        assert state in JOB_STATES
         with self.tx() as db:
             self._end_attempt(db, job_id, state, exit_code, error)
             db.execute("UPDATE jobs SET state=?, exit_code=?, error=?, ended=?, pid=NULL WHERE id=?",

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config, ConfigError, build, dump_toml, load_toml, to_dict
-from engine.paths import (DIR_MODE, FILE_MODE, NotRegular, is_name, make_home, open_regular,  # noqa: F401
+from engine.fs import (DIR_MODE, FILE_MODE, NotRegular, is_name, make_home, open_regular,  # noqa: F401
                           SMALL_FILE, pid_alive, read_small)
 
 _CONFIGS: dict[tuple, Config] = {}   # RunDir.config's cache, keyed by the file's identity and mtime
-STATES = ("created", "running", "done", "failed", "stopped", "diverged")
 
 
 def home(path: str | os.PathLike | None = None) -> Path:
@@ -44,7 +43,7 @@ class UnknownRun(LookupError):
 
 
 def private_files() -> None:
-    """Files and folders gpctl and its jobs create are owner-only (README, "Security")."""
+    """Files and folders gpctl and its jobs create are owner-only (docs/steering.md, "Security")."""
     os.umask(0o077)
 
 
@@ -257,6 +256,16 @@ def new_run_id(preset: str, arm: str) -> str:
     return f"{preset}-{arm}-{secrets.token_hex(3)}"
 
 
+def is_train(rec: dict) -> bool:
+    """A training step's record in metrics.jsonl (the other kind is an eval's)."""
+    return "loss" in rec
+
+
+def is_eval(rec: dict) -> bool:
+    """An eval's record in metrics.jsonl: held-out loss (and error) at a step."""
+    return "eval_loss" in rec
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -264,6 +273,11 @@ class RunDir:
     @property
     def id(self) -> str:
         return self.path.name
+
+    @property
+    def home(self) -> Path:
+        """The home this run belongs to (a run directory is HOME/runs/ID)."""
+        return self.path.parent.parent
 
     config_file = property(lambda self: self.path / "config.toml")
     status_file = property(lambda self: self.path / "status.json")
@@ -395,6 +409,14 @@ class RunDir:
 
     def metrics(self, offset: int = 0) -> tuple[list[dict], int]:
         return read_jsonl(self.metrics_file, offset)
+
+    # metrics.jsonl holds two kinds of record: a training step's (it has `loss`) and an eval's (it
+    # has `eval_loss`); these tell them apart in one place
+    def train_records(self) -> list[dict]:
+        return [r for r in self.metrics()[0] if is_train(r)]
+
+    def eval_records(self) -> list[dict]:
+        return [r for r in self.metrics()[0] if is_eval(r)]
 
     def events(self, offset: int = 0) -> tuple[list[dict], int]:
         return read_jsonl(self.events_file, offset)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.ckptmeta import read_meta
+from engine.store.ckptmeta import read_meta
 from engine.config import ConfigError, apply_overrides, build, to_dict
-from engine.rundir import RunDir, new_run_id
+from engine.store.rundir import RunDir, new_run_id
 
 
 def pick_checkpoint(parent: RunDir, step: int | None = None, lr_time: float | None = None) -> tuple[int, Path]:
@@ -45,7 +45,7 @@ def fork(root: Path, parent: RunDir, *, step: int | None = None, lr_time: float 
 
 
 def children(root: Path, run: RunDir) -> list[str]:
-    from engine.rundir import list_runs
+    from engine.store.rundir import list_runs
 
     out = []
     for rd in list_runs(root):

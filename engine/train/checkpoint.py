@@ -23,8 +23,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.ckptmeta import FORMAT, read_meta  # noqa: F401  (torch-free; re-exported here)
-from engine.errors import CheckpointError  # noqa: F401  (re-exported: engine.checkpoint.CheckpointError)
+from engine.store.ckptmeta import FORMAT, read_meta  # noqa: F401  (torch-free; re-exported here)
+from engine.errors import CheckpointError  # noqa: F401  (re-exported: engine.train.checkpoint.CheckpointError)
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import ConfigError
-from engine.jobs import JobStore
-from engine.rundir import RunDir
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir
 
 SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                 "REQUEUE_FED", "REQUEUE_HOLD", "SIGNALING", "STAGE_OUT", "STOPPED")   # a requeue passes through some

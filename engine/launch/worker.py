@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.jobs import Job, JobStore
-from engine.paths import pid_alive
-from engine.rundir import RunDir
+from engine.store.jobs import Job, JobStore
+from engine.fs import pid_alive
+from engine.store.rundir import RunDir
 
 
 def visible_gpus() -> list[str]:
@@ -196,7 +196,7 @@ class Worker:
         time.sleep(min(5.0, 0.5 + (now - self._trouble_since) / 10))
 
     def _notify(self, rd: RunDir, state: str) -> None:
-        from engine.notify import notify
+        from engine.control.notify import notify
         try:
             notify(rd, state)
         except Exception as e:  # noqa: BLE001 - a notification never stops the worker
@@ -205,7 +205,7 @@ class Worker:
     def check_stalls(self) -> None:
         """A running job with no new record for `stall_minutes` (settings.toml): notify once."""
         from engine.config import ConfigError
-        from engine.notify import STALL_MINUTES, settings
+        from engine.control.notify import STALL_MINUTES, settings
         try:
             minutes = float(settings(self.root).get("stall_minutes", STALL_MINUTES))
         except ConfigError as e:

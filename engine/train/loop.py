@@ -28,16 +28,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine import checkpoint as ckpt
+from engine.train import checkpoint as ckpt
 from engine.errors import CheckpointError
 from engine.config import Config
 from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, expired, kept, request_id,
                             run_dir_untrusted)
-from engine.distributed import Dist
+from engine.train.distributed import Dist
 from engine.data import DataMissing, build_stream
 from engine.levels import LossLevels
 from engine.models import build_model, hf_config_dict
-from engine.rundir import RunDir, disk_full, free_bytes
+from engine.store.rundir import RunDir, disk_full, free_bytes
 from engine.schedule import Schedule, ended, reached
 
 
@@ -209,7 +209,7 @@ class Trainer:
             self.rd.log(f"removed {len(swept)} temp file(s) of unfinished writes: {', '.join(swept[:5])}")
         restart = None   # a run lost before its first checkpoint starts again, exactly as a fresh start
         if resume and not self.rd.list_checkpoints() and self.rd.metrics_size() > 0:
-            from engine.rundir import restart_blocker
+            from engine.store.rundir import restart_blocker
             why = restart_blocker(self.rd)
             if why:
                 raise RuntimeError(f"cannot resume: no checkpoint in {self.rd.checkpoints}: {why} (the records are kept)")
@@ -526,18 +526,33 @@ class Trainer:
         """The clocks at this step boundary, as every event records them."""
         return {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
 
+    # the control layer's view of a run (engine/control/request.py Steerable): all a request touches
+    def record(self, kind: str, **fields) -> None:
+        self.rd.append_event(kind, **fields)
+
+    def set_noise(self, lr: float, batch_size: int, ramp: float) -> dict:
+        return self.schedule.set(self.step, self.lr_time, lr=lr, batch_size=batch_size, ramp=ramp, manual=True)
+
+    def checkpoint_now(self) -> None:
+        if self.last_eval.get("step") != self.step:
+            self.evaluate()
+        self.save_checkpoint()
+
+    def stop(self) -> None:
+        self.stop_requested = True
+
     def fork_twin(self, rid: str) -> str:
         """An unsteered copy of this run, forked at this boundary before the request applies, and queued:
         the control of the intervention (the paper's Fig. 4 pair) without retraining the prefix."""
-        from engine.fork import fork
-        from engine.jobs import JobStore
+        from engine.store.fork import fork
+        from engine.store.jobs import JobStore
 
         if self.dist.active:
             raise RuntimeError("twins are not made under DDP yet")
         if self.last_eval.get("step") != self.step:
             self.evaluate()
         self.save_checkpoint()
-        home = self.rd.path.parent.parent
+        home = self.rd.home
         child = fork(home, self.rd, step=self.step, name=f"{self.cfg.name}-twin{self.step}")
         child.append_event("twin_of", run=self.rd.id, request=rid, step=self.step, lr_time=self.lr_time)
         store = JobStore(home)
@@ -725,7 +740,7 @@ def train(rd: RunDir, resume: bool = False, on_progress: Callable[[Trainer], Non
         if getattr(trainer, "dist", None):
             trainer.dist.close()
         if state in ("done", "failed", "diverged") and leader:
-            from engine.notify import notify
+            from engine.control.notify import notify
             try:
                 notify(rd, state)
             except Exception as e:  # noqa: BLE001 - a notification never changes how a run ended

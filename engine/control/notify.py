@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from engine.config import ConfigError, load_toml
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 
 SETTINGS = "settings.toml"
 STALL_MINUTES = 30.0
@@ -49,7 +49,7 @@ def commands(rd: RunDir) -> list[str]:
     except ConfigError:
         pass
     try:
-        home_cmd = settings(rd.path.parent.parent).get("notify")
+        home_cmd = settings(rd.home).get("notify")
     except ConfigError as e:
         rd.log(f"notify: {e}")
         home_cmd = None
@@ -67,7 +67,7 @@ def notify(rd: RunDir, state: str) -> int:
     fmt = (lambda v: "" if v is None else f"{v:.6g}")
     env = dict(os.environ, GPCTL_RUN=rd.id, GPCTL_STATE=state, GPCTL_STEP=str(s["step"]), GPCTL_LOSS=fmt(s["loss"]),
                GPCTL_EVAL_LOSS=fmt(s["eval_loss"]), GPCTL_ERROR=(s["error"] or "").splitlines()[0] if s["error"] else "",
-               GPCTL_RUN_DIR=str(rd.path), GPCTL_HOME=str(rd.path.parent.parent))
+               GPCTL_RUN_DIR=str(rd.path), GPCTL_HOME=str(rd.home))
     started = 0
     for cmd in cmds:
         try:

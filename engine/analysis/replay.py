@@ -12,7 +12,7 @@ records equal the steered run's bit for bit (a test checks it).
 from __future__ import annotations
 
 from engine.config import dump_toml, to_dict
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 
 
 def replayed_changes(rd: RunDir) -> tuple[list[dict], list[int]]:

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-DIR_MODE = 0o700      # folders gpctl creates: owner-only (README, "Security")
+DIR_MODE = 0o700      # folders gpctl creates: owner-only (docs/steering.md, "Security")
 FILE_MODE = 0o600     # files likewise
 
 

@@ -9,8 +9,8 @@
 """
 from __future__ import annotations
 
-from engine.jobs import JobStore
-from engine.rundir import RunDir
+from engine.store.jobs import JobStore
+from engine.store.rundir import RunDir
 
 
 class Local:
@@ -39,18 +39,18 @@ class Slurm(Local):
 
     def submit(self, store: JobStore, rds: list[RunDir], resume: bool = False, after: list[str] = (),
                priority: int = 0, retries: int = 0, opts=None, array: bool = False, home=None) -> list[str]:
-        from engine import slurm
+        from engine.launch import slurm
         opts = opts or slurm.SlurmOptions()
         if array and len(rds) > 1:
-            return slurm.submit_array(store, rds, opts, home or rds[0].path.parent.parent, resume, after, priority)
+            return slurm.submit_array(store, rds, opts, home or rds[0].home, resume, after, priority)
         return [slurm.submit(store, rd, opts, resume, after, priority) for rd in rds]
 
     def cancel(self, store: JobStore, run_id: str) -> str:
-        from engine import slurm
+        from engine.launch import slurm
         return slurm.cancel(store, run_id)
 
     def sync(self, store: JobStore) -> None:
-        from engine import slurm
+        from engine.launch import slurm
         slurm.sync(store)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 
 AXES = ("step", "samples", "lr_time", "wall")
 
@@ -41,7 +41,7 @@ def ema(values: np.ndarray, coef: float, start: float | None = None, at: np.ndar
 
 
 def train_curve(rd: RunDir, x: str = "step", coef: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    recs = [r for r in rd.metrics()[0] if "loss" in r]
+    recs = rd.train_records()
     xs = np.array([r[x] for r in recs], dtype=float)
     ys = np.array([r["loss"] for r in recs], dtype=float)
     return xs, (ema(ys, coef) if coef else ys)

@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import CheckpointError, load_weights, load_weights_into, read_meta
+from engine.train.checkpoint import CheckpointError, load_weights, load_weights_into, read_meta
 from engine.config import Config, ModelConfig
 from engine.data import build_stream
 from engine.models import build_model
-from engine.rundir import RunDir
+from engine.store.rundir import RunDir
 
 
 @dataclass
@@ -68,8 +68,8 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     the model is first built on the meta device (no memory) to compare every tensor's name and shape
     with the file's header: a checkpoint whose tensors do not fit its model_config is one line, and
     a hostile model_config (a huge width) allocates nothing."""
-    from engine.checkpoint import expected_shapes
-    from engine.ckptmeta import tensor_shapes
+    from engine.train.checkpoint import expected_shapes
+    from engine.store.ckptmeta import tensor_shapes
     meta = read_meta(path)
     mc = model_config_of(meta, path)
     try:
@@ -267,7 +267,7 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
     """TV for each kept pair of checkpoints of A and B (pair_runs, or `pairing`); cached in A's run
     directory. `on_pair(done, total, what)` is told before each pair that is computed (not read from
     the cache). Each row has `match_gap`: B's recorded eval loss less A's, the gap it was paired at."""
-    from engine.train import pick_device
+    from engine.train.loop import pick_device
 
     cfg_a = rd_a.config()
     pairing = pairing or pair_runs(rd_a, rd_b, by, at_steps, max_gap, replacement)
@@ -310,7 +310,7 @@ def tv_curve(rd_a: RunDir, rd_b: RunDir, by: str = "step", at_steps: list[int] |
 
 def tv_files(path_a: Path, path_b: Path, cfg: Config, eval_samples: int = 0, device: str = "auto") -> dict:
     """TV of two checkpoint files (any compatible gpctl safetensors), on the held-out set of `cfg`."""
-    from engine.train import pick_device
+    from engine.train.loop import pick_device
 
     dev = pick_device(device)
     ma, meta_a = load_model(path_a, dev)
