@@ -1,4 +1,5 @@
-"""`gpctl data prepare c4`: tokenize a text corpus once into uint16 shards (engine/data/tokens.py), so
+"""`gpctl data get cifar5m`: download CIFAR-5m's parts, resumable and checked (engine/data/fetch.py).
+`gpctl data prepare c4`: tokenize a text corpus once into uint16 shards (engine/data/tokens.py), so
 training reads tokens through a memory map instead of tokenizing on its training thread."""
 from __future__ import annotations
 
@@ -83,6 +84,60 @@ def prepare_cmd(
     out.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s; train on it with "
               f"--set data.source=\"c4\" --set data.path=\"{out_dir}\" --set data.tokenizer=\"{tokenizer}\"",
               markup=False)
+
+
+@app.command("get", epilog="Example: gpctl data get cifar5m --out ~/data/cifar5m --npy")
+@friendly
+def get_cmd(
+    name: Annotated[str, typer.Argument(metavar="DATASET", help="The data set: cifar5m (six parts, ~18 GB).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the parts (created); the config's data.path.")] = Path("~/data/cifar5m"),
+    url: Annotated[Optional[str], typer.Option("--url", help="Where part {k} is, {k} the part number "
+                                               "($GPCTL_CIFAR5M_URL; default: its authors' release).")] = None,
+    parts: Annotated[Optional[str], typer.Option("--parts", help="Only these parts, e.g. 0,5 (default: all six).")] = None,
+    npy: Annotated[bool, typer.Option("--npy", help="Also write partK.X.npy / partK.Y.npy, which the loader memory-maps.")] = False,
+    retries: Annotated[int, typer.Option("--retries", help="Reconnects in a row before giving up (it resumes where it was).")] = 5,
+) -> None:
+    """Download a data set's public files: resumable (HTTP ranges; run it again to continue), each
+    file checked (its declared size, its zip CRCs, its arrays' shapes, dtypes and labels) before it is
+    kept; a part that fails is moved aside as partK.npz.corrupt and named."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from engine.data.fetch import CIFAR5M_PARTS, CIFAR5M_URL, FetchError, get_cifar5m
+    from gpctl.common import check_int
+
+    if name != "cifar5m":
+        raise typer.BadParameter(f"unknown data set {name!r} (known: cifar5m)", param_hint="DATASET")
+    check_int("--retries", retries, 0, 1000)
+    chosen = None
+    if parts is not None:
+        try:
+            chosen = [int(k) for k in parts.split(",") if k.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected part numbers like 0,5, got {parts!r}", param_hint="--parts") from None
+        if not chosen or any(not 0 <= k < CIFAR5M_PARTS for k in chosen):
+            raise typer.BadParameter(f"parts are 0..{CIFAR5M_PARTS - 1}, got {parts!r}", param_hint="--parts")
+    url = url or os.environ.get("GPCTL_CIFAR5M_URL") or CIFAR5M_URL
+    out_dir = out_dir.expanduser()
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(part: str, have: int, total: int | None) -> None:
+            if part not in tasks:
+                tasks[part] = bar.add_task(part, total=total)
+            bar.update(tasks[part], completed=have, total=total)
+
+        try:
+            done = get_cifar5m(out_dir, url, chosen, npy, progress, say=lambda line: out.print(line, markup=False),
+                               retries=retries)
+        except FetchError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2) from None
+        except OSError as e:       # the folder cannot be made or written
+            err.print(f"error: {e.filename or out_dir}: {e.strerror}", markup=False)
+            raise typer.Exit(2) from None
+    out.print(f"{out_dir}: {len(done)} part(s), {sum(done.values())} images; train on it with "
+              f"--set data.path=\"{out_dir}\"", markup=False)
 
 
 def register(root: typer.Typer) -> None:

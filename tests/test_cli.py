@@ -129,7 +129,8 @@ def test_missing_real_data_stops_before_anything_is_created(home, tmp_path):
     res = invoke(home, "run", "preset", "cifar_bs32_512", "--set", f"data.path=\"{tmp_path}/none\"")
     assert res.exit_code == 2
     assert res.stderr.strip() == (f"error: cifar_bs32_512: CIFAR-5m not found: no part0.npz … part5.npz in "
-                                  f"{tmp_path}/none (set data.path=DIR); or run its CPU twin: "
+                                  f"{tmp_path}/none (set data.path=DIR, or download it: gpctl data get cifar5m "
+                                  f"--out {tmp_path}/none, ~18 GB); or run its CPU twin: "
                                   f"gpctl run preset cifar_bs32_512_tiny")
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
 

@@ -125,7 +125,8 @@ def test_cifar5m_missing_and_malformed(tmp_path):
     cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{tmp_path}\"")
     with pytest.raises(DataMissing) as e:
         build_stream(cfg, CPU)
-    assert str(e.value) == f"CIFAR-5m not found: no part0.npz … part5.npz in {tmp_path} (point data.path at the folder)"
+    assert str(e.value) == (f"CIFAR-5m not found: no part0.npz … part5.npz in {tmp_path} (point data.path at the folder; "
+                            f"`gpctl data get cifar5m --out {tmp_path}` downloads it, ~18 GB)")
     np.savez(tmp_path / "part0.npz", X=np.zeros((4, 8, 8), np.uint8), Y=np.zeros(4))
     with pytest.raises(DataMissing, match="part0.npz: X must be uint8 N×32×32×3"):
         build_stream(cfg, CPU)

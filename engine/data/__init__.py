@@ -71,8 +71,9 @@ def preflight(cfg: Config) -> None:
     root = Path(os.path.expanduser(dc.path)) if dc.path else None
     if dc.source == "cifar5m":
         root = root or Path(os.path.expanduser("~/data/cifar5m"))
-        if not list(root.glob("part*.npz")):
-            raise DataMissing(f"CIFAR-5m not found: no part0.npz … part5.npz in {root} (set data.path=DIR)")
+        if not list(root.glob("part*.npz")) and not list(root.glob("part*.X.npy")):
+            raise DataMissing(f"CIFAR-5m not found: no part0.npz … part5.npz in {root} (set data.path=DIR, or "
+                              f"download it: gpctl data get cifar5m --out {root}, ~18 GB)")
     elif dc.source == "cifar10":
         root = root or Path(os.path.expanduser("~/data"))
         if not (root / "cifar-10-batches-py").is_dir():

@@ -36,16 +36,35 @@ class _Indexed(InMemory):
         self.eval_set = eval_set
 
 
+def _cifar5m_parts(root: Path) -> list[Path]:
+    """The parts in part order: partK.X.npy where it and partK.Y.npy exist (memory-mapped), else partK.npz."""
+    def number(p: Path) -> int:
+        digits = p.name[4:].split(".")[0]
+        return int(digits) if digits.isdigit() else 0
+    out = {}
+    for p in root.glob("part*.npz"):
+        out[number(p)] = p
+    for p in root.glob("part*.X.npy"):
+        if p.with_name(p.name.replace(".X.npy", ".Y.npy")).exists():
+            out[number(p)] = p
+    return [out[k] for k in sorted(out)]
+
+
 def cifar5m(dc: DataConfig, device: torch.device) -> _Indexed:
     root = _folder(dc, "~/data/cifar5m")
-    parts = sorted(root.glob("part*.npz"), key=lambda p: int(p.stem[4:]) if p.stem[4:].isdigit() else 0)
+    parts = _cifar5m_parts(root)
     if not parts:
-        raise DataMissing(f"CIFAR-5m not found: no part0.npz … part5.npz in {root} (point data.path at the folder)")
+        raise DataMissing(f"CIFAR-5m not found: no part0.npz … part5.npz in {root} (point data.path at the folder; "
+                          f"`gpctl data get cifar5m --out {root}` downloads it, ~18 GB)")
     arrays = []
     for p in parts:
         try:
-            with np.load(p, allow_pickle=False) as z:
-                x, y = z["X"], z["Y"]
+            if p.suffix == ".npz":
+                with np.load(p, allow_pickle=False) as z:
+                    x, y = z["X"], z["Y"]
+            else:                    # partK.X.npy + partK.Y.npy (gpctl data get --npy): memory-mapped
+                x = np.load(p, mmap_mode="r", allow_pickle=False)
+                y = np.load(p.with_name(p.name.replace(".X.npy", ".Y.npy")), allow_pickle=False)
         except (KeyError, ValueError, OSError) as e:
             raise DataMissing(f"{p}: not a CIFAR-5m part (arrays X uint8 N×32×32×3 and Y): {e}") from None
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
@@ -59,8 +78,10 @@ def cifar5m(dc: DataConfig, device: torch.device) -> _Indexed:
     X = torch.empty((total, 32, 32, 3), dtype=torch.uint8, device=hold)
     Y = torch.empty(total, dtype=torch.int64, device=hold)
     at = 0
-    for x, y in arrays:  # copy part by part: never two copies of the whole set on the device
-        X[at:at + len(x)] = torch.from_numpy(x).to(hold)
+    for x, y in arrays:  # copy part by part, 64k images at a time: never two copies of the whole set
+        for i in range(0, len(x), 1 << 16):   # (a memory-mapped part is read here, never whole in RAM)
+            chunk = np.array(x[i:i + (1 << 16)])
+            X[at + i:at + i + len(chunk)] = torch.from_numpy(chunk).to(hold)
         Y[at:at + len(x)] = torch.from_numpy(y).to(hold)
         at += len(x)
     cut = total - n_eval
