@@ -308,14 +308,22 @@ def _cifar5m_local(path: str) -> int:
     """Images in the CIFAR-5m parts at `path` (read from the .npy headers; 0 if none are there)."""
     import numpy as np
 
-    total = 0
-    for part in sorted(Path(os.path.expanduser(path)).glob("part*.npz")):
+    def header(f) -> int:
+        version = np.lib.format.read_magic(f)
+        return int((np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0(f))[0][0])
+
+    total, root = 0, Path(os.path.expanduser(path))
+    npz = {p.name[: -len(".npz")]: p for p in root.glob("part*.npz")}
+    npy = {p.name[: -len(".Y.npy")]: p for p in root.glob("part*.Y.npy") if (p.parent / p.name.replace(".Y.", ".X.")).exists()}
+    for stem in sorted(set(npz) | set(npy)):      # a part in both forms counts once, as the loader reads it
         try:
-            with zipfile.ZipFile(part) as z, z.open("Y.npy") as f:
-                version = np.lib.format.read_magic(f)
-                shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                         else np.lib.format.read_array_header_2_0(f))[0]
-            total += int(shape[0])
+            if stem in npy:
+                with open(npy[stem], "rb") as f:
+                    total += header(f)
+            else:
+                with zipfile.ZipFile(npz[stem]) as z, z.open("Y.npy") as f:
+                    total += header(f)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             return 0  # unreadable: fall back to the published size; training reports the real error
     return total

@@ -13,7 +13,7 @@ import typer
 from gpctl.common import err, friendly, out
 
 app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Prepare data sets for fast training.")
+                  help="Get, check and prepare data sets.")
 
 
 @app.command("prepare", epilog="Example: gpctl data prepare c4 --path ~/data/c4 --tokenizer gpt2 --out ~/data/c4-gpt2")
@@ -138,6 +138,94 @@ def get_cmd(
             raise typer.Exit(2) from None
     out.print(f"{out_dir}: {len(done)} part(s), {sum(done.values())} images; train on it with "
               f"--set data.path=\"{out_dir}\"", markup=False)
+
+
+@app.command("check", epilog="Example: gpctl data check cifar_bs32_512   (or a folder: gpctl data check ~/data/cifar5m)")
+@friendly
+def check_cmd(
+    what: Annotated[str, typer.Argument(metavar="PRESET|DIR", help="A preset (its arms' data) or a data folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Plain JSON.")] = False,
+) -> None:
+    """What data a preset needs and whether it is there (its size, and how much of it each arm draws),
+    or what a folder holds (CIFAR-5m parts checked one by one, prepared token shards counted). Exit 1
+    when something is missing or fails its check."""
+    from rich.table import Table
+
+    from engine.plan import plan
+    from engine.presets import load_preset
+    from gpctl.common import print_json
+    from gpctl.presetcheck import _si
+    from gpctl.runs import data_status
+
+    folder = Path(what).expanduser()
+    if folder.is_dir():
+        rows = _check_folder(folder)
+        if as_json:
+            print_json(rows)
+        else:
+            for r in rows:
+                out.print(f"{r['file']}: {r['problem'] or r['holds']}", markup=False)
+        if not rows or any(r["problem"] for r in rows):
+            if not rows:
+                err.print(f"error: {folder}: no CIFAR-5m parts (part*.npz) and no prepared shards (meta.json)", markup=False)
+            raise typer.Exit(1)
+        return
+    preset = load_preset(what, check=False)
+    rows = []
+    for cfg in preset.configs(check=False):
+        st, pl = data_status(cfg), plan(cfg)
+        rows.append({"arm": cfg.name, **st, "draws": pl.samples, "unit": "tokens" if cfg.is_lm else "samples",
+                     "epochs": pl.epochs, "of": pl.data_size, "note": pl.data_note})
+    if as_json:
+        print_json(rows)
+    else:
+        for (source, path), group in _by_data(rows).items():   # each data set once: where, there or not, size
+            r = group[0]
+            where = "" if source.startswith("synthetic") else f" at {path}"
+            state = ("generated as it trains, nothing to download" if source.startswith("synthetic") else
+                     f"MISSING: {r['missing']}" if r["missing"] else f"there, {_si(r['bytes'])}B on disk")
+            size = f"; {_si(r['of'])} {r['unit']} to draw from ({r['note']})" if r["of"] is not None else ""
+            out.print(f"{source}{where}: {state}{size}", markup=False)
+        t = Table(title=f"{preset.name}: what each arm draws", title_justify="left")
+        for col in ("arm", "source", "draws", "epochs", "of"):
+            t.add_column(col, justify="right" if col in ("draws", "epochs") else "left", overflow="fold")
+        for r in rows:
+            t.add_row(r["arm"], r["source"], _si(r["draws"]) + (" tok" if r["unit"] == "tokens" else ""),
+                      "endless" if r["epochs"] is None else f"{r['epochs']:.3g}",
+                      "-" if r["of"] is None else _si(r["of"]))
+        out.print(t)
+    if any(r["missing"] for r in rows):
+        raise typer.Exit(1)
+
+
+def _by_data(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["source"], r["path"]), []).append(r)
+    return groups
+
+
+def _check_folder(folder: Path) -> list[dict]:
+    """Each CIFAR-5m part in `folder` checked (engine/data/fetch.py), or its prepared shards' tokens."""
+    from engine.data.fetch import FetchError, check_cifar5m_part
+    from engine.data.tokens import is_prepared, read_meta
+    from engine.errors import DataMissing
+
+    rows = []
+    for p in sorted(folder.glob("part*.npz")):
+        try:
+            rows.append({"file": str(p), "holds": f"{check_cifar5m_part(p)} images", "problem": None})
+        except FetchError as e:
+            rows.append({"file": str(p), "holds": None, "problem": str(e).removeprefix(f"{p}: ")})
+    if is_prepared(folder):
+        try:
+            meta = read_meta(folder)
+            holds = ", ".join(f"{split} {e.get('tokens', 0):,} tokens" for split, e in meta["splits"].items())
+            rows.append({"file": str(folder / "meta.json"), "holds": f"prepared shards ({meta.get('tokenizer', '?')}): {holds}",
+                         "problem": None})
+        except DataMissing as e:
+            rows.append({"file": str(folder / "meta.json"), "holds": None, "problem": str(e)})
+    return rows
 
 
 def register(root: typer.Typer) -> None:

@@ -70,14 +70,18 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
                     and not (ends and reason and f.key == "steps" and not f.arms)] + \
             [f"{m} (declared: {reason})" for m in ends if reason]
         failed += bool(problems)
+        missing = list(dict.fromkeys(m for r in runs if (m := data_missing(r.cfg))))   # a warning: data comes later
         c = p.contract
         report.append({"preset": p.name, "path": str(p.path),
                        "compares": list(c.compares), "reference": c.reference, "direction": c.direction,
                        "baselines": c.baselines, "departs": c.departs,
-                       "arms": [_arm_json(pl) for pl in plans], "problems": problems,
+                       "arms": [_arm_json(pl) for pl in plans], "problems": problems, "data_missing": missing,
                        "findings": [f.as_json() for f in findings]})
         if not as_json:
             _print_preset(p, plans, problems, declared)
+            for m in missing:
+                out.print(f"  DATA {p.name}: {m} (a warning: the preset is checked, its runs would stop "
+                          f"before training)", markup=False)
     if as_json:
         print_json(report)
     else:
@@ -106,6 +110,17 @@ def from_run(run: Annotated[str, typer.Argument(help="Run id or a unique prefix 
     except OSError as e:
         raise ConfigError(f"--out {out_file}: {e.strerror}") from None
     out.print(f"wrote {out_file} (gpctl run preset {out_file})")
+
+
+def data_missing(cfg) -> str | None:
+    """The one line `gpctl run` would stop with for this arm's data, or None when it is there."""
+    from engine.data import preflight
+    from engine.errors import DataMissing
+    try:
+        preflight(cfg)
+    except DataMissing as e:
+        return str(e)
+    return None
 
 
 def _arm_json(pl: Plan) -> dict:

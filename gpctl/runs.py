@@ -40,6 +40,34 @@ def check_data(preset: Preset, configs: list[Config]) -> None:
             raise DataMissing(f"{preset.name}: {e}{twin}") from None
 
 
+def data_status(cfg: Config) -> dict:
+    """What data an arm reads and whether it is there: {source, path, missing (the one line, or
+    None), bytes on disk (None for synthetic data or when absent)}. Looks at files only."""
+    import os
+
+    from engine.data import preflight
+    dc = cfg.data
+    default = {"cifar5m": "~/data/cifar5m", "cifar10": "~/data", "imagenet": "~/data/imagenet", "c4": "~/data/c4"}
+    if dc.source.startswith("synthetic"):
+        return {"source": dc.source, "path": "", "missing": None, "bytes": None}
+    path = Path(os.path.expanduser(dc.path or default.get(dc.source, "")))
+    try:
+        preflight(cfg)
+        missing = None
+    except DataMissing as e:
+        missing = str(e)
+    size = None
+    if missing is None and path.is_dir():
+        size = 0
+        for root, _, files in os.walk(path):
+            for f in files:
+                try:
+                    size += os.stat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+    return {"source": dc.source, "path": str(path), "missing": missing, "bytes": size}
+
+
 def plan_runs(name: str, overrides: list[str], arms: list[str] | None = None, seeds: list[int] | None = None,
               sweep: dict[str, list[str]] | None = None) -> list[Config]:
     """The configs `gpctl run preset` would create (checked; nothing is written)."""

@@ -191,3 +191,39 @@ def test_bad_arguments_are_one_line(tmp_path):
     assert res.exit_code == 2 and "parts are 0..5, got '7'" in res.output
     res = r.invoke(app, ["data", "get", "cifar5m", "--out", str(tmp_path), "--url", "http://127.0.0.1:9/x.npz"])
     assert res.exit_code == 2 and "must contain {k}" in res.stderr
+
+
+def test_data_check_says_what_a_preset_needs_and_what_each_arm_draws(tmp_path):
+    """`gpctl data check PRESET`: the data set, there or not (with how to get it), and each arm's draws
+    against its size; exit 1 when missing. `presets check` says the same as a warning and passes."""
+    import json as _json
+    r = CliRunner()
+    missing = tmp_path / "none"
+    res = r.invoke(app, ["data", "check", "cifar_bs32_512_tiny"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0] == "synthetic_images: generated as it trains, nothing to download"
+    # a real preset whose data is absent: the one line `gpctl run` would stop with
+    res = r.invoke(app, ["data", "check", "cifar_bs32_512", "--json"], env={"HOME": str(missing)})
+    assert res.exit_code == 1
+    rows = _json.loads(res.stdout)
+    want = (f"CIFAR-5m not found: no part0.npz … part5.npz in {missing}/data/cifar5m (set data.path=DIR, or "
+            f"download it: gpctl data get cifar5m --out {missing}/data/cifar5m, ~18 GB)")
+    assert [r["arm"] for r in rows] == ["bs32to512", "bs32", "bs512", "bs512_seed2"]
+    assert all(r["missing"] == want and r["bytes"] is None for r in rows)
+    by = {r["arm"]: r for r in rows}
+    # the draws are the plan's: steps × batch (bs512: 11700 × 512), against the published size less the eval set
+    assert by["bs512"]["draws"] == 11700 * 512 and by["bs512"]["of"] == 6_002_688 - 10_000
+    assert abs(by["bs512"]["epochs"] - 11700 * 512 / (6_002_688 - 10_000)) < 1e-12
+    res = r.invoke(app, ["presets", "check", "cifar_bs32_512"], env={"HOME": str(missing)})
+    assert res.exit_code == 0 and f"  DATA cifar_bs32_512: {want} (a warning" in res.stdout
+    # a folder: each part checked (negative control: a cut part fails, by name)
+    folder = tmp_path / "c5"
+    folder.mkdir()
+    for k in (0, 1):
+        (folder / f"part{k}.npz").write_bytes(PARTS[f"part{k}.npz"])
+    res = r.invoke(app, ["data", "check", str(folder)])
+    assert res.exit_code == 0 and res.stdout.splitlines() == [f"{folder / 'part0.npz'}: 40 images",
+                                                             f"{folder / 'part1.npz'}: 40 images"]
+    (folder / "part1.npz").write_bytes(PARTS["part1.npz"][:500])
+    res = r.invoke(app, ["data", "check", str(folder)])
+    assert res.exit_code == 1 and res.stdout.splitlines()[1].startswith(f"{folder / 'part1.npz'}: not a CIFAR-5m part")
