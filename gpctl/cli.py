@@ -128,6 +128,12 @@ def run_preset(
     if backend == "slurm":     # checked before any run is created: the values go into #SBATCH lines
         opts = slurm.SlurmOptions(partition, gres, time_limit, warn=signal_before, array_limit=array_limit)
         slurm.directive_path(State.home)
+        planned = ops.plan_runs(name, overrides or [], arm, seed_list, grid)
+        for cfg in planned:          # --gres against each run's gpus, and an array's one gpus
+            slurm.check_gres(opts, cfg.gpus, cfg.name)
+        if array and len({cfg.gpus for cfg in planned}) > 1:
+            raise ConfigError(f"--array: the runs ask for gpus = {', '.join(sorted({str(c.gpus) for c in planned}))}; "
+                              "an array's runs share one job script (submit them without --array)")
     rds = ops.create_runs(name, overrides or [], State.home, arm, seed_list, grid)
     if foreground:
         for rd in rds:

@@ -4,10 +4,12 @@ goes on training where one was, and nothing is written outside the home."""
 import json
 import os
 import struct
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from engine.config import ConfigError
 from engine.control import MAX_LINE, MAX_READ, MAX_WAITING, ControlReader
 from engine.store.rundir import RunDir
 from engine.train.loop import train
@@ -469,3 +471,29 @@ def test_the_tuis_set_dialog_takes_a_nesting_bomb_as_one_toast(tmp_path):
     texts = asyncio.run(go())
     assert "lr: nested deeper than 16 levels" in texts, texts
     assert rd.control_file.read_text() == ""
+
+
+def test_a_slurm_run_of_several_gpus_runs_torchrun_and_its_gres_must_match(tmp_path):
+    """Issue 29: `gpus = N` on Slurm trained on one GPU (one process). The script now launches N ranks
+    under torchrun, and a --gres that asks for another number of GPUs is refused before any run is made."""
+    from engine.launch import slurm
+    from engine.store.rundir import RunDir
+    from tests.conftest import TINY_IMAGES, tiny
+    rd = RunDir.create(tmp_path / "h", tiny(TINY_IMAGES, "gpus=4"))
+    lines = slurm.script(rd, slurm.SlurmOptions(gres="gpu:a100:4"), False).splitlines()
+    launch = [ln for ln in lines if "engine train" in ln]
+    assert launch == [f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 -m engine train "
+                      '"$RUN_DIR" $RESUME &']
+    one = RunDir.create(tmp_path / "h", tiny(TINY_IMAGES))
+    assert [ln for ln in slurm.script(one, slurm.SlurmOptions(), False).splitlines() if "engine train" in ln] == [
+        f'{sys.executable} -m engine train "$RUN_DIR" $RESUME &']        # negative control: one GPU, one process
+    with pytest.raises(ConfigError, match=r"--gres gpu:2 asks for 2 GPU\(s\), but .* trains on gpus = 4 "
+                                          r"\(give --gres gpu:4, or --set gpus=2\)"):
+        slurm.script(rd, slurm.SlurmOptions(gres="gpu:2"), False)
+    with pytest.raises(ConfigError, match="share one job script"):
+        slurm.array_script([rd, one], slurm.SlurmOptions(), False, tmp_path)
+    home = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["--home", str(home), "run", "preset", "demo", "--backend", "slurm", "--gres", "gpu:1",
+                                   "--set", "gpus=2"])
+    assert res.exit_code == 2 and "asks for 1 GPU(s), but bs32to512 trains on gpus = 2" in res.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())

@@ -228,3 +228,69 @@ def test_cancel_from_the_tui_scancels_a_slurm_job(slurm_cluster, tmp_path):
     rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)
     assert [(r["id"], r["state"]) for r in rows] == [(run_id, "cancelled")]
     assert rd.list_checkpoints()
+
+
+LM_PRESET = """[preset]
+description = "two ranks under Slurm"
+[base]
+steps = 6
+lr = 1e-3
+batch_size = 8
+micro_batch_size = 2
+eval_every = 3
+log_every = 2
+checkpoint_every = 3
+device = "cpu"
+gpus = {gpus}
+[base.model]
+name = "gpt2"
+n_layer = 1
+n_head = 2
+n_embd = 16
+vocab_size = 64
+n_positions = 32
+[base.data]
+source = "synthetic_tokens"
+vocab_size = 64
+seq_len = 16
+eval_samples = 8
+[base.optim]
+name = "adamw"
+grad_clip = 1.0
+[runs.lm]
+"""
+
+
+def test_a_two_gpu_slurm_job_trains_two_ranks_like_one_process(slurm_cluster, tmp_path):
+    """Issue 29: `gpus = 2` under Slurm ran one process. The job now runs two ranks under torchrun (gloo
+    on the CPU here): one record per step, written by rank 0 alone, equal to a one-process run."""
+    import torch
+
+    from engine.store.rundir import RunDir
+    from engine.train import checkpoint as ckpt
+    from engine.train.loop import train
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "lm2.toml"
+    preset.write_text(LM_PRESET.format(gpus=2))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm", "--wait"])
+    assert res.exit_code == 0, res.output
+    run_id = res.stdout.splitlines()[0].partition("  slurm job ")[0]
+    ddp = RunDir(home / "runs" / run_id)
+    assert "--nproc_per_node=2" in (ddp.path / "slurm.sh").read_text()
+    log = (ddp.path / "log.txt").read_text()
+    assert ddp.status()["state"] == "done", log[-3000:]
+    single_home = tmp_path / "single"
+    one = tmp_path / "lm1.toml"
+    one.write_text(LM_PRESET.format(gpus=1))
+    from engine.presets import load_preset
+    (cfg,) = load_preset(str(one)).configs()
+    single = RunDir.create(single_home, cfg, run_id="single")
+    assert train(single) == "done"
+    a, b = single.train_records(), ddp.train_records()
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["samples"] for r in b] == [r["samples"] for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, _ = ckpt.load_weights(single.checkpoint_path(6))
+    wb, _ = ckpt.load_weights(ddp.checkpoint_path(6))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    starts = [e for e in ddp.events()[0] if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0].get("world") == 2, starts       # one start, written by rank 0 of 2

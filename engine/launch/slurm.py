@@ -93,7 +93,7 @@ exec >> "$RUN_DIR/log.txt" 2>&1
 cd "$RUN_DIR"
 RESUME={resume}
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then RESUME=--resume; fi
-{python} -m engine train "$RUN_DIR" $RESUME &
+{launch} "$RUN_DIR" $RESUME &
 child=$!
 while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done
 if [ "$requeue" = 1 ] && ! grep -q '"state": "done"' "$RUN_DIR/status.json"; then
@@ -117,19 +117,50 @@ def _header(name: str, opts: SlurmOptions, chdir: Path) -> list[str]:
     return lines + [f"#SBATCH {x}" for x in opts.extra]
 
 
+def launcher(gpus: int) -> str:
+    """The command that trains a run directory in the job: one process, or for `gpus = N > 1` N ranks
+    under torchrun on the job's node (DDP; rank 0 alone writes), as a local worker launches them."""
+    python = shlex.quote(sys.executable)
+    if gpus > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m engine train"
+    return f"{python} -m engine train"
+
+
+def check_gres(opts: SlurmOptions, gpus: int, what: str) -> None:
+    """A `--gres gpu[:type]:N` that asks for another number of GPUs than the run trains on is refused:
+    N ranks on fewer GPUs share them, and GPUs beyond the ranks sit idle."""
+    n = None
+    for item in filter(None, opts.gres.split(",")):        # gpu, gpu:2, gpu:a100:2 (a type never starts with a digit)
+        m = re.fullmatch(r"gpu(?::[A-Za-z_][A-Za-z0-9_.-]*)?(?::(\d+))?", item)
+        if m:
+            n = int(m.group(1)) if m.group(1) else 1
+    if n is not None and n != gpus:
+        raise ConfigError(f"slurm --gres {opts.gres} asks for {n} GPU(s), but {what} trains on gpus = {gpus} "
+                          f"(give --gres gpu:{gpus}, or --set gpus={n})")
+
+
 def script(rd: RunDir, opts: SlurmOptions, resume: bool) -> str:
+    head = _header(f"gpctl-{rd.id}", opts, rd.path)     # first: it refuses a path no #SBATCH line can hold
+    gpus = rd.config().gpus
+    check_gres(opts, gpus, rd.id)
     body = BODY.format(run_dir=shlex.quote(str(rd.path)), resume="--resume" if resume else '""',
-                       python=shlex.quote(sys.executable))
-    return "\n".join(_header(f"gpctl-{rd.id}", opts, rd.path)) + "\n" + body
+                       launch=launcher(gpus))
+    return "\n".join(head) + "\n" + body
 
 
 def array_script(rds: list[RunDir], opts: SlurmOptions, resume: bool, where: Path) -> str:
-    """One Slurm job array for several runs: task i trains the i-th run directory."""
+    """One Slurm job array for several runs: task i trains the i-th run directory. Its tasks share one
+    header, so its runs must ask for the same number of GPUs."""
+    gpus = {rd.config().gpus for rd in rds}
+    if len(gpus) > 1:
+        raise ConfigError(f"a Slurm array's runs share one job script, but they ask for gpus = "
+                          f"{', '.join(map(str, sorted(gpus)))}; submit them without --array, or with one gpus")
+    check_gres(opts, gpus.pop(), f"{rds[0].id} (and its array)")
     limit = f"%{opts.array_limit}" if opts.array_limit else ""
     head = _header(f"gpctl-array-{rds[0].id}", opts, where) + [f"#SBATCH --array=0-{len(rds) - 1}{limit}"]
     dirs = " ".join(shlex.quote(str(rd.path)) for rd in rds)
     body = BODY.format(run_dir='"${DIRS[$SLURM_ARRAY_TASK_ID]}"', resume="--resume" if resume else '""',
-                       python=shlex.quote(sys.executable))
+                       launch=launcher(rds[0].config().gpus))
     return "\n".join(head) + f"\nDIRS=({dirs})\n" + body
 
 

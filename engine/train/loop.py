@@ -232,7 +232,7 @@ class Trainer:
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),
                              host=platform.node(), params=sum(p.numel() for p in self.model.parameters()),
-                             bayes_loss=self.stream.bayes_loss)
+                             bayes_loss=self.stream.bayes_loss, world=self.dist.world)   # ranks (DDP), 1 alone
         self.rd.log(f"start {self.rd.id} on {self.device} ({self.precision}), step {self.step}/{cfg.steps}")
 
     def _restore(self, path) -> dict:
