@@ -54,7 +54,12 @@ def presets(ctx: typer.Context, as_json: JsonOpt = False,
 @app.command("check")
 @friendly
 def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset names or .toml paths (default: all).")] = None,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False,
+          cost: Annotated[bool, typer.Option("--cost", help="Also estimate each arm's wall time and GPU-hours from a "
+                                             "step time measured on this machine (a short probe per model and "
+                                             "batch, cached in the home).")] = False,
+          device: Annotated[str, typer.Option("--device", help="Where --cost measures: auto (cuda if there), cpu, "
+                                              "cuda, cuda:N.")] = "auto") -> None:
     """Step every arm's schedule without training; exit 1 if a preset is not the experiment it says."""
     presets = [load_preset(n, check=False) for n in names] if names else list_presets()
     report, failed = [], 0
@@ -71,17 +76,26 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
             [f"{m} (declared: {reason})" for m in ends if reason]
         failed += bool(problems)
         missing = list(dict.fromkeys(m for r in runs if (m := data_missing(r.cfg))))   # a warning: data comes later
+        costs = _costs(plans, device) if cost else []
         c = p.contract
         report.append({"preset": p.name, "path": str(p.path),
                        "compares": list(c.compares), "reference": c.reference, "direction": c.direction,
                        "baselines": c.baselines, "departs": c.departs,
                        "arms": [_arm_json(pl) for pl in plans], "problems": problems, "data_missing": missing,
+                       **({"cost": [{"arm": c.arm, "seconds": c.seconds, "gpu_hours": c.gpu_hours, "gpus": c.gpus,
+                                     "stretches": [{"batch_size": b, "steps": n, "seconds_per_step": t}
+                                                   for b, n, t in c.stretches], "source": c.source}
+                                    for c in costs]} if cost else {}),
                        "findings": [f.as_json() for f in findings]})
         if not as_json:
             _print_preset(p, plans, problems, declared)
             for m in missing:
                 out.print(f"  DATA {p.name}: {m} (a warning: the preset is checked, its runs would stop "
                           f"before training)", markup=False)
+            for c in costs:
+                per = ", ".join(f"{n} steps at batch {b} × {t * 1e3:.3g} ms" for b, n, t in c.stretches)
+                out.print(f"  COST {p.name} {c.arm}: {_duration(c.seconds)}, {c.gpu_hours:.3g} GPU-h on "
+                          f"{c.gpus} GPU(s) ({per}; {c.source}; evals and checkpoints not counted)", markup=False)
     if as_json:
         print_json(report)
     else:
@@ -110,6 +124,23 @@ def from_run(run: Annotated[str, typer.Argument(help="Run id or a unique prefix 
     except OSError as e:
         raise ConfigError(f"--out {out_file}: {e.strerror}") from None
     out.print(f"wrote {out_file} (gpctl run preset {out_file})")
+
+
+def _costs(plans: list[Plan], device: str) -> list:
+    from engine.analysis.cost import cost
+    from engine.train.loop import pick_device
+    from gpctl.common import State, check_device
+    check_device("--device", device)
+    where = str(pick_device(device))
+    return [cost(pl, where, State.home) for pl in plans]
+
+
+def _duration(sec: float) -> str:
+    if sec >= 3600:
+        return f"{sec / 3600:.3g} h"
+    if sec >= 60:
+        return f"{sec / 60:.3g} min"
+    return f"{sec:.3g} s"
 
 
 def data_missing(cfg) -> str | None:
