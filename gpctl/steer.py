@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from engine.config import ConfigError
-from engine.control import LR_FACTOR, RAISE_RAMP, ControlError, Request, append_request, describe, wait_for_ack
+from engine.control import RAISE_RAMP, ControlError, Request, append_request, describe, wait_for_ack
 from engine.store.fork import fork as fork_run
 from engine.store.rundir import RunDir, resolve
 from engine.store.state import FINISHED, LIVE
@@ -150,26 +150,9 @@ def current(rd: RunDir) -> tuple[float, int]:
 
 
 def noise_request(rd: RunDir, lr_factor: float | None, batch_factor: int | None, lower: bool, ramp: float) -> dict:
-    if lr_factor is not None and batch_factor is not None:
-        raise ControlError("give one of --lr-factor or --batch-factor")
+    """`drop`/`raise` on a run: the noise in effect now, changed by engine.control's Request.noise."""
     lr, batch = current(rd)
-    if batch_factor is not None:
-        if batch_factor <= 1:
-            raise ControlError(f"--batch-factor must be > 1, got {batch_factor} "
-                               f"({'drop' if lower else 'raise'} {'multiplies' if lower else 'divides'} the batch by it)")
-        if lower:
-            return {"set": {"batch_size": batch * batch_factor}}
-        if batch % batch_factor:
-            raise ControlError(f"batch {batch} is not divisible by --batch-factor {batch_factor}")
-        return {"set": {"batch_size": batch // batch_factor}}
-    k = LR_FACTOR if lr_factor is None else lr_factor
-    if not k > 1 or k == float("inf"):
-        raise ControlError(f"--lr-factor must be a number > 1, got {k:g} "
-                           f"({'drop divides' if lower else 'raise multiplies'} the lr by it)")
-    req = {"set": {"lr": lr / k if lower else lr * k}}
-    if not lower and ramp > 0:
-        req["ramp"] = ramp
-    return req
+    return Request.noise(lr, batch, lr_factor, batch_factor, lower, ramp).body
 
 
 @friendly

@@ -313,6 +313,33 @@ class Request:
     def from_words(cls, words: list[str], ramp: float = 0.0) -> "Request":
         return cls(parse_words(words, ramp))
 
+    @classmethod
+    def noise(cls, lr: float, batch: int, lr_factor: float | None = None, batch_factor: int | None = None,
+              lower: bool = True, ramp: float = 0.0) -> "Request":
+        """A drop (`lower`) or a raise of the noise from the lr and batch in effect: lr ÷ or × a factor
+        (LR_FACTOR by default; a raised lr reached over `ramp` LR-normalized steps), or batch × or ÷
+        a factor. What `gpctl drop/raise` and the TUI's d/r send; ControlError on a bad factor."""
+        what = "drop" if lower else "raise"
+        if lr_factor is not None and batch_factor is not None:
+            raise ControlError("give one of --lr-factor or --batch-factor")
+        if batch_factor is not None:
+            if batch_factor <= 1:
+                raise ControlError(f"--batch-factor must be > 1, got {batch_factor} "
+                                   f"({what} {'multiplies' if lower else 'divides'} the batch by it)")
+            if lower:
+                return cls({"set": {"batch_size": batch * batch_factor}})
+            if batch % batch_factor:
+                raise ControlError(f"batch {batch} is not divisible by --batch-factor {batch_factor}")
+            return cls({"set": {"batch_size": batch // batch_factor}})
+        k = LR_FACTOR if lr_factor is None else lr_factor
+        if not k > 1 or k == float("inf"):
+            raise ControlError(f"--lr-factor must be a number > 1, got {k:g} "
+                               f"({'drop divides' if lower else 'raise multiplies'} the lr by it)")
+        body = {"set": {"lr": lr / k if lower else lr * k}}
+        if not lower and ramp > 0:
+            body["ramp"] = ramp
+        return cls(body)
+
     def check(self, cfg) -> str | None:
         """None if the run whose config is `cfg` would take it, else why not. Never raises."""
         cc = cfg.control
