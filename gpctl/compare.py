@@ -1,4 +1,5 @@
-"""Comparing runs: `gpctl tv` (function space), `gpctl plot` and `gpctl figure` (pictures)."""
+"""Comparing runs: `gpctl tv` (function space), `gpctl snap` (the snap onto the reference), `gpctl plot`
+and `gpctl figure` (pictures)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -287,7 +288,56 @@ def tv_panel(p, runs: dict[str, RunDir], x: str, path: Path) -> dict:
     return {"pairs": rows, "sentences": sentences}
 
 
+@friendly
+def snap(run: Annotated[str, typer.Argument(help="A run whose noise was changed (planned, by a request, or a fork).")],
+         ref: Annotated[Optional[str], typer.Option("--ref", help="The reference run (default: the newest run of its "
+                                                    "preset's reference arm).")] = None,
+         control: Annotated[Optional[str], typer.Option("--control", help="The negative control (default: the newest "
+                                                        "never-changed run of its preset that started with the same "
+                                                        "lr and batch).")] = None,
+         x: Annotated[Optional[str], typer.Option("--x", help="Axis: step, samples or lr_time (default: the preset's "
+                                                  "figure's).")] = None,
+         as_json: JsonOpt = False) -> None:
+    """Has the run snapped onto its reference? Its held-out curve after the change fitted as a translation
+    of the reference's (as `gpctl figure` fits it), judged against the gap before T0, with a
+    never-changed run as the negative control."""
+    from engine.analysis.snap import snap as measure
+    rd = resolve(State.home, run)
+    cfg = rd.config()
+    p = None
+    if cfg.preset:
+        try:
+            p = load_preset(cfg.preset, check=False)
+        except ConfigError:
+            p = None
+    runs = latest_runs(cfg.preset) if cfg.preset else {}
+    if ref is not None:
+        ref_rd = resolve(State.home, ref)
+    elif p is not None and p.contract.declared and runs.get(p.contract.reference) is not None:
+        ref_rd = runs[p.contract.reference]
+    else:
+        raise ConfigError(f"run {rd.id}: no reference run found (its preset {cfg.preset or '-'} names none here); "
+                          f"give --ref RUN")
+    if ref_rd.id == rd.id:
+        raise ConfigError(f"run {rd.id} is its own reference; give --ref another run")
+    if control is not None:
+        ctl = resolve(State.home, control)
+    else:
+        skip = {ref_rd.id, rd.id} | {r.id for a, r in runs.items() if p is not None and a in p.contract.baselines}
+        ctl = next((r for a, r in runs.items() if r.id not in skip and not (c := r.config()).changes
+                    and c.lr == cfg.lr and c.batch_size == cfg.batch_size), None)
+    axis = figure_axis(p, x) if p is not None else (x or "step").replace("-", "_")
+    if axis not in AXES:
+        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+    res = measure(rd, ref_rd, ctl, axis)
+    if as_json:
+        print_json(res)
+        return
+    out.print(res["sentence"], markup=False)
+
+
 def register(app: typer.Typer) -> None:
+    app.command(epilog="Example: gpctl snap demo-bs32to512")(snap)
     app.command()(tv)
     app.command()(plot)
     app.command()(figure)

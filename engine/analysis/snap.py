@@ -1,0 +1,99 @@
+"""The snap: after a noise change, has the run's held-out curve become its reference arm's, translated?
+
+The paper's claim (Figs. 3–5): lower the noise at T0 and the loss snaps onto the low-noise curve
+shifted right; raise it and it joins the high-noise curve shifted left. `snap()` fits the changed
+run's raw held-out points after T0 as a translation of the reference's (engine/analysis/curves.py
+fit_change, the figures' fit), and judges the fit's RMS residual against the RMS gap between the two
+curves before T0: it snapped when residual / gap <= THRESHOLD (gpctl repro's rule). The negative
+control is a never-changed run that started with the same noise: it must *not* fit (its ratio above
+the threshold); when it fits as well, the snap is not shown at this size. `at` is the first held-out
+point after T0 from which every later point is within THRESHOLD × gap of the translated reference.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.analysis.curves import change_point, fit_change, held_out_curve
+from engine.store.rundir import RunDir
+
+THRESHOLD = 0.25
+
+
+def direction(rd: RunDir) -> str | None:
+    """"drop" or "raise" from the run's first noise change (a larger batch or a smaller lr lowers the
+    noise), or None when none took effect."""
+    for e in rd.events()[0]:
+        kind = e.get("event")
+        ch = e.get("changed") if isinstance(e.get("changed"), dict) else None
+        if ch and (kind == "schedule" or kind == "fork" or (kind == "control" and e.get("status") == "applied")):
+            if isinstance(ch.get("batch_size"), list) and len(ch["batch_size"]) == 2 and ch["batch_size"][0] != ch["batch_size"][1]:
+                return "drop" if ch["batch_size"][1] > ch["batch_size"][0] else "raise"
+            if isinstance(ch.get("lr"), list) and len(ch["lr"]) == 2 and ch["lr"][0] != ch["lr"][1]:
+                return "drop" if ch["lr"][1] < ch["lr"][0] else "raise"
+    return None
+
+
+def _fit(rd: RunDir, ref: RunDir, t0: float, x: str, way: str) -> dict:
+    fit = fit_change(held_out_curve(rd, x, 0.0), held_out_curve(ref, x, 0.0), t0, way)
+    if fit["ok"]:
+        gap = fit["gap_before"]
+        fit["ratio"] = fit["residual"] / gap if gap and math.isfinite(gap) and gap > 0 else float("nan")
+    return fit
+
+
+def _since(rd: RunDir, ref: RunDir, t0: float, x: str, tau: float, gap: float) -> float | None:
+    """The first held-out point after T0 from which the run stays within THRESHOLD × gap of the
+    reference translated by tau (None if its last point is not)."""
+    xs, ys = held_out_curve(rd, x, 0.0)
+    xr, yr = held_out_curve(ref, x, 0.0)
+    keep = (xs > t0) & (xs - tau >= xr[0]) & (xs - tau <= xr[-1])
+    xs, ys = xs[keep], ys[keep]
+    if not len(xs):
+        return None
+    close = np.abs(ys - np.interp(xs - tau, xr, yr)) <= THRESHOLD * gap
+    if not close[-1]:
+        return None
+    far = np.nonzero(~close)[0]
+    return float(xs[far[-1] + 1] if len(far) else xs[0])
+
+
+def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step") -> dict:
+    """The snap of `rd` onto `ref` on axis x, with `control` (a never-changed run) as the negative
+    control. Returns a dict; `verdict` is one of "snapped", "not yet", "not shown", "no change yet",
+    "no fit"; `sentence` says it in one line."""
+    t0, way = change_point(rd, x), direction(rd)
+    out = {"run": rd.id, "ref": ref.id, "x": x, "t0": t0, "direction": way, "threshold": THRESHOLD,
+           "control": None}
+    if t0 is None or way is None:
+        return dict(out, verdict="no change yet", sentence=f"{rd.id}: no noise change has taken effect yet")
+    fit = _fit(rd, ref, t0, x, way)
+    out.update({k: fit.get(k) for k in ("ok", "tau", "residual", "gap_before", "ratio", "why")})
+    if not fit["ok"] or not math.isfinite(fit.get("ratio", float("nan"))):
+        why = fit.get("why") or "no fit: the run has no held-out points before T0 to measure the gap by"
+        return dict(out, verdict="no fit", sentence=f"{rd.id}: {why}")
+    if control is not None:
+        c = _fit(control, ref, t0, x, way)
+        out["control"] = {"run": control.id, "ok": c["ok"], "tau": c.get("tau"), "ratio": c.get("ratio"),
+                          "fits": bool(c["ok"] and c.get("ratio", math.inf) <= THRESHOLD)}
+    fits = fit["ratio"] <= THRESHOLD
+    out["at"] = _since(rd, ref, t0, x, fit["tau"], fit["gap_before"]) if fits else None
+    ctl = out["control"]
+    ctl_text = (f"; control {ctl['run']} {ctl['ratio']:.2g}" if ctl and ctl["ok"] else
+                f"; control {ctl['run']}: no fit" if ctl else "; no control: no never-changed run of the same noise")
+    side = "right" if fit["tau"] >= 0 else "left"
+    shift = f"{ref.id} shifted {side} by {abs(fit['tau']):.1f} {x}"
+    if fits and ctl and ctl["fits"]:
+        out["verdict"] = "not shown"
+        sentence = (f"{rd.id}: not shown: it fits {shift} (residual {fit['ratio']:.2g} of the pre-T0 gap), but so "
+                    f"does the never-changed control {ctl['run']} ({ctl['ratio']:.2g})")
+    elif fits:
+        out["verdict"] = "snapped"
+        at = f" at T0 + {out['at'] - t0:.0f} {x}" if out["at"] is not None else ""
+        sentence = (f"{rd.id}: snapped to {shift}{at} (residual {fit['ratio']:.2g} of the pre-T0 gap{ctl_text})")
+    else:
+        out["verdict"] = "not yet"
+        sentence = (f"{rd.id}: not yet: the best translation of {ref.id} ({abs(fit['tau']):.1f} {x} {side}) leaves a "
+                    f"residual of {fit['ratio']:.2g} of the pre-T0 gap (snapped at <= {THRESHOLD}{ctl_text})")
+    return dict(out, sentence=sentence)

@@ -1,0 +1,93 @@
+"""Issue 30: `gpctl snap RUN`: the changed run's held-out curve after T0 fitted as a translation of the
+reference's, judged against the gap before T0, with a never-changed run as the negative control.
+Checked on runs whose curves are made by hand, so the true shift is known, against an independent
+brute-force fit in NumPy."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from engine.presets import load_preset
+from engine.store.rundir import RunDir
+from gpctl.cli import app
+
+XS = np.arange(0, 401, 10)
+T0, TAU = 100, 50
+
+
+def low(x):                       # the low-noise (reference) curve
+    return 2.0 * np.exp(-np.asarray(x, float) / 100) + 0.5
+
+
+def high(x):                      # high noise: the same curve at half the speed
+    return low(np.asarray(x, float) * 0.5)
+
+
+def make(home, name, ys, change=None, arm=None):
+    cfg = load_preset("demo").configs()[0 if arm is None else ["bs32to512", "bs512", "bs512_seed2"].index(arm)]
+    rd = RunDir.create(home, cfg, run_id=name)
+    rd.append_metrics([{"step": int(x), "samples": int(x) * 32, "lr_time": float(x), "wall": x * 0.01,
+                        "eval_loss": float(y)} for x, y in zip(XS, ys)])
+    if change:
+        rd.append_event("schedule", source="preset", change=0, changed=change, step=T0, lr_time=float(T0), samples=T0 * 32)
+    return rd
+
+
+def runs(home):
+    dropped = np.where(XS <= T0, high(XS), low(XS - TAU))      # after T0: the low curve shifted right by 50
+    return (make(home, "dropped", dropped, {"batch_size": [32, 512]}),
+            make(home, "ref", low(XS)),
+            make(home, "never", high(XS)),                         # the control: never changed
+            make(home, "stuck", high(XS), {"batch_size": [32, 512]}))   # changed, but did not follow
+
+
+def brute(xd, yd, xr, yr, t0):
+    """An independent fit: the shift in [0, t0] (step 0.25) with the least RMS residual after t0."""
+    after = xd > t0
+    best = min((np.sqrt(np.mean((yd[after] - np.interp(xd[after] - tau, xr, yr)) ** 2)), tau)
+               for tau in np.arange(0, t0 + 0.01, 0.25) if ((xd[after] - tau) >= xr[0]).all())
+    return best[1], best[0]
+
+
+def test_snap_finds_the_shift_an_independent_fit_finds_and_the_control_does_not_snap(tmp_path):
+    home = tmp_path / "home"
+    dropped, ref, never, stuck = runs(home)
+    r = CliRunner()
+    res = r.invoke(app, ["--home", str(home), "snap", "dropped", "--ref", "ref", "--control", "never", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    tau, resid = brute(XS.astype(float), np.where(XS <= T0, high(XS), low(XS - TAU)), XS.astype(float), low(XS), T0)
+    assert tau == 50.0 and resid < 1e-12                          # the independent fit finds the true shift
+    assert out["verdict"] == "snapped" and abs(out["tau"] - tau) <= 0.25 and out["ratio"] < 0.01
+    gap = np.sqrt(np.mean((high(XS[XS <= T0]) - low(XS[XS <= T0])) ** 2))
+    assert out["gap_before"] == pytest.approx(gap)
+    assert out["at"] == 110 and out["direction"] == "drop"      # the first eval after T0 already on the curve
+    ctl = out["control"]
+    assert ctl["run"] == "never" and not ctl["fits"] and ctl["ratio"] > 0.25
+    # the control's ratio by the same independent fit: its best shift leaves a residual above a quarter of the gap
+    ctau, cres = brute(XS.astype(float), high(XS), XS.astype(float), low(XS), T0)
+    assert ctl["ratio"] == pytest.approx(cres / gap, rel=0.05)
+    res = r.invoke(app, ["--home", str(home), "snap", "dropped", "--ref", "ref", "--control", "never"])
+    assert res.stdout.strip() == (f"dropped: snapped to ref shifted right by {out['tau']:.1f} step at T0 + 10 step "
+                                  f"(residual {out['ratio']:.2g} of the pre-T0 gap; control never {ctl['ratio']:.2g})")
+    # negative control: a run whose change had no effect has not snapped
+    res = r.invoke(app, ["--home", str(home), "snap", "stuck", "--ref", "ref", "--control", "never", "--json"])
+    assert json.loads(res.stdout)["verdict"] == "not yet"
+    # a run with no change yet
+    res = r.invoke(app, ["--home", str(home), "snap", "never", "--ref", "ref"])
+    assert res.stdout.strip() == "never: no noise change has taken effect yet"
+
+
+def test_snap_defaults_to_the_presets_reference_and_says_when_there_is_no_control(tmp_path):
+    home = tmp_path / "home"
+    dropped = make(home, "demo-bs32to512-aaaaaa", np.where(XS <= T0, high(XS), low(XS - TAU)), {"batch_size": [32, 512]},
+                   arm="bs32to512")
+    make(home, "demo-bs512-bbbbbb", low(XS), arm="bs512")
+    res = CliRunner().invoke(app, ["--home", str(home), "snap", dropped.id])
+    assert res.exit_code == 0, res.output
+    line = res.stdout.strip()
+    assert line.startswith(f"{dropped.id}: snapped to demo-bs512-bbbbbb shifted right by 49.9 step at T0 + 10 step")   # the fit's grid: 0.25
+    assert line.endswith("; no control: no never-changed run of the same noise)")
+    res = CliRunner().invoke(app, ["--home", str(home), "snap", "demo-bs512-bbbbbb"])
+    assert res.exit_code == 2 and "is its own reference" in res.stderr
