@@ -75,6 +75,7 @@ def check(names: Annotated[Optional[list[str]], typer.Argument(help="Preset name
                     and not (ends and reason and f.key == "steps" and not f.arms)] + \
             [f"{m} (declared: {reason})" for m in ends if reason]
         failed += bool(problems)
+        from gpctl.runs import data_missing
         missing = list(dict.fromkeys(m for r in runs if (m := data_missing(r.cfg))))   # a warning: data comes later
         costs = _costs(plans, device) if cost else []
         c = p.contract
@@ -141,17 +142,6 @@ def _duration(sec: float) -> str:
     if sec >= 60:
         return f"{sec / 60:.3g} min"
     return f"{sec:.3g} s"
-
-
-def data_missing(cfg) -> str | None:
-    """The one line `gpctl run` would stop with for this arm's data, or None when it is there."""
-    from engine.data import preflight
-    from engine.errors import DataMissing
-    try:
-        preflight(cfg)
-    except DataMissing as e:
-        return str(e)
-    return None
 
 
 def _arm_json(pl: Plan) -> dict:

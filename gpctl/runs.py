@@ -40,22 +40,27 @@ def check_data(preset: Preset, configs: list[Config]) -> None:
             raise DataMissing(f"{preset.name}: {e}{twin}") from None
 
 
+def data_missing(cfg: Config) -> str | None:
+    """The one line `gpctl run` would stop with for this arm's data, or None when it is there."""
+    from engine.data import preflight
+    try:
+        preflight(cfg)
+    except DataMissing as e:
+        return str(e)
+    return None
+
+
 def data_status(cfg: Config) -> dict:
     """What data an arm reads and whether it is there: {source, path, missing (the one line, or
     None), bytes on disk (None for synthetic data or when absent)}. Looks at files only."""
     import os
 
-    from engine.data import preflight
     dc = cfg.data
     default = {"cifar5m": "~/data/cifar5m", "cifar10": "~/data", "imagenet": "~/data/imagenet", "c4": "~/data/c4"}
     if dc.source.startswith("synthetic"):
         return {"source": dc.source, "path": "", "missing": None, "bytes": None}
     path = Path(os.path.expanduser(dc.path or default.get(dc.source, "")))
-    try:
-        preflight(cfg)
-        missing = None
-    except DataMissing as e:
-        missing = str(e)
+    missing = data_missing(cfg)
     size = None
     if missing is None and path.is_dir():
         size = 0

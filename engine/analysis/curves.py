@@ -75,16 +75,22 @@ def early_stop(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float] | None:
     return float(xs[i]), float(ys[i])
 
 
-def change_point(rd: RunDir, x: str = "step") -> float | None:
-    """Where the run's first noise change took effect (a planned change, a request or a fork), on x."""
+def first_change(rd: RunDir, x: str = "step") -> dict | None:
+    """The event of the run's first noise change (a planned change, a request or a fork) that has a
+    position on x, or None."""
     for e in rd.events()[0]:
         kind = e.get("event")
         if kind == "schedule" or (kind == "fork" and e.get("changed")) or (
                 kind == "control" and e.get("status") == "applied" and e.get("changed")):
-            v = e.get(x, e.get("step"))
-            if isinstance(v, (int, float)):
-                return float(v)
+            if isinstance(e.get(x, e.get("step")), (int, float)):
+                return e
     return None
+
+
+def change_point(rd: RunDir, x: str = "step") -> float | None:
+    """Where the run's first noise change took effect, on x."""
+    e = first_change(rd, x)
+    return None if e is None else float(e.get(x, e.get("step")))
 
 
 def fit_change(changed: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], t0: float | None,

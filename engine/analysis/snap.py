@@ -15,39 +15,36 @@ import math
 
 import numpy as np
 
-from engine.analysis.curves import change_point, fit_change, held_out_curve
+from engine.analysis.curves import change_point, first_change, fit_change, held_out_curve
 from engine.store.rundir import RunDir
 
 THRESHOLD = 0.25
 
 
-def direction(rd: RunDir) -> str | None:
-    """"drop" or "raise" from the run's first noise change (a larger batch or a smaller lr lowers the
-    noise), or None when none took effect."""
-    for e in rd.events()[0]:
-        kind = e.get("event")
-        ch = e.get("changed") if isinstance(e.get("changed"), dict) else None
-        if ch and (kind == "schedule" or kind == "fork" or (kind == "control" and e.get("status") == "applied")):
-            if isinstance(ch.get("batch_size"), list) and len(ch["batch_size"]) == 2 and ch["batch_size"][0] != ch["batch_size"][1]:
-                return "drop" if ch["batch_size"][1] > ch["batch_size"][0] else "raise"
-            if isinstance(ch.get("lr"), list) and len(ch["lr"]) == 2 and ch["lr"][0] != ch["lr"][1]:
-                return "drop" if ch["lr"][1] < ch["lr"][0] else "raise"
+def direction(rd: RunDir, x: str = "step") -> str | None:
+    """"drop" or "raise" from the run's first noise change (curves.first_change, the event T0 comes
+    from): a larger batch or a smaller lr lowers the noise. None when it changed neither."""
+    e = first_change(rd, x)
+    ch = e.get("changed") if e is not None and isinstance(e.get("changed"), dict) else {}
+    for key, lower in (("batch_size", lambda a, b: b > a), ("lr", lambda a, b: b < a)):
+        v = ch.get(key)
+        if isinstance(v, list) and len(v) == 2 and v[0] != v[1]:
+            return "drop" if lower(v[0], v[1]) else "raise"
     return None
 
 
-def _fit(rd: RunDir, ref: RunDir, t0: float, x: str, way: str) -> dict:
-    fit = fit_change(held_out_curve(rd, x, 0.0), held_out_curve(ref, x, 0.0), t0, way)
+def _fit(curve: tuple, ref: tuple, t0: float, way: str) -> dict:
+    fit = fit_change(curve, ref, t0, way)
     if fit["ok"]:
         gap = fit["gap_before"]
         fit["ratio"] = fit["residual"] / gap if gap and math.isfinite(gap) and gap > 0 else float("nan")
     return fit
 
 
-def _since(rd: RunDir, ref: RunDir, t0: float, x: str, tau: float, gap: float) -> float | None:
+def _since(curve: tuple, ref: tuple, t0: float, tau: float, gap: float) -> float | None:
     """The first held-out point after T0 from which the run stays within THRESHOLD × gap of the
     reference translated by tau (None if its last point is not)."""
-    xs, ys = held_out_curve(rd, x, 0.0)
-    xr, yr = held_out_curve(ref, x, 0.0)
+    (xs, ys), (xr, yr) = curve, ref
     keep = (xs > t0) & (xs - tau >= xr[0]) & (xs - tau <= xr[-1])
     xs, ys = xs[keep], ys[keep]
     if not len(xs):
@@ -63,22 +60,23 @@ def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step"
     """The snap of `rd` onto `ref` on axis x, with `control` (a never-changed run) as the negative
     control. Returns a dict; `verdict` is one of "snapped", "not yet", "not shown", "no change yet",
     "no fit"; `sentence` says it in one line."""
-    t0, way = change_point(rd, x), direction(rd)
+    t0, way = change_point(rd, x), direction(rd, x)
     out = {"run": rd.id, "ref": ref.id, "x": x, "t0": t0, "direction": way, "threshold": THRESHOLD,
            "control": None}
     if t0 is None or way is None:
         return dict(out, verdict="no change yet", sentence=f"{rd.id}: no noise change has taken effect yet")
-    fit = _fit(rd, ref, t0, x, way)
+    mine, theirs = held_out_curve(rd, x, 0.0), held_out_curve(ref, x, 0.0)   # raw points, as the figures fit
+    fit = _fit(mine, theirs, t0, way)
     out.update({k: fit.get(k) for k in ("ok", "tau", "residual", "gap_before", "ratio", "why")})
     if not fit["ok"] or not math.isfinite(fit.get("ratio", float("nan"))):
         why = fit.get("why") or "no fit: the run has no held-out points before T0 to measure the gap by"
         return dict(out, verdict="no fit", sentence=f"{rd.id}: {why}")
     if control is not None:
-        c = _fit(control, ref, t0, x, way)
+        c = _fit(held_out_curve(control, x, 0.0), theirs, t0, way)
         out["control"] = {"run": control.id, "ok": c["ok"], "tau": c.get("tau"), "ratio": c.get("ratio"),
                           "fits": bool(c["ok"] and c.get("ratio", math.inf) <= THRESHOLD)}
     fits = fit["ratio"] <= THRESHOLD
-    out["at"] = _since(rd, ref, t0, x, fit["tau"], fit["gap_before"]) if fits else None
+    out["at"] = _since(mine, theirs, t0, fit["tau"], fit["gap_before"]) if fits else None
     ctl = out["control"]
     ctl_text = (f"; control {ctl['run']} {ctl['ratio']:.2g}" if ctl and ctl["ok"] else
                 f"; control {ctl['run']}: no fit" if ctl else "; no control: no never-changed run of the same noise")
