@@ -15,6 +15,7 @@ import typer
 from engine.config import ConfigError
 from engine.control import RAISE_RAMP, ControlError, Request, append_request, describe, wait_for_ack
 from engine.store.fork import fork as fork_run
+from engine.store.jobs import JobStore
 from engine.store.rundir import RunDir, resolve
 from engine.store.state import FINISHED, LIVE
 from gpctl.common import RunArg, SetOpt, State, TimeoutOpt, WaitOpt, check_float, check_int, err, friendly, out
@@ -120,7 +121,22 @@ def send(run: str, request: dict, wait: bool, timeout: float, queued_ok: bool = 
         err.print(f"rejected: {ack['reason']}", markup=False)
         raise typer.Exit(1)
     out.print(describe(ack, rd.id), markup=False)
+    if ack.get("twin"):
+        queue_twin(rd, ack)
     return ack
+
+
+def queue_twin(rd: RunDir, ack: dict) -> None:
+    """The twin the acknowledgement names, forked and queued now (its launcher would, at its next
+    poll; whichever comes first does it, once)."""
+    from engine.launch.twins import fork_owed
+    store = JobStore(State.home)
+    try:
+        done = fork_owed(store, rd, [ack]) or [ack["twin"]] * (store.get(ack["twin"]) is not None)
+    finally:
+        store.close()
+    if done:
+        out.print(f"{ack['twin']}: unsteered twin of {rd.id} from step {ack['step']}, queued", markup=False)
 
 
 def wait_for_end(rd: RunDir, timeout: float) -> None:

@@ -294,3 +294,29 @@ def test_a_two_gpu_slurm_job_trains_two_ranks_like_one_process(slurm_cluster, tm
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     starts = [e for e in ddp.events()[0] if e["event"] == "start"]
     assert len(starts) == 1 and starts[0].get("world") == 2, starts       # one start, written by rank 0 of 2
+
+
+def test_a_slurm_jobs_twin_is_submitted_by_the_login_node_with_its_options(slurm_cluster, tmp_path):
+    """Issue 25: the job writes only its run directory (its acknowledgement names the twin); `sync`,
+    on the login node, forks the twin and submits it to Slurm with the parent's own options."""
+    home, runner = tmp_path / "home", CliRunner()
+    preset = tmp_path / "s.toml"
+    preset.write_text(PRESET.format(steps=6, width=2, size=8))
+    res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
+                              "--time", "00:09:00"])
+    assert res.exit_code == 0, res.output
+    run_id = res.stdout.split()[0]
+    res = runner.invoke(app, ["--home", str(home), "drop", run_id, "--lr-factor", "2", "--at-step", "3", "--twin",
+                              "--queued-ok"])
+    assert res.exit_code == 0, res.output
+    from engine.store.rundir import resolve
+    rd = resolve(home, run_id)
+    _wait(lambda: rd.status().get("state") == "done")
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control" and e["status"] == "applied"]
+    assert not (home / "runs" / ack["twin"]).exists()          # the job forked nothing itself
+    rows = json.loads(runner.invoke(app, ["--home", str(home), "ls", "--json"]).stdout)   # ls syncs
+    twin = {r["id"]: r for r in rows}[ack["twin"]]
+    assert twin["slurm_id"] and JobStore(home).get(ack["twin"]).backend == "slurm"
+    assert "#SBATCH --time=00:09:00" in (home / "runs" / ack["twin"] / "slurm.sh").read_text()
+    _wait(lambda: resolve(home, ack["twin"]).status().get("state") == "done")
+    assert resolve(home, ack["twin"]).config().parent_checkpoint.endswith("step_0000003.safetensors")

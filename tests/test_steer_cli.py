@@ -259,8 +259,10 @@ def test_preset_from_run_replays_a_steered_run_bit_for_bit(home, tmp_path):
 
 def test_drop_at_matched_loss_with_a_twin(home):
     """Issue 11's worked example: `gpctl drop RUN --when 'eval_loss<X' --twin`. The drop applies at the
-    first eval that meets X (the step an unsteered run predicts), and the twin, forked there and queued,
-    continues exactly as the unsteered run."""
+    first eval that meets X (the step an unsteered run predicts); the loop checkpoints there and names
+    the twin, writing nothing outside its run directory (issue 25); the launcher forks and queues it,
+    once however often it looks, and the twin continues exactly as the unsteered run."""
+    from engine.launch.twins import fork_owed
     from engine.store.jobs import JobStore
     args = ("steps=20", "eval_every=5", "log_every=1", "lr=0.02", "batch_size=16", "checkpoint_every=0")
     plain = RunDir.create(home, tiny(TINY_IMAGES, *args), run_id="tiny-t-plain")
@@ -273,12 +275,18 @@ def test_drop_at_matched_loss_with_a_twin(home):
     rd.write_status(state="running")
     res = invoke(home, "drop", rd.id, "--when", f"eval_loss<{target!r}", "--twin")
     assert res.exit_code == 0, res.output
+    before = sorted(p.name for p in (home / "runs").iterdir())
     assert train(rd) == "done"
+    assert sorted(p.name for p in (home / "runs").iterdir()) == before    # the loop forked nothing
     (ack,) = [e for e in rd.events()[0] if e["event"] == "control" and e["status"] == "applied"]
     assert ack["step"] == at and ack["met"]["eval_loss"] == best["eval_loss"] and ack["changed"]["lr"] == [0.02, 0.002]
+    assert ack["twin_checkpoint"] == f"step_{at:07d}.safetensors" and (rd.checkpoints / ack["twin_checkpoint"]).exists()
+    store = JobStore(home)
+    assert fork_owed(store, rd) == [ack["twin"]]
+    assert fork_owed(store, rd) == []                   # once: a second look (another launcher) forks nothing
     twin = RunDir(home / "runs" / ack["twin"])
     assert twin.config().parent == rd.id and twin.config().parent_overrides == []
-    store = JobStore(home)
+    assert twin.config().name == f"{rd.config().name}-twin{at}"
     assert store.get(twin.id).state == "queued"
     store.close()
     assert train(twin) == "done"
@@ -287,7 +295,41 @@ def test_drop_at_matched_loss_with_a_twin(home):
     assert strip(rd.metrics()[0])[:at] == strip(plain.metrics()[0])[:at]   # the shared prefix
     assert strip(rd.metrics()[0])[at:] != strip(plain.metrics()[0])[at:]   # and the drop after it
     from engine.control import describe
-    assert describe(ack, rd.id).endswith(f"; unsteered twin {twin.id} queued")
+    assert describe(ack, rd.id).endswith(f"; unsteered twin {twin.id} (from step_{at:07d}.safetensors, "
+                                         "queued by the launcher)")
+
+
+def test_the_worker_forks_and_queues_a_twin_its_job_asks_for(home):
+    """The local launcher's half of issue 25's rule: a worker running a job reads the job's new events
+    and queues the twin its acknowledgement names (here the job ends right after it, so the worker's
+    last look at an ended job is what finds it); a twin whose checkpoint was deleted is reported once
+    in the parent's events, never crashing the worker."""
+    from engine.launch.worker import Worker
+    from engine.store.jobs import JobStore
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=6", "eval_every=0", "checkpoint_every=0"), run_id="tiny-t-w")
+    rd.write_status(state="running")
+    assert invoke(home, "drop", rd.id, "--lr-factor", "2", "--at-step", "3", "--twin").exit_code == 0
+    rd.write_status(state="created")
+    store = JobStore(home)
+    store.enqueue(rd.id, rd.path, gpus=0)
+    w = Worker(home, cpu_slots=1, poll=0.05)
+    deadline = time.monotonic() + 120
+    w.fill()
+    while w.running and time.monotonic() < deadline:
+        w.reap()
+        time.sleep(0.05)
+    (ack,) = [e for e in rd.events()[0] if e["event"] == "control" and e["status"] == "applied"]
+    assert store.get(rd.id).state == "done" and ack["step"] == 3
+    assert store.get(ack["twin"]).state == "queued"
+    assert RunDir(home / "runs" / ack["twin"]).config().parent_checkpoint.endswith("step_0000003.safetensors")
+    # negative control: the ack of a twin whose checkpoint is gone
+    from engine.launch.twins import fork_owed
+    gone = dict(ack, twin="tiny-t-w-twin-gone", step=5)
+    assert fork_owed(store, rd, [gone]) == []
+    assert [e["reason"] for e in rd.events()[0] if e["event"] == "twin_failed"] == [
+        "run tiny-t-w has no checkpoint at step 5 (checkpoints: 3, 6)"]
+    w.store.close()
+    store.close()
 
 
 def test_fork_now_asks_the_running_job_for_a_checkpoint_and_forks_there(home, run):

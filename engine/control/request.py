@@ -218,7 +218,8 @@ def describe(ack: dict, run_id: str = "") -> str:
         cond = f", as {met['when']} held ({key} {_fmt_num(met[key])})"
     elif "at_lr_time" in met:
         cond = f", once lr_time reached {_fmt_num(met['at_lr_time'])}"
-    twin = f"; unsteered twin {ack['twin']} queued" if ack.get("twin") else ""
+    twin = f"; unsteered twin {ack['twin']} (from {ack.get('twin_checkpoint', 'this checkpoint')}, queued by " \
+        "the launcher)" if ack.get("twin") else ""
     return f"{who}{what} {where}{cond}{twin}"
 
 
@@ -245,6 +246,8 @@ def event_text(e: dict) -> str:
         return f"fork {e.get('child')} made{at} with {' '.join(e.get('overrides') or []) or 'no overrides'}"
     if kind == "twin_of":
         return f"unsteered twin of {e.get('run')}{at}"
+    if kind == "twin_failed":
+        return f"twin {e.get('twin')} could not be forked: {e.get('reason')}"
     if kind == "schedule":
         what = changed_text(e.get("changed"))
         return f"planned change: {what or 'applied'}{at}"
@@ -366,11 +369,12 @@ class Request:
         if "set" in req:
             new = req["set"]
             if req.get("twin") is True:
-                try:
-                    extra["twin"] = run.fork_twin(self.id)
+                try:   # the checkpoint the launcher forks the twin from (engine.launch.twins)
+                    extra["twin"], extra["twin_checkpoint"] = run.twin_checkpoint()
                 except Exception as e:  # noqa: BLE001 - no twin, no change: the pair is the experiment
                     run.record("control", **answer, status="rejected",
-                               reason=f"could not fork the twin: {type(e).__name__}: {str(e)[:200]}", **where)
+                               reason=f"could not checkpoint for the twin: {type(e).__name__}: {str(e)[:200]}",
+                               **where)
                     return
             changed = run.set_noise(lr=new.get("lr", 0.0), batch_size=new.get("batch_size", 0),
                                     ramp=req.get("ramp", 0.0))
@@ -406,8 +410,9 @@ class Steerable(Protocol):
     def stop(self) -> None:
         """Checkpoint and end cleanly at the end of this step."""
 
-    def fork_twin(self, request_id: str) -> str:
-        """An unsteered copy forked at this boundary, queued; its run id."""
+    def twin_checkpoint(self) -> tuple[str, str]:
+        """Checkpoint this boundary for an unsteered twin; (the twin's run id, the checkpoint's file
+        name), which the launcher forks and queues from the acknowledgement."""
 
 
 def expired(req: dict, now: float | None = None) -> str | None:

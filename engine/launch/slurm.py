@@ -7,18 +7,19 @@ back to gpctl's states. scancel sends SIGTERM first, so a cancelled run checkpoi
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.config import ConfigError
 from engine.store.jobs import JobStore
-from engine.store.rundir import RunDir
+from engine.store.rundir import RunDir, write_atomic
 
 SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                 "REQUEUE_FED", "REQUEUE_HOLD", "SIGNALING", "STAGE_OUT", "STOPPED")   # a requeue passes through some
@@ -175,8 +176,25 @@ def _dependency(store: JobStore, after: list[str]) -> list[str]:
     return [f"--dependency=afterok:{':'.join(ids)}", "--kill-on-invalid-dep=yes"] if ids else []
 
 
+def keep_options(rd: RunDir, opts: SlurmOptions) -> None:
+    """The options a run was submitted with, kept in its folder: its twins are submitted with them."""
+    write_atomic(rd.path / "slurm.json", json.dumps(asdict(opts)))
+
+
+def options_of(rd: RunDir) -> SlurmOptions:
+    """The Slurm options `rd` was submitted with (defaults when it kept none)."""
+    try:
+        data = json.loads((rd.path / "slurm.json").read_text())
+        fields = {f: data[f] for f in SlurmOptions.__dataclass_fields__ if f in data}
+        fields["extra"] = tuple(fields.get("extra", ()))
+        return SlurmOptions(**fields)
+    except (OSError, ValueError, TypeError):
+        return SlurmOptions()
+
+
 def submit(store: JobStore, rd: RunDir, opts: SlurmOptions, resume: bool = False, after: list[str] = (),
            priority: int = 0) -> str:
+    keep_options(rd, opts)
     path = rd.path / "slurm.sh"
     path.write_text(script(rd, opts, resume))
     path.chmod(0o700)
@@ -200,6 +218,7 @@ def submit_array(store: JobStore, rds: list[RunDir], opts: SlurmOptions, home: P
     array_id = _run(["sbatch", "--parsable", *_dependency(store, list(after)), str(path)]).strip().split(";")[0]
     ids = []
     for i, rd in enumerate(rds):
+        keep_options(rd, opts)
         cfg = rd.config()
         job_id = store.enqueue(rd.id, rd.path, gpus=cfg.gpus, resume=resume, backend="slurm", group=cfg.group,
                                after=after, priority=priority)
@@ -230,6 +249,7 @@ def sync(store: JobStore) -> None:
         live = {}  # squeue answers "Invalid job id" once every job has left the queue
     for j in jobs:
         s = live.get(j.slurm_id)
+        _twins(store, j)
         if s in SLURM_ACTIVE:
             if s == "RUNNING" and j.state != "running":
                 store.update(j.id, state="running", started=time.time())
@@ -247,6 +267,16 @@ def sync(store: JobStore) -> None:
             store.finish(j.id, "cancelled", None, "scancel")
         else:
             store.finish(j.id, "failed", None, st.get("error") or f"slurm job {j.slurm_id} ended ({s or 'gone'})")
+
+
+def _twins(store: JobStore, job) -> None:
+    """The twins a Slurm job's acknowledgements name, forked and submitted here, on the login node
+    (the job itself writes only its run directory; see engine.launch.twins)."""
+    from engine.launch.twins import fork_owed
+    try:
+        fork_owed(store, RunDir(Path(job.run_dir)))
+    except (OSError, SlurmError, ConfigError) as e:    # the next sync tries again
+        print(f"warning: {job.run_id}: its twin is not submitted yet: {e}", file=sys.stderr)
 
 
 def cancel(store: JobStore, run_id: str) -> str:

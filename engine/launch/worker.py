@@ -95,6 +95,7 @@ class Running:
     pid: int
     term_sent: float = 0.0
     stall_notified: bool = False
+    events_at: int = 0                 # how far its events.jsonl has been read for twins it asks for
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Worker:
                 if not self.store_is_ours():
                     break
                 try:
+                    self.fork_twins()
                     self.reap()
                     self.handle_cancels()
                     launched = self.fill()
@@ -337,6 +339,29 @@ class Worker:
         self.store.update(job.id, pid=proc.pid, devices=",".join(devices))
         self.running[job.id] = Running(job, devices, proc, proc.pid)
 
+    def fork_twins(self, r: Running | None = None) -> None:
+        """Fork and queue the twins the running jobs' acknowledgements name (engine.launch.twins):
+        one stat per job per poll; only new events are read."""
+        from engine.launch.twins import fork_owed, owed
+
+        for r in [r] if r else list(self.running.values()):
+            rd = RunDir(Path(r.job.run_dir))
+            try:
+                if rd.events_file.stat().st_size == r.events_at:
+                    continue
+            except OSError:
+                continue
+            events, at = rd.events(r.events_at)
+            try:
+                if owed(events):
+                    fork_owed(self.store, rd, events)
+            except (OSError, sqlite3.OperationalError) as e:   # a full disk: the next poll tries again
+                print(f"warning: worker {self.id}: could not fork {rd.id}'s twin yet: {e}", file=sys.stderr, flush=True)
+                continue
+            except Exception as e:  # noqa: BLE001 - a bad event never stops the worker
+                print(f"warning: worker {self.id}: {rd.id}'s twin: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            r.events_at = at
+
     def reap(self) -> None:
         for job_id, r in list(self.running.items()):
             if r.proc is not None:
@@ -347,6 +372,7 @@ class Worker:
                 continue
             else:
                 code = None
+            self.fork_twins(r)            # a twin asked for just before the job ended
             self._record_end(r, code)     # may raise (a full disk): the job stays ours, tried again
             del self.running[job_id]
 

@@ -31,7 +31,7 @@ def pick_checkpoint(parent: RunDir, step: int | None = None, lr_time: float | No
 
 
 def fork(root: Path, parent: RunDir, *, step: int | None = None, lr_time: float | None = None,
-         overrides: list[str] = (), name: str | None = None) -> RunDir:
+         overrides: list[str] = (), name: str | None = None, run_id: str | None = None) -> RunDir:
     at, path = pick_checkpoint(parent, step, lr_time)
     pcfg = parent.config()
     data = to_dict(pcfg)
@@ -39,9 +39,14 @@ def fork(root: Path, parent: RunDir, *, step: int | None = None, lr_time: float 
     data.update(name=name or f"{pcfg.name}-fork{at}", parent=parent.id, parent_checkpoint=str(path.resolve()),
                 parent_overrides=list(overrides))
     cfg = build(data, f"fork of {parent.id}")
-    child = RunDir.create(root, cfg, run_id=new_run_id(cfg.preset or "run", cfg.name))
+    child = RunDir.create(root, cfg, run_id=run_id or new_run_id(cfg.preset or "run", cfg.name))
     parent.append_event("forked", child=child.id, step=at, checkpoint=path.name, overrides=list(overrides))
     return child
+
+
+def twin_name(parent_name: str, step: int) -> str:
+    """The arm name of a run's unsteered twin forked at `step` (see engine.launch.twins)."""
+    return f"{parent_name}-twin{step}"
 
 
 def children(root: Path, run: RunDir) -> list[str]:

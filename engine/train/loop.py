@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from engine.train import checkpoint as ckpt
 from engine.errors import CheckpointError
+from engine.clock import Clock
 from engine.config import Config
 from engine.control import (LOSS_EMA, MAX_WAITING, ControlReader, Line, Request, expired, kept, request_id,
                             run_dir_untrusted)
@@ -133,8 +134,8 @@ class Trainer:
         self.rd, self.cfg = rd, cfg or rd.config()
         self.on_progress = on_progress
         self.hooks: list[Callable[["Trainer"], None]] = []   # called before every step
-        self.step = self.samples = 0
-        self.lr_time = self.wall_offset = 0.0
+        self.clock = Clock()
+        self.wall_offset = 0.0
         self.last_eval: dict = {}
         self.last_record: dict = {}
         self.last_checkpoint = -1
@@ -145,6 +146,11 @@ class Trainer:
         self.loss_ema: float | None = None         # EMA (LOSS_EMA) of the train loss at the last flush: `when loss<…`
         self.levels = LossLevels(self.cfg.checkpoint_at_losses, self.cfg.checkpoint_loss_tol, self.cfg.eval_every)
         self._reached: list[dict] = []              # loss levels the last eval reached (its checkpoint's)
+
+    # the clocks, read by name (one Clock value holds them; only Clock.tick advances them)
+    step = property(lambda self: self.clock.step)
+    samples = property(lambda self: self.clock.samples)
+    lr_time = property(lambda self: self.clock.lr_time)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool) -> None:
@@ -239,8 +245,7 @@ class Trainer:
         """Weights, optimizer, RNG, clocks, schedule and stream position from a checkpoint."""
         state = ckpt.restore(path, self.model, self.optimizer)
         loop = state["loop"]
-        self.step, self.samples = loop["step"], loop["samples"]
-        self.lr_time, self.wall_offset = loop["lr_time"], loop["wall"]
+        self.clock, self.wall_offset = Clock.of(loop), loop["wall"]
         self.loss_ema = loop.get("loss_ema")
         self.levels.load_state_dict(loop.get("loss_levels"))
         self.schedule.load_state_dict(state["schedule"])
@@ -315,12 +320,10 @@ class Trainer:
                 group["lr"] = lr
             batch = self.schedule.batch_size
             loss = self._train_step(batch)
-            self.step += 1
-            self.samples += batch * self.tokens_per_sample
-            lr_time_before, self.lr_time = self.lr_time, self.lr_time + base / self.schedule.lr_ref
+            lr_time_before = self.clock.tick(batch * self.tokens_per_sample, base / self.schedule.lr_ref)
             # -- record (no sync: the loss stays a tensor until the flush)
-            self._pending.append(({"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
-                                   "wall": self.wall(), "lr": lr, "batch_size": batch}, loss))
+            self._pending.append(({**self.clock.as_dict(), "wall": self.wall(), "lr": lr, "batch_size": batch},
+                                  loss))
             if self.step % cfg.log_every == 0:
                 self.flush(wait=self.device.type != "cuda")
             # -- eval and checkpoint
@@ -524,7 +527,7 @@ class Trainer:
 
     def where(self) -> dict:
         """The clocks at this step boundary, as every event records them."""
-        return {"step": self.step, "samples": self.samples, "lr_time": self.lr_time}
+        return self.clock.as_dict()
 
     # the control layer's view of a run (engine/control/request.py Steerable): all a request touches
     def record(self, kind: str, **fields) -> None:
@@ -541,26 +544,16 @@ class Trainer:
     def stop(self) -> None:
         self.stop_requested = True
 
-    def fork_twin(self, rid: str) -> str:
-        """An unsteered copy of this run, forked at this boundary before the request applies, and queued:
-        the control of the intervention (the paper's Fig. 4 pair) without retraining the prefix."""
-        from engine.store.fork import fork
-        from engine.store.jobs import JobStore
+    def twin_checkpoint(self) -> tuple[str, str]:
+        """Checkpoint this boundary (before the change applies) for an unsteered twin and name the
+        twin; the launcher forks and queues it from the acknowledgement (engine.launch.twins): the
+        loop writes only its own run directory."""
+        from engine.store.fork import twin_name
+        from engine.store.rundir import new_run_id
 
-        if self.dist.active:
-            raise RuntimeError("twins are not made under DDP yet")
-        if self.last_eval.get("step") != self.step:
-            self.evaluate()
-        self.save_checkpoint()
-        home = self.rd.home
-        child = fork(home, self.rd, step=self.step, name=f"{self.cfg.name}-twin{self.step}")
-        child.append_event("twin_of", run=self.rd.id, request=rid, step=self.step, lr_time=self.lr_time)
-        store = JobStore(home)
-        try:
-            store.enqueue(child.id, child.path, gpus=self.cfg.gpus)
-        finally:
-            store.close()
-        return child.id
+        self.checkpoint_now()
+        return new_run_id(self.cfg.preset or "run", twin_name(self.cfg.name, self.step)), \
+            self.rd.checkpoint_path(self.step).name
 
     def _checkpoint_due(self, lr_time_before: float) -> bool:
         cfg = self.cfg
@@ -651,7 +644,7 @@ class Trainer:
                 errors += (logits.argmax(-1) != y).sum()
                 count += x.shape[0]
         model.train()
-        rec = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
+        rec = {**self.clock.as_dict(), "wall": self.wall(),
                "eval_loss": float(total) / count, "eval_error": float(errors) / count,
                "unique_samples": self.stream.unique_seen * self.tokens_per_sample}
         self.rd.append_metrics([rec])
@@ -665,7 +658,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.flush()
         path = self.rd.checkpoint_path(self.step)
-        meta = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time,
+        meta = {**self.clock.as_dict(),
                 "eval_loss": self.last_eval.get("eval_loss") if self.last_eval.get("step") == self.step else None,
                 "model": self.cfg.model.name, "model_config": vars(self.cfg.model),
                 "hf_config": hf_config_dict(self.cfg.model), "run": self.rd.id}
@@ -673,7 +666,7 @@ class Trainer:
         if reached:
             meta["loss_levels"] = [r["level"] for r in reached]   # the levels this checkpoint stands for
         self._reached = []
-        loop = {"step": self.step, "samples": self.samples, "lr_time": self.lr_time, "wall": self.wall(),
+        loop = {**self.clock.as_dict(), "wall": self.wall(),
                 "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval, "loss_ema": self.loss_ema,
                 "loss_levels": self.levels.state_dict()}
         if not self.dist.leader:
