@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gpctl.runs import family
-from gpctl.tui.app import GpctlApp, collapse_groups
+from gpctl.tui.app import GpctlApp
+from gpctl.tui.rows import collapse_groups
 from gpctl.tui.widgets.plot import LossPlot
 from tests.conftest import fixed_runs
 
@@ -254,7 +255,7 @@ def test_runs_sit_under_a_header_per_preset_that_the_cursor_passes_over(home):
 
 
 def test_fork_dialog_words_are_the_cli_flags():
-    from gpctl.tui.app import fork_words
+    from gpctl.tui.steering import fork_words
     assert fork_words("--step 100 --name bs32-at100 batch_size=32 lr=0.01".split()) == \
         (100, None, "bs32-at100", ["batch_size=32", "lr=0.01"])
     assert fork_words(["--lr-time", "2.5"]) == (None, 2.5, None, [])

@@ -7,6 +7,11 @@
     footer: the keys that apply to what is selected
 A thread worker polls the run directories (only new bytes) and posts a merged message; the UI
 redraws only when something changed. Every action calls the same functions as the CLI.
+
+This module is the screen (layout, data, drawing, footer); beside it: rows.py (what is read from
+the home, filtered, folded), view.py (view keys and the view state kept per home), steering.py
+(steering and queue keys), keys.py (the one list of keys), dialogs.py, data.py (a run's series),
+widgets/ (table, plot, panels).
 """
 from __future__ import annotations
 
@@ -25,105 +30,18 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Header, Input, Static
 
-from engine.config import ConfigError
-from engine.control import ControlError, Request, append_request
-from engine.analysis.curves import AXES
 from engine.store.jobs import JobStore
 from engine.store.state import ENDED
-from engine.store.rundir import RunDir, UnknownRun, list_runs, run_dir
+from engine.store.rundir import RunDir, list_runs, run_dir
 from gpctl.tui.data import RunTail
-from gpctl.tui.dialogs import Ask, Confirm, Detail, Help, Pick, TvPanel
-from gpctl.tui.keys import FOOTER, KEYS, bindings, footer_actions, key_screen_text, state_file
+from gpctl.tui.dialogs import Detail, Help, TvPanel
+from gpctl.tui.keys import FOOTER, KEYS, bindings, footer_actions, key_screen_text
+from gpctl.tui.rows import collapse_groups, filter_sort, load_rows, stamp
+from gpctl.tui.steering import SteeringKeys, queue_action
+from gpctl.tui.view import EMAS, ViewKeys
 from gpctl.tui.widgets.panels import ContextFooter, EventsPane, GpuPanel, RunsTable
 from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
 
-EMAS = (0.0, 0.8, 0.9, 0.99)
-ZOOMS = (1.0, 0.25, 0.05)
-MAX_METRICS = 6            # small plots beside the loss
-
-
-def fork_words(words: list[str]) -> tuple[int | None, float | None, str | None, list[str]]:
-    """The fork dialog's words, as `gpctl fork` takes them: --step N | --lr-time T, --name NAME, and
-    KEY=VALUE overrides. Returns (step, lr_time, name, overrides); anything else is a ValueError
-    naming the word."""
-    step = lr_time = name = None
-    overrides: list[str] = []
-    it = iter(words)
-    for w in it:
-        if w in ("--step", "--lr-time", "--name"):
-            v = next(it, None)
-            if v is None:
-                raise ValueError(f"{w} needs a value")
-            try:
-                if w == "--step":
-                    step = int(v)
-                elif w == "--lr-time":
-                    lr_time = float(v)
-                else:
-                    name = v
-            except ValueError:
-                raise ValueError(f"{w} needs a {'whole number' if w == '--step' else 'number'}, got {v!r}") from None
-        elif w.startswith("-"):
-            raise ValueError(f"unknown option {w!r} (--step N, --lr-time T, --name NAME, KEY=VALUE)")
-        elif "=" in w:
-            overrides.append(w)
-        else:
-            raise ValueError(f"expected KEY=VALUE, got {w!r}")
-    if step is not None and lr_time is not None:
-        raise ValueError("--step and --lr-time: give one")
-    return step, lr_time, name, overrides
-
-
-def collapse_groups(rows: list[dict], family, recipe=None) -> tuple[list[dict], dict[str, list[str]]]:
-    """Rows with every seed family of two or more runs (same preset, family(arm, group), and the same
-    recipe(run id): configs that differ in their seed only) as one row, where its first member was:
-    the family, how many seeds, the mean of their loss and eval loss, the least step, samples and
-    lr_time, lr and batch where all agree. Returns (rows, {row id: member ids}); a group's id is
-    `seeds:<preset>:<family>` (`~2`, `~3` for the same name training something else), never a run
-    id (run ids have no colon)."""
-    def key(r: dict) -> tuple:     # a run whose config cannot be read (preset "?") is never folded
-        if r["preset"] == "?":
-            return ("?", r["id"])
-        return (r["preset"], family(r["arm"], r.get("group") or ""), recipe(r["id"]) if recipe else "")
-    fam: dict[tuple, list[dict]] = {}
-    for r in rows:
-        fam.setdefault(key(r), []).append(r)
-    out, groups, placed = [], {}, set()
-    for r in rows:
-        members = fam[key(r)]
-        if len(members) < 2:
-            out.append(r)
-            continue
-        k = key(r)
-        if k in placed:
-            continue
-        placed.add(k)
-        gid = f"seeds:{k[0]}:{k[1]}"
-        n = 2
-        while gid in groups:          # the same family name training something else: its own group
-            gid, n = f"seeds:{k[0]}:{k[1]}~{n}", n + 1
-        groups[gid] = [m["id"] for m in members]
-        states = {m["state"] for m in members}
-        mean = lambda k: (sum(v) / len(v)) if (v := [m[k] for m in members if m.get(k) is not None]) else None  # noqa: E731
-        same = lambda k: members[0][k] if len({m[k] for m in members}) == 1 else None                      # noqa: E731
-        out.append({"id": gid, "label": f"{k[1]} ×{len(members)}", "members": groups[gid], "preset": k[0],
-                    "arm": k[1], "group": members[0].get("group"),
-                    "state": next((s for s in ("running", "queued", "unreadable", "failed", "diverged", "lost")
-                                   if s in states), None) or (states.pop() if len(states) == 1 else "mixed"),
-                    "step": min(m["step"] for m in members), "steps": max(m["steps"] for m in members),
-                    "samples": min(m["samples"] for m in members), "lr_time": min((m["lr_time"] or 0) for m in members),
-                    "loss_ema": mean("loss_ema"), "eval_loss": mean("eval_loss"), "lr": same("lr"),
-                    "batch_size": same("batch_size"), "created": min(m["created"] for m in members),
-                    "device": ",".join(sorted({m["device"] for m in members if m["device"]})) or None})
-    return out, groups
-
-
-def _stamp(path: Path) -> tuple:
-    try:
-        st = path.stat()
-        return st.st_mtime_ns, st.st_size
-    except OSError:
-        return 0, 0
 
 
 class DataChanged(Message):
@@ -161,22 +79,7 @@ class ActionsAndRuns(Provider):
             yield DiscoveryHit(text, callback, help=help_text)
 
 
-def _queue_action(method):
-    """An action that reads or writes jobs.db: a store that cannot be opened (garbage, a lost WAL, a
-    full disk) is one error toast naming it, never the end of the TUI."""
-    import functools
-    import sqlite3
-
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.DatabaseError as e:
-            self.notify(f"{self.home / 'jobs.db'}: {e}", severity="error")
-    return guarded
-
-
-class GpctlApp(App):
+class GpctlApp(ViewKeys, SteeringKeys, App):
     CSS_PATH = "app.tcss"
     TITLE = "gpctl"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]   # screen classes used by app.tcss
@@ -273,8 +176,8 @@ class GpctlApp(App):
         """Poll the run directories; post a (mergeable) message when something changed."""
         seen, cache, last = None, {}, 0.0
         while self.is_running:
-            key = [rd.change_key() for rd in list_runs(self.home)] + [_stamp(self.home / "jobs.db"),
-                                                                       _stamp(self.home / "jobs.db-wal")]
+            key = [rd.change_key() for rd in list_runs(self.home)] + [stamp(self.home / "jobs.db"),
+                                                                       stamp(self.home / "jobs.db-wal")]
             if key != seen or time.monotonic() - last > 5.0:
                 seen, last = key, time.monotonic()
                 self.post_message(DataChanged(self.load_rows(cache)))   # the disk work, off the UI thread
@@ -291,43 +194,13 @@ class GpctlApp(App):
         self.apply_rows(self.load_rows())
 
     def load_rows(self, cache: dict | None = None) -> list[dict]:
-        """Every run's summary and state: the part that reads the disk (the poll thread calls it).
-        With `cache` (run id -> (change key, row, when)), only runs whose files changed, or whose row
-        is older than 5 s (a process may have died), are summarized again; jobs.db is one query."""
-        from engine.store.state import shown as shown_state
-        store = JobStore.for_reading(self.home, lenient=True)
-        jobs = {j.run_id: j.state for j in store.jobs()}
-        self.jobs_problem = store.problem        # shown in the status line
-        store.close()
-        rows, now = [], time.monotonic()
-        for rd in list_runs(self.home):
-            key = rd.change_key() + (rd.metrics_size(),)
-            hit = cache.get(rd.id) if cache is not None else None
-            if hit and hit[0] == key and now - hit[2] < 5.0:
-                r = dict(hit[1])
-            else:
-                r = rd.summary()
-                st = rd.status()
-                if r["run_state"] == "running" and st.get("started") and st.get("updated", 0) > st["started"]:
-                    first = st.get("start_step") if isinstance(st.get("start_step"), int) else 0
-                    r["rate"] = (r["step"] - first) / (st["updated"] - st["started"])   # steps/s (this process's)
-                if cache is not None:
-                    cache[rd.id] = (key, dict(r), now)
-            r["state"] = shown_state(r, jobs.get(rd.id))
-            rows.append(r)
+        rows, self.jobs_problem = load_rows(self.home, cache)     # the problem: shown in the status line
         return rows
 
     def apply_rows(self, rows: list[dict]) -> None:
         """Filter, sort and show rows (no disk reads: keys like sort and filter come here directly)."""
         self._all_rows = rows
-        text = self.filter_text.lower()
-        rows = [r for r in rows if not text or text in f"{r['id']} {r['preset']} {r['arm']} {r['state']}".lower()]
-        key = self.sort_key
-        rows.sort(key=lambda r: r["created"], reverse=self.sort_desc and not key)   # O: newest first
-        if key:   # by the key within each preset, either way, runs without a value last
-            have = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=self.sort_desc)
-            rows = have + [r for r in rows if r.get(key) is None]
-        rows.sort(key=lambda r: r["preset"])     # stable: keeps the order within a preset
+        rows = filter_sort(rows, self.filter_text, self.sort_key, self.sort_desc)
         ended = {r["id"] for r in rows if r["state"] in ("done", "failed", "diverged", "lost")
                  and self._states.get(r["id"]) in ("running", "queued")}
         if ended:
@@ -447,49 +320,6 @@ class GpctlApp(App):
             groups.setdefault(key, []).append(rid)
         return list(groups.values())
 
-    def action_seed_mean(self) -> None:
-        self.seed_mean = not self.seed_mean
-        self.redraw()
-
-    def action_collapse_seeds(self) -> None:
-        sel = self.table.selected_id
-        sel = self._groups.get(sel, [sel])[0] if sel else None   # a group row: its first run
-        self.collapse_seeds = not self.collapse_seeds
-        self.apply_rows(self._all_rows)
-        if sel:
-            self.select_run(sel)          # that run's row, or the row of the group it went into
-
-    def action_metrics(self) -> None:
-        """Ask which recorded fields to plot beside the loss (W&B's chart per metric)."""
-        sel = self.table.selected_id
-        runs = self._groups.get(sel) or ([sel] if sel else [])
-        have = sorted({f for rid in runs for f in self.tail(rid).fields()}) or ["lr", "batch_size", "eval_error"]
-
-        def done(answer: str | None) -> None:
-            if answer is None:
-                return
-            fields = answer.replace(",", " ").split()
-            bad = [f for f in fields if not f.isidentifier() or len(f) >= 64]
-            if bad or len(fields) > MAX_METRICS:
-                self.notify(f"fields: at most {MAX_METRICS} names like lr batch_size eval_error, got {answer!r}",
-                            severity="error")
-                return
-            self.set_metrics(fields)
-
-        self.push_screen(Ask(f"plot beside the loss (empty: none; recorded: {' '.join(have)})",
-                             " ".join(self.metric_fields) or " ".join(f for f in ("lr", "batch_size", "eval_error")
-                                                                      if f in have)), done)
-
-    def set_metrics(self, fields: list[str]) -> None:
-        self.metric_fields = list(dict.fromkeys(fields))[:MAX_METRICS]
-        grid = self.query_one("#metrics", Grid)
-        grid.remove_children()
-        grid.mount_all([LossPlot(y_label=f, legend=False, classes="small") for f in self.metric_fields])
-        n = len(self.metric_fields)
-        grid.set_classes(["visible", f"-r{(n + 1) // 2}"] + (["-more"] if n > 3 else []) if n else [])
-        self.query_one("#right").set_class(bool(n), "-metrics")   # app.tcss: two per row, three when narrow
-        self.call_after_refresh(self.redraw)
-
     def action_close_filter(self) -> None:
         box = self.query_one("#filter", Input)
         if box.has_class("visible") or box.value:
@@ -537,14 +367,6 @@ class GpctlApp(App):
             if footer._bindings_ready:
                 footer.call_after_refresh(footer.recompose)
 
-    def _window(self, x) -> tuple[float, float]:
-        """The x interval shown: a typed range, or the last ZOOMS[zoom_i] of the run, or all."""
-        if self.x_range is not None:
-            return self.x_range
-        if ZOOMS[self.zoom_i] < 1 and len(x):
-            return x[-1] - (x[-1] - x[0]) * ZOOMS[self.zoom_i], float("inf")
-        return float("-inf"), float("inf")
-
     def gpu_refresh(self) -> None:
         store = JobStore.for_reading(self.home, lenient=True)
         on = {}
@@ -566,94 +388,6 @@ class GpctlApp(App):
     @on(RunsTable.RowSelected)
     def _row_selected(self, event) -> None:   # Enter on the table: the table takes the key first
         self.action_detail()
-
-    # ------------------------------------------------------------------ view keys
-    def action_mark(self) -> None:
-        sel = self.table.selected_id
-        if sel:
-            runs = self._groups.get(sel, [sel])          # a collapsed seed group: all its runs
-            if set(runs) <= self.marked:
-                self.marked -= set(runs)
-            else:
-                for rid in runs:
-                    if rid not in self.marked:
-                        self.marked.add(rid)
-                        self._mark_seq[rid] = next(self._mark_counter)   # TV's A is the run marked first
-            self.table.show(self.rows, self._marked_rows())
-            self.redraw()
-
-    def action_cycle_x(self) -> None:
-        self.x_axis = AXES[(AXES.index(self.x_axis) + 1) % len(AXES)]
-        self.x_range = None
-        self.redraw()
-
-    def action_cycle_ema(self) -> None:
-        self.ema_i = (self.ema_i + 1) % len(EMAS)
-        self.redraw()
-
-    def action_logy(self) -> None:
-        self.logy = not self.logy
-        self.redraw()
-
-    def action_toggle_eval(self) -> None:
-        self.with_eval = not self.with_eval
-        self.redraw()
-
-    def action_zoom(self) -> None:
-        self.zoom_i = (self.zoom_i + 1) % len(ZOOMS)
-        self.x_range = None
-        self.redraw()
-
-    def action_zoom_range(self) -> None:
-        def done(answer: str | None) -> None:
-            if answer is None:
-                return
-            if not answer:
-                self.x_range = None
-            else:
-                try:
-                    lo, hi = (float(v) for v in answer.replace(",", " ").split())
-                    if not lo < hi:
-                        raise ValueError
-                except ValueError:
-                    self.notify(f"expected 'FROM TO' with FROM < TO, got {answer!r}", severity="error")
-                    return
-                self.x_range = (lo, hi)
-            self.redraw()
-
-        self.push_screen(Ask(f"zoom to a range of {self.x_axis}: FROM TO (empty: all)"), done)
-
-    def action_sort(self) -> None:
-        keys = self.SORTS
-        self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
-        self.apply_rows(self._all_rows)
-
-    def action_sort_direction(self) -> None:
-        self.sort_desc = not self.sort_desc
-        self.apply_rows(self._all_rows)
-
-    def status_text(self) -> str:
-        """The view's settings in one line (instead of toasts that cover the plot)."""
-        zoom = "all" if self.x_range is None and ZOOMS[self.zoom_i] == 1 else \
-            (f"{self.x_range[0]:g}..{self.x_range[1]:g}" if self.x_range else f"last {ZOOMS[self.zoom_i]:.0%}")
-        sort = f"{self.sort_key or 'created'} {'↓' if self.sort_desc else '↑'}"
-        running = sum(r["state"] == "running" for r in self.rows)
-        parts = [f"x {self.x_axis}", f"EMA {EMAS[self.ema_i]}"] + ([f"zoom {zoom}"] if zoom != "all" else []) + [
-            f"sort {sort}", f"{len(self.rows)} {'rows' if self._groups else 'runs'}, {running} running"]
-        if self.logy:
-            parts.insert(2, "log-y")
-        if self.seed_mean:
-            parts.insert(2, "seeds: mean")
-        if self.collapse_seeds:
-            parts.insert(2, "seeds: one row")
-        if self.jobs_problem:   # the queue could not be read: states come from the runs alone
-            parts.insert(0, "jobs.db unreadable (runs shown without jobs)")
-        hidden = self.table.hidden_columns
-        if hidden:      # left out whole, never cut: say so, and where to read them
-            parts.append(f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} hidden (Enter)")
-        if self.filter_text:
-            parts.append(f"filter '{self.filter_text}'")
-        return " · ".join(parts)
 
     def action_detail(self) -> None:
         rd = self._selected()
@@ -684,73 +418,11 @@ class GpctlApp(App):
             self.query_one("#filter", Input).remove_class("visible")
         self.table.focus()
 
-    # ------------------------------------------------------------------ view state, kept per home
-    _restore_sel: str | None = None
-    SORTS = (None, "step", "loss_ema", "eval_loss", "lr", "batch_size")
-
-    def view_state(self) -> dict:
-        return {"x_axis": self.x_axis, "ema_i": self.ema_i, "logy": self.logy, "with_eval": self.with_eval,
-                "zoom_i": self.zoom_i, "seed_mean": self.seed_mean, "collapse_seeds": self.collapse_seeds,
-                "metrics": self.metric_fields, "sort_key": self.sort_key, "sort_desc": self.sort_desc,
-                "filter": self.filter_text, "marked": sorted(self.marked, key=lambda r: self._mark_seq.get(r, -1)),
-                "selected": self.table.selected_id}
-
-    def load_state(self) -> None:
-        """The view as it was left (a missing, unreadable or odd file: the defaults; never an error)."""
-        import json
-        try:
-            st = json.loads(state_file(self.home).read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(st, dict):
-            return
-        pick = lambda key, ok, default: st.get(key) if ok(st.get(key)) else default   # noqa: E731
-        self.x_axis = pick("x_axis", lambda v: v in AXES, self.x_axis)
-        self.ema_i = pick("ema_i", lambda v: isinstance(v, int) and 0 <= v < len(EMAS), self.ema_i)
-        self.zoom_i = pick("zoom_i", lambda v: isinstance(v, int) and 0 <= v < len(ZOOMS), self.zoom_i)
-        self.logy = pick("logy", lambda v: isinstance(v, bool), self.logy)
-        self.with_eval = pick("with_eval", lambda v: isinstance(v, bool), self.with_eval)
-        self.seed_mean = pick("seed_mean", lambda v: isinstance(v, bool), self.seed_mean)
-        self.collapse_seeds = pick("collapse_seeds", lambda v: isinstance(v, bool), self.collapse_seeds)
-        fields = pick("metrics", lambda v: isinstance(v, list) and len(v) <= MAX_METRICS
-                      and all(isinstance(f, str) and f.isidentifier() and len(f) < 64 for f in v), [])
-        if fields:
-            self.set_metrics(fields)
-        self.sort_key = pick("sort_key", lambda v: v in self.SORTS, self.sort_key)
-        self.sort_desc = pick("sort_desc", lambda v: isinstance(v, bool), self.sort_desc)
-        marked = st.get("marked") if isinstance(st.get("marked"), list) else []
-        for rid in marked:
-            try:
-                here = isinstance(rid, str) and run_dir(self.home, rid).path.is_dir()
-            except UnknownRun:      # not a plain name: never a path of ours
-                here = False
-            if here:
-                self.marked.add(rid)
-                self._mark_seq[rid] = next(self._mark_counter)
-        text = st.get("filter")
-        if isinstance(text, str) and text:
-            box = self.query_one("#filter", Input)
-            box.value = self.filter_text = text[:200]
-            box.add_class("visible")
-        sel = st.get("selected")
-        self._restore_sel = sel if isinstance(sel, str) else None
-
-    def save_state(self) -> None:
-        import json
-        path = state_file(self.home)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.view_state()) + "\n")
-            tmp.replace(path)
-        except OSError:
-            pass    # a read-only cache: the next start shows the defaults
-
     async def action_quit(self) -> None:
         self.save_state()
         self.exit()
 
-    @_queue_action
+    @queue_action
     def action_queue(self) -> None:
         """The queue as `gpctl queue` prints it (read-only: the TUI never syncs or changes it here)."""
         from gpctl.queue import queue_rows, queue_text
@@ -776,208 +448,6 @@ class GpctlApp(App):
 
     def action_help(self) -> None:
         self.push_screen(Help(key_screen_text()))
-
-    # ------------------------------------------------------------------ steering keys
-    def _selected(self) -> RunDir | None:
-        sel = self.table.selected_id
-        if sel is None:
-            self.notify("no run selected", severity="warning")
-            return None
-        if sel in self._groups:
-            self.notify(f"{sel} is {len(self._groups[sel])} runs (one row per seed family): G shows them one "
-                        "per row, to act on one", severity="warning")
-            return None
-        return run_dir(self.home, sel)
-
-    def _send(self, rd: RunDir, request: dict) -> None:
-        from gpctl.steer import check_request
-        try:   # validated as the CLI does, before anything is written
-            rid = append_request(rd, check_request(rd, request, queued_ok=False))
-        except (ControlError, ConfigError, OSError) as e:
-            self.notify(str(e), severity="error")
-            return
-        from gpctl.steer import request_words
-        self.notify(f"{rd.id}: sent {request_words(request)} (request {rid}); its acknowledgement shows in the events")
-
-    def _steerable(self, action: bool = False) -> RunDir | None:
-        """The selected run if it takes this kind of request now; else say why at once, before any dialog."""
-        from gpctl.steer import refusal
-        rd = self._selected()
-        if rd is None:
-            return None
-        why = refusal(rd, action)
-        if why:
-            self.notify(why, severity="warning")
-            return None
-        return rd
-
-    def _noise(self, lower: bool) -> None:
-        from engine.control import BATCH_FACTOR, LR_FACTOR, RAISE_RAMP
-        from gpctl.steer import noise_request
-        rd = self._steerable()
-        if rd is None:
-            return
-
-        def done(answer: str | None) -> None:
-            if not answer:
-                return
-            what, _, k = answer.strip().partition(" ")
-            try:
-                try:
-                    factor = float(k) if k.strip() else None
-                except ValueError:
-                    raise ControlError(f"expected a number after '{what}', got {k.strip()!r}") from None
-                if what == "batch":   # "batch 0" is a bad factor, not the default
-                    req = noise_request(rd, None, BATCH_FACTOR if factor is None else int(factor), lower, ramp=0.0)
-                elif what == "lr":
-                    req = noise_request(rd, LR_FACTOR if factor is None else factor, None, lower,
-                                        ramp=0.0 if lower else RAISE_RAMP)
-                else:
-                    raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
-            except (ControlError, ValueError, OverflowError) as e:
-                self.notify(str(e), severity="error")
-                return
-            self._send(rd, req)
-
-        verb = "drop" if lower else "raise"
-        self.push_screen(Ask(f"{verb} noise of {rd.id}: 'lr K' (lr {'÷' if lower else '×'} K) or 'batch K'",
-                             "lr 10"), done)
-
-    def action_drop(self) -> None:
-        self._noise(lower=True)
-
-    def action_raise_noise(self) -> None:
-        self._noise(lower=False)
-
-    def action_set(self) -> None:
-        rd = self._steerable()
-        if rd is None:
-            return
-
-        def done(answer: str | None) -> None:
-            if not answer:
-                return
-            try:
-                request = Request.from_words(answer.split()).body
-            except ControlError as e:
-                self.notify(str(e), severity="error")
-                return
-            self._send(rd, request)
-
-        self.push_screen(Ask(f"set on {rd.id}: lr=… batch_size=… [ramp=N]"), done)
-
-    def action_stop(self) -> None:
-        rd = self._steerable(action=True)
-        if rd:
-            self.push_screen(Confirm(f"stop {rd.id}? (it checkpoints and ends; gpctl resume continues it)"),
-                             lambda yes: self._send(rd, {"action": "stop"}) if yes else None)
-
-    def action_checkpoint(self) -> None:
-        rd = self._steerable(action=True)
-        if rd:
-            self._send(rd, {"action": "checkpoint"})
-
-    def action_fork(self) -> None:
-        """Fork at a checkpoint (the latest, prefilled) with overrides and a name, as `gpctl fork` does."""
-        from engine.store.fork import fork
-        from gpctl import queue
-        rd = self._selected()
-        if rd is None:
-            return
-
-        def done(answer: str | None) -> None:
-            if answer is None:
-                return
-            try:
-                step, lr_time, name, overrides = fork_words(answer.split())
-                child = fork(self.home, rd, step=step, lr_time=lr_time, overrides=overrides, name=name)
-            except Exception as e:  # noqa: BLE001 - shown, not fatal
-                self.notify(f"fork failed: {e}", severity="error")
-                return
-            queue.enqueue([child], home=self.home)
-            queue.ensure_worker(home=self.home)
-            self.notify(f"forked {child.id} (queued)")
-            self.refresh_data()
-
-        ckpts = rd.list_checkpoints()
-        self.push_screen(Ask(f"fork {rd.id}: [--step N | --lr-time T] [--name NAME] k=v … (checkpoints at steps "
-                             f"{', '.join(str(st) for st, _ in ckpts[-6:]) or 'none yet'})",
-                             f"--step {ckpts[-1][0]} " if ckpts else ""), done)
-
-    @_queue_action
-    def action_cancel(self) -> None:
-        rd = self._selected()
-        if rd is None:
-            return
-        store = JobStore.for_reading(self.home)
-        try:
-            job = store.get(rd.id)
-        finally:
-            store.close()
-        if job is None or job.state not in ("queued", "running"):   # refuse before the dialog, as d r s t do
-            self.notify(f"{rd.id} has no queued or running job to cancel"
-                        + (f" (its job is {job.state})" if job else " (it is not in the queue)"), severity="warning")
-            return
-        self.push_screen(Confirm(f"cancel {rd.id}'s job? (a running one checkpoints and stops)"),
-                         lambda yes: self._cancel(rd) if yes else None)
-
-    @_queue_action
-    def _cancel(self, rd: RunDir) -> None:
-        from engine.launch import backends
-        store = JobStore(self.home)
-        try:
-            self.notify(f"{rd.id}: {backends.cancel(store, rd.id)}")   # scancel for a Slurm job
-        except KeyError:
-            self.notify(f"{rd.id} is not in the queue", severity="warning")
-        except (RuntimeError, OSError) as e:                           # sbatch tools missing, a read-only home
-            self.notify(f"{rd.id}: {e}", severity="error")
-        finally:
-            store.close()
-        self.refresh_data()
-
-    @_queue_action
-    def action_resume(self) -> None:
-        from gpctl import queue
-        from gpctl import runs as ops
-        rd = self._selected()
-        if rd is None:
-            return
-        try:
-            said = ops.resume_job(self.home, rd)     # what `gpctl resume` does, with its refusals
-        except (ConfigError, ValueError) as e:
-            self.notify(str(e), severity="warning")
-            return
-        queue.ensure_worker(home=self.home)
-        self.notify(said)
-        self.refresh_data()
-
-    def action_enqueue(self) -> None:
-        """A preset from a picker, then its overrides (k=v …, as `gpctl run preset NAME --set`)."""
-        from engine.presets import list_presets
-        from gpctl import queue
-        from gpctl import runs as ops
-
-        def enqueue(name: str, answer: str | None) -> None:
-            if answer is None:
-                return
-            overrides = answer.split()
-            try:           # a bad override is refused by create_runs, in the words `--set` uses
-                rds = ops.create_runs(name, overrides, self.home)
-            except Exception as e:  # noqa: BLE001 - one line, not a crash
-                self.notify(str(e).splitlines()[0] if str(e) else type(e).__name__, severity="error")
-                return
-            queue.enqueue(rds, home=self.home)
-            queue.ensure_worker(home=self.home)
-            self.notify(f"queued {len(rds)} runs of {name}" + (f" with {' '.join(overrides)}" if overrides else ""))
-            self.refresh_data()
-
-        def picked(choice: str | None) -> None:
-            if choice:
-                name = choice.split()[0]
-                self.push_screen(Ask(f"enqueue {name}: overrides k=v … (empty: as the preset says)"),
-                                 partial(enqueue, name))
-
-        self.push_screen(Pick("enqueue a preset", [f"{p.name}  ({p.figure})" for p in list_presets()]), picked)
 
     def action_tv(self) -> None:
         if len(self.marked) not in (2, 3):
