@@ -307,6 +307,24 @@ def show(run: RunArg, as_json: JsonOpt = False,
 
 @app.command()
 @friendly
+def lineage(run: Annotated[Optional[str], typer.Argument(help="A run (its tree only); none: every tree with a fork.")] = None,
+            as_json: JsonOpt = False) -> None:
+    """Which run was forked from which: trees of parents, forks and twins with their branch points
+    (step, lr_time) and overrides, each run's state."""
+    from dataclasses import asdict
+
+    from gpctl.lineage import find, lineage as trees, lineage_text
+    rid = resolve(State.home, run).id if run else None
+    if as_json:
+        roots = trees(State.home)
+        print_json([asdict(r) for r in ([find(roots, rid)] if rid else roots)])
+        return
+    for line in lineage_text(State.home, rid):
+        out.print(line, markup=False)
+
+
+@app.command()
+@friendly
 def resume(run: RunArg,
            wait: Annotated[bool, typer.Option("--wait", help="Block until it ends.")] = False,
            foreground: Annotated[bool, typer.Option("--foreground", help="Train here instead of through the queue.")] = False) -> None:
@@ -359,12 +377,13 @@ repro.register(app)
 data.register(app)
 
 
-PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "logs", "tui"),
+PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "lineage", "logs", "tui"),
           "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure", "export"),
           "Queue": ("worker", "cancel")}
 EXAMPLES = {
     "ls": "gpctl ls --state running --sort loss   |   gpctl ls --json | jq '.[].id'",
     "show": "gpctl show demo-bs32 --config",
+    "lineage": "gpctl lineage demo-bs32to512",
     "logs": "gpctl logs demo-bs32 -f",
     "tui": "gpctl tui --poll 0.5",
     "resume": "gpctl resume demo-bs512 --wait",

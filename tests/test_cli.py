@@ -186,7 +186,7 @@ def test_every_help_example_names_runs_that_resolve_on_the_demos_runs(tmp_path):
     with pytest.raises(Exception, match=r"ambiguous: 2 runs of that arm"):
         RunDir.create(h, tiny(TINY_IMAGES, "steps=8", name="bs32", preset="demo"))
         resolve(h, "demo-bs32")
-    for cmd in ("show", "tv", "plot"):
+    for cmd in ("show", "lineage", "tv", "plot"):
         argv = shlex.split(EXAMPLES[cmd])[1:]
         argv = [str(tmp_path / a) if a.endswith(".png") else a for a in argv]
         if cmd == "show":

@@ -1,15 +1,17 @@
-"""Issue 14: the footer shows the keys that apply to what is selected; small plots of any recorded
+"""Issues 14 and 27: the footer shows the keys that apply to what is selected; small plots of any recorded
 field beside the loss; a seed family as one table row; the detail screen follows log.txt."""
 import asyncio
 import json
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from gpctl.cli import app as cli
 from gpctl.runs import family
 from gpctl.tui.app import GpctlApp
 from gpctl.tui.rows import collapse_groups
-from gpctl.tui.widgets.plot import LossPlot
+from gpctl.tui.widgets.plot import DASHED, LossPlot, legend_lines, render
 from tests.conftest import fixed_runs
 
 RUN0, RUN1, RUN2 = "demo-bs32to512-000000", "demo-bs512-000001", "demo-bs512_seed2-000002"
@@ -327,3 +329,256 @@ def test_markup_typed_anywhere_is_text(home):
             return status, toast, app.is_running
     status, toast, alive = asyncio.run(go())
     assert status.endswith("filter '[/x]'") and toast == "expected 'FROM TO' with FROM < TO, got '[/x]'" and alive
+
+
+# ---------------------------------------------------------------- issue 27: the faces
+"""Issue 27: the TUI's context right everywhere and the views k9s, lazygit and nvitop users reach for:
+a footer per screen, marks numbered in order, every shown run's change markers in its colour, eval
+series told from train without colour, a legend that says what it left out, j/k, y (OSC 52), more
+table rows, search in the detail log, and the lineage view (also `gpctl lineage`)."""
+
+
+async def _open(pilot, rid, *keys):
+    """Select `rid`, press `keys`, let the screen settle."""
+    _select(pilot.app, rid)
+    for key in keys:
+        await pilot.press(key)
+    await pilot.pause(0.3)
+
+
+def _keys(screen) -> list[str]:
+    from textual.widgets._footer import FooterKey
+    return [k.description for k in screen.query(FooterKey) if "-command-palette" not in k.classes]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_each_screen_has_its_own_footer(home, size):
+    """The detail screen's footer showed the main screen's keys (`f Fork`, `d Drop`) where f follows
+    the log; now each screen that stays open shows its own keys."""
+    from engine.store.rundir import run_dir
+    run_dir(home, RUN0).write_status(state="running")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=size) as pilot:
+            _select(app, RUN0)
+            await pilot.pause(0.2)
+            main = _keys(app.screen)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            detail = _keys(app.screen)
+            await pilot.press("escape")
+            await pilot.press("question_mark")
+            await pilot.pause(0.3)
+            help_keys = _keys(app.screen)
+            await pilot.press("escape")
+            await pilot.press("L")
+            await pilot.pause(0.3)
+            lineage = _keys(app.screen)
+            return main, detail, help_keys, lineage
+    main, detail, help_keys, lineage = asyncio.run(go())
+    assert "Drop" in main and "Fork" not in main      # the control: the main footer has the steering keys
+    assert detail == ["Close", "Follow", "Reload", "Search log", "Next"]
+    assert help_keys == ["Close"] and lineage == ["Select run", "Close"]
+
+
+def test_marks_are_numbered_in_the_order_T_reads_them(home):
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            for rid in (RUN2, RUN0):            # marked out of the table's order
+                _select(app, rid)
+                await pilot.press("space")
+            await pilot.pause(0.2)
+            cells = {rid: str(app.table.get_cell(rid, "run")) for rid in (RUN0, RUN1, RUN2)}
+            return cells, app._marked_rows()
+    cells, marks = asyncio.run(go())
+    assert marks == {RUN2: "1", RUN0: "2"}
+    assert cells[RUN2].startswith("1 ") and cells[RUN0].startswith("2 ") and cells[RUN1].startswith("  ")
+
+
+def test_every_shown_runs_change_markers_in_its_colour(home):
+    """Only the selected run's markers were drawn; a marked run's drop was invisible."""
+    from engine.store.rundir import run_dir
+    with open(run_dir(home, RUN1).events_file, "a") as f:
+        f.write(json.dumps({"event": "control", "status": "applied", "time": 1.0, "step": 120, "samples": 61440,
+                            "lr_time": 120.0, "changed": {"lr": [0.05, 0.005]}}) + "\n")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            _select(app, RUN1)
+            await pilot.press("space")
+            _select(app, RUN0)
+            await pilot.pause(0.2)
+            return list(app.plot.markers), [(s[2], s[3]) for s in app.plot.series]
+    markers, series = asyncio.run(go())
+    colour = dict((label, c) for c, label in series)
+    assert markers == [(50.0, "batch 32→512 @ 50", colour[RUN0]), (120.0, "lr 0.05→0.005 @ 120", colour[RUN1])]
+    assert colour[RUN0] != colour[RUN1]
+
+
+def test_eval_is_dashed_so_256_colours_tell_it_from_train(home):
+    """`cyan` and `bright_cyan` both render as 38;5;80 in 256 colours: the eval series is drawn
+    with every third cell column left empty, and its legend glyph is ┄."""
+    x = np.arange(200.0)
+    y = np.linspace(2.0, 1.0, 200)
+    solid, _ = render([(x, y, "cyan")], 30, 6)
+    dashed, _ = render([(x, y, "cyan", DASHED)], 30, 6)
+    used = lambda rows: [c for c in range(30) if any(r.plain[c] != " " for r in rows)]   # noqa: E731
+    assert used(solid) == list(range(30))
+    assert used(dashed) == [c for c in range(30) if c % 3 != 2]
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await _open(pilot, RUN1, "v")
+            return [(s[2], s[3], s[4:]) for s in app.plot.series], app.plot.render().plain.splitlines()[0]
+    series, legend = asyncio.run(go())
+    assert series == [("cyan", RUN1, ()), ("bright_cyan", f"{RUN1} eval", (DASHED,))]
+    assert legend.split("  ")[:2] == [f"━ {RUN1}", f"┄ {RUN1} eval"]
+
+
+def test_a_legend_that_cannot_fit_says_how_many_it_left_out():
+    items = [(f"━ run-{i:02d}", "cyan") for i in range(12)]
+    full = legend_lines(items, 40)
+    assert len(full) == 3                                  # 4 items a line
+    cut = [str(t) for t in legend_lines(items, 40, max_lines=2)]
+    assert cut == ["━ run-00  ━ run-01  ━ run-02  ━ run-03", "━ run-04  ━ run-05  ━ run-06  +5 more"]
+    assert [str(t) for t in legend_lines(items[:8], 40, max_lines=2)] == [str(t) for t in full[:2]]   # all fit
+
+
+def test_j_k_y_and_more_table_rows(home):
+    from engine.presets import load_preset
+    from engine.store.rundir import RunDir
+    cfg = load_preset("demo").configs()[1]
+    for i in range(12):                  # more runs than 80x24 shows (created, never trained)
+        RunDir.create(home, cfg, run_id=f"demo-extra-{i:06d}")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            _select(app, RUN0)
+            await pilot.press("j")
+            down = app.table.selected_id
+            await pilot.press("k")
+            up = app.table.selected_id
+            await pilot.press("y")
+            await pilot.pause(0.1)
+            copied = app.clipboard
+            before = app.table.size.height
+            await pilot.press("plus")
+            await pilot.pause(0.3)
+            taller = app.table.size.height
+            await pilot.press("plus")
+            await pilot.pause(0.3)
+            return down, up, copied, before, taller, app.table.size.height
+    down, up, copied, before, taller, back = asyncio.run(go())
+    assert (down, up, copied) == (RUN1, RUN0, RUN0)
+    assert (before, taller, back) == (7, 14, 7)      # rows of the table, header line included
+
+
+def test_search_in_the_detail_log(home):
+    from engine.store.rundir import run_dir
+    rd = run_dir(home, RUN0)
+    with open(rd.log_file, "a") as f:
+        f.write("".join(f"line {i}{' needle' if i in (40, 90) else ''}\n" for i in range(150)))
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _open(pilot, RUN0, "enter")
+            await pilot.press("slash")
+            await pilot.pause(0.2)
+            for ch in "NEEDLE":
+                await pilot.press(ch)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            detail = app.screen
+            from textual.widgets import Log
+            log = detail.query_one(Log)
+            first = (detail.found, str(log.border_title), detail.following)
+            await pilot.press("n")
+            await pilot.pause(0.2)
+            second = (detail.found, round(log.scroll_offset.y))
+            await pilot.press("n")
+            await pilot.pause(0.2)
+            return first, second, detail.found
+    first, second, wrapped = asyncio.run(go())
+    assert first == (40, "log.txt — 'NEEDLE': line 41, match 1 of 2 (n: next, f: follow)", False)
+    assert second == (90, 88)
+    assert wrapped == 40
+
+
+def _tree_home(home):
+    """RUN0 forked at step 100 with an override, and a twin of it at step 50 (made as the launcher does)."""
+    from safetensors.numpy import save_file
+
+    from engine.store.ckptmeta import FORMAT
+    from engine.store.fork import fork
+    from engine.store.rundir import run_dir
+    parent = run_dir(home, RUN0)
+    for step in (50, 100):                       # checkpoint files with only the metadata lineage reads
+        path = parent.checkpoint_path(step)
+        meta = {"gpctl": FORMAT, "step": str(step), "samples": str(step * 32), "lr_time": json.dumps(step / 2)}
+        save_file({"w": np.zeros(1, np.float32)}, str(path), metadata=meta)
+        save_file({"w": np.zeros(1, np.float32)}, str(path).replace(".safetensors", ".state.safetensors"))
+    a = fork(home, parent, step=100, overrides=["batch_size=512"], name="bs512at100", run_id="demo-bs512at100-aaaaaa")
+    b = fork(home, parent, step=50, name="bs32to512-twin50", run_id="demo-bs32to512-twin50-bbbbbb")
+    b.append_event("twin_of", run=parent.id, request="r1", step=50, lr_time=25.0)
+    return a, b
+
+
+def test_lineage_cli_and_tui(home):
+    _tree_home(home)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--home", str(home), "lineage"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        f"{RUN0}  done",
+        "├─ demo-bs32to512-twin50-bbbbbb  created  twin @ step 50 (lr_time 25.0): unsteered",
+        "└─ demo-bs512at100-aaaaaa  created  fork @ step 100 (lr_time 50.0): batch_size=512",
+        "",
+        "2 runs with no forks (gpctl ls)"]
+    one = runner.invoke(cli, ["--home", str(home), "lineage", "demo-bs512at100"])
+    assert one.stdout.splitlines()[-1].endswith("batch_size=512  ◀")
+    js = json.loads(runner.invoke(cli, ["--home", str(home), "lineage", RUN0, "--json"]).stdout)
+    assert [(c["id"], c["how"], c["step"]) for c in js[0]["children"]] == [
+        ("demo-bs32to512-twin50-bbbbbb", "twin", 50), ("demo-bs512at100-aaaaaa", "fork", 100)]
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _open(pilot, RUN0, "L")
+            from textual.widgets import Tree
+            tree = app.screen.query_one(Tree)
+            labels = [str(n.label) for n in (tree.get_node_at_line(i) for i in range(tree.last_line + 1)) if n]
+            at = tree.cursor_node.data
+            await pilot.press("down", "down")
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            return labels, at, app.table.selected_id, type(app.screen).__name__
+    labels, at, selected, screen = asyncio.run(go())
+    assert at == RUN0 and labels[0] == f"{RUN0}  done"
+    assert labels[1:] == ["demo-bs32to512-twin50-bbbbbb  created  twin @ step 50 (lr_time 25.0): unsteered",
+                          "demo-bs512at100-aaaaaa  created  fork @ step 100 (lr_time 50.0): batch_size=512"]
+    assert selected == "demo-bs512at100-aaaaaa" and screen == "Screen"
+
+
+def test_a_long_question_wraps_inside_its_dialog_at_80_columns(home):
+    """A stop's question is longer than the dialog is wide: it wraps onto more lines, never clipped."""
+    from engine.store.rundir import run_dir
+    from textual.widgets import Label
+    run_dir(home, RUN0).write_status(state="running")
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            _select(app, RUN0)
+            await pilot.press("t")
+            await pilot.pause(0.3)
+            label = app.screen.query(Label).first()
+            return type(app.screen).__name__, str(label.render()), label.size
+    name, text, size = asyncio.run(go())
+    assert name == "Confirm" and text == f"stop {RUN0}? (it checkpoints and ends; gpctl resume continues it)"
+    assert size.width < len(text) <= size.width * size.height and size.height >= 2

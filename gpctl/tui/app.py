@@ -34,13 +34,13 @@ from engine.store.jobs import JobStore
 from engine.store.state import ENDED
 from engine.store.rundir import RunDir, list_runs, run_dir
 from gpctl.tui.data import RunTail
-from gpctl.tui.dialogs import Detail, Help, TvPanel
+from gpctl.tui.dialogs import Detail, Help, Lineage, TvPanel
 from gpctl.tui.keys import FOOTER, KEYS, bindings, footer_actions, key_screen_text
 from gpctl.tui.rows import collapse_groups, filter_sort, load_rows, stamp
 from gpctl.tui.steering import SteeringKeys, queue_action
 from gpctl.tui.view import EMAS, ViewKeys
 from gpctl.tui.widgets.panels import ContextFooter, EventsPane, GpuPanel, RunsTable
-from gpctl.tui.widgets.plot import COLORS, LossPlot, eval_color
+from gpctl.tui.widgets.plot import COLORS, DASHED, LossPlot, eval_color
 
 
 
@@ -48,7 +48,7 @@ class DataChanged(Message):
     """New records or states, with the rows the poll thread computed (the UI thread only filters,
     sorts and draws them); many merge into one, the latest, while the UI is busy."""
 
-    def __init__(self, rows: list[dict] | None = None):
+    def __init__(self, rows: list[dict]):
         super().__init__()
         self.rows = rows
 
@@ -184,10 +184,7 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
             time.sleep(self.poll)
 
     def on_data_changed(self, message: DataChanged) -> None:
-        if message.rows is None:
-            self.refresh_data()
-        else:
-            self.apply_rows(message.rows)
+        self.apply_rows(message.rows)
 
     def refresh_data(self) -> None:
         """Re-read every run now (after an action of ours changed something) and redraw."""
@@ -225,9 +222,13 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
                 self._recipes[rid] = f"unreadable:{rid}"   # never folded with anything
         return self._recipes[rid]
 
-    def _marked_rows(self) -> set[str]:
-        """Marked runs, and the collapsed groups all of whose runs are marked."""
-        return self.marked | {gid for gid, members in self._groups.items() if set(members) <= self.marked}
+    def _marked_rows(self) -> dict[str, str]:
+        """Marked rows and their marks: a run's number in the order of marking (1 is TV's A), and ●
+        for a collapsed seed group all of whose runs are marked."""
+        order = sorted(self.marked, key=lambda r: self._mark_seq.get(r, -1))
+        marks = {rid: str(i + 1) for i, rid in enumerate(order)}
+        marks.update({gid: "●" for gid, members in self._groups.items() if set(members) <= self.marked})
+        return marks
 
     def tail(self, run_id: str) -> RunTail:
         if run_id not in self.tails:
@@ -239,7 +240,6 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
     def redraw(self) -> None:
         sel = self.table.selected_id
         series, markers, drawn = [], [], []
-        marked_by = self._groups.get(sel, [sel])[0] if sel else None   # whose change markers (a group: its first run's)
         for i, members in enumerate(self._draw_groups(sel)):
             color = COLORS[i % len(COLORS)]
             drawn.append((members, color))
@@ -260,13 +260,13 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
                 series.append((x[keep], y[keep], color, members[0]))
             for rid in members:
                 t = self.tail(rid)
-                if self.with_eval:
+                if self.with_eval:    # dashed as well as brighter: 256 colours render cyan and bright_cyan alike
                     ex, ey = t.series(self.x_axis, 0, evals=True)
                     lo, hi = self._window(ex)
                     keep = (ex >= lo) & (ex <= hi)
-                    series.append((ex[keep], ey[keep], eval_color(color), rid + " eval"))
-                if rid == marked_by:
-                    markers = t.markers(self.x_axis)
+                    series.append((ex[keep], ey[keep], eval_color(color), rid + " eval", DASHED))
+            # every drawn line's change markers, numbered in its colour (a seed group: its first run's)
+            markers += [(x, label, color) for x, label in self.tail(members[0]).markers(self.x_axis)]
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         self._draw_metrics(drawn, markers)
         self._update_footer()
@@ -309,7 +309,7 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
         the seeds of one family (same preset, arms that differ only by a seed suffix, or one --seeds
         group) are one line: their mean, with the min-max band."""
         first = self._groups.get(sel) or ([sel] if sel else [])
-        shown = first + sorted(m for m in self.marked if m not in first)
+        shown = first + sorted((m for m in self.marked if m not in first), key=lambda r: self._mark_seq.get(r, -1))
         if not (self.seed_mean or self.collapse_seeds):
             return ([first] if first else []) + [[rid] for rid in shown[len(first):]]
         rows = {r["id"]: r for r in self._all_rows}
@@ -448,6 +448,26 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
 
     def action_help(self) -> None:
         self.push_screen(Help(key_screen_text()))
+
+    def action_copy_id(self) -> None:
+        """The selected run's id to the clipboard, by OSC 52 (the terminal's, also over SSH)."""
+        sel = self.table.selected_id
+        if sel is None:
+            self.notify("no run selected", severity="warning")
+            return
+        run_id = self._groups.get(sel, [sel])[0] if sel in self._groups else sel
+        self.copy_to_clipboard(run_id)
+        self.notify(f"copied {run_id}" + (f" (the first of {len(self._groups[sel])} seeds)" if sel in self._groups else ""))
+
+    def action_lineage(self) -> None:
+        """The selected run's tree of forks and twins (every tree with a fork when none is selected)."""
+        from gpctl.lineage import find, lineage
+        sel = self.table.selected_id
+        sel = self._groups.get(sel, [sel])[0] if sel else None
+        roots = lineage(self.home)
+        root = find(roots, sel) if sel else None
+        shown = [root] if root else [r for r in roots if r.children] or roots
+        self.push_screen(Lineage(shown, sel), lambda rid: self.select_run(rid) if rid else None)
 
     def action_tv(self) -> None:
         if len(self.marked) not in (2, 3):

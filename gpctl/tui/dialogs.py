@@ -1,11 +1,15 @@
-"""Small modal dialogs: one value in, or a list to pick from."""
+"""Small modal dialogs: one value in, a list to pick from, the key screen, a run's story, TV. Each
+screen that stays open shows its own keys in its own footer (ScreenFooter)."""
 from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, Log, OptionList, Static
+from textual.widgets import Input, Label, Log, OptionList, Static, Tree
+
+from gpctl.tui.widgets.panels import ScreenFooter
 
 
 class Ask(ModalScreen[str | None]):
@@ -13,7 +17,7 @@ class Ask(ModalScreen[str | None]):
 
     DEFAULT_CSS = """
     Ask { align: center middle; }
-    Ask > Vertical { width: 70; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    Ask > Vertical { width: 70; max-width: 100%; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
     Ask Label { width: 1fr; }
     """
     BINDINGS = [("escape", "cancel", "Cancel")]
@@ -75,6 +79,7 @@ class Help(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static(self.text, id="help-text", markup=False)
+        yield ScreenFooter()
 
     def action_close(self) -> None:
         self.dismiss(None)
@@ -85,7 +90,8 @@ class Confirm(ModalScreen[bool]):
 
     DEFAULT_CSS = """
     Confirm { align: center middle; }
-    Confirm > Vertical { width: 70; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    Confirm > Vertical { width: 70; max-width: 100%; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    Confirm Label { width: 1fr; }
     """
     BINDINGS = [("y,enter", "yes", "Yes"), ("n,escape", "no", "No")]
 
@@ -117,7 +123,8 @@ class Detail(ModalScreen[None]):
     Detail #detail { height: 1fr; padding: 0 1; border-top: solid $secondary; }
     Detail #detail-log { height: 1fr; border-top: solid $secondary; padding: 0 1; }
     """
-    BINDINGS = [("escape,enter,q", "close", "Close"), ("f", "follow", "Follow"), ("r", "reload", "Reload")]
+    BINDINGS = [("escape,enter,q", "close", "Close"), ("f", "follow", "Follow"), ("r", "reload", "Reload"),
+                ("slash", "search", "Search log"), ("n", "search_next", "Next")]
     TAIL_BYTES = 65536          # how much of an existing log is shown at first
 
     def __init__(self, story, rd):
@@ -134,6 +141,7 @@ class Detail(ModalScreen[None]):
             with VerticalScroll(id="detail"):
                 yield Static("\n".join(self.story()), id="detail-text", markup=False)
             yield Log(id="detail-log", max_lines=5000, auto_scroll=True)
+        yield ScreenFooter()
 
     def on_mount(self) -> None:
         self.query_one("#detail").border_title = f"{self.rd.id} — r reloads, Esc closes"
@@ -177,6 +185,36 @@ class Detail(ModalScreen[None]):
     def action_reload(self) -> None:
         self.query_one("#detail-text", Static).update("\n".join(self.story()))
 
+    # search in the log (less's / and n): the view pauses on the line found
+    search_text = ""
+    found: int | None = None          # the log line the last search stopped on
+
+    def action_search(self) -> None:
+        def done(answer: str | None) -> None:
+            if answer:
+                self.search_text, self.found = answer, None
+                self.action_search_next()
+        self.app.push_screen(Ask("search the log for (n: next match)", self.search_text), done)
+
+    def action_search_next(self) -> None:
+        """The next log line holding the query (case-insensitive), after the last one found; wraps."""
+        if not self.search_text:
+            return
+        log = self.query_one(Log)
+        text = self.search_text.lower()
+        lines = [i for i, line in enumerate(log.lines) if text in line.lower()]
+        if not lines:
+            self.found = None
+            self.notify(f"no line of the log has {self.search_text!r}", severity="warning", markup=False)
+            return
+        after = [i for i in lines if self.found is None or i > self.found]
+        self.found = (after or lines)[0]
+        if self.following:                # stay on the match: new lines would scroll it away
+            self.action_follow()
+        log.scroll_to(y=max(0, self.found - 2), animate=False)
+        log.border_title = (f"log.txt — {self.search_text!r}: line {self.found + 1}, match "
+                            f"{lines.index(self.found) + 1} of {len(lines)} (n: next, f: follow)")
+
     def action_close(self) -> None:
         self.dismiss(None)
 
@@ -211,6 +249,7 @@ class TvPanel(ModalScreen[None]):
             yield Static("loading torch…", id="tv-progress", markup=False)
             yield Static("", id="tv-table", markup=False)
             yield Static("", id="tv-plot")
+        yield ScreenFooter()
 
     def progress(self, text: str) -> None:
         if self.is_attached:
@@ -257,3 +296,66 @@ class TvPanel(ModalScreen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class Lineage(ModalScreen[str | None]):
+    """Trees of parents, forks and twins (gpctl.lineage), each node with its state and branch point;
+    Enter on a run selects it in the table (to steer it, mark it, open it)."""
+
+    DEFAULT_CSS = """
+    Lineage { align: center middle; }
+    Lineage > Vertical { width: 95%; height: 90%; border: thick $primary; background: $surface; padding: 0 1; }
+    Lineage Tree { height: 1fr; }
+    Lineage Label { width: 1fr; }
+    """
+    BINDINGS = [("escape,q,L", "close", "Close"),
+                Binding("enter", "pick", "Select run", priority=True)]   # before the tree's own Enter (expand)
+
+    def __init__(self, roots: list, selected: str | None = None):
+        super().__init__()
+        self.roots, self.selected = roots, selected
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"lineage: {len(self.roots)} tree{'s' if len(self.roots) != 1 else ''} · fork or twin "
+                        "@ the parent's step (lr_time) · Enter selects", markup=False)
+            tree: Tree = Tree("runs", id="lineage")
+            tree.show_root = False
+            self._cursor = None
+            for root in self.roots:
+                self._add(tree.root, root)
+            tree.root.expand_all()
+            yield tree
+        yield ScreenFooter()
+
+    def _add(self, parent, node) -> None:
+        how = node.branch_text()
+        label = Text(f"{node.id}  ")
+        label.append(node.state, style="bold")
+        if how:
+            label.append(f"  {how}", style="dim")
+        item = parent.add(label, data=node.id, allow_expand=bool(node.children))
+        if node.id == self.selected:
+            self._cursor = item
+        for child in node.children:
+            self._add(item, child)
+
+    def on_mount(self) -> None:
+        tree = self.query_one(Tree)
+        tree.focus()
+        if self._cursor is not None:
+            tree.move_cursor(self._cursor)
+
+    def on_tree_node_selected(self, event: Tree.NodeSelected) -> None:
+        event.stop()
+        if event.node.data:
+            self.dismiss(event.node.data)
+
+    def action_pick(self) -> None:
+        node = self.query_one(Tree).cursor_node
+        if node is not None and node.data:
+            self.dismiss(node.data)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+

@@ -11,7 +11,12 @@ from textual.binding import Binding
 
 # (keys as Textual names them, as a person types them, action, footer label or "" (not in the footer), what it does)
 KEYS: list[tuple[str, str, str, str, str]] = [
-    ("space", "space", "mark", "Mark", "mark / unmark the selected run (marked runs are drawn with it)"),
+    ("space", "space", "mark", "Mark", "mark / unmark the selected run (numbered in order: T's A, B, C)"),
+    ("j", "j", "row_down", "", "next row (as ↓)"),
+    ("k", "k", "row_up", "", "previous row (as ↑)"),
+    ("y", "y", "copy_id", "", "copy the selected run's id (OSC 52: works over SSH)"),
+    ("plus", "+", "taller", "", "more table rows (the plot gets fewer), and back"),
+    ("L", "L", "lineage", "", "lineage: the tree of parents, forks and twins; Enter selects a run"),
     ("enter", "enter", "detail", "Detail", "the whole story: config diff, events, log (followed), family"),
     ("x", "x", "cycle_x", "X-axis", "x-axis: step → samples → lr_time → wall"),
     ("e", "e", "cycle_ema", "EMA", "EMA smoothing of the loss: 0 → 0.8 → 0.9 → 0.99"),

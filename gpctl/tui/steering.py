@@ -94,6 +94,21 @@ class SteeringKeys:
             return None
         return rd
 
+    def _ask_request(self, rd: RunDir, prompt: str, parse, value: str = "") -> None:
+        """Ask in a dialog; `parse(answer)` makes the request to send (its ControlError, ValueError or
+        OverflowError is shown as one line, and nothing is sent)."""
+        def done(answer: str | None) -> None:
+            if not answer:
+                return
+            try:
+                request = parse(answer)
+            except (ControlError, ValueError, OverflowError) as e:
+                self.notify(str(e), severity="error")
+                return
+            self._send(rd, request)
+
+        self.push_screen(Ask(prompt, value), done)
+
     def _noise(self, lower: bool) -> None:
         from engine.control import BATCH_FACTOR, LR_FACTOR, RAISE_RAMP
         from gpctl.steer import noise_request
@@ -101,30 +116,22 @@ class SteeringKeys:
         if rd is None:
             return
 
-        def done(answer: str | None) -> None:
-            if not answer:
-                return
+        def parse(answer: str) -> dict:
             what, _, k = answer.strip().partition(" ")
             try:
-                try:
-                    factor = float(k) if k.strip() else None
-                except ValueError:
-                    raise ControlError(f"expected a number after '{what}', got {k.strip()!r}") from None
-                if what == "batch":   # "batch 0" is a bad factor, not the default
-                    req = noise_request(rd, None, BATCH_FACTOR if factor is None else int(factor), lower, ramp=0.0)
-                elif what == "lr":
-                    req = noise_request(rd, LR_FACTOR if factor is None else factor, None, lower,
-                                        ramp=0.0 if lower else RAISE_RAMP)
-                else:
-                    raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
-            except (ControlError, ValueError, OverflowError) as e:
-                self.notify(str(e), severity="error")
-                return
-            self._send(rd, req)
+                factor = float(k) if k.strip() else None
+            except ValueError:
+                raise ControlError(f"expected a number after '{what}', got {k.strip()!r}") from None
+            if what == "batch":   # "batch 0" is a bad factor, not the default
+                return noise_request(rd, None, BATCH_FACTOR if factor is None else int(factor), lower, ramp=0.0)
+            if what == "lr":
+                return noise_request(rd, LR_FACTOR if factor is None else factor, None, lower,
+                                     ramp=0.0 if lower else RAISE_RAMP)
+            raise ControlError(f"expected 'lr K' or 'batch K', got {answer!r}")
 
         verb = "drop" if lower else "raise"
-        self.push_screen(Ask(f"{verb} noise of {rd.id}: 'lr K' (lr {'÷' if lower else '×'} K) or 'batch K'",
-                             "lr 10"), done)
+        self._ask_request(rd, f"{verb} noise of {rd.id}: 'lr K' (lr {'÷' if lower else '×'} K) or 'batch K'", parse,
+                          "lr 10")
 
     def action_drop(self) -> None:
         self._noise(lower=True)
@@ -134,20 +141,9 @@ class SteeringKeys:
 
     def action_set(self) -> None:
         rd = self._steerable()
-        if rd is None:
-            return
-
-        def done(answer: str | None) -> None:
-            if not answer:
-                return
-            try:
-                request = Request.from_words(answer.split()).body
-            except ControlError as e:
-                self.notify(str(e), severity="error")
-                return
-            self._send(rd, request)
-
-        self.push_screen(Ask(f"set on {rd.id}: lr=… batch_size=… [ramp=N]"), done)
+        if rd is not None:
+            self._ask_request(rd, f"set on {rd.id}: lr=… batch_size=… [ramp=N]",
+                              lambda answer: Request.from_words(answer.split()).body)
 
     def action_stop(self) -> None:
         rd = self._steerable(action=True)

@@ -218,3 +218,17 @@ class ViewKeys:
             tmp.replace(path)
         except OSError:
             pass    # a read-only cache: the next start shows the defaults
+
+    def action_row_down(self) -> None:
+        self.table.action_cursor_down()
+
+    def action_row_up(self) -> None:
+        self.table.action_cursor_up()
+
+    def action_taller(self) -> None:
+        """More table rows on a narrow screen (80×24: 4-5 rows): up to 14, the events pane folded."""
+        if not self.screen.has_class("-narrow"):
+            self.notify("the table already has the screen's whole height here (wide layout)", severity="information")
+            return
+        self.screen.toggle_class("-tall")
+

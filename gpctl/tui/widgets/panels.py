@@ -80,13 +80,14 @@ class RunsTable(DataTable):
     class ColumnsChanged(Message):
         """The set of shown columns may have changed (a resize): the status line says how many are hidden."""
 
-    def show(self, rows: list[dict], marked: set[str]) -> None:
+    def show(self, rows: list[dict], marked: dict[str, str]) -> None:
         """Rows grouped by preset (sorted by it), each group under a header row naming the preset and
         how many runs it has (the run column drops the preset prefix); keeps the cursor on the same
         run. When the same runs are shown in the same order (most refreshes: a few runs advanced),
         only the cells that changed are updated; rebuilding 100 rows on every refresh made keys wait.
         Columns grow as their values do (a step count that gains a digit is never cut), and a column
-        that cannot fit whole is left out (`hidden_columns`)."""
+        that cannot fit whole is left out (`hidden_columns`). `marked`: row id -> its mark ("1", "2"
+        in the order the runs were marked, which T reads as A, B, C; "●" for a seed row)."""
         self._last = (rows, marked)
         counts: dict[str, int] = {}
         for r in rows:
@@ -101,7 +102,7 @@ class RunsTable(DataTable):
                 cells[hid] = (Text(f"{prev} · {n} run{'s' if n != 1 else ''}", style="bold underline"),) + \
                     ("",) * (len(COLUMNS) - 1)
             order.append(r["id"])
-            cells[r["id"]] = self._cells(r, r["id"] in marked)
+            cells[r["id"]] = self._cells(r, marked.get(r["id"], ""))
         cols = self.fitting(cells)
         if cols != getattr(self, "_cols", COLUMNS):     # rebuild with the columns that fit
             current = self.selected_id
@@ -165,9 +166,9 @@ class RunsTable(DataTable):
         return new
 
     @staticmethod
-    def _cells(r: dict, marked: bool) -> tuple:
+    def _cells(r: dict, mark: str) -> tuple:
         if r.get("members"):     # a collapsed seed group: its family, how many seeds, their mean
-            return (Text(("● " if marked else "  ") + f"▸ {r['label']}", style="bold"),
+            return (Text(f"{mark or ' ':>1} ▸ {r['label']}", style="bold"),
                     Text(r["state"], style=STATE_STYLE.get(r["state"], "")), str(r["step"]),
                     _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"), _f(r["lr"], ".3g"),
                     str(r["batch_size"] or "-"), "-", str(r["samples"]), _f(r["lr_time"], ".1f"),
@@ -175,7 +176,7 @@ class RunsTable(DataTable):
         eta = "-"
         if r["state"] == "running" and r.get("rate"):
             eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
-        return (Text(("● " if marked else "  ") + short_id(r)), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+        return (Text(f"{mark or ' ':>1} {short_id(r)}"), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
                 str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
                 _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
                 _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"])
@@ -273,3 +274,23 @@ class ContextFooter(Footer):
                 return
             yield FooterKey(b.key, self.app.get_key_display(b), b.description, b.action,
                             classes="-command-palette", disabled=not enabled, tooltip=b.tooltip or b.description)
+
+
+class ScreenFooter(Footer):
+    """A dialog's footer: the keys of its own screen only. The main screen's footer (Drop, Fork…)
+    stays under a dialog otherwise, where `f` follows the log and `d` does nothing."""
+
+    def compose(self) -> ComposeResult:
+        if not self._bindings_ready:
+            return
+        seen = set()
+        for node, b, enabled, tooltip in self.screen.active_bindings.values():
+            if node is self.app or not b.show or b.action in seen:
+                continue
+            seen.add(b.action)
+            key = FooterKey(b.key, self.app.get_key_display(b), b.description, b.action, disabled=not enabled,
+                            tooltip=tooltip)
+            key.set_reactive(FooterKey.compact, self.compact)
+            key.set_class(self.compact, "-compact")
+            yield key
+        self.styles.grid_size_columns = max(1, len(seen))

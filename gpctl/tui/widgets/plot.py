@@ -19,8 +19,12 @@ _ANSI = ("black", "red", "green", "yellow", "blue", "magenta", "cyan", "white")
 
 def eval_color(color: str) -> str:
     """The eval series' colour: the bright ANSI variant where there is one, else bold (any number of
-    runs: `bright_orange1` does not exist)."""
+    runs: `bright_orange1` does not exist). Colour alone does not tell it from the train series (in
+    256 colours `cyan` and `bright_cyan` are both 38;5;80): it is also drawn dashed (DASHED)."""
     return f"bright_{color}" if color in _ANSI else f"bold {color}"
+
+
+DASHED = "dashed"     # the 5th item of a series: drawn in cells 2 on, 1 off (eval series), legend ┄
 _BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # braille dot bit for (row, col)
 
 
@@ -48,9 +52,13 @@ def column_minmax(x: np.ndarray, y: np.ndarray, x0: float, x1: float, cols: int)
     return lo, hi
 
 
-def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height: int,
-           logy: bool = False, markers: list[tuple[float, str]] = ()) -> tuple[list[Text], tuple]:
-    """Rows of Rich Text for a width×height cell area; returns (rows, (x0, x1, y0, y1))."""
+def render(series: list[tuple], width: int, height: int,
+           logy: bool = False, markers: list[tuple] = ()) -> tuple[list[Text], tuple]:
+    """Rows of Rich Text for a width×height cell area; returns (rows, (x0, x1, y0, y1)).
+
+    series: (x, y, style) or (x, y, style, DASHED): a dashed series leaves every third cell column
+    empty. markers: (x, label) or (x, label, style): a rule numbered at the top (1..9, then +) in
+    its run's style."""
     pw, ph = width * 2, height * 4
     xs = [s[0] for s in series if len(s[0])]
     if not xs:
@@ -59,7 +67,7 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
     if x1 <= x0:
         x1 = x0 + 1
     cols = []
-    for x, y, color in series:
+    for x, y, color, *_ in series:
         yv = np.log10(np.clip(y, 1e-12, None)) if logy else y
         lo, hi = fill_gaps(*column_minmax(x, yv, x0, x1, pw))
         cols.append((lo, hi, color))
@@ -93,12 +101,15 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
         mask = (rows_px[None, :] >= top[:, None]) & (rows_px[None, :] <= bot[:, None])   # [pw, ph]
         m = mask.reshape(width, 2, height, 4)
         code = (m * weights[None, :, None, :]).sum(axis=(1, 3)).T                      # [height, width]
+        if len(series[k]) > 3 and series[k][3] == DASHED:
+            code[:, 2::3] = 0
         cells |= code
         owner[code > 0] = k
     marks = {}
-    for i, (mx, _) in enumerate(markers):
+    for i, (mx, _, *style) in enumerate(markers):
         if x0 <= mx <= x1:
-            marks[int(round((mx - x0) / (x1 - x0) * (width - 1)))] = str(i + 1) if i < 9 else "+"
+            marks[int(round((mx - x0) / (x1 - x0) * (width - 1)))] = (str(i + 1) if i < 9 else "+",
+                                                                      style[0] if style else "")
     rows = []
     for r in range(height):
         t = Text()
@@ -106,7 +117,8 @@ def render(series: list[tuple[np.ndarray, np.ndarray, str]], width: int, height:
             if cells[r, c]:
                 t.append(chr(0x2800 + int(cells[r, c])), style=cols[owner[r, c]][2])
             elif c in marks:
-                t.append("│" if r else marks[c], style="grey50" if r else "bold")
+                num, style = marks[c]
+                t.append("│" if r else num, style=(f"dim {style}" if style else "grey50") if r else f"bold {style}".strip())
             else:
                 t.append(" ")
         rows.append(t)
@@ -143,9 +155,22 @@ def human(v: float, axis: str) -> str:
     return f"{v:.6g}"
 
 
-def legend_lines(items: list[tuple[str, str]], width: int) -> list[Text]:
+def legend_lines(items: list[tuple[str, str]], width: int, max_lines: int | None = None) -> list[Text]:
     """(glyph + text, style) items packed into lines of at most `width` cells, never cut mid-item
-    (an item longer than a line is shortened with …)."""
+    (an item longer than a line is shortened with …). With `max_lines`, items that do not fit are
+    left out whole and the last line says how many ("+3 more")."""
+    lines = _pack(items, width)
+    if max_lines is None or len(lines) <= max_lines:
+        return lines
+    for keep in range(len(items), -1, -1):      # the most items that fit with the "+N more" note
+        left = len(items) - keep
+        packed = _pack(items[:keep] + [(f"+{left} more", "dim")], width)
+        if len(packed) <= max_lines:
+            return packed
+    return lines[:max_lines]
+
+
+def _pack(items: list[tuple[str, str]], width: int) -> list[Text]:
     lines, cur = [], Text(no_wrap=True)
     for text, style in items:
         text = text if len(text) <= width else text[: max(1, width - 1)] + "…"
@@ -182,8 +207,8 @@ class LossPlot(Widget):
     def __init__(self, y_label: str = "loss", legend: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.y_label, self.legend = y_label, legend
-        self.series: list[tuple[np.ndarray, np.ndarray, str, str]] = []   # x, y, color, label
-        self.markers: list[tuple[float, str]] = []
+        self.series: list[tuple] = []   # (x, y, color, label) or (x, y, color, label, DASHED)
+        self.markers: list[tuple] = []    # (x, label) or (x, label, the run's colour)
         self.logy = False
         self.x_label = "step"
 
@@ -194,11 +219,13 @@ class LossPlot(Widget):
 
     def render(self) -> Text:
         w = max(10, self.size.width - 10)
-        items = [(f"━ {label}", color) for _, _, color, label in self.series if label]   # a band has none
-        items += [(f"│{i + 1 if i < 9 else '+'} {label}", "bold") for i, (_, label) in enumerate(self.markers)]
-        legend = legend_lines(items, max(10, self.size.width))[: max(1, self.size.height // 3)] if self.legend else []
+        items = [(f"{'┄' if s[4:] == (DASHED,) else '━'} {s[3]}", s[2]) for s in self.series if s[3]]   # a band has none
+        items += [(f"│{i + 1 if i < 9 else '+'} {m[1]}", f"bold {m[2]}" if len(m) > 2 else "bold")
+                  for i, m in enumerate(self.markers)]
+        legend = legend_lines(items, max(10, self.size.width), max(1, self.size.height // 3)) if self.legend else []
         h = max(3, self.size.height - 1 - len(legend))
-        rows, (x0, x1, y0, y1) = render([(x, y, c) for x, y, c, _ in self.series], w, h, self.logy, self.markers)
+        rows, (x0, x1, y0, y1) = render([(s[0], s[1], s[2], *s[4:]) for s in self.series], w, h, self.logy,
+                                        self.markers)
         out = Text()
         for line in legend:
             out.append(line)
