@@ -1,6 +1,7 @@
 """The TUI driven by Textual's Pilot against run directories made by tiny runs."""
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -241,6 +242,85 @@ def test_tui_in_a_real_terminal_under_tmux(runs, size):
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_a_live_run_grows_past_10000_steps_in_tmux_and_no_cell_is_ever_cut(tmp_path):
+    """Issue 27's end-to-end: `gpctl tui` in two real terminals (80x24 and 120x40) watches one real
+    training process from step 0 to 12000 (samples to 24000: five digits each). Every screen either
+    terminal shows must have one whole token under each column it shows, a (step, samples) the run
+    recorded, never going back (a step cut to 1200 after 9900 had been shown, or a sample count
+    missing its last digit, fails), and an ETA whole with its unit; at the end every cell equals
+    `gpctl ls --json`. (A run of it once caught the first frame at 120 columns drawn in the wide
+    layout, lr_time cut to "lr_", fixed in GpctlApp.compose; that frame lasts milliseconds, so this
+    test does not catch it every time.)"""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed (apt-get install tmux)")
+    home = tmp_path / "home"
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=12000", "batch_size=2", "eval_every=3000", "log_every=100",
+                                  "checkpoint_every=0", 'model.name="cnn"', "model.width=2", "model.depth=1",
+                                  "data.image_size=4", "data.eval_samples=8", "threads=1"),
+                       run_id="tiny-grow-000000")
+    recorded = {(s, 2 * s) for s in range(1, 12001)}   # every step's record (batch 2: samples = 2 x step)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    sessions = {size: f"gpctl-grow-{size[0]}-{tmp_path.name[-6:]}" for size in ((80, 24), (120, 40))}
+    for (w, h), name in sessions.items():
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(w), "-y", str(h),
+                        f"{sys.executable} -m gpctl --home {home} tui --poll 0.2"], check=True, env=env)
+
+    def screen(name):
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+    def row(text):
+        lines = [re.split(r"[│╭╮╰╯]", ln)[0] for ln in text.splitlines()]   # the table's part of a line
+        head = next((ln.split() for ln in lines if ln.split()[:2] == ["run", "state"]), None)
+        cells = next((ln.split() for ln in lines if ln.split()[:1] == ["grow-000000"]), None)   # the table's row
+        if head is None or cells is None:
+            return None
+        assert len(cells) == len(head), (head, cells, text)  # one whole token under every column shown
+        return dict(zip(head, cells))
+
+    trainer = None
+    try:
+        deadline = time.monotonic() + 60
+        while any(row(screen(n)) is None for n in sessions.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        trainer = subprocess.Popen([sys.executable, "-m", "engine", "train", str(rd.path)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT, cwd=str(rd.path))
+        seen = {n: [(0, 0)] for n in sessions.values()}
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not all(p[-1] == (12000, 24000) for p in seen.values()):
+            for name in sessions.values():
+                r = row(screen(name))
+                if r and r["step"] != "0":
+                    pair = (int(r["step"]), int(r["samples"]))
+                    assert pair in recorded, (name, r, "a (step, samples) the run never recorded: a cut cell?")
+                    assert pair >= seen[name][-1], (name, r, seen[name][-1])
+                    assert re.fullmatch(r"-|\d+s", r["ETA"]), (name, r)
+                    seen[name].append(pair)
+            time.sleep(0.25)
+        assert trainer.wait(timeout=60) == 0
+        time.sleep(1.0)
+        final = {name: row(screen(name)) for name in sessions.values()}
+        listed = json.loads(subprocess.run([sys.executable, "-m", "gpctl", "--home", str(home), "ls", "--json"],
+                                           capture_output=True, text=True, check=True).stdout)[0]
+    finally:
+        for name in sessions.values():
+            subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        if trainer and trainer.poll() is None:
+            trainer.kill()
+    for name, pairs in seen.items():
+        assert pairs[-1] == (12000, 24000) and len(set(pairs)) >= 10, (name, pairs)    # it watched the run grow
+        assert any(0 < s < 10000 for s, _ in pairs) and any(s >= 10000 for s, _ in pairs)   # across the fifth digit
+        f = final[name]
+        assert f["state"] == listed["state"] == "done"
+        assert (int(f["step"]), int(f["samples"])) == (listed["step"], listed["samples"]) == (12000, 24000)
+        assert f["eval"] == f"{listed['eval_loss']:.4f}" and float(f["lr"]) == listed["lr"]
+        assert int(f["batch"]) == listed["batch_size"] == 2
 
 
 def test_zoom_sort_resume_enqueue_and_tv_keys(runs, monkeypatch):

@@ -134,6 +134,11 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
+        # the breakpoint class before the first frame: Textual sets it on the first resize, after one
+        # frame in the class-less (wide) layout, where a 120-column terminal saw lr_time cut to "lr_"
+        width = self.size.width
+        self.screen.set_class(width < 150, "-narrow")
+        self.screen.set_class(width >= 150, "-wide")
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="left"):
