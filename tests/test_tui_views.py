@@ -582,3 +582,49 @@ def test_a_long_question_wraps_inside_its_dialog_at_80_columns(home):
     name, text, size = asyncio.run(go())
     assert name == "Confirm" and text == f"stop {RUN0}? (it checkpoints and ends; gpctl resume continues it)"
     assert size.width < len(text) <= size.width * size.height and size.height >= 2
+
+
+class _FakeNVML:
+    """pynvml's calls gpu_stats makes, answering for two GPUs; process `pid` holds 3 GiB on GPU 1."""
+
+    def __init__(self, pid):
+        from types import SimpleNamespace as NS
+        self.NS, self.pid = NS, pid
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return 2
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetMemoryInfo(self, h): return self.NS(used=(5 + h) * 2**30, total=80 * 2**30)
+    def nvmlDeviceGetUtilizationRates(self, h): return self.NS(gpu=[10, 87][h])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [self.NS(pid=self.pid, usedGpuMemory=3 * 2**30), self.NS(pid=1, usedGpuMemory=2**30)] if h == 1 else []
+
+
+def test_a_running_runs_own_gpu_memory_and_utilisation(home, monkeypatch):
+    """nvitop's per-process view, in the table's gpu column: the memory of the processes in the run's
+    job's session (the worker starts each job in its own) and its GPUs' utilisation; a process of
+    someone else on the same GPU (pid 1) is not counted."""
+    import subprocess
+    import sys
+    from engine.store.jobs import JobStore
+    from gpctl.tui.widgets.panels import gpu_cell
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)     # a job's process, its own session
+    try:
+        monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML(proc.pid))
+        store = JobStore(home)
+        jid = store.enqueue(RUN0, home / "runs" / RUN0)
+        store.update(jid, state="running", pid=proc.pid, devices="1")
+        store.close()
+
+        async def go():
+            app = GpctlApp(home, live=False)
+            async with app.run_test(size=(120, 40)) as pilot:
+                await pilot.pause(0.2)
+                return dict(app.gpu_use), str(app.table.get_cell(RUN0, "gpu")), str(app.table.get_cell(RUN1, "gpu"))
+        use, cell, other = asyncio.run(go())
+    finally:
+        proc.kill()
+    assert use == {RUN0: {"used_gib": 3.0, "util": 87}}
+    assert (cell, other) == ("3.0G 87%", "-") and gpu_cell(None) == "-"

@@ -202,6 +202,8 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
     def apply_rows(self, rows: list[dict]) -> None:
         """Filter, sort and show rows (no disk reads: keys like sort and filter come here directly)."""
         self._all_rows = rows
+        for r in rows:
+            r["gpu"] = self.gpu_use.get(r["id"])
         rows = filter_sort(rows, self.filter_text, self.sort_key, self.sort_desc)
         ended = {r["id"] for r in rows if r["state"] in ("done", "failed", "diverged", "lost")
                  and self._states.get(r["id"]) in ("running", "queued")}
@@ -372,15 +374,25 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
             if footer._bindings_ready:
                 footer.call_after_refresh(footer.recompose)
 
+    gpu_use: dict[str, dict] = {}      # run id -> its GPU memory and utilisation (the table's gpu column)
+
     def gpu_refresh(self) -> None:
+        from gpctl.tui.widgets.panels import gpu_stats, gpu_use_by_run
         store = JobStore.for_reading(self.home, lenient=True)
+        jobs = store.jobs(state="running")
+        store.close()
         on = {}
-        for j in store.jobs(state="running"):
+        for j in jobs:
             for d in (j.devices or "").split(","):
                 if d:
                     on[d] = j.run_id
-        store.close()
-        self.sub_title = self.query_one(GpuPanel).show(on)
+        gpus = gpu_stats()
+        self.sub_title = self.query_one(GpuPanel).show(on, gpus)
+        use = gpu_use_by_run(gpus, jobs)
+        if use != self.gpu_use:
+            self.gpu_use = use
+            if self._all_rows:
+                self.apply_rows(self._all_rows)
 
     @on(RunsTable.RowHighlighted)
     def _row_changed(self, event) -> None:

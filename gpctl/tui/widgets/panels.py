@@ -15,7 +15,9 @@ from textual.widgets._footer import FooterKey
 from engine.control import event_text
 
 # the most useful first: an 80-column terminal shows about the first eight
-COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset")
+COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset",
+           "gpu")
+# gpu: the run's own GPU memory and its GPUs' utilisation, from NVML (nvitop's per-process view); "-" without
 # loss~: the EMA (0.8) of the last train losses, as the plot draws it; `gpctl ls`'s loss is the last raw value
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
                "stopped": "magenta", "cancelled": "grey50", "lost": "red",
@@ -172,14 +174,14 @@ class RunsTable(DataTable):
                     Text(r["state"], style=STATE_STYLE.get(r["state"], "")), str(r["step"]),
                     _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"), _f(r["lr"], ".3g"),
                     str(r["batch_size"] or "-"), "-", str(r["samples"]), _f(r["lr_time"], ".1f"),
-                    r["device"] or "-", r["preset"])
+                    r["device"] or "-", r["preset"], "-")
         eta = "-"
         if r["state"] == "running" and r.get("rate"):
             eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
         return (Text(f"{mark or ' ':>1} {short_id(r)}"), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
                 str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
                 _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
-                _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"])
+                _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"], gpu_cell(r.get("gpu")))
 
     @property
     def selected_id(self) -> str | None:
@@ -218,9 +220,9 @@ class GpuPanel(Static):
     def on_mount(self) -> None:
         self.border_title = "GPUs"
 
-    def show(self, running_on: dict[str, str]) -> str:
-        """Fill the panel; returns a one-line summary (the header shows it when the panel is hidden)."""
-        gpus = gpu_stats()
+    def show(self, running_on: dict[str, str], gpus: list[dict] | None = None) -> str:
+        """Fill the panel; returns a one-line summary (the header shows it when the panel is hidden).
+        `gpus`: gpu_stats() already read (the app reads it once for the panel and the table)."""
         if gpus is None:
             self.update("no GPU (NVML not available)")
             return "no GPU"
@@ -229,8 +231,18 @@ class GpuPanel(Static):
         return "  ".join(f"GPU{g['index']} {g['util']}% {g['used_gib']:.0f}/{g['total_gib']:.0f}G" for g in gpus) or "no GPU"
 
 
+def gpu_cell(use: dict | None) -> str:
+    """The table's gpu cell: the run's processes' GPU memory and the utilisation of its GPUs
+    ("3.2G 87%"; "3.2G" where NVML gives no utilisation)."""
+    if not use:
+        return "-"
+    util = f" {use['util']}%" if use.get("util") is not None else ""
+    return f"{use['used_gib']:.1f}G{util}"
+
+
 def gpu_stats() -> list[dict] | None:
-    """Utilization and memory of each GPU through NVML; None where NVML is not available."""
+    """Utilization and memory of each GPU through NVML, with the processes on it (pid, GiB); None
+    where NVML is not available."""
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -241,11 +253,40 @@ def gpu_stats() -> list[dict] | None:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                procs = [{"pid": p.pid, "used_gib": (p.usedGpuMemory or 0) / 2**30}
+                         for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+            except Exception:  # noqa: BLE001 - a driver that does not list processes (some vGPUs)
+                procs = []
             out.append({"index": i, "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
-                        "used_gib": mem.used / 2**30, "total_gib": mem.total / 2**30})
+                        "used_gib": mem.used / 2**30, "total_gib": mem.total / 2**30, "procs": procs})
     finally:
         pynvml.nvmlShutdown()
     return out
+
+
+def gpu_use_by_run(gpus: list[dict] | None, jobs: list) -> dict[str, dict]:
+    """Each running job's GPU memory (its processes': the one the worker started and, under torchrun,
+    its ranks, all in that process's session) and the mean utilisation of the GPUs they are on."""
+    import os
+    if not gpus:
+        return {}
+    by_session = {j.pid: j.run_id for j in jobs if j.pid}
+    use: dict[str, dict] = {}
+    for g in gpus:
+        for p in g.get("procs", ()):
+            try:
+                sid = os.getsid(p["pid"])
+            except OSError:          # gone, or in another PID namespace (a container): not ours to name
+                continue
+            rid = by_session.get(sid) or by_session.get(p["pid"])
+            if rid is None:
+                continue
+            u = use.setdefault(rid, {"used_gib": 0.0, "utils": {}})
+            u["used_gib"] += p["used_gib"]
+            u["utils"][g["index"]] = g["util"]
+    return {rid: {"used_gib": u["used_gib"], "util": round(sum(u["utils"].values()) / len(u["utils"]))}
+            for rid, u in use.items()}
 
 
 class ContextFooter(Footer):
