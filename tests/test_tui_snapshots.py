@@ -87,3 +87,26 @@ def test_small_plots_beside_the_loss_80x24(app, snap_compare):
 def test_seed_group_as_one_row_120x40(app, snap_compare):
     """G: the two bs512 seeds as one row (their mean loss), selected and drawn as mean and band."""
     assert snap_compare(app, press=["down", "G"], terminal_size=(120, 40))
+
+
+@pytest.fixture
+def forked_app(tmp_path, monkeypatch):
+    """fixed_runs with a fork and a twin of the dropped run (as tests/test_tui_views.py makes them)."""
+    from tests.test_tui_views import _tree_home
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.setattr(panels, "gpu_stats", lambda: None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    home = tmp_path / "home"
+    fixed_runs(home)
+    _tree_home(home)
+    yield GpctlApp(home, live=False)
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_lineage_screen(forked_app, snap_compare, size):
+    """Issue 27: L on the dropped run: its tree (a twin at step 50, a fork at 100), its own footer;
+    two marks numbered 1 and 2 underneath."""
+    assert snap_compare(forked_app, press=["space", "down", "space", "up", "L"], terminal_size=size)
