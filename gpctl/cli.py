@@ -292,11 +292,17 @@ def fit_columns(cols: tuple[str, ...], cells: list[list[str]], width: int | None
 @app.command()
 @friendly
 def show(run: RunArg, as_json: JsonOpt = False,
-         full_config: Annotated[bool, typer.Option("--config", help="Print the whole resolved config.toml too.")] = False) -> None:
+         full_config: Annotated[bool, typer.Option("--config", help="Print the whole resolved config.toml too.")] = False,
+         diff: Annotated[Optional[str], typer.Option("--diff", help="Another run: how the two differ in config, "
+                                                     "code and environment.")] = None) -> None:
     """One run in full: state (and why, when a file is unreadable), progress, job and each attempt,
-    how its config differs from its preset arm (or parent), checkpoints, events as sentences."""
-    from gpctl.detail import run_info, run_lines
+    the code it runs, how its config differs from its preset arm (or parent), checkpoints, events."""
+    from gpctl.detail import diff_lines, run_info, run_lines
     rd = resolve(State.home, run)
+    if diff is not None:
+        for line in diff_lines(State.home, rd, resolve(State.home, diff)):
+            out.print(line, markup=False)
+        return
     info = run_info(State.home, rd)
     if as_json:
         print_json(info, default=str)

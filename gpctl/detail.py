@@ -13,6 +13,7 @@ from engine.config import ConfigError
 from engine.errors import CheckpointError
 from engine.store.fork import children
 from engine.store import state as states_
+from engine.store import provenance
 from engine.store.jobs import JobStore
 from engine.store.rundir import RunDir, UnknownRun
 from gpctl.common import fmt as _f
@@ -37,6 +38,8 @@ def run_info(home: Path, rd: RunDir) -> dict:
             "job": job, "config_differs_from": diff_from,
             "config_diff": [{"key": k, "was": a, "now": b} for k, a, b in diff],
             "checkpoints": [{"step": st, "file": p.name, **_meta(p)} for st, p in rd.list_checkpoints()],
+            "provenance": provenance.read(rd.path),
+            "code_changes": [e for e in events if e.get("event") == "code_changed"],
             "events": events[-20:]}
 
 
@@ -66,6 +69,9 @@ def run_lines(rd: RunDir, info: dict, full_config: bool = False) -> list[str]:
             say(f"  attempt {a['attempt']} ended {a['state']}{why}")
         if job["error"] and job["state"] not in ("queued", "running"):
             say(job["error"])
+    say(f"code {code_line(info['provenance'])}")
+    for e in info["code_changes"]:
+        say(f"  at step {e.get('step')}: {event_text(e)}")
     if info["parent"]:
         say(f"parent {info['parent']}  (forked with {' '.join(info['parent_overrides']) or 'no overrides'})")
     if info["children"]:
@@ -87,6 +93,48 @@ def run_lines(rd: RunDir, info: dict, full_config: bool = False) -> list[str]:
         t = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
         say(f"  {t}  {event_text(e)}")
     return lines
+
+
+def code_line(prov: dict | None) -> str:
+    """"gpctl 0.1.0, git 24a1c48…, python 3.11.2, torch 2.5.1, on HOST" (or that it was not recorded)."""
+    if prov is None:
+        return "not recorded (a run made before gpctl kept provenance.json)"
+    env = prov.get("environment") if isinstance(prov.get("environment"), dict) else {}
+    extra = [f"python {env['python']}" if env.get("python") else "", f"torch {env['torch']}" if env.get("torch") else "",
+             f"created on {env['host']}" if env.get("host") else ""]
+    return ", ".join([provenance.code_text(prov.get("code"))] + [x for x in extra if x])
+
+
+def diff_lines(home: Path, a: RunDir, b: RunDir) -> list[str]:
+    """`gpctl show A --diff B`: how two runs' config, code and environment differ, one line a key."""
+    from engine.config import to_dict
+    out = [f"{a.id} vs {b.id}"]
+    try:
+        ca, cb = _flat(to_dict(a.config())), _flat(to_dict(b.config()))
+    except ConfigError as e:
+        return out + [f"config: unreadable ({str(e).splitlines()[0]})"]
+    skip = {"name", "parent_checkpoint"}
+    keys = [k for k in sorted(set(ca) | set(cb)) if k not in skip and ca.get(k) != cb.get(k)]
+    out.append("config: the same" if not keys else f"config: {len(keys)} key{'s' if len(keys) != 1 else ''} differ")
+    out += [f"  {k}: {_toml_value(ca.get(k))} | {_toml_value(cb.get(k))}" for k in keys]
+    pa, pb = provenance.read(a.path), provenance.read(b.path)
+    if pa is None or pb is None:
+        out.append("code: not recorded for " + " and ".join(r.id for r, p in ((a, pa), (b, pb)) if p is None))
+        return out
+    if provenance.same_code(pa["code"], pb["code"]):
+        out.append(f"code: the same ({provenance.code_text(pa['code'])})")
+    else:
+        out += ["code: differs", f"  {a.id}: {provenance.code_text(pa['code'])}",
+                f"  {b.id}: {provenance.code_text(pb['code'])}"]
+        ga, gb = pa["code"].get("git") or {}, pb["code"].get("git") or {}
+        if ga.get("commit") and gb.get("commit") and ga["commit"] != gb["commit"]:
+            out.append(f"  git diff {ga['commit'][:10]} {gb['commit'][:10]}   (from the checkout: what changed)")
+    ea = pa.get("environment") if isinstance(pa.get("environment"), dict) else {}
+    eb = pb.get("environment") if isinstance(pb.get("environment"), dict) else {}
+    env = [k for k in ("python", "torch", "platform", "host") if ea.get(k) != eb.get(k)]
+    out.append("environment: the same" if not env else "environment: " + ", ".join(
+        f"{k} {ea.get(k)} | {eb.get(k)}" for k in env))
+    return out
 
 
 def _job(home: Path, rd: RunDir) -> dict | None:

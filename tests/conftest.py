@@ -65,6 +65,12 @@ GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
 T_FIXED = 1_800_000_000.0   # 2027-01-15 08:00 UTC: the fixed clock of fixed_runs
 
 
+FIXED_PROVENANCE = {"created": T_FIXED, "code": {"version": "0.1.0", "root": "/src/gpctl", "git": {
+    "commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False, "diff_bytes": 0, "diff_sha256": None,
+    "untracked": [], "untracked_count": 0}}, "environment": {"python": "3.11.2", "platform": "Linux", "host": "gpubox",
+                                                              "torch": "2.5.1", "executable": "/usr/bin/python3"}}
+
+
 def fixed_runs(home: Path) -> list:
     """The demo's three arms as finished runs with fixed ids, times and loss curves (no training):
     input for the TUI's snapshot tests and the README's capture, identical on every machine."""
@@ -100,5 +106,7 @@ def fixed_runs(home: Path) -> list:
         with open(rd.events_file, "a") as f:
             f.write("".join(json.dumps(e) + "\n" for e in events))
         rd.write_status(state="done", device="cpu", created=t0, started=t0, step=cfg.steps)
+        (rd.path / "provenance.json").write_text(json.dumps(FIXED_PROVENANCE))   # not this checkout's commit
+        (rd.path / "code.diff").unlink(missing_ok=True)
         out.append(rd)
     return out

@@ -305,6 +305,8 @@ class RunDir:
             for f in (rd.metrics_file, rd.events_file, rd.control_file, rd.log_file):
                 os.close(os.open(f, os.O_WRONLY | os.O_CREAT, FILE_MODE))
             rd.write_status(state="created", created=time.time())
+            from engine.store import provenance
+            provenance.write(rd.path)  # the code it will run (engine/store/provenance.py)
         except BaseException as e:     # all or nothing: no half-made run folder is left (a full disk)
             import shutil
             shutil.rmtree(rd.path, ignore_errors=True)

@@ -235,11 +235,29 @@ class Trainer:
                 self.rd.append_event("resume", step=0, lr_time=0.0, checkpoint=None,
                                      **({"restarted": restart} if restart else {}))
         self.attempt = self.rd.mark_running(str(self.device)).get("started")   # requests may name it
+        code = self._code_check()
+        gpu = {"cuda": torch.version.cuda, "gpu_name": torch.cuda.get_device_name(self.device)} \
+            if self.device.type == "cuda" else {}
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),
                              host=platform.node(), params=sum(p.numel() for p in self.model.parameters()),
-                             bayes_loss=self.stream.bayes_loss, world=self.dist.world)   # ranks (DDP), 1 alone
+                             bayes_loss=self.stream.bayes_loss, world=self.dist.world,   # ranks (DDP), 1 alone
+                             code=code, **gpu)
         self.rd.log(f"start {self.rd.id} on {self.device} ({self.precision}), step {self.step}/{cfg.steps}")
+
+    def _code_check(self) -> list:
+        """The code this attempt runs, against what the run recorded when it was created: a change
+        (a commit, an edit, an upgrade since enqueue) is a `code_changed` event and a log line.
+        Returns the code's fingerprint (version, commit, diff sha256) for the start event."""
+        from engine.store import provenance
+        now = provenance.code_identity(fresh=True)
+        now.pop("_diff", None)
+        rec = provenance.read(self.rd.path)
+        if rec is not None and not provenance.same_code(rec["code"], now) and self.dist.leader:
+            was, is_ = provenance.code_text(rec["code"]), provenance.code_text(now)
+            self.rd.append_event("code_changed", step=self.step, lr_time=self.lr_time, created=rec["code"], now=now)
+            self.rd.log(f"warning: the code changed since this run was created: {was} -> {is_}")
+        return list(provenance.fingerprint(now))
 
     def _restore(self, path) -> dict:
         """Weights, optimizer, RNG, clocks, schedule and stream position from a checkpoint."""
