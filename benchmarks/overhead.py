@@ -9,7 +9,11 @@ would write by hand (forward, loss, backward, step, zero_grad; no logging). The 
 Runs alternate (A B A B ...); it prints the median of per-pair ratios and the ratio of the best
 times (the least disturbed run of each: the steadier number on a shared VM).
 
-    python benchmarks/overhead.py [--steps 200] [--pairs 5] [--width 16]
+    python benchmarks/overhead.py [--steps 200] [--pairs 5] [--width 16] [--micro 8]
+
+--micro M: both loops accumulate gradients over micro-batches of M (the bare one as a hand-written
+loop does: loss × M/B, backward per micro-batch); the engine then also records the gradient noise
+scale at every flush step (noise_scale, on by default where accumulation makes it free).
 """
 from __future__ import annotations
 
@@ -40,9 +44,9 @@ def make_parts(folder: Path, n: int = 8192) -> None:
                  Y=rng.integers(0, 10, n))
 
 
-def config(folder: Path, steps: int, width: int):
+def config(folder: Path, steps: int, width: int, micro: int = 0):
     return build({"name": "bench", "preset": "overhead", "steps": steps, "lr": 0.05, "batch_size": 32,
-                  "eval_every": 0, "log_every": 20, "device": "cpu",
+                  "micro_batch_size": micro, "eval_every": 0, "log_every": 20, "device": "cpu",
                   "model": {"name": "resnet18", "width": width},
                   "data": {"source": "cifar5m", "path": str(folder), "eval_samples": 32}}, "overhead")
 
@@ -57,8 +61,10 @@ def bare(cfg, warmup: int) -> float:
         if step == warmup:
             t0 = time.perf_counter()
         x, y = stream.next_batch(cfg.batch_size)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        micro = cfg.micro_batch_size or cfg.batch_size
+        for i in range(0, cfg.batch_size, micro):
+            loss = F.cross_entropy(model(x[i:i + micro]), y[i:i + micro]) * (micro / cfg.batch_size)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     loss.item()
@@ -86,13 +92,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=0, help="micro-batch size (0: the whole batch of 32)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "c5m"
         folder.mkdir()
         make_parts(folder)
-        cfg = config(folder, args.steps, args.width)
+        cfg = config(folder, args.steps, args.width, args.micro)
         ratios, tb, te = [], [], []
         for i in range(args.pairs):
             b = bare(cfg, args.warmup)

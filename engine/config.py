@@ -138,6 +138,9 @@ class Config:
                                     # eval loss first reaches each, evaluating more often near them (engine/levels.py)
     checkpoint_loss_tol: float = 0.01   # a loss checkpoint lands within this fraction of its level (cadence target)
     log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
+    noise_scale: bool = True        # record the gradient noise scale at each flush step where it is free:
+                                    # gradient accumulation (micro_batch_size < batch_size) in one process
+                                    # (engine/train/noise.py: McCandlish et al. 2018's B_simple)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP)
     gpu_memory: float = 0.0         # GiB the job needs on each GPU; a worker packing several jobs per GPU

@@ -12,6 +12,8 @@ from engine.analysis.curves import AXES
 from engine.levels import MATCH_MAX_GAP
 from engine.presets import load_preset
 from engine.store.rundir import RunDir, list_runs, resolve
+from gpctl import runs as ops
+from gpctl.runs import figure_axis
 from gpctl.common import (JsonOpt, State, check_device, check_figure, check_int, fmt, friendly, out, parse_steps,
                           plain_table, print_json, progress_status)
 
@@ -189,30 +191,7 @@ def runs_or_group(text: str) -> list[RunDir]:
 
 def latest_runs(preset: str) -> dict[str, RunDir]:
     """The newest run of each arm of `preset` under the home folder."""
-    found: dict[str, RunDir] = {}
-    for rd in list_runs(State.home):  # sorted by creation: later ones win
-        try:
-            cfg = rd.config()
-        except ConfigError:
-            continue
-        if cfg.preset == preset and not cfg.parent:
-            found[cfg.name] = rd
-    return found
-
-
-def figure_axis(p, x: str | None) -> str:
-    """lr_time for lr figures (the preset's `compares`; or arms whose lrs differ by more than a
-    relative 1e-6 where a preset declares nothing), else step."""
-    if x is not None:
-        x = x.replace("-", "_")
-        if x not in AXES:
-            raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-        return x
-    if p.contract.declared:
-        return "lr_time" if "lr" in p.contract.compares else "step"
-    cfgs = p.configs(check=False)
-    lrs = sorted({c.lr for c in cfgs} | {ch.lr for c in cfgs for ch in c.changes if ch.lr})
-    return "lr_time" if lrs and lrs[-1] > lrs[0] * (1 + 1e-6) else "step"
+    return ops.latest_runs(State.home, preset)
 
 
 @friendly
@@ -301,35 +280,9 @@ def snap(run: Annotated[str, typer.Argument(help="A run whose noise was changed 
     """Has the run snapped onto its reference? Its held-out curve after the change fitted as a translation
     of the reference's (as `gpctl figure` fits it), judged against the gap before T0, with a
     never-changed run as the negative control."""
-    from engine.analysis.snap import snap as measure
     rd = resolve(State.home, run)
-    cfg = rd.config()
-    p = None
-    if cfg.preset:
-        try:
-            p = load_preset(cfg.preset, check=False)
-        except ConfigError:
-            p = None
-    runs = latest_runs(cfg.preset) if cfg.preset else {}
-    if ref is not None:
-        ref_rd = resolve(State.home, ref)
-    elif p is not None and p.contract.declared and runs.get(p.contract.reference) is not None:
-        ref_rd = runs[p.contract.reference]
-    else:
-        raise ConfigError(f"run {rd.id}: no reference run found (its preset {cfg.preset or '-'} names none here); "
-                          f"give --ref RUN")
-    if ref_rd.id == rd.id:
-        raise ConfigError(f"run {rd.id} is its own reference; give --ref another run")
-    if control is not None:
-        ctl = resolve(State.home, control)
-    else:
-        skip = {ref_rd.id, rd.id} | {r.id for a, r in runs.items() if p is not None and a in p.contract.baselines}
-        ctl = next((r for a, r in runs.items() if r.id not in skip and not (c := r.config()).changes
-                    and c.lr == cfg.lr and c.batch_size == cfg.batch_size), None)
-    axis = figure_axis(p, x) if p is not None else (x or "step").replace("-", "_")
-    if axis not in AXES:
-        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-    res = measure(rd, ref_rd, ctl, axis)
+    res = ops.measure_snap(State.home, rd, resolve(State.home, ref) if ref else None,
+                           resolve(State.home, control) if control else None, x)
     if as_json:
         print_json(res)
         return

@@ -628,3 +628,39 @@ def test_a_running_runs_own_gpu_memory_and_utilisation(home, monkeypatch):
         proc.kill()
     assert use == {RUN0: {"used_gib": 3.0, "util": 87}}
     assert (cell, other) == ("3.0G 87%", "-") and gpu_cell(None) == "-"
+
+
+def test_S_says_whether_the_run_snapped_and_draws_the_fit(home):
+    """Issue 30's snap in the TUI: S on the dropped run gives gpctl snap's sentence (the same
+    measure, run in a thread) and draws the reference's held-out points shifted by the fitted tau;
+    S on the reference itself is refused in one line and draws nothing."""
+    runner = CliRunner()
+    want = json.loads(runner.invoke(cli, ["--home", str(home), "snap", RUN0, "--json"]).stdout)
+    assert want["verdict"] == "snapped" and want["ref"] == RUN1 and 20 <= want["tau"] <= 40
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        shown = []
+        app.notify = lambda message, **kw: shown.append(message)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await _open(pilot, RUN0, "S")
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.2)
+            fit = [s for s in app.plot.series if s[3].endswith("(snap fit)")]
+            await _open(pilot, RUN1, "S")
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.2)
+            after = [s for s in app.plot.series if s[3].endswith("(snap fit)")]
+            return shown, fit, after
+    shown, fit, after = asyncio.run(go())
+    assert shown[1] == want["sentence"]
+    ((x, y, colour, label, dash),) = fit
+    ex, ey = _records(run_dir_of(home, RUN1), "eval_loss")
+    assert label == f"{RUN1} eval +{want['tau']:.0f} step (snap fit)" and dash == DASHED
+    assert np.allclose(x, ex + want["tau"]) and np.allclose(y, ey)
+    assert shown[-1] == f"snap: run {RUN1} is its own reference; give --ref another run" and after == []
+
+
+def run_dir_of(home, rid):
+    from engine.store.rundir import run_dir
+    return run_dir(home, rid)

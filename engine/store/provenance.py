@@ -86,7 +86,10 @@ def environment() -> dict:
 def write(folder: Path) -> dict:
     """provenance.json (and code.diff) in a new run's folder; returns what was written."""
     from engine.store.rundir import write_atomic
-    code = dict(code_identity())
+    try:
+        code = dict(code_identity())
+    except Exception as e:  # noqa: BLE001 - what the code is never stops a run from being made
+        code = {"version": _version(ROOT), "root": str(ROOT), "git": None, "error": f"{type(e).__name__}: {e}"[:300]}
     diff = code.pop("_diff", b"")
     if diff and len(diff) <= MAX_DIFF:
         (folder / "code.diff").write_bytes(diff)

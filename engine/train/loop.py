@@ -146,6 +146,7 @@ class Trainer:
         self.loss_ema: float | None = None         # EMA (LOSS_EMA) of the train loss at the last flush: `when loss<…`
         self.levels = LossLevels(self.cfg.checkpoint_at_losses, self.cfg.checkpoint_loss_tol, self.cfg.eval_every)
         self._reached: list[dict] = []              # loss levels the last eval reached (its checkpoint's)
+        self._noise: dict | None = None             # the last step's gradient noise scale fields (noise.py)
 
     # the clocks, read by name (one Clock value holds them; only Clock.tick advances them)
     step = property(lambda self: self.clock.step)
@@ -340,8 +341,8 @@ class Trainer:
             loss = self._train_step(batch)
             lr_time_before = self.clock.tick(batch * self.tokens_per_sample, base / self.schedule.lr_ref)
             # -- record (no sync: the loss stays a tensor until the flush)
-            self._pending.append(({**self.clock.as_dict(), "wall": self.wall(), "lr": lr, "batch_size": batch},
-                                  loss))
+            self._pending.append(({**self.clock.as_dict(), "wall": self.wall(), "lr": lr, "batch_size": batch,
+                                   **(self._noise or {})}, loss))
             if self.step % cfg.log_every == 0:
                 self.flush(wait=self.device.type != "cuda")
             # -- eval and checkpoint
@@ -440,6 +441,11 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         total = None
         starts = range(0, batch, micro)
+        noise = None    # B_simple on a flush step, from the micro-batches' own gradients (engine/train/noise.py)
+        if (self.cfg.noise_scale and micro < batch and batch % micro == 0 and not self.dist.active
+                and not self._graph_steps and (self.step + 1) % self.cfg.log_every == 0):
+            from engine.train.noise import MicroGrads
+            noise = MicroGrads([p for p in self.model.parameters() if p.requires_grad])
         for i in starts:   # gradient accumulation; a batch change never lands inside
             xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
             sync = i == starts[-1] or not self.dist.active
@@ -450,7 +456,10 @@ class Trainer:
                 if micro < batch:
                     loss = loss * (xs.shape[0] / batch)
                 loss.backward()
+            if noise is not None:
+                noise.after_backward(xs.shape[0] / batch)
             total = loss.detach() if total is None else total + loss.detach()
+        self._noise = noise.fields(micro, batch, self.optimizer.param_groups[0]["lr"]) if noise else None
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()

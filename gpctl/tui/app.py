@@ -274,6 +274,7 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
                     series.append((ex[keep], ey[keep], eval_color(color), rid + " eval", DASHED))
             # every drawn line's change markers, numbered in its colour (a seed group: its first run's)
             markers += [(x, label, color) for x, label in self.tail(members[0]).markers(self.x_axis)]
+        series += self._snap_series(sel)
         self.plot.set_data(series, markers, self.x_axis, self.logy)
         self._draw_metrics(drawn, markers)
         self._update_footer()
@@ -485,6 +486,46 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
         root = find(roots, sel) if sel else None
         shown = [root] if root else [r for r in roots if r.children] or roots
         self.push_screen(Lineage(shown, sel), lambda rid: self.select_run(rid) if rid else None)
+
+    snap_fit: dict | None = None      # the last S: its run, reference, axis and shift (drawn while it applies)
+
+    def action_snap(self) -> None:
+        rd = self._selected()
+        if rd is not None:
+            self.notify(f"{rd.id}: fitting its held-out curve to its reference…")
+            self.compute_snap(rd)
+
+    @work(thread=True, exclusive=True, group="snap")
+    def compute_snap(self, rd: RunDir) -> None:
+        """Off the UI thread (it reads the runs' whole held-out curves): gpctl snap's measure."""
+        from gpctl.runs import measure_snap
+        try:
+            res = measure_snap(self.home, rd)
+        except Exception as e:  # noqa: BLE001 - a message, not a crash
+            self.call_from_thread(self.notify, f"snap: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                                  severity="warning")
+            return
+        self.call_from_thread(self._show_snap, res)
+
+    def _show_snap(self, res: dict) -> None:
+        self.snap_fit = res if res.get("tau") is not None and res.get("ok") else None
+        self.notify(res["sentence"], severity="information" if res["verdict"] == "snapped" else "warning",
+                    timeout=12)
+        self.redraw()
+
+    def _snap_series(self, sel: str | None) -> list:
+        """The reference's held-out points translated by the fit's shift, dim, while the fit's run is
+        selected and the plot is on the fit's axis (the figure's translation, drawn where it was fitted)."""
+        fit = self.snap_fit
+        if not fit or fit["run"] != sel or fit["x"] != self.x_axis:
+            return []
+        x, y = self.tail(fit["ref"]).series(self.x_axis, 0, evals=True)
+        x = x + fit["tau"]
+        lo, hi = self._window(x)
+        keep = (x >= lo) & (x <= hi)
+        side = "+" if fit["tau"] >= 0 else "−"
+        return [(x[keep], y[keep], "grey70", f"{fit['ref']} eval {side}{abs(fit['tau']):.0f} {fit['x']} (snap fit)",
+                 DASHED)]
 
     def action_tv(self) -> None:
         if len(self.marked) not in (2, 3):
