@@ -41,7 +41,7 @@ KEYS: list[tuple[str, str, str, str, str]] = [
     ("u", "u", "resume", "Resume", "resume: queue it again from its last checkpoint"),
     ("n", "n", "enqueue", "", "enqueue a preset: a picker, then its overrides k=v …"),
     ("T", "T", "tv", "TV", "TV at matched loss, marked runs in order: A to B, C: baseline"),
-    ("S", "S", "snap", "", "snap: has the selected run snapped onto its reference? (gpctl snap; the fit drawn)"),
+    ("S", "S", "snap", "", "snap: did the run snap onto its reference? (gpctl snap; fit drawn)"),
     ("Q", "Q", "queue", "", "the queue: running jobs and where, queued ones in order"),
     ("question_mark", "?", "help", "Help", "this key screen"),
     ("q", "q", "quit", "Quit", "quit (runs go on)"),
