@@ -229,64 +229,21 @@ def _stranded(store, job) -> bool:
     return not pid_alive(job.pid) and not worker_alive
 
 
+# The snap's reference and control and a figure's axis live in engine/analysis (the worker announces
+# snaps too); imported when used, so that `gpctl --help` never loads numpy.
 def latest_runs(home: Path, preset: str) -> dict[str, RunDir]:
-    """The newest run of each arm of `preset` in `home` (forks aside)."""
-    found: dict[str, RunDir] = {}
-    for rd in list_runs(home):  # sorted by creation: later ones win
-        try:
-            cfg = rd.config()
-        except ConfigError:
-            continue
-        if cfg.preset == preset and not cfg.parent:
-            found[cfg.name] = rd
-    return found
+    from engine.store.rundir import latest_runs as newest
+    return newest(home, preset)
 
 
 def figure_axis(p, x: str | None) -> str:
-    """lr_time for lr figures (the preset's `compares`; or arms whose lrs differ by more than a
-    relative 1e-6 where a preset declares nothing), else step."""
-    from engine.analysis.curves import AXES
-    if x is not None:
-        x = x.replace("-", "_")
-        if x not in AXES:
-            raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-        return x
-    if p.contract.declared:
-        return "lr_time" if "lr" in p.contract.compares else "step"
-    cfgs = p.configs(check=False)
-    lrs = sorted({c.lr for c in cfgs} | {ch.lr for c in cfgs for ch in c.changes if ch.lr})
-    return "lr_time" if lrs and lrs[-1] > lrs[0] * (1 + 1e-6) else "step"
+    from engine.analysis.curves import figure_axis as axis
+    return axis(p, x)
 
 
 def measure_snap(home: Path, rd: RunDir, ref: RunDir | None = None, control: RunDir | None = None,
                  x: str | None = None) -> dict:
-    """`gpctl snap` (and the TUI's S): the snap of `rd` onto `ref` (default: the newest run of its
-    preset's reference arm), with `control` (default: the newest never-changed run of its preset that
-    started with the same lr and batch) as the negative control, on `x` (default: the figure's axis)."""
-    from engine.analysis.curves import AXES
-    from engine.analysis.snap import snap as measure
-    cfg = rd.config()
-    p = None
-    if cfg.preset:
-        try:
-            p = load_preset(cfg.preset, check=False)
-        except ConfigError:
-            p = None
-    runs = latest_runs(home, cfg.preset) if cfg.preset else {}
-    if ref is None:
-        if p is not None and p.contract.declared and runs.get(p.contract.reference) is not None:
-            ref = runs[p.contract.reference]
-        else:
-            raise ConfigError(f"run {rd.id}: no reference run found (its preset {cfg.preset or '-'} names none here); "
-                              f"give --ref RUN")
-    if ref.id == rd.id:
-        raise ConfigError(f"run {rd.id} is its own reference; give --ref another run")
-    if control is None:
-        skip = {ref.id, rd.id} | {r.id for a, r in runs.items() if p is not None and a in p.contract.baselines}
-        control = next((r for a, r in runs.items() if r.id not in skip and not (c := r.config()).changes
-                        and c.lr == cfg.lr and c.batch_size == cfg.batch_size), None)
-    axis = figure_axis(p, x) if p is not None else (x or "step").replace("-", "_")
-    if axis not in AXES:
-        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-    return measure(rd, ref, control, axis)
+    """`gpctl snap` and the TUI's S (engine.analysis.snap.measure)."""
+    from engine.analysis.snap import measure
+    return measure(home, rd, ref, control, x)
 

@@ -91,3 +91,43 @@ def test_snap_defaults_to_the_presets_reference_and_says_when_there_is_no_contro
     assert line.endswith("; no control: no never-changed run of the same noise)")
     res = CliRunner().invoke(app, ["--home", str(home), "snap", "demo-bs512-bbbbbb"])
     assert res.exit_code == 2 and "is its own reference" in res.stderr
+
+
+def test_the_worker_announces_a_snap_once_and_notifies(tmp_path, monkeypatch):
+    """Issue 30's snap notification: the worker fits each running job whose noise changed (at most
+    once a minute); once it has snapped, a `snap` event with gpctl snap's sentence and a `snapped`
+    notification, once. The reference itself (never changed) is never announced."""
+    import json as _json
+    import time as _time
+    from types import SimpleNamespace
+
+    from engine.analysis.snap import announce
+    from engine.launch.worker import Running, Worker
+    from engine.store.rundir import run_dir
+    from gpctl.runs import measure_snap
+    from tests.conftest import fixed_runs
+    home = tmp_path / "home"
+    fixed_runs(home)
+    (home / "settings.toml").write_text(f'notify = "echo $GPCTL_STATE $GPCTL_RUN >> {tmp_path}/said.txt"\n')
+    dropped, ref = run_dir(home, "demo-bs32to512-000000"), run_dir(home, "demo-bs512-000001")
+    want = measure_snap(home, dropped)
+    assert want["verdict"] == "snapped"
+    assert announce(ref) is None                                    # the control: it never changed
+    w = Worker(home, cpu_slots=1)
+    w.snap_every = 0.0
+    for rd in (dropped, ref):
+        w.running[len(w.running) + 1] = Running(SimpleNamespace(run_dir=str(rd.path), run_id=rd.id), [], None, 0)
+    w.check_snaps()
+    w.check_snaps()                                                 # said once
+    snaps = [e for e in dropped.events()[0] if e["event"] == "snap"]
+    assert [(e["sentence"], e["ref"], e["tau"]) for e in snaps] == [(want["sentence"], ref.id, want["tau"])]
+    assert [e for e in ref.events()[0] if e["event"] == "snap"] == []
+    deadline = _time.monotonic() + 10
+    while not (tmp_path / "said.txt").exists() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    _time.sleep(0.2)
+    assert (tmp_path / "said.txt").read_text() == f"snapped {dropped.id}\n"
+    from engine.control import event_text
+    assert event_text(snaps[0]) == want["sentence"]
+    assert _json.loads(_json.dumps(snaps[0]))["x"] == "step"
+    w.store.close()

@@ -145,3 +145,20 @@ def rms_gap(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray) -> f
     if not common.any():
         return float("nan")
     return float(np.sqrt(np.mean((ya[common] - np.interp(xa[common], xb, yb)) ** 2)))
+
+
+def figure_axis(p, x: str | None) -> str:
+    """A preset's figure axis: `x` if given; else lr_time for lr figures (the preset's `compares`; or
+    arms whose lrs differ by more than a relative 1e-6 where a preset declares nothing), else step."""
+    from engine.config import ConfigError
+    if x is not None:
+        x = x.replace("-", "_")
+        if x not in AXES:
+            raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+        return x
+    if p.contract.declared:
+        return "lr_time" if "lr" in p.contract.compares else "step"
+    cfgs = p.configs(check=False)
+    lrs = sorted({c.lr for c in cfgs} | {ch.lr for c in cfgs for ch in c.changes if ch.lr})
+    return "lr_time" if lrs and lrs[-1] > lrs[0] * (1 + 1e-6) else "step"
+

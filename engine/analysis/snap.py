@@ -95,3 +95,59 @@ def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step"
         sentence = (f"{rd.id}: not yet: the best translation of {ref.id} ({abs(fit['tau']):.1f} {x} {side}) leaves a "
                     f"residual of {fit['ratio']:.2g} of the pre-T0 gap (snapped at <= {THRESHOLD}{ctl_text})")
     return dict(out, sentence=sentence)
+
+
+def measure(home, rd: RunDir, ref: RunDir | None = None, control: RunDir | None = None,
+            x: str | None = None) -> dict:
+    """snap() with its defaults: `ref` the newest run of the preset's reference arm, `control` the
+    newest never-changed run of the preset that started with the same lr and batch (not a seed
+    baseline), `x` the figure's axis. ConfigError (one line) when there is no reference."""
+    from engine.analysis.curves import figure_axis
+    from engine.config import ConfigError
+    from engine.presets import load_preset
+    from engine.store.rundir import latest_runs
+    cfg = rd.config()
+    p = None
+    if cfg.preset:
+        try:
+            p = load_preset(cfg.preset, check=False)
+        except ConfigError:
+            p = None
+    runs = latest_runs(home, cfg.preset) if cfg.preset else {}
+    if ref is None:
+        if p is not None and p.contract.declared and runs.get(p.contract.reference) is not None:
+            ref = runs[p.contract.reference]
+        else:
+            raise ConfigError(f"run {rd.id}: no reference run found (its preset {cfg.preset or '-'} names none here); "
+                              f"give --ref RUN")
+    if ref.id == rd.id:
+        raise ConfigError(f"run {rd.id} is its own reference; give --ref another run")
+    if control is None:
+        skip = {ref.id, rd.id} | {r.id for a, r in runs.items() if p is not None and a in p.contract.baselines}
+        control = next((r for a, r in runs.items() if r.id not in skip and not (c := r.config()).changes
+                        and c.lr == cfg.lr and c.batch_size == cfg.batch_size), None)
+    from engine.analysis.curves import AXES
+    axis = figure_axis(p, x) if p is not None else (x or "step").replace("-", "_")
+    if axis not in AXES:
+        raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
+    return snap(rd, ref, control, axis)
+
+
+def announce(rd: RunDir) -> dict | None:
+    """Once: if `rd` has snapped onto its reference (measure's defaults) and has not said so, a
+    `snap` event with the sentence; returns the measure then, else None (not changed yet, not yet,
+    no reference, or said before). The worker calls it for its running jobs and notifies."""
+    from engine.config import ConfigError
+    if any(e.get("event") == "snap" for e in rd.events()[0]) or change_point(rd) is None:
+        return None
+    try:
+        res = measure(rd.home, rd)
+    except (ConfigError, OSError, ValueError):
+        return None
+    if res["verdict"] != "snapped":
+        return None
+    st = rd.status()
+    rd.append_event("snap", step=st.get("step"), lr_time=st.get("lr_time"), ref=res["ref"], x=res["x"],
+                    tau=res["tau"], ratio=res["ratio"], at=res.get("at"), sentence=res["sentence"])
+    return res
+

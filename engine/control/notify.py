@@ -1,4 +1,4 @@
-"""Notifications: run the user's command when a run ends, fails, diverges, is lost, or stalls.
+"""Notifications: run the user's command when a run ends, fails, diverges, is lost, stalls, or snaps.
 
 Commands come from the run's config (`notify`, set by `gpctl run … --notify CMD`) and from the
 home's `settings.toml` (`notify = "CMD"`, `stall_minutes = 30`). Each runs through the shell,
@@ -9,7 +9,8 @@ these variables set:
 
 A `notify` event records each firing. Who fires: the training process for its own end (done, failed,
 diverged; under DDP rank 0 only); the worker for what the process cannot say itself (killed without
-a record, lost, stalled: no new record for `stall_minutes`).
+a record, lost, stalled: no new record for `stall_minutes`) and for a running job's snap onto its
+reference arm (`snapped`: engine.analysis.snap.announce, once, with a `snap` event).
 """
 from __future__ import annotations
 

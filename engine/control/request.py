@@ -246,6 +246,8 @@ def event_text(e: dict) -> str:
         return f"fork {e.get('child')} made{at} with {' '.join(e.get('overrides') or []) or 'no overrides'}"
     if kind == "twin_of":
         return f"unsteered twin of {e.get('run')}{at}"
+    if kind == "snap":
+        return str(e.get("sentence") or "snapped onto its reference")
     if kind == "code_changed":
         from engine.store.provenance import code_text
         return f"the code changed since the run was created: {code_text(e.get('created'))} → {code_text(e.get('now'))}"

@@ -96,6 +96,8 @@ class Running:
     term_sent: float = 0.0
     stall_notified: bool = False
     events_at: int = 0                 # how far its events.jsonl has been read for twins it asks for
+    snap_checked: float = 0.0          # when check_snaps last fitted it (monotonic)
+    snap_said: bool = False            # its snap was announced (a `snap` event, a notification)
 
 
 @dataclass
@@ -172,6 +174,7 @@ class Worker:
                             raise
                         self._wait_out(e)
                     self.check_stalls()
+                    self.check_snaps()
                     last_beat = time.monotonic()
                 time.sleep(self.poll)
             if self.stopping:
@@ -227,6 +230,30 @@ class Worker:
                 self._notify(rd, "stalled")
             elif now - last <= minutes * 60:
                 r.stall_notified = False     # it recorded again: a later stall is news again
+
+    snap_every = 60.0                  # seconds between snap fits of one running job
+
+    def check_snaps(self) -> None:
+        """Each running job whose noise was changed: has it snapped onto its reference arm
+        (engine.analysis.snap.announce, gpctl snap's measure)? Once it has, a `snap` event and a
+        `snapped` notification, once. At most one fit per job per `snap_every` seconds, niced by
+        being rare: it reads the run's and its reference's held-out curves."""
+        from engine.analysis.snap import announce
+        now = time.monotonic()
+        for r in list(self.running.values()):
+            if r.snap_said or now - r.snap_checked < self.snap_every:
+                continue
+            r.snap_checked = now
+            rd = RunDir(Path(r.job.run_dir))
+            try:
+                said = announce(rd)
+            except Exception as e:  # noqa: BLE001 - a curve that cannot be fitted never stops the worker
+                print(f"warning: worker {self.id}: snap of {rd.id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                continue
+            if said is not None or any(e.get("event") == "snap" for e in rd.events()[0][-50:]):
+                r.snap_said = True
+            if said is not None:
+                self._notify(rd, "snapped")
 
     def store_is_ours(self) -> bool:
         """False (with one loud line) once jobs.db was deleted or replaced under this worker: it would

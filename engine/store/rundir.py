@@ -256,6 +256,19 @@ def new_run_id(preset: str, arm: str) -> str:
     return f"{preset}-{arm}-{secrets.token_hex(3)}"
 
 
+def latest_runs(home: Path, preset: str) -> dict[str, "RunDir"]:
+    """The newest run of each arm of `preset` in `home` (forks aside)."""
+    found: dict[str, RunDir] = {}
+    for rd in list_runs(home):  # sorted by creation: later ones win
+        try:
+            cfg = rd.config()
+        except ConfigError:
+            continue
+        if cfg.preset == preset and not cfg.parent:
+            found[cfg.name] = rd
+    return found
+
+
 def is_train(rec: dict) -> bool:
     """A training step's record in metrics.jsonl (the other kind is an eval's)."""
     return "loss" in rec
