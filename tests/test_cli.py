@@ -157,23 +157,31 @@ def test_json_output_is_plain_even_where_the_console_would_colour(tmp_path, monk
     assert res.exit_code == 0 and json.loads(res.stdout) == [] and "\x1b" not in res.stdout
 
 
+def _demo_runs(home, *overrides: str) -> dict:
+    """The demo's arms and a bs32 run, tiny and trained (checkpoints every 4 steps): {arm: RunDir}."""
+    from engine.store.rundir import RunDir
+    from engine.train.loop import train
+    from tests.conftest import TINY_IMAGES, tiny
+    made = {}
+    for arm, seed in (("bs32", 0), ("bs512", 0), ("bs512_seed2", 1), ("bs32to512", 0)):
+        rd = RunDir.create(home, tiny(TINY_IMAGES, *overrides, "checkpoint_every=4", f"seed={seed}", name=arm,
+                                      preset="demo"))
+        assert train(rd) == "done"
+        made[arm] = rd
+    return made
+
+
 def test_every_help_example_names_runs_that_resolve_on_the_demos_runs(tmp_path):
     """The `-h` examples name the demo's runs by preset-arm (`demo-bs512`), though `demo-bs512_seed2`
     starts the same way: each name resolves to its arm's run (the next test runs them)."""
     import re
 
     from engine.store.rundir import RunDir, resolve
-    from engine.train.loop import train
     from gpctl.cli import EXAMPLES
     from tests.conftest import TINY_IMAGES, tiny
 
     h = tmp_path / "home"
-    made = {}
-    for arm, seed in (("bs32", 0), ("bs512", 0), ("bs512_seed2", 1), ("bs32to512", 0)):
-        rd = RunDir.create(h, tiny(TINY_IMAGES, "steps=8", "checkpoint_every=4", "eval_every=4", f"seed={seed}",
-                                   name=arm, preset="demo"))
-        assert train(rd) == "done"
-        made[arm] = rd.id
+    made = {arm: rd.id for arm, rd in _demo_runs(h, "steps=8", "eval_every=4").items()}
     examples = [e for text in EXAMPLES.values() for e in text.split("|")] + [
         "gpctl queue move demo-bs512 --first"]
     named = 0
@@ -201,20 +209,12 @@ def test_every_help_example_runs_on_the_demos_runs(tmp_path, monkeypatch):
     import shlex
 
     from engine.store.jobs import JobStore
-    from engine.store.rundir import RunDir
-    from engine.train.loop import train
     from gpctl import queue
     from gpctl.cli import EXAMPLES
-    from tests.conftest import TINY_IMAGES, tiny
     monkeypatch.setattr(queue, "ensure_worker", lambda *a, **k: False)   # queued, never trained here
     monkeypatch.chdir(tmp_path)
     h = tmp_path / "home"
-    made = {}
-    for arm, seed in (("bs32", 0), ("bs512", 0), ("bs512_seed2", 1), ("bs32to512", 0)):
-        rd = RunDir.create(h, tiny(TINY_IMAGES, "steps=104", "checkpoint_every=4", "eval_every=8", f"seed={seed}",
-                                   name=arm, preset="demo"))
-        assert train(rd) == "done"
-        made[arm] = rd
+    made = _demo_runs(h, "steps=104", "eval_every=8")
     made["bs32to512"].write_status(state="stopped")       # what resume's example continues
     running = made["bs512"]
     store = JobStore(h)
