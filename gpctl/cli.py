@@ -18,7 +18,7 @@ from gpctl import runs as ops
 from engine.launch import slurm
 from engine.store import state as states_
 from engine.store.jobs import JobStore
-from gpctl import compare, data, export, presetcheck, queue, repro, steer
+from gpctl import compare, data, export, presetcheck, queue, repro, report, steer
 from gpctl.common import JsonOpt, RunArg, SetOpt, State, complete_preset, err, friendly, out, print_json
 from gpctl.common import fmt as _f
 from gpctl.common import MAX_PRIORITY, check_int, plain_table
@@ -230,6 +230,7 @@ def ls(as_json: JsonOpt = False,
         row["job"] = job.state if job else None
         row["slurm_id"] = job.slurm_id if job else None
         row["attempts"] = job.attempts if job else 0
+        row["imported"] = (rd.path / "imported.json").exists()   # read-only here (gpctl import)
         rows.append(row)
     store.close()
     rows = [r for r in rows if (not state or r["state"] in state) and (not preset or r["preset"] == preset)
@@ -249,7 +250,7 @@ def ls(as_json: JsonOpt = False,
         w.writeheader()
         w.writerows(rows)
         return
-    cells = [[r["id"], r["state"], r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
+    cells = [[r["id"], r["state"] + (" (imported)" if r["imported"] else ""), r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
               f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"]),
               str(r["attempts"] or "-")] for r in rows]
     if not cells and not state and not preset and not group:
@@ -378,13 +379,14 @@ def tui(poll: Annotated[float, typer.Option("--poll", help="Seconds between look
 steer.register(app)  # after the core commands, so `gpctl --help` lists those first
 compare.register(app)
 export.register(app)
+report.register(app)
 queue.register(app)
 repro.register(app)
 data.register(app)
 
 
 PANELS = {"Run": ("resume", "fork", "repro"), "Watch": ("ls", "show", "lineage", "logs", "tui"),
-          "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure", "export"),
+          "Steer": ("set", "drop", "raise", "stop", "checkpoint"), "Compare": ("tv", "plot", "figure", "export", "report", "import"),
           "Queue": ("worker", "cancel")}
 EXAMPLES = {
     "ls": "gpctl ls --state running --sort loss   |   gpctl ls --json | jq '.[].id'",
@@ -403,6 +405,8 @@ EXAMPLES = {
     "tv": "gpctl tv demo-bs32to512 demo-bs512 --match-loss --plot tv.png",
     "plot": "gpctl plot demo-bs32to512 demo-bs512 --x lr_time --out loss.png",
     "figure": "gpctl figure demo --out fig.png",
+    "report": "gpctl report demo --out report_demo",
+    "import": "gpctl --home laptop-runs import report_demo",
     "export": "gpctl export demo-bs32to512 demo-bs512 --format tensorboard --out tb && tensorboard --logdir tb",
     "worker": "gpctl worker --gpus 0,1 --jobs-per-gpu 2",
     "cancel": "gpctl cancel demo-bs512 --wait",

@@ -38,7 +38,7 @@ def run_info(home: Path, rd: RunDir) -> dict:
             "job": job, "config_differs_from": diff_from,
             "config_diff": [{"key": k, "was": a, "now": b} for k, a, b in diff],
             "checkpoints": [{"step": st, "file": p.name, **_meta(p)} for st, p in rd.list_checkpoints()],
-            "provenance": provenance.read(rd.path),
+            "provenance": provenance.read(rd.path), "imported": rd.imported(),
             "code_changes": [e for e in events if e.get("event") == "code_changed"],
             "events": events[-20:]}
 
@@ -60,6 +60,11 @@ def run_lines(rd: RunDir, info: dict, full_config: bool = False) -> list[str]:
     if s["error"]:
         say(f"error: {s['error']}")
     say(f"dir {rd.path}")
+    if info.get("imported") is not None:
+        at = info["imported"].get("at")
+        when = time.strftime(" on %Y-%m-%d %H:%M", time.localtime(at)) if isinstance(at, (int, float)) else ""
+        say(f"imported from {info['imported'].get('from', 'a report')}{when}: read-only here (it takes no "
+            f"request and does not resume)")
     if job:
         where = f"slurm job {job['slurm_id']}" if job["backend"] == "slurm" else f"worker {job['worker'] or '-'}"
         say(f"job {job['state']}  attempts {job['attempts']}  {where}  devices {job['devices'] or '-'}  "

@@ -220,8 +220,14 @@ def draw_panel(data: dict, out: Path, title: str = "") -> None:
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     plt.close(fig)
+
+
+def _save(fig, out) -> None:
+    """Write the figure to `out`, or to each of several paths (one PNG and one SVG: gpctl report)."""
+    for path in out if isinstance(out, (list, tuple)) else [out]:
+        fig.savefig(path, **({"metadata": {"Date": None}} if str(path).lower().endswith(".svg") else {}))
 
 
 def _finish(plt, fig, ax, out: Path, title: str, legend_size: int) -> None:
@@ -229,5 +235,5 @@ def _finish(plt, fig, ax, out: Path, title: str, legend_size: int) -> None:
     ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
+    _save(fig, out)
     plt.close(fig)

@@ -183,6 +183,10 @@ def load(home: str | Path | None = None, runs: list[str] | None = None, preset: 
 def resume_blocker(rd: RunDir) -> None:
     """Raise ConfigError (one line) when `rd` cannot be resumed: it is done, or it has records but no
     checkpoint and cannot start again from its beginning (engine/store/rundir.py restart_blocker)."""
+    origin = rd.imported()
+    if origin is not None:
+        raise ConfigError(f"run {rd.id} was imported from {origin.get('from', 'a report')} and is read-only here: "
+                          f"it resumes in the home it ran in (or fork it: gpctl fork {rd.id})")
     if rd.status().get("state") == "done":
         raise ConfigError(f"run {rd.id} is already done (step {rd.summary()['step']})")
     if not rd.list_checkpoints() and rd.metrics_size() > 0:

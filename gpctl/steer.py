@@ -48,6 +48,10 @@ def refusal(rd: RunDir, action: bool, queued_ok: bool = False, state: str | None
     running takes an action (stop, checkpoint) but not a noise change unless queued_ok. The TUI asks
     this before it opens a dialog; check_request before anything is written (`state`: run_state(rd),
     when the caller has it)."""
+    origin = rd.imported()
+    if origin is not None:
+        return (f"run {rd.id} was imported from {origin.get('from', 'a report')} and is read-only here: "
+                f"steer it in the home it ran in")
     state = state or run_state(rd)
     if state in FINISHED:
         return f"run {rd.id} is {state}: it takes no more requests (fork it: gpctl fork {rd.id})"

@@ -496,6 +496,18 @@ class RunDir:
         _append_lines(self.log_file, [line.rstrip("\n") + "\n"])
 
     # ------------------------------------------------------------ TV cache
+    def imported(self) -> dict | None:
+        """Where this run was imported from (engine/store/bundle.py; None: it ran in this home). An
+        imported run is read-only here: it takes no request and never resumes."""
+        p = self.path / "imported.json"              # written by engine/store/bundle.py import_runs
+        if not p.exists():
+            return None
+        try:
+            rec = json.loads(read_small(p))
+        except (OSError, ValueError):
+            rec = {}                                 # unreadable: still imported (read-only), from somewhere
+        return rec if isinstance(rec, dict) else {}
+
     tv_cache_file = property(lambda self: self.path / "tv_cache.json")
 
     def read_tv_cache(self) -> dict:
