@@ -2,6 +2,10 @@
 and `gpctl figure` (pictures)."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +18,7 @@ from engine.presets import load_preset
 from engine.store.rundir import RunDir, list_runs, resolve
 from gpctl import runs as ops
 from gpctl.runs import figure_axis
-from gpctl.common import (JsonOpt, State, check_device, check_figure, check_int, fmt, friendly, out, parse_steps,
+from gpctl.common import (JsonOpt, State, check_device, check_figure, check_float, check_int, fmt, friendly, out, parse_steps,
                           plain_table, print_json, progress_status)
 
 By = Annotated[str, typer.Option("--by", help="Pair checkpoints by step or lr_time (without --match-loss).")]
@@ -34,7 +38,11 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
        plot_x: Annotated[str, typer.Option("--plot-x", help="The figure's x-axis with --match-loss: step, lr_time or loss (of A).")] = "step",
        max_gap: Annotated[float, typer.Option("--max-gap", help="With --match-loss: drop pairs whose losses differ by more than this fraction of B's (0: keep all).")] = MATCH_MAX_GAP,
        no_replacement: Annotated[bool, typer.Option("--no-replacement", help="With --match-loss: each checkpoint of B in one pair at most.")] = False,
-       eval_from: Annotated[Optional[str], typer.Option("--eval-from", help="With two checkpoint files: the run whose held-out set to use.")] = None) -> None:
+       eval_from: Annotated[Optional[str], typer.Option("--eval-from", help="With two checkpoint files: the run whose held-out set to use.")] = None,
+       follow: Annotated[bool, typer.Option("--follow", help="While A, B (or C) train: compute each new checkpoint's TV "
+                                                           "as it appears (niced, one at a time) and print it; ends when "
+                                                           "they have ended (Ctrl-C stops following).")] = False,
+       poll: Annotated[float, typer.Option("--poll", help="With --follow: seconds between looks for new checkpoints.")] = 10.0) -> None:
     """Average total-variation distance of two runs' softmax outputs, checkpoint by checkpoint.
 
     RUN_A and RUN_B may also be two checkpoint files (.safetensors); then --eval-from names the run
@@ -67,19 +75,14 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
     a, b = resolve(State.home, run_a), resolve(State.home, run_b)
     c = resolve(State.home, baseline) if baseline else None
     gap = (max_gap or None) if match_loss else None
-    with progress_status(f"loading torch to compare {a.id} and {b.id}") as status:
-        from engine.analysis.tv import pair_runs, tv_curve   # torch: only when a TV is computed
-
-        def told(curve: str):
-            return lambda k, n, what: status.update(f"TV ({curve}) pair {k + 1}/{n}: {what}")
-        pairings = {"main": pair_runs(a, b, pairing, steps, gap, not no_replacement)}
-        if c:
-            pairings["baseline"] = pair_runs(c, b, pairing, steps, gap, not no_replacement)
-        rows = []
-        for curve, pr in pairings.items():
-            run = a if curve == "main" else c
-            rows += [dict(r, curve=curve) for r in tv_curve(run, b, pairing, steps, eval_samples, device,
-                                                           on_pair=told(curve), pairing=pr)]
+    args = (a, b, c, pairing, steps, gap, not no_replacement, eval_samples, device)
+    if follow:
+        check_float("--poll", poll, 0.05, 3600.0)
+        pairings, rows = follow_tv(*args, poll=poll, as_json=as_json)
+    else:
+        with progress_status(f"loading torch to compare {a.id} and {b.id}") as status:
+            pairings, rows = tv_rows(*args, on_pair=lambda curve, k, n, what: status.update(
+                f"TV ({curve}) pair {k + 1}/{n}: {what}"))
     if not rows:
         dropped = sum(len(p.dropped) for p in pairings.values())
         why = f": {dropped} candidate pairs dropped, beyond --max-gap {max_gap:g} of B's loss" if dropped else ""
@@ -92,6 +95,16 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
             raise ConfigError(f"--plot-x must be step, lr_time or loss, got {plot_x!r}")
         tv_figure(rows, plot, x=x, title=f"TV to {b.id}")
     summary = {curve: pr.summary() for curve, pr in pairings.items()}
+    if follow:                  # the rows are printed; what is left is the summary
+        if as_json:
+            print(json.dumps(_finite({"summary": summary, "seed_spread": spread}), ensure_ascii=True), flush=True)
+        else:
+            for curve, sm in summary.items():
+                print(f"{curve}: {sm['kept']} pairs kept" + (f" ({sm['level_pairs']} at a shared loss level), "
+                                                             f"{sm['dropped']} dropped" if pairing == "loss" else ""))
+            if spread:
+                print(spread["sentence"])
+        return
     if as_json:
         print_json({"pairs": rows, "pairing": summary, "seed_spread": spread,
                                    "dropped": [_dropped(curve, d) for curve, pr in pairings.items() for d in pr.dropped]})
@@ -120,6 +133,82 @@ def tv(run_a: Annotated[str, typer.Argument(help="Run A (e.g. the dropped run)."
         print(spread["sentence"])
     if plot:
         out.print(f"wrote {plot}")
+
+
+def tv_rows(a: RunDir, b: RunDir, c: RunDir | None, pairing: str, steps, gap, replacement: bool,
+            eval_samples: int, device: str, on_pair=None) -> tuple[dict, list[dict]]:
+    """({curve: Pairing}, rows): TV of A (curve "main") and of C ("baseline") to B for every kept pair,
+    computed or read from A's (C's) cache. on_pair(curve, k, n, what) before each computed pair."""
+    from engine.analysis.tv import pair_runs, tv_curve   # torch: only when a TV is computed
+    pairings = {"main": pair_runs(a, b, pairing, steps, gap, replacement)}
+    if c:
+        pairings["baseline"] = pair_runs(c, b, pairing, steps, gap, replacement)
+    rows = []
+    for curve, pr in pairings.items():
+        told = (lambda k, n, what, curve=curve: on_pair(curve, k, n, what)) if on_pair else None
+        rows += [dict(r, curve=curve) for r in tv_curve(a if curve == "main" else c, b, pairing, steps, eval_samples,
+                                                       device, on_pair=told, pairing=pr)]
+    return pairings, rows
+
+
+_sleep = time.sleep      # tests step a follow's polls themselves
+FOLLOW_NICE = 10         # a follow yields the CPU to training on the same machine
+
+
+def follow_tv(a: RunDir, b: RunDir, c: RunDir | None, pairing: str, steps, gap, replacement: bool,
+              eval_samples: int, device: str, poll: float, as_json: bool) -> tuple[dict, list[dict]]:
+    """`gpctl tv --follow`: every `poll` seconds, the TV of each checkpoint pair not yet printed
+    (tv_rows: new checkpoints, one evaluation at a time, in this niced process), printed as it is
+    computed; a checkpoint of A paired anew (B's newer checkpoint is nearer in loss) is printed again,
+    saying which pair it replaces. Ends after the first look that starts when none of the runs is
+    running or queued (so every checkpoint they wrote is in it); returns what tv_rows returns then,
+    the rows `gpctl tv` prints for the same checkpoints."""
+    from gpctl.steer import run_state
+    try:
+        os.nice(FOLLOW_NICE)
+    except OSError:
+        pass
+    shown: dict[tuple, int] = {}
+    if not as_json:
+        print(f"following TV vs {b.id} (pairs by {pairing}; a new checkpoint every {poll:g} s is looked for; "
+              f"Ctrl-C stops)", flush=True)
+        print(f"  {'curve':<8} {'run A':<28} {'step A':>7} {'step B':>7} {'loss A':>8} {'loss B':>8} {'gap':>8} "
+              f"{'TV':>8}", flush=True)
+    pairings, rows, look = {}, [], 0
+    try:
+        while True:
+            look += 1
+            growing = [r.id for r in (a, b, c) if r is not None and run_state(r) in ("running", "queued")]
+            pairings, rows = tv_rows(a, b, c, pairing, steps, gap, replacement, eval_samples, device)
+            for r in rows:
+                key = (r["curve"], r["step_a"])
+                if shown.get(key) == r["step_b"]:
+                    continue
+                replaces = shown.get(key)
+                shown[key] = r["step_b"]
+                if as_json:
+                    print(json.dumps(_finite(dict(r, replaces=replaces, look=look)), ensure_ascii=True), flush=True)
+                else:
+                    again = f"  (was paired with step {replaces})" if replaces is not None else ""
+                    print(f"  {r['curve']:<8} {r['run_a']:<28} {r['step_a']:>7} {r['step_b']:>7} {fmt(r['loss_a']):>8} "
+                          f"{fmt(r['loss_b']):>8} {r['loss_gap']:>+8.4f} {fmt(r['tv']):>8}{again}", flush=True)
+            if not growing:
+                return pairings, rows
+            _sleep(poll)
+    except KeyboardInterrupt:
+        if not as_json:
+            print("stopped following (the runs go on; the TVs printed so far are cached)", flush=True)
+        return pairings, rows
+
+
+def _finite(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _dropped(curve: str, d) -> dict:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.analysis.curves import change_point, early_stop, fit_change, fit_shift, held_out_curve, rms_gap, train_curve
+from engine.analysis.curves import (change_point, early_stop, fit_change, fit_shift, held_out_curve, rms_gap, train_curve,
+                                   translated_curve)
 from engine.store.rundir import RunDir
 from gpctl.runs import family
 
@@ -160,6 +161,10 @@ def panel_data(arms: dict[str, RunDir], contract, x: str, coef: float = 0.8, tra
         t0 = change_point(rd, x)
         fit = fit_change((xd, yd), (xr, yr), t0, contract.direction or "drop")
         fit.update(arm=arm, ref=ref_arm, direction=contract.direction or "drop", t0=t0)
+        if fit["ok"] and not train:
+            # the reference translated, smoothed as this arm's curve is (what the figure draws dashed)
+            tx, ty = translated_curve(rd, (xr, yr), fit["tau"], t0, x, coef)
+            fit["translated"] = {"x": tx.tolist(), "y": ty.tolist()}
         if seeds and fit["ok"]:
             # the seed spread over the same window: how far the reference's own seed is from it
             xs_, ys_ = raw(seeds[0])
@@ -202,8 +207,13 @@ def draw_panel(data: dict, out: Path, title: str = "") -> None:
         if not fit["ok"]:
             continue
         ref = by_arm[fit["ref"]]
-        ax.plot(np.asarray(ref["x"]) + fit["tau"], ref["y"], "--", color=colors.get(fit["ref"], "tab:red"), lw=1.2,
-                label=f"{fit['ref']} shifted {'right' if fit['tau'] >= 0 else 'left'} by {abs(fit['tau']):.0f}")
+        side = f"{fit['ref']} shifted {'right' if fit['tau'] >= 0 else 'left'} by {abs(fit['tau']):.0f}"
+        if fit.get("translated"):     # smoothed as the arm is: it lies on the arm's curve where the fit holds
+            ax.plot(fit["translated"]["x"], fit["translated"]["y"], "--", color=colors.get(fit["ref"], "tab:red"),
+                    lw=1.2, label=f"{side} (smoothed as {fit['arm']})")
+        else:
+            ax.plot(np.asarray(ref["x"]) + fit["tau"], ref["y"], "--", color=colors.get(fit["ref"], "tab:red"), lw=1.2,
+                    label=side)
         ax.axvline(fit["t0"], color="grey", lw=0.8, ls="-.")
     ax.set_xlabel(LABELS[data["x"]])
     ax.set_ylabel(data["y"])

@@ -204,3 +204,42 @@ def test_figure_tv_compares_the_arms_at_their_shared_loss_levels(tmp_path):
     res = runner.invoke(app, ["--home", str(home), "figure", str(preset), "--out", str(tmp_path / "f.png"),
                               "--tv", str(png)])
     assert res.exit_code == 0 and f"wrote {png}" in res.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_translated_reference_is_smoothed_as_the_arm_so_a_good_fit_lies_on_the_arms_curve(tmp_path):
+    """The dashed reference of a panel is the reference's raw curve translated by the fit, put after the
+    arm's own pre-T0 points and smoothed by the same EMA as the arm (curves.translated_curve): where the
+    arm's raw points are the translated reference (tests/test_snap.py's hand-made drop, evals every 10
+    steps with the demo's eval_every 25: a long EMA memory), the two smoothed curves coincide; the reference's own
+    EMA shifted (what was drawn before) does not, by the lag of the pre-T0 losses."""
+    import numpy as np
+
+    from engine.analysis.curves import held_out_curve, translated_curve
+    from engine.presets import load_preset
+    from gpctl.figures import panel_data
+    from tests.test_snap import T0, TAU, XS, high, low, make
+    home = tmp_path / "home"
+    d = make(home, "demo-bs32to512-aaaaaa", np.where(XS <= T0, high(XS), low(XS - TAU)), {"batch_size": [32, 512]},
+             arm="bs32to512")
+    r = make(home, "demo-bs512-bbbbbb", low(XS), arm="bs512")
+    data = panel_data({"bs32to512": d, "bs512": r}, load_preset("demo").contract, "step", 0.8)
+    (fit,) = data["fits"]
+    tx, ty = np.asarray(fit["translated"]["x"]), np.asarray(fit["translated"]["y"])
+    ax, ay = held_out_curve(d, "step", 0.8)
+    on = np.isin(ax, tx)
+    assert len(tx) == (XS > T0).sum() and np.all(tx > T0)
+    assert np.max(np.abs(ay[on] - ty)) < 2e-3                       # on the arm's curve (tau's grid: 0.25 step)
+    # an independent computation: the composite raw curve, then the EMA by hand (coef 0.8 per eval_every steps)
+    comp = np.where(XS <= T0, high(XS), np.interp(XS - fit["tau"], XS, low(XS)))   # the raw reference, translated
+    s, hand = comp[0], []
+    for i, v in enumerate(comp):
+        if i:
+            k = 0.8 ** ((XS[i] - XS[i - 1]) / d.config().eval_every)
+            s = k * s + (1 - k) * v
+        hand.append(s)
+    assert np.allclose(ty, np.asarray(hand)[XS > T0], atol=1e-12)
+    # negative control: the reference's own EMA shifted right by tau misses the arm's curve
+    rx, ry = held_out_curve(r, "step", 0.8)
+    old = np.interp(tx, rx + fit["tau"], ry)
+    assert np.max(np.abs(ay[on] - old)) > 0.05
+    assert translated_curve(d, (XS, low(XS)), 0.0, 1e9)[0].size == 0    # nothing after a T0 past the end

@@ -263,3 +263,73 @@ def test_seed_spread_compares_over_the_shared_loss_range_only():
     assert s["sentence"].endswith("at A's losses 1.5000-2.2000: 2.50x the seed baseline")
     low = [dict(r, tv=r["tv"] / 10) if r["curve"] == "main" else r for r in rows]
     assert seed_spread(low)["sentence"].endswith("within the seed baseline")
+
+
+# ------------------------------------------------------------------ issue 30: TV followed live
+
+def test_tv_follow_prints_each_new_checkpoints_tv_and_ends_equal_to_gpctl_tv(tmp_path, monkeypatch):
+    """`gpctl tv A B --match-loss --baseline C --follow` while A is "running": its checkpoints appear
+    one look at a time (the test's sleep moves the next one in); each look prints only what is new, a
+    checkpoint paired anew is printed again, and when A has ended the rows are `gpctl tv`'s own."""
+    import json
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from gpctl import compare
+    from gpctl.cli import app
+    from tests.test_figures import TV_PRESET
+    r = CliRunner()
+    preset = tmp_path / "tvfig.toml"
+    preset.write_text(TV_PRESET)
+    home = tmp_path / "home"
+    assert r.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--foreground"]).exit_code == 0
+    from engine.store.rundir import latest_runs
+    runs = latest_runs(home, "tvfig")
+    a, b, c = runs["bs32to128"], runs["bs128"], runs["bs128_seed2"]
+    whole = json.loads(r.invoke(app, ["--home", str(home), "tv", a.id, b.id, "--match-loss", "--baseline", c.id,
+                                      "--json"]).stdout)
+    for rd in (a, c):
+        rd.tv_cache_file.unlink()                  # followed from nothing: every TV computed again
+    held = tmp_path / "held"
+    held.mkdir()
+    files = sorted(a.checkpoints.iterdir())
+    for f in files:
+        shutil.move(str(f), held / f.name)
+    steps = sorted({f.name[:12] for f in files})   # step_XXXXXXX: weights and state move together
+    held_steps = list(steps)
+    a.write_status(state="running", pid=os.getpid())
+    looks = []
+
+    def sleep(seconds):
+        looks.append(seconds)
+        nxt = steps.pop(0)
+        for f in sorted(held.glob(nxt + "*")):
+            shutil.move(str(f), a.checkpoints / f.name)
+        if not steps:
+            a.write_status(state="done")
+
+    monkeypatch.setattr(compare, "_sleep", sleep)
+    res = r.invoke(app, ["--home", str(home), "tv", a.id, b.id, "--match-loss", "--baseline", c.id, "--follow",
+                         "--poll", "0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    printed, summary = lines[:-1], lines[-1]
+    assert looks == [0.5] * len(held_steps)
+    # the latest row printed for each (curve, checkpoint of A) is gpctl tv's row for it
+    latest = {}
+    for row in printed:
+        latest[(row["curve"], row["step_a"])] = row
+    key = lambda row: (row["curve"], row["step_a"], row["step_b"], row["tv"])   # noqa: E731
+    assert sorted(map(key, latest.values())) == sorted(map(key, whole["pairs"]))
+    assert summary["seed_spread"] == whole["seed_spread"] and summary["summary"] == whole["pairing"]
+    # incremental: the baseline's rows (C has ended) in the first look; each checkpoint of A first in
+    # the look after the sleep that brought it in; a row printed again only for a new partner
+    assert {row["look"] for row in printed if row["curve"] == "baseline"} == {1}
+    first = {}
+    for row in printed:
+        first.setdefault((row["curve"], row["step_a"]), row["look"])
+    mains = [(k[1], look) for k, look in first.items() if k[0] == "main"]
+    assert mains and all(look == held_steps.index(f"step_{s:07d}") + 2 for s, look in mains)
+    assert all(row["replaces"] is None or row["replaces"] != row["step_b"] for row in printed)

@@ -67,6 +67,33 @@ def held_out_curve(rd: RunDir, x: str = "step", coef: float = 0.8,
     return xs, ema(ys, coef, at=steps, unit=unit)
 
 
+def translated_curve(rd: RunDir, ref_raw: tuple, tau: float, t0: float, x: str = "step",
+                     coef: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """What `rd`'s smoothed held-out curve would be if, after T0, its raw points were the reference's
+    raw curve translated by tau: rd's own points up to T0, the translated reference at rd's eval
+    positions after it (where the reference reaches), smoothed exactly as held_out_curve smooths rd.
+    Drawn beside rd's curve, the two coincide where the fit is good: a figure compares like with like
+    (an EMA over a run's evals carries its pre-T0 losses for a while; the reference's own EMA does not).
+    Returns the part after T0."""
+    xs, ys = eval_curve(rd, x)
+    if not len(xs):
+        return xs, ys
+    xr, yr = (np.asarray(v, dtype=float) for v in ref_raw)
+    after = xs > t0
+    inside = (xs - tau >= xr[0]) & (xs - tau <= xr[-1]) if len(xr) else np.zeros_like(after)
+    keep = ~after | inside
+    xs, ys, after = xs[keep], ys[keep].copy(), after[keep]
+    ys[after] = np.interp(xs[after] - tau, xr, yr)
+    if coef:
+        steps = xs if x == "step" else eval_curve(rd, "step")[0][keep]
+        try:
+            unit = float(rd.config().eval_every)
+        except Exception:   # noqa: BLE001 - an unreadable config: smooth evenly, as held_out_curve does
+            unit = 0.0
+        ys = ema(ys, coef, at=steps, unit=unit)
+    return xs[after], ys[after]
+
+
 def early_stop(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float] | None:
     """(x, loss) where the curve is lowest: what an early-stopped run returns (None if empty)."""
     if not len(ys):
