@@ -564,6 +564,62 @@ def test_tv_panel_computes_in_a_thread_with_a_marked_first(runs):
     assert all(0 <= r["tv"] <= 1 for r in rows)
 
 
+def test_tv_panel_follows_a_training_run_and_ends_with_gpctl_tvs_rows(runs, monkeypatch):
+    """Issue 30: TV while the runs train. A is "running" and its checkpoints appear one at a time (the
+    test moves them in); the panel, computing off the UI thread, shows each look's pairs, says it is
+    following, and once A has ended stops with the rows `gpctl tv` computes for the same checkpoints."""
+    import os
+    import shutil
+
+    from gpctl.compare import tv_rows
+    from engine.levels import MATCH_MAX_GAP
+    home, a, b, c = runs
+    monkeypatch.setattr(GpctlApp, "TV_POLL", 0.3)
+    held = home.parent / "held"
+    held.mkdir()
+    files = sorted(b.checkpoints.iterdir())
+    for f in files:
+        shutil.move(str(f), held / f.name)
+    steps = sorted({f.name[:12] for f in files})
+    assert len(steps) >= 2
+    b.write_status(state="running", pid=os.getpid())
+    seen = []
+
+    async def go():
+        app = GpctlApp(home, live=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause()
+            for rid in (b.id, a.id):                       # A = b (running), B = a
+                _select(app, rid)
+                await pilot.press("space")
+            await pilot.press("T")
+            panel = app.screen
+            for step in steps + [None]:
+                for _ in range(300):                       # the look after the last move has shown it
+                    await pilot.pause(0.05)
+                    progress = str(panel.query_one("#tv-progress").render())
+                    n = len(panel.rows or [])
+                    if panel.rows is not None and n == len(seen) and "following" in progress or \
+                            (step is None and "following" not in progress and panel.rows):
+                        break
+                seen.append(list(panel.rows or []))
+                if step is None:
+                    break
+                assert f"following {b.id}: look " in progress
+                for f in sorted(held.glob(step + "*")):
+                    shutil.move(str(f), b.checkpoints / f.name)
+                if step == steps[-1]:
+                    b.write_status(state="done")
+            await app.workers.wait_for_complete()
+            return panel.rows, str(panel.query_one("#tv-progress").render())
+    rows, progress = run(go())
+    assert [len(r) for r in seen[:2]] == [0, 1]        # nothing before the first checkpoint; its pair after it
+    _, whole = tv_rows(b, a, None, "loss", None, MATCH_MAX_GAP, True, 0, "auto")
+    key = lambda r: (r["step_a"], r["step_b"], r["tv"])   # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, whole)) and whole
+    assert "following" not in progress
+
+
 def test_fork_dialog_takes_a_step_a_name_and_overrides(runs, monkeypatch):
     """Issue 14: the fork dialog took overrides only; it takes the CLI's --step and --name too, and
     offers the latest checkpoint."""

@@ -228,8 +228,9 @@ def _size(path) -> int:
 
 class TvPanel(ModalScreen[None]):
     """TV of A (marked first) to B, and of a baseline C to B when a third run is marked: progress while
-    a worker thread computes it, then the pairs as `gpctl tv` prints them and the curves against loss
-    (training goes left to right: high loss to low)."""
+    a worker thread computes it, then the pairs as `gpctl tv` prints them and the curves against the
+    steps of A (and of C), each pair at matched loss (Figs. 7/8); while the runs train it follows them
+    (GpctlApp.compute_tv), a new look every TV_POLL seconds."""
 
     DEFAULT_CSS = """
     TvPanel { align: center middle; }
@@ -279,7 +280,7 @@ class TvPanel(ModalScreen[None]):
         import numpy as np
         series = []
         for curve, color in (("main", "cyan"), ("baseline", "yellow")):
-            pts = sorted((-r["loss_a"], r["tv"]) for r in rows if r["curve"] == curve)
+            pts = sorted((r["step_a"], r["tv"]) for r in rows if r["curve"] == curve)   # Figs. 7/8: TV on steps
             if pts:
                 series.append((np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), color))
         lines, (x0, x1, y0, y1) = render(series, 60, 10)
@@ -291,7 +292,7 @@ class TvPanel(ModalScreen[None]):
             out.append(f"{y1:8.3g} " if i == 0 else f"{y0:8.3g} " if i == len(lines) - 1 else " " * 9)
             out.append(line)
             out.append("\n")
-        out.append(" " * 9 + f"{-x0:<10.4g}{'loss (training →)':^40}{-x1:>10.4g}")
+        out.append(" " * 9 + f"{x0:<10.4g}{'steps of A (C: of C), at matched loss':^40}{x1:>10.4g}")
         self.query_one("#tv-plot", Static).update(out)
 
     def action_close(self) -> None:
