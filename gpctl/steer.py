@@ -24,8 +24,9 @@ LrFactor = Annotated[Optional[float], typer.Option("--lr-factor", help="K > 1: d
 BatchFactor = Annotated[Optional[int], typer.Option("--batch-factor", help="K > 1: drop multiplies the batch by K, raise divides it.")]
 AtStep = Annotated[Optional[int], typer.Option("--at-step", help="Wait in the control file; apply at this step.")]
 AtLrTime = Annotated[Optional[float], typer.Option("--at-lr-time", help="Wait; apply once lr_time reaches this.")]
-When = Annotated[Optional[str], typer.Option("--when", help="Wait; apply once e.g. 'eval_loss<1.45' or 'loss<2.1' holds "
-                                                              "(loss: EMA 0.8 of the train loss, checked at each flush).")]
+When = Annotated[Optional[str], typer.Option("--when", help="Wait; apply once e.g. 'eval_loss<1.45', 'loss<2.1' or 'noise_scale>512' "
+                                                              "holds (loss, grad_norm: EMA 0.8 at each flush; noise_scale: "
+                                                              "B_simple from the EMAs of its two parts, with gradient accumulation).")]
 Twin = Annotated[bool, typer.Option("--twin", help="Also fork an unsteered copy at the step where the change "
                                                     "applies, queued as its control (the paper's Fig. 4 pair).")]
 QueuedOk = Annotated[bool, typer.Option("--queued-ok", help="Send it to a run that is not running yet (queued, stopped, failed): "

@@ -82,3 +82,43 @@ def test_a_run_with_accumulation_records_the_noise_at_flush_steps_and_trains_the
     assert r["lr_over_batch"] == pytest.approx(r["lr"] / 8) and r["grad_norm"] > 0
     if r["noise_g2"] > 0:
         assert r["noise_scale"] == pytest.approx(r["noise_tr_sigma"] / r["noise_g2"])
+
+
+def test_when_conditions_on_the_noise_scale_from_the_emas_of_its_two_parts(home):
+    """`--when noise_scale>X` / `grad_norm>X`: the values at a step boundary are B_simple as the ratio of
+    the EMAs (0.8) of noise_tr_sigma and noise_g2 over the flushed records, and the EMA of grad_norm,
+    computed here by hand from the records; a run without accumulation has no noise value, so the
+    same request never applies there (negative control)."""
+    from engine.control.client import append_request
+    args = ("steps=12", "batch_size=8", "micro_batch_size=2", "log_every=4", "eval_every=0", "checkpoint_every=0")
+    rd = RunDir.create(home, tiny(TINY_LM, *args), run_id="tiny-when-noise")
+    plain = RunDir.create(home, tiny(TINY_LM, "steps=12", "batch_size=8", "log_every=4", "eval_every=0",
+                                     "checkpoint_every=0"), run_id="tiny-when-plain")
+    for r in (rd, plain):
+        append_request(r, {"set": {"lr": 5e-4}, "when": "noise_scale>-1e30"})
+        append_request(r, {"action": "checkpoint", "when": "grad_norm>0"})
+        assert train(r) == "done"
+    recs = rd.train_records()
+    applied = [e for e in rd.events()[0] if e.get("event") == "control" and e.get("status") == "applied"]
+    assert len(applied) == 2, rd.events()[0]
+    first = next(r for r in recs if "noise_g2" in r)
+    assert first["step"] == 4
+    for e in applied:                                    # both at the first boundary after the first flush
+        assert e["step"] == 4
+    by = {e["met"]["when"]: e["met"] for e in applied}
+    assert by["grad_norm>0"]["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-12)
+    assert by["noise_scale>-1e30"]["noise_scale"] == pytest.approx(first["noise_tr_sigma"] / first["noise_g2"], rel=1e-9)
+    # the EMAs over the three flushes, by hand, are what the run's last checkpoint holds to resume with
+    from engine.train.checkpoint import load_state
+    flushed = [r for r in recs if "noise_g2" in r]
+    assert [r["step"] for r in flushed] == [4, 8, 12]
+    hand = {}
+    for r in flushed:
+        for k in ("noise_tr_sigma", "noise_g2", "grad_norm"):
+            hand[k] = r[k] if k not in hand else 0.8 * hand[k] + 0.2 * r[k]
+    last = rd.list_checkpoints()[-1]
+    assert last[0] == 12
+    assert load_state(last[1])[1]["loop"]["noise_ema"] == pytest.approx(hand, rel=1e-12)
+    # negative control: no accumulation, no noise value: the noise request waits, the grad-norm one too
+    ev = [e for e in plain.events()[0] if e.get("event") == "control" and e.get("status") == "applied"]
+    assert ev == []

@@ -189,7 +189,7 @@ def test_conditional_requests_wait_and_apply_at_the_exact_step(home):
     assert invoke(home, "checkpoint", rd.id, "--when", "eval_loss<99").exit_code == 0
     assert invoke(home, "stop", rd.id, "--when", "loss>1e9").exit_code == 0          # never holds
     bad = invoke(home, "drop", rd.id, "--when", "accuracy>0.5")
-    assert bad.exit_code == 2 and "'when' must compare loss or eval_loss with a number" in bad.stderr
+    assert bad.exit_code == 2 and "'when' must compare loss or eval_loss or noise_scale or grad_norm with a number" in bad.stderr
     two = invoke(home, "drop", rd.id, "--at-step", "3", "--when", "loss<1")
     assert two.exit_code == 2 and two.stderr.strip() == "error: give one of --at-step, --at-lr-time or --when"
     assert train(rd) == "done"

@@ -13,7 +13,11 @@ SET_KEYS = ("lr", "batch_size")
 ACTIONS = ("checkpoint", "stop")
 CONDITIONS = ("at_step", "at_lr_time", "when")
 REQUEST_KEYS = ("id", "set", "ramp", "action", "time", "by", "queued_ok", "twin", "until", "attempt") + CONDITIONS
-WHEN_KEYS = ("loss", "eval_loss")   # loss: EMA (0.8) of the train loss at the last flush; eval_loss: the last eval
+# loss: EMA (0.8) of the train loss at the last flush; eval_loss: the last eval; noise_scale: the
+# gradient noise scale B_simple as the ratio of the EMAs (0.8) of its numerator and denominator over
+# the flushed records that have them (McCandlish et al.: average before dividing; engine/train/noise.py);
+# grad_norm: its EMA (0.8). (lr / batch follows from the schedule: at_step and at_lr_time condition on it.)
+WHEN_KEYS = ("loss", "eval_loss", "noise_scale", "grad_norm")
 LOSS_EMA = 0.8
 # the paper's noise changes (App. A), what `drop`/`raise` (and the TUI's d/r) do when given no factor
 LR_FACTOR = 10.0      # drop: lr ÷ 10 (C4's 6e-4 -> 6e-5); raise: lr × 10
@@ -166,7 +170,8 @@ def parse_when(text: object) -> tuple[str, str, float] | None:
     return None
 
 
-def condition_met(req: dict, step: int, lr_time: float, loss: float | None, eval_loss: float | None) -> dict | None:
+def condition_met(req: dict, step: int, lr_time: float, loss: float | None, eval_loss: float | None,
+                  extra: dict | None = None) -> dict | None:
     """The values that meet the request's condition at this step boundary (an unconditional request:
     {}), or None while it is not met. Conditions on lr_time forgive float rounding, as schedules do."""
     from engine.schedule import reached
@@ -178,7 +183,7 @@ def condition_met(req: dict, step: int, lr_time: float, loss: float | None, eval
                 if reached(lr_time, float(req["at_lr_time"])) else None)
     if "when" in req:
         key, op, value = parse_when(req["when"])
-        now = loss if key == "loss" else eval_loss
+        now = {"loss": loss, "eval_loss": eval_loss, **(extra or {})}.get(key)   # extra: noise_scale, …
         return {"when": req["when"], key: now} if now is not None and _OPS[op](now, value) else None
     return {}
 
@@ -361,8 +366,9 @@ class Request:
     def condition(self) -> dict:
         return {k: self.body[k] for k in CONDITIONS if k in self.body}
 
-    def met(self, step: int, lr_time: float, loss: float | None, eval_loss: float | None) -> dict | None:
-        return condition_met(self.body, step, lr_time, loss, eval_loss)
+    def met(self, step: int, lr_time: float, loss: float | None, eval_loss: float | None,
+            extra: dict | None = None) -> dict | None:
+        return condition_met(self.body, step, lr_time, loss, eval_loss, extra)
 
     def apply(self, run: "Steerable", met: dict) -> None:
         """Apply to `run` at this step boundary and answer in its events."""

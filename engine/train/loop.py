@@ -144,6 +144,7 @@ class Trainer:
         self._pending: list[tuple[dict, torch.Tensor]] = []
         self._consumed_since_checkpoint = False   # control lines consumed after the last checkpoint
         self.loss_ema: float | None = None         # EMA (LOSS_EMA) of the train loss at the last flush: `when loss<…`
+        self.noise_ema: dict = {}                  # EMAs (LOSS_EMA) of noise_tr_sigma, noise_g2, grad_norm: `when noise_scale<…`
         self.levels = LossLevels(self.cfg.checkpoint_at_losses, self.cfg.checkpoint_loss_tol, self.cfg.eval_every)
         self._reached: list[dict] = []              # loss levels the last eval reached (its checkpoint's)
         self._noise: dict | None = None             # the last step's gradient noise scale fields (noise.py)
@@ -266,6 +267,7 @@ class Trainer:
         loop = state["loop"]
         self.clock, self.wall_offset = Clock.of(loop), loop["wall"]
         self.loss_ema = loop.get("loss_ema")
+        self.noise_ema = dict(loop.get("noise_ema") or {})
         self.levels.load_state_dict(loop.get("loss_levels"))
         self.schedule.load_state_dict(state["schedule"])
         self.stream.load_state_dict(state["stream"])
@@ -550,7 +552,18 @@ class Trainer:
             self._consumed_since_checkpoint = True
 
     def _met(self, req: Request) -> dict | None:
-        return req.met(self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"))
+        return req.met(self.step, self.lr_time, self.loss_ema, self.last_eval.get("eval_loss"), self.when_values())
+
+    def when_values(self) -> dict:
+        """What `when` conditions on besides the losses (engine/control/request.py WHEN_KEYS); a value
+        not measured yet (no noise fields: no gradient accumulation) is absent, so its condition waits."""
+        out = {}
+        g2, tr = self.noise_ema.get("noise_g2"), self.noise_ema.get("noise_tr_sigma")
+        if g2 is not None and tr is not None and g2 > 0:
+            out["noise_scale"] = tr / g2
+        if "grad_norm" in self.noise_ema:
+            out["grad_norm"] = self.noise_ema["grad_norm"]
+        return out
 
     def where(self) -> dict:
         """The clocks at this step boundary, as every event records them."""
@@ -639,6 +652,12 @@ class Trainer:
         for l in losses:
             if math.isfinite(l):
                 self.loss_ema = l if self.loss_ema is None else LOSS_EMA * self.loss_ema + (1 - LOSS_EMA) * l
+        for rec in recs:
+            for key in ("noise_tr_sigma", "noise_g2", "grad_norm"):
+                v = rec.get(key)
+                if isinstance(v, float) and math.isfinite(v):
+                    old = self.noise_ema.get(key)
+                    self.noise_ema[key] = v if old is None else LOSS_EMA * old + (1 - LOSS_EMA) * v
         self.rd.append_metrics(records)
         last = self.last_record = records[-1]
         peak = {"gpu_peak_gib": round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)} \
@@ -695,7 +714,7 @@ class Trainer:
         self._reached = []
         loop = {**self.clock.as_dict(), "wall": self.wall(),
                 "metrics_size": self.rd.metrics_size(), "last_eval": self.last_eval, "loss_ema": self.loss_ema,
-                "loss_levels": self.levels.state_dict()}
+                "noise_ema": self.noise_ema, "loss_levels": self.levels.state_dict()}
         if not self.dist.leader:
             return
         ckpt.save(path, self.model, self.optimizer, meta,
