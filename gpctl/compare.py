@@ -168,9 +168,12 @@ def follow_tv(a: RunDir, b: RunDir, c: RunDir | None, pairing: str, steps, gap, 
         os.nice(FOLLOW_NICE)
     except OSError:
         pass
+    if device != "cuda":       # one core at most: the training it watches keeps the others
+        import torch
+        torch.set_num_threads(1)
     shown: dict[tuple, int] = {}
     if not as_json:
-        print(f"following TV vs {b.id} (pairs by {pairing}; a new checkpoint every {poll:g} s is looked for; "
+        print(f"following TV vs {b.id} (pairs by {pairing}; it looks for new checkpoints every {poll:g} s; "
               f"Ctrl-C stops)", flush=True)
         print(f"  {'curve':<8} {'run A':<28} {'step A':>7} {'step B':>7} {'loss A':>8} {'loss B':>8} {'gap':>8} "
               f"{'TV':>8}", flush=True)
