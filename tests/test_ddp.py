@@ -82,3 +82,37 @@ def test_compiled_ddp_prewarms_each_ranks_slice_and_matches_one_process(tmp_path
     a = [r["loss"] for r in single.metrics()[0] if "loss" in r]
     b = [r["loss"] for r in ddp.metrics()[0] if "loss" in r]
     assert len(b) == 6 and b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.parametrize("micro", [2, 4])
+def test_two_ranks_record_the_noise_scale_one_process_records(tmp_path, micro):
+    """Issue 30: under DDP the noise scale is free too: each rank's micro-batch gradients (micro 2: two
+    a rank; micro 4: the rank's whole slice, which one process would see as two micro-batches) are the
+    small-batch gradients. Two gloo ranks record the fields one process records on the same global
+    batch of 8, and train the same."""
+    cfg = tiny(TINY_LM, "steps=6", "batch_size=8", f"micro_batch_size={micro}", "log_every=3", "eval_every=0",
+               "checkpoint_every=0")
+    single = RunDir.create(tmp_path, cfg, run_id="single")
+    assert train(single) == "done"
+    ddp = RunDir.create(tmp_path, tiny(TINY_LM, "steps=6", "batch_size=8", f"micro_batch_size={micro}", "log_every=3",
+                                       "eval_every=0", "checkpoint_every=0"), run_id="ddp")
+    res = torchrun(ddp)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    keys = ("grad_norm", "noise_g2", "noise_tr_sigma", "lr_over_batch")
+    b = [r for r in ddp.train_records() if "noise_g2" in r]
+    assert [r["step"] for r in b] == [3, 6]
+    if micro == 2:        # the same four micro-batches of 2 (rank r reads the r-th half of the batch)
+        a = [r for r in single.train_records() if "noise_g2" in r]
+        for ra, rb in zip(a, b):
+            for k in keys:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-9), k
+    else:                 # one process with micro 4 has one gradient per half as well: the same estimate
+        one = RunDir.create(tmp_path, tiny(TINY_LM, "steps=6", "batch_size=8", "micro_batch_size=4", "log_every=3",
+                                           "eval_every=0", "checkpoint_every=0"), run_id="one4")
+        assert train(one) == "done"
+        a = [r for r in one.train_records() if "noise_g2" in r]
+        for ra, rb in zip(a, b):
+            for k in keys:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-9), k
+    la = [r["loss"] for r in single.train_records()]
+    assert [r["loss"] for r in ddp.train_records()] == pytest.approx(la, rel=1e-4)   # training unchanged

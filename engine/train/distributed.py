@@ -46,6 +46,20 @@ class Dist:
             t /= self.world
         return t
 
+    def average_grads(self, params) -> None:
+        """Average .grad over the ranks in place: what DDP's backward does, for a step whose last
+        micro-batch ran under no_sync (a noise-scale step reads each rank's own gradient first)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.active or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        k = 0
+        for g in grads:
+            g.copy_(flat[k:k + g.numel()].view_as(g))
+            k += g.numel()
+
     def any(self, flag: bool) -> bool:
         if not self.active:
             return flag

@@ -444,13 +444,17 @@ class Trainer:
         total = None
         starts = range(0, batch, micro)
         noise = None    # B_simple on a flush step, from the micro-batches' own gradients (engine/train/noise.py)
-        if (self.cfg.noise_scale and micro < batch and batch % micro == 0 and not self.dist.active
+        # free where there are several gradients to compare: micro-batches, or ranks (each rank's own
+        # gradient, read before the all-reduce that this step then does itself, after its backward)
+        world = self.dist.world if self.dist.active else 1
+        if (self.cfg.noise_scale and micro < batch * world and batch % micro == 0
                 and not self._graph_steps and (self.step + 1) % self.cfg.log_every == 0):
             from engine.train.noise import MicroGrads
             noise = MicroGrads([p for p in self.model.parameters() if p.requires_grad])
+        ddp_noise = noise is not None and self.dist.active
         for i in starts:   # gradient accumulation; a batch change never lands inside
             xs, ys = x[i:i + micro], (y[i:i + micro] if y is not None else None)
-            sync = i == starts[-1] or not self.dist.active
+            sync = (i == starts[-1] and not ddp_noise) or not self.dist.active
             if self._graph_steps:
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, (nullcontext() if sync else self.fwd.no_sync()):
@@ -461,7 +465,11 @@ class Trainer:
             if noise is not None:
                 noise.after_backward(xs.shape[0] / batch)
             total = loss.detach() if total is None else total + loss.detach()
-        self._noise = noise.fields(micro, batch, self.optimizer.param_groups[0]["lr"]) if noise else None
+        if ddp_noise:
+            noise.local_mean(self.dist.mean)               # mean|g_i|² over every rank's micro-batches
+            self.dist.average_grads(noise.params)          # the all-reduce the last backward did not do
+        self._noise = noise.fields(micro, batch * world,
+                                   self.optimizer.param_groups[0]["lr"]) if noise else None
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()

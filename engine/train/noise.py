@@ -1,7 +1,10 @@
 """SGD noise, measured: the gradient noise scale of McCandlish et al. (2018, App. A.1), B_simple.
 
 With gradient accumulation a step already computes k micro-batch gradients g_1..g_k (each the mean
-over b samples) and their mean G (over B = k·b). Their squared norms estimate, without bias,
+over b samples) and their mean G (over B = k·b); under DDP every rank's micro-batches count (k =
+ranks × micro-batches per rank): on a flush step the last micro-batch's backward runs without DDP's
+all-reduce, each rank's norms are averaged over the ranks, and the loop then averages the gradients
+itself (engine/train/distributed.py average_grads), as DDP would have. Their squared norms estimate, without bias,
 
     |G_true|² ≈ (B·|G|² − b·mean|g_i|²) / (B − b)
     tr(Σ)     ≈ (mean|g_i|² − |G|²) / (1/b − 1/B)          (Σ: the per-sample gradient covariance)
@@ -42,8 +45,14 @@ class MicroGrads:
         if total is not None:
             self.sq.append(total / weight ** 2)
 
+    def local_mean(self, mean) -> None:
+        """Under DDP: replace this rank's micro-batch norms by their mean over every rank (`mean`:
+        Dist.mean, an all-reduce), before the gradients themselves are averaged."""
+        self.sq = [mean(torch.stack(self.sq).mean())]
+
     def fields(self, b: int, batch: int, lr: float) -> dict:
-        """The record's fields, once the step's gradient is whole (before clipping)."""
+        """The record's fields, once the step's gradient is whole (before clipping); `batch`: the
+        global batch (every rank's)."""
         big = sum(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2
                   for p in self.params if p.grad is not None)
         small = torch.stack(self.sq).mean()
