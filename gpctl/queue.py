@@ -325,8 +325,49 @@ def queue_rows(store: JobStore) -> list[dict]:
                      "attempts": j.attempts, "retries": j.retries, "backend": j.backend,
                      "where": (f"slurm {j.slurm_id}" if j.backend == "slurm" else
                                f"{j.worker or '-'} {j.devices or 'cpu'}") if j.state == "running" else "",
-                     "since": j.started if j.state == "running" else j.created})
+                     "since": j.started if j.state == "running" else j.created,
+                     **_eta(store.path.parent, j)})
     return rows
+
+
+def _eta(home: Path, job) -> dict:
+    """{"eta": seconds or None, "eta_from": where the step times come from}: a running job's time left
+    from its own steps per second (as --wait's bars), else from step times the home has cached (what
+    earlier runs of the same model and batch recorded, or a `presets check --cost` probe), never a new
+    probe; a queued job's whole time likewise; None where no step time is known."""
+    from engine.analysis.cost import device_kind, estimate
+    rd = RunDir(Path(job.run_dir))
+    try:
+        cfg = rd.config()
+        st = rd.status()
+    except Exception:  # noqa: BLE001 - an unreadable run: no estimate, `ls` says why
+        return {"eta": None, "eta_from": None}
+    if job.state == "running":
+        rate = _own_rate(st)
+        if rate:
+            return {"eta": max(0.0, (cfg.steps - (st.get("step") or 0)) / rate), "eta_from": "its own steps/s"}
+        left = cfg.steps - (st.get("step") or 0)
+        devs = [device_kind(st.get("device") or ("cuda" if job.devices else "cpu"))]
+    else:
+        left = None
+        devs = ["cpu"] if cfg.device == "cpu" else ["cuda", "cpu"]
+    for dev in devs:
+        got = estimate(cfg, home, dev, left)
+        if got:
+            return {"eta": got[0], "eta_from": got[1]}
+    return {"eta": None, "eta_from": None}
+
+
+def _own_rate(st: dict) -> float | None:
+    """Steps per second of a running run since its process began (status.json), as progress_words."""
+    try:
+        start_step, started, now_step, at = (st.get("start_step") or 0, st.get("started"), st.get("step") or 0,
+                                             st.get("updated") or time.time())
+        if started and now_step > start_step and at > started:
+            return (now_step - start_step) / (at - started)
+    except TypeError:
+        pass
+    return None
 
 
 def queue_text(rows: list[dict]) -> str:
@@ -335,8 +376,24 @@ def queue_text(rows: list[dict]) -> str:
     now = time.time()
     cells = [[str(r["pos"] or "-"), r["id"], r["state"], str(r["priority"]), r["group"] or "-",
               ", ".join(r["waiting_on"]) or "-", f"{r['attempts']}/{r['retries'] + 1}", r["where"] or "-",
-              f"{(now - (r['since'] or now)) / 60:.1f} min"] for r in rows]
-    return plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for"), cells, left=3)
+              f"{(now - (r['since'] or now)) / 60:.1f} min", _eta_text(r)] for r in rows]
+    text = plain_table(("#", "id", "state", "priority", "group", "waiting on", "attempt", "where", "for", "est. time"),
+                       cells, left=3)
+    sources = sorted({r["eta_from"] for r in rows if r.get("eta_from")})
+    if sources:
+        text += "\nest. time: left for a running job, the whole run for a queued one, from " + "; ".join(sources)
+    if any(r.get("eta") is None for r in rows):
+        text += ("\n?: no step time known for that model and batch yet (gpctl presets check NAME --cost measures "
+                 "one; a finished run keeps its own)")
+    return text
+
+
+def _eta_text(r: dict) -> str:
+    eta = r.get("eta")
+    if eta is None:
+        return "?"
+    h, rest = divmod(int(round(eta)), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 @queue_app.command("move", epilog="Example: gpctl queue move demo-bs512 --first")

@@ -65,3 +65,57 @@ def test_the_probe_trains_the_arm_here_and_times_its_steps(tmp_path):
     c, note = costmod._probe_config(real, 32, "cpu")
     assert c.data.source == "synthetic_images" and c.data.image_size == 32 and "synthetic data of the same shape" in note
     assert (c.steps, c.batch_size, c.changes, c.eval_every) == (costmod.PROBE_STEPS, 32, [], 0)
+
+
+def test_a_finished_run_keeps_its_step_times_and_the_queue_estimates_from_them(tmp_path):
+    """Issue 28: an earlier run of the same model and batch is a step-time source: the worker keeps what
+    a finished run measured (median seconds per step per batch, warm-up left out, by hand here); the
+    queue's `est. time` of a queued run of that model is its planned steps × that, by hand; a model
+    with no step time known says `?` (never a probe from `gpctl queue`)."""
+    import statistics
+
+    from typer.testing import CliRunner
+
+    from engine.analysis.cost import WARM, record_run, run_step_times, step_times
+    from engine.store.jobs import JobStore
+    from engine.store.rundir import RunDir
+    from gpctl.cli import app
+    from tests.conftest import TINY_IMAGES, tiny
+    home = tmp_path / "home"
+    cfg = tiny(TINY_IMAGES, "steps=60", "log_every=1", "eval_every=0", "checkpoint_every=0")
+    done = RunDir.create(home, cfg, run_id="done")
+    # records by hand: 0.1 s a step, a slow first attempt start, a resume (wall restarts), a batch change
+    recs, wall = [], 0.0
+    for step in range(1, 61):
+        bs = 16 if step <= 40 else 32
+        if step == 21:
+            wall = 0.0                                   # the resumed attempt's clock
+        wall += 0.5 if step in (1, 2, 21) else (0.1 if bs == 16 else 0.3)
+        recs.append({"step": step, "samples": step * bs, "lr_time": float(step), "wall": wall, "lr": 0.05,
+                     "batch_size": bs, "loss": 2.0})
+    got = run_step_times(recs)
+    assert got == pytest.approx({16: 0.1, 32: 0.3})
+    # by hand: the median of the consecutive differences, WARM left out after each restart and batch change
+    diffs = [b["wall"] - a["wall"] for a, b in zip(recs, recs[1:]) if b["wall"] > a["wall"]]
+    assert statistics.median(diffs) == pytest.approx(0.1) and WARM == 3
+    kept = record_run(home, cfg, recs, "cpu", "done")
+    assert kept == got
+    hit = step_times(cfg, [16], "cpu", home, measure=False)
+    assert hit == {16: (pytest.approx(0.1), "recorded by run done on cpu")}
+    # a queued run of the same model: 60 steps at batch 16 (its own plan) -> 6 s
+    q = RunDir.create(home, tiny(TINY_IMAGES, "steps=60", "device=cpu", name="q"), run_id="queued")
+    other = RunDir.create(home, tiny(TINY_IMAGES, "steps=60", "device=cpu", "model.width=3", name="o"), run_id="other")
+    store = JobStore(home)
+    for rd in (q, other):
+        store.enqueue(rd.id, rd.path)
+    store.close()
+    res = CliRunner().invoke(app, ["--home", str(home), "queue"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    row = next(line for line in lines if " queued " in line and line.split()[1] == "queued")
+    assert row.split()[-1] == "0m06s"
+    assert next(line for line in lines if line.split()[1:2] == ["other"]).split()[-1] == "?"
+    assert "from recorded by run done on cpu" in res.stdout and "?: no step time known" in res.stdout
+    data = __import__("json").loads(CliRunner().invoke(app, ["--home", str(home), "queue", "--json"]).stdout)
+    by = {r["id"]: r for r in data}
+    assert by["queued"]["eta"] == pytest.approx(6.0) and by["other"]["eta"] is None

@@ -106,6 +106,24 @@ def test_two_workers_run_every_job_once(home):
         assert rd.log_file.read_text().count("launch") == 1
 
 
+def test_the_worker_keeps_a_finished_runs_step_times_for_estimates(home):
+    """Issue 28: a finished job's step times (per batch, warm-up left out) are kept in the home's
+    step-time cache, keyed like a probe's, for `presets check --cost` and the queue's ETAs."""
+    import json
+
+    from engine.analysis.cost import key, run_step_times
+    store = JobStore(home)
+    rd = RunDir.create(home, tiny(TINY_IMAGES, "steps=12", "log_every=1", "eval_every=0", name="timed"))
+    store.enqueue(rd.id, rd.path)
+    w = start_worker(home)
+    wait_until(lambda: store.get(rd.id).state == "done")
+    w.wait(timeout=60)
+    cache = json.loads((home / "cache" / "step_times.json").read_text())
+    hit = cache[key(rd.config(), 16, "cpu")]
+    assert hit["run"] == rd.id and hit["batch"] == 16
+    assert hit["seconds"] == run_step_times(rd.train_records())[16] > 0
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_then_restarted_finishes_exactly(home):
     cfg = tiny(TINY_IMAGES, *SLOW, "steps=60")

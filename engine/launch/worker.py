@@ -408,6 +408,8 @@ class Worker:
         st = rd.status()
         state = st.get("state")
         cancel = self.store.get_id(r.job.id).cancel
+        if state in ("done", "stopped"):
+            self._keep_step_times(rd, st)
         if state == "done":
             self.store.finish(r.job.id, "done", code)
         elif state == "diverged":
@@ -430,6 +432,16 @@ class Worker:
                                    error=f"{why}\n--- log tail ---\n{log_tail(rd)}")
             else:
                 self.store.finish(r.job.id, "failed", code, f"{why}\n--- log tail ---\n{log_tail(rd)}")
+
+    def _keep_step_times(self, rd: RunDir, st: dict) -> None:
+        """What the run measured per batch, kept for cost estimates and the queue's ETAs
+        (engine/analysis/cost.py record_run); a failure here never touches the job's end."""
+        try:
+            from engine.analysis.cost import record_run
+            record_run(self.root, rd.config(), rd.train_records(), st.get("device"), rd.id)
+        except Exception as e:  # noqa: BLE001 - an estimate's input, never the job's outcome
+            print(f"warning: worker {self.id}: could not keep the step times of {rd.id}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
 
     def handle_cancels(self) -> None:
         for job in self.store.jobs(state="running", worker=self.id):
