@@ -45,13 +45,8 @@ VERSION = 1
 
 def _clean(v):
     """JSON without NaN or infinity (null instead: a browser's JSON.parse refuses them)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
+    from gpctl.compare import _finite     # the one such rule, shared with gpctl tv --follow --json
+    return _finite(v)
 
 
 def pick(targets: list[str]) -> tuple[object | None, dict[str, RunDir]]:
