@@ -38,6 +38,20 @@ def test_footer_shows_the_keys_that_apply(home):
     from textual.widgets._footer import FooterKey
     run_dir(home, RUN0).write_status(state="running")
     run_dir(home, RUN1).write_status(state="stopped")
+    want = {RUN0: ["mark", "detail", "drop", "raise_noise", "stop", "help", "quit"],
+            RUN1: ["mark", "detail", "resume", "fork", "help", "quit"],
+            RUN2: ["mark", "detail", "fork", "cycle_x", "cycle_ema", "help", "quit"],
+            "marked": ["mark", "detail", "drop", "raise_noise", "stop", "tv", "help", "quit"],
+            "filter": ["close_filter"]}
+
+    async def settled(pilot, app, expect):
+        """The footer is rebuilt asynchronously: wait (up to 10 s on a slow CI box) for it to say what it
+        should, and return what it finally says, so a wrong footer still fails, by its own words."""
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if _footer(app) == expect:
+                break
+        return _footer(app)
 
     async def go():
         app = GpctlApp(home, live=False)
@@ -45,27 +59,23 @@ def test_footer_shows_the_keys_that_apply(home):
             seen = {}
             for rid in (RUN0, RUN1, RUN2):
                 _select(app, rid)
-                await pilot.pause(0.2)
-                seen[rid] = _footer(app)
+                seen[rid] = await settled(pilot, app, want[rid])
             app.marked |= {RUN1, RUN2}
             _select(app, RUN0)
             app.redraw()
-            await pilot.pause(0.2)
-            seen["running, two marked"] = _footer(app)
+            seen["running, two marked"] = await settled(pilot, app, want["marked"])
             width = sum(k.outer_size.width for k in app.query(FooterKey))
             await pilot.press("slash")
-            await pilot.pause(0.2)
-            seen["filter"] = _footer(app)
+            seen["filter"] = await settled(pilot, app, want["filter"])
             await pilot.press("escape")
-            await pilot.pause(0.2)
+            seen["after escape"] = await settled(pilot, app, want["marked"])
             assert not app.query_one("#filter").has_class("visible") and app.focused is app.table
-            seen["after escape"] = _footer(app)
             return seen, width
     seen, width = asyncio.run(go())
-    assert seen[RUN0] == ["mark", "detail", "drop", "raise_noise", "stop", "help", "quit"]
-    assert seen[RUN1] == ["mark", "detail", "resume", "fork", "help", "quit"]
-    assert seen[RUN2] == ["mark", "detail", "fork", "cycle_x", "cycle_ema", "help", "quit"]
-    assert seen["running, two marked"] == ["mark", "detail", "drop", "raise_noise", "stop", "tv", "help", "quit"]
+    assert seen[RUN0] == want[RUN0]
+    assert seen[RUN1] == want[RUN1]
+    assert seen[RUN2] == want[RUN2]
+    assert seen["running, two marked"] == want["marked"]
     assert width <= 80                      # the widest context, with ^p palette, fits 80 columns
     assert seen["filter"] == ["close_filter"] and seen["after escape"] == seen["running, two marked"]
 

@@ -246,6 +246,8 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
         return t
 
     def redraw(self) -> None:
+        if not self.query(RunsTable):      # the app is closing: a late RowHighlighted finds its widgets gone
+            return
         sel = self.table.selected_id
         series, markers, drawn = [], [], []
         for i, members in enumerate(self._draw_groups(sel)):
