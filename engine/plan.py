@@ -266,9 +266,11 @@ def source_size(cfg: Config) -> tuple[int | None, str]:
             return local, f"the prepared shards in {dc.path}"
         return KNOWN_SIZES["c4"], "C4 en train's published size, ~156B tokens"
     if dc.source == "imagenet":
-        local = _imagenet_local(dc.path or "~/data/imagenet")
+        folder = dc.path or "~/data/imagenet"
+        local = _imagenet_local(folder)
         if local:
-            return local, "the train folders on disk"
+            prepared = (Path(os.path.expanduser(folder)) / "meta.json").is_file()
+            return local, "the prepared train shards" if prepared else "the train folders on disk"
         return KNOWN_SIZES["imagenet"], "ImageNet train's published size"
     return KNOWN_SIZES[dc.source], "CIFAR-10 train"
 
@@ -292,7 +294,15 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".ti
 
 
 def _imagenet_local(path: str) -> int:
-    """Images in ImageNet's train/<class>/ folders at `path` (0 if there are none)."""
+    """Images in ImageNet's train/<class>/ folders at `path`, or in its prepared train shards
+    (meta.json); 0 if there are none."""
+    import json
+    meta = Path(os.path.expanduser(path)) / "meta.json"
+    if meta.is_file():
+        try:
+            return int(json.loads(meta.read_text())["splits"]["train"]["count"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0   # unreadable: the published size; training reports the real error
     root = Path(os.path.expanduser(path)) / "train"
     total = 0
     try:

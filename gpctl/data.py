@@ -16,10 +16,12 @@ app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": [
                   help="Get, check and prepare data sets.")
 
 
-@app.command("prepare", epilog="Example: gpctl data prepare c4 --path ~/data/c4 --tokenizer gpt2 --out ~/data/c4-gpt2")
+@app.command("prepare", epilog="Example: gpctl data prepare c4 --path ~/data/c4 --tokenizer gpt2 --out ~/data/c4-gpt2"
+             "   (or: gpctl data prepare imagenet --path ~/data/imagenet --out ~/data/imagenet-256)")
 @friendly
 def prepare_cmd(
-    corpus: Annotated[str, typer.Argument(metavar="CORPUS", help="The corpus: c4 (local shards or the hub's).")],
+    corpus: Annotated[str, typer.Argument(metavar="CORPUS", help="c4 (local shards or the hub's) or imagenet "
+                                          "(train/ and val/ class folders of JPEGs).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the shards and meta.json (created).")],
     path: Annotated[Optional[Path], typer.Option("--path", help="Folder of c4-{train,validation}.*.json.gz "
                                                  "shards; omitted: stream --hf-name from the hub.")] = None,
@@ -31,21 +33,34 @@ def prepare_cmd(
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard file.")] = 100_000_000,
     max_docs: Annotated[int, typer.Option("--max-docs", help="Stop each split after this many documents "
                                           "(0: all).")] = 0,
+    size: Annotated[int, typer.Option("--size", help="imagenet: pixels; every image resized to SIZE×SIZE "
+                                      "(App. A.2: 256; runs read it with data.resize = SIZE).")] = 256,
+    shard_images: Annotated[int, typer.Option("--shard-images", help="imagenet: images per shard file.")] = 10_000,
+    workers: Annotated[int, typer.Option("--workers", help="imagenet: processes (0: every core).")] = 0,
 ) -> None:
-    """Tokenize a corpus once, in parallel, into flat uint16 shards that `data.path` can name.
+    """Prepare a data set once so that training reads it through a memory map at GPU speed.
 
-    Documents are joined with the tokenizer's EOS in corpus order, so a run reading the shards sees
-    token for token what it would see tokenizing the raw text as it trains (only faster). The shards
-    use llm.c's format; meta.json records the tokenizer's fingerprint and runs with another are refused.
+    c4: tokenized, in parallel, into flat uint16 shards. Documents are joined with the tokenizer's EOS
+    in corpus order, so a run reading the shards sees token for token what it would see tokenizing the
+    raw text as it trains (only faster). The shards use llm.c's format; meta.json records the
+    tokenizer's fingerprint and runs with another are refused.
+
+    imagenet: every image decoded and resized once to SIZE×SIZE into uint8 shards (class order as
+    torchvision's ImageFolder), with exactly the pixels the JPEG path makes, so a run crops the same
+    images either way. Interrupted, it resumes shard by shard when run again with the same options.
     """
     from itertools import islice
+
+    if corpus == "imagenet":
+        _prepare_imagenet(path, out_dir, size, shard_images, workers, splits)
+        return
 
     from engine.config import DataConfig
     from engine.data.c4 import documents, load_tokenizer
     from engine.data.tokens import is_prepared, prepare, write_meta
 
     if corpus != "c4":
-        raise typer.BadParameter(f"unknown corpus {corpus!r} (known: c4)", param_hint="CORPUS")
+        raise typer.BadParameter(f"unknown corpus {corpus!r} (known: c4, imagenet)", param_hint="CORPUS")
     if shard_tokens < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--shard-tokens")
     out_dir = out_dir.expanduser()
@@ -84,6 +99,43 @@ def prepare_cmd(
     out.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s; train on it with "
               f"--set data.source=\"c4\" --set data.path=\"{out_dir}\" --set data.tokenizer=\"{tokenizer}\"",
               markup=False)
+
+
+def _prepare_imagenet(path: Optional[Path], out_dir: Path, size: int, shard_images: int, workers: int,
+                      splits: str) -> None:
+    from engine.data.prepared_images import PrepareError, prepare_images
+    from gpctl.common import check_int
+
+    if path is None:
+        raise typer.BadParameter("imagenet needs --path, the folder holding train/ and val/", param_hint="--path")
+    check_int("--size", size, 1, 4096)
+    check_int("--shard-images", shard_images, 1, 10_000_000)
+    check_int("--workers", workers, 0, 4096)
+    chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+    chosen = tuple("val" if s == "validation" else s for s in chosen)   # c4's split name, the default
+    t0, last = time.perf_counter(), [0.0]
+
+    def progress(split: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 2 and err.is_terminal:
+            last[0] = now
+            err.print(f"{done}/{total} images, {done / (now - t0):.0f} images/s", markup=False)
+
+    try:
+        meta = prepare_images(path.expanduser(), out_dir.expanduser(), size, shard_images, workers, chosen, progress)
+    except PrepareError as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2) from None
+    except OSError as e:       # the folder cannot be made or written, or the disk filled up
+        err.print(f"error: {e.filename or out_dir}: {e.strerror}", markup=False)
+        raise typer.Exit(2) from None
+    took = time.perf_counter() - t0
+    n = sum(e["count"] for e in meta["splits"].values())
+    for split, e in meta["splits"].items():
+        out.print(f"{split}: {e['count']} images of {len(meta['classes'])} classes in {len(e['shards'])} shard(s)",
+                  markup=False)
+    out.print(f"wrote {out_dir} in {took:.1f} s ({n / took:.0f} images/s); train on it with "
+              f"--set data.path=\"{out_dir}\" --set data.resize={size}", markup=False)
 
 
 @app.command("get", epilog="Example: gpctl data get cifar5m --out ~/data/cifar5m --npy")
@@ -217,7 +269,10 @@ def _check_folder(folder: Path) -> list[dict]:
             rows.append({"file": str(p), "holds": f"{check_cifar5m_part(p)} images", "problem": None})
         except FetchError as e:
             rows.append({"file": str(p), "holds": None, "problem": str(e).removeprefix(f"{p}: ")})
-    if is_prepared(folder):
+    from engine.data.prepared_images import is_prepared_images
+    if is_prepared_images(folder):
+        rows.append(_check_prepared_images(folder))
+    elif is_prepared(folder):
         try:
             meta = read_meta(folder)
             holds = ", ".join(f"{split} {e.get('tokens', 0):,} tokens" for split, e in meta["splits"].items())
@@ -226,6 +281,23 @@ def _check_folder(folder: Path) -> list[dict]:
         except DataMissing as e:
             rows.append({"file": str(folder / "meta.json"), "holds": None, "problem": str(e)})
     return rows
+
+
+def _check_prepared_images(folder: Path) -> dict:
+    """A prepared ImageNet: meta.json, then every shard's header and shape and the labels."""
+    from engine.data.prepared_images import PreparedImages, read_meta
+    from engine.errors import DataMissing
+
+    where = str(folder / "meta.json")
+    try:
+        meta = read_meta(folder)
+        counts = []
+        for split in meta["splits"]:
+            counts.append(f"{split} {PreparedImages(folder, split, meta, threads=1).length:,} images")
+    except DataMissing as e:
+        return {"file": where, "holds": None, "problem": str(e)}
+    return {"file": where, "holds": f"prepared ImageNet {meta['size']}×{meta['size']}, {len(meta['classes'])} classes: "
+                                    + ", ".join(counts), "problem": None}
 
 
 def register(root: typer.Typer) -> None:

@@ -40,7 +40,7 @@ def build_stream(cfg: Config, device: "torch.device") -> "Stream":
         src = cifar10(dc, device)
     elif dc.source == "imagenet":
         from engine.data.images import imagenet
-        src = imagenet(dc)
+        src = imagenet(dc, device)
     elif dc.source == "c4":
         from engine.data.c4 import C4, prepared_c4
         src = prepared_c4(dc, device) or C4(dc)
@@ -80,8 +80,14 @@ def preflight(cfg: Config) -> None:
             raise DataMissing(f"CIFAR-10 not found: no cifar-10-batches-py in {root} (set data.path=DIR)")
     elif dc.source == "imagenet":
         root = root or Path(os.path.expanduser("~/data/imagenet"))
-        if not (root / "train").is_dir() or not (root / "val").is_dir():
-            raise DataMissing(f"ImageNet not found: no train/ and val/ in {root} (set data.path=DIR)")
+        if (root / "meta.json").is_file():
+            from engine.data.prepared_images import read_meta
+            size = read_meta(root)["size"]
+            if dc.resize != size:
+                raise DataMissing(f"{root}: prepared at {size}×{size} but data.resize = {dc.resize} (set data.resize={size})")
+        elif not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise DataMissing(f"ImageNet not found: no train/ and val/ and no prepared shards (meta.json) in {root} "
+                              f"(set data.path=DIR; gpctl data prepare imagenet --path DIR --out DIR2 resizes it once)")
     elif dc.source == "c4" and root is not None:
         if not list(root.glob("c4-train*.json*")) and not (root / "meta.json").is_file():
             raise DataMissing(f"C4 not found: no c4-train.*.json.gz and no prepared shards (meta.json) in {root} "

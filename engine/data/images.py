@@ -1,4 +1,4 @@
-"""Real image data: CIFAR-5m (.npz parts), CIFAR-10 (torchvision folder), ImageNet (image folder).
+"""Real image data: CIFAR-5m (.npz parts), CIFAR-10 (torchvision folder), ImageNet (image folder, or\nshards prepared once: engine/data/prepared_images.py).
 
 CIFAR sets are held whole as uint8 NHWC, on the training device when `data.on_device` (airbench
 style: no DataLoader, crop/flip on the device). The held-out set of CIFAR-5m is the last
@@ -130,12 +130,12 @@ class ImageFolderSource:
     def _load(self, i: int) -> torch.Tensor:
         from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
+        from engine.data.prepared_images import load_resized
+
+        if self.resize:   # the resize `gpctl data prepare imagenet` stores: the same pixels either way
+            return pil_to_tensor(load_resized(self.ds.samples[i][0], self.resize))
         img = self.ds.loader(self.ds.samples[i][0]).convert("RGB")
-        if self.resize:
-            img = resize(img, [self.resize, self.resize])
-        else:
-            img = center_crop(resize(img, self.size), [self.size, self.size])
-        return pil_to_tensor(img)
+        return pil_to_tensor(center_crop(resize(img, self.size), [self.size, self.size]))
 
     def slice(self, lo: int, hi: int):
         return self.get(torch.arange(lo, hi))
@@ -146,10 +146,17 @@ class ImageFolderSource:
         return x, self.labels[idx]
 
 
-def imagenet(dc: DataConfig) -> ImageFolderSource:
+def imagenet(dc: DataConfig, device: torch.device):
+    """Prepared shards (`gpctl data prepare imagenet`, meta.json) when data.path holds them, else the
+    train/ and val/ JPEG folders, decoded as they are drawn."""
+    from engine.data.prepared_images import is_prepared_images, prepared_imagenet
+
     root = _folder(dc, "~/data/imagenet")
+    if is_prepared_images(root):
+        return prepared_imagenet(root, dc, pin=device.type == "cuda")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise DataMissing(f"ImageNet not found: no train/ and val/ class folders in {root} (point data.path at it)")
+        raise DataMissing(f"ImageNet not found: no train/ and val/ class folders and no prepared shards "
+                          f"(meta.json) in {root} (point data.path at it)")
     src = ImageFolderSource(root / "train", dc.image_size, dc.workers, dc.resize)
     ev = ImageFolderSource(root / "val", dc.image_size, dc.workers, dc.resize)
     if dc.eval_samples < ev.length:  # a fixed, class-spread subset of val
