@@ -89,13 +89,13 @@ def _write_shard(paths: list[str], size: int, final: str) -> int:
                 raise PrepareError(f"{p}: not an image PIL can read ({e})") from None
         arr.flush()
     except BaseException:
-        del arr
+        arr = None            # the map closed before its file goes
         try:
             os.remove(tmp)
         except OSError:
             pass
         raise
-    del arr
+    arr = None
     os.replace(tmp, final)
     return len(paths)
 
@@ -217,12 +217,13 @@ def is_prepared_images(folder: Path) -> bool:
 
 
 def read_meta(folder: Path) -> dict:
-    """meta.json, checked: every shard named is there with its shape (headers only)."""
+    """meta.json, checked: its size, and one shard named per shard_images of each split's count (the
+    shards themselves are opened and checked by PreparedImages)."""
     where = folder / "meta.json"
     try:
         meta = json.loads(where.read_text())
-        size, splits = int(meta["size"]), meta["splits"]
-        for split, e in splits.items():
+        int(meta["size"])
+        for split, e in meta["splits"].items():
             per, count = int(e["shard_images"]), int(e["count"])
             if len(e["shards"]) != -(-count // per):
                 raise ValueError(f"split {split}: {len(e['shards'])} shards for {count} images of {per}")
