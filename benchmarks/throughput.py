@@ -87,8 +87,9 @@ def config(which: str, tmp: Path, args) -> dict:
         make_parts(folder, max(4096 if args.small else 8192, batch * args.steps // 2 + 1024))
         return {**common, "lr": 0.05, "batch_size": batch,
                 "model": {"name": "resnet18", "width": 8 if args.small else 64},
-                "data": {"source": "cifar5m", "path": str(folder), "eval_samples": 64, "on_device": True,
-                         "augment": ["crop", "flip"]}}
+                "data": {"source": "cifar5m", "path": str(folder), "eval_samples": 64,
+                         "hold": "host",      # what "auto" gives a full CIFAR-5m (18.4 GB); the small
+                         "augment": ["crop", "flip"]}}     # set here would go on the device (--set data.hold=...)
     small = {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 512, "n_positions": 128}
     full = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304, "n_positions": 2048}
     seq = 128 if args.small else 2048
@@ -171,7 +172,7 @@ def measure(which: str, args) -> dict:
         rate_stream = stream_rate(t, read) * t.tokens_per_sample
         return {"bench": which, "set": args.set, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                 "precision": t.precision, "compile": cfg.compile and cfg.compile_mode, "batch": cfg.batch_size,
-                "micro": cfg.micro_batch_size,
+                "micro": cfg.micro_batch_size, "hold": None if cfg.is_lm else cfg.data.hold,
                 "rate": round(per_s, 1), "rate_cuda_events": round(ev_s, 1) if ev_s else None, "unit": unit,
                 "mfu_bf16_989": round(per_s * FLOPS[which] / PEAK_BF16, 4) if full else None,
                 "stream_rate": round(rate_stream, 1),

@@ -121,6 +121,53 @@ def test_cifar5m_parts_load_with_held_out_tail(tmp_path):
     assert sorted(round(float(v) * 255) for v in ev[:, 0, 0, 0]) == list(range(112, 120))
 
 
+def test_cifar5m_held_on_the_device_or_in_host_memory_gives_the_same_bits(tmp_path):
+    """Issue 28: data.hold = "host" (numpy parts, .npy memory-mapped; the batch gathered on the host)
+    and "device" (one uint8 tensor, indexed where it lives) draw the same batches, resumed or not."""
+    from engine.config import ConfigError
+    from engine.data.images import HostImages
+
+    folder = _cifar5m_parts(tmp_path / "c5m")
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for i in range(2):                                  # the --npy form, which the host path memory-maps
+        with np.load(folder / f"part{i}.npz") as z:
+            np.save(npy / f"part{i}.X.npy", z["X"])
+            np.save(npy / f"part{i}.Y.npy", z["Y"])
+
+    def stream(path, hold, *extra):
+        return build_stream(tiny(TINY_IMAGES, 'data.source="cifar5m"', f'data.path="{path}"', "data.eval_samples=8",
+                                 "data.image_size=32", 'data.augment=["crop", "flip"]', f'data.hold="{hold}"',
+                                 *extra), CPU)
+
+    dev, host, mapped = stream(folder, "device"), stream(folder, "host"), stream(npy, "host")
+    assert type(dev.source).__name__ == "_Indexed" and isinstance(host.source, HostImages)
+    assert all(isinstance(p, np.memmap) for p in mapped.source.parts)          # shared pages, no private copy
+    assert isinstance(stream(folder, "auto").source, HostImages)              # a CPU run: auto holds on the host
+    for n in (16, 5, 30, 16):                                                 # crosses the part boundary and an epoch
+        a, b, c = dev.next_batch(n), host.next_batch(n), mapped.next_batch(n)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], b[1]) and torch.equal(a[1], c[1])
+    again = stream(npy, "host")
+    again.load_state_dict(dev.state_dict())
+    assert torch.equal(dev.next_batch(7)[0], again.next_batch(7)[0])
+    for p, q in zip(dev.eval_batches(3), mapped.eval_batches(3)):
+        assert torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
+    off = [stream(f, h, 'data.mode="offline"', "data.offline_size=10") for f, h in ((folder, "device"), (npy, "host"))]
+    assert torch.equal(off[0].next_batch(25)[0], off[1].next_batch(25)[0])
+    # negative control: another seed is another stream
+    other = build_stream(tiny(TINY_IMAGES, 'data.source="cifar5m"', f'data.path="{npy}"', "data.eval_samples=8",
+                              "data.image_size=32", 'data.augment=["crop", "flip"]', "seed=1"), CPU)
+    assert not torch.equal(stream(folder, "device").next_batch(16)[0], other.next_batch(16)[0])
+    with pytest.raises(ConfigError, match=r"'data.hold' = 'gpu' is not one of auto, device, host"):
+        tiny(TINY_IMAGES, 'data.hold="gpu"')
+    # a run made before data.hold said data.on_device: it still loads, as what it meant
+    from engine.config import build, to_dict
+    old = to_dict(tiny(TINY_IMAGES))
+    del old["data"]["hold"]
+    old["data"]["on_device"] = False
+    assert build(old, "<old run>").data.hold == "host"
+
+
 def test_cifar5m_missing_and_malformed(tmp_path):
     cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{tmp_path}\"")
     with pytest.raises(DataMissing) as e:

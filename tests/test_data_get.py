@@ -172,7 +172,7 @@ def test_npy_parts_are_memory_mapped_by_the_loader_with_the_same_bits(tmp_path):
     for p in ("part0.npz", "part1.npz"):
         (b / p).unlink()                                # only the .npy form is left: the loader reads it
     assert sorted(p.name for p in b.iterdir()) == ["part0.X.npy", "part0.Y.npy", "part1.X.npy", "part1.Y.npy"]
-    dc = lambda path: DataConfig(source="cifar5m", path=str(path), eval_samples=10)   # noqa: E731
+    dc = lambda path: DataConfig(source="cifar5m", path=str(path), eval_samples=10, hold="device")   # noqa: E731
     x, y = cifar5m(dc(a), torch.device("cpu")), cifar5m(dc(b), torch.device("cpu"))
     assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y) and len(x.x) == 70
     assert torch.equal(x.eval_set.x, y.eval_set.x)

@@ -30,7 +30,7 @@ class SyncDetector:
     while `on` is set; installed by a trainer hook so it covers whole steps, data included."""
 
     def __init__(self, monkeypatch, start: int, stop: int):
-        self.calls, self.on, self.start, self.stop = [], False, start, stop
+        self.calls, self.devices, self.on, self.start, self.stop = [], [], False, start, stop
         for name in SYNCS:
             orig = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self._wrap(name, orig))
@@ -40,6 +40,7 @@ class SyncDetector:
             if self.on:
                 import traceback
                 self.calls.append((name, traceback.format_stack(limit=4)[-2].strip()))
+                self.devices.append(t.device.type)
             return orig(t, *a, **k)
         return wrapped
 
@@ -54,18 +55,25 @@ def _cifar_parts(folder, n=512):
     return folder
 
 
-@pytest.mark.parametrize("which", ["cifar_sgd", "gpt2_adamw"])
+@pytest.mark.parametrize("which", ["cifar_sgd", "cifar_host", "gpt2_adamw"])
 def test_steady_state_steps_do_no_host_sync(tmp_path, monkeypatch, which):
-    if which == "cifar_sgd":   # CIFAR-5m held in memory, crop + flip, momentum SGD with clipping
+    if which.startswith("cifar"):   # CIFAR-5m held in memory, crop + flip, momentum SGD with clipping
         cfg = tiny(TINY_IMAGES, "data.source=\"cifar5m\"", f"data.path=\"{_cifar_parts(tmp_path / 'c5m')}\"",
                    "data.image_size=32", "data.augment=[\"crop\", \"flip\"]", "data.eval_samples=32",
-                   "steps=30", "log_every=100", "eval_every=0", "optim.grad_clip=1.0")
+                   "steps=30", "log_every=100", "eval_every=0", "optim.grad_clip=1.0",
+                   f'data.hold="{"device" if which == "cifar_sgd" else "host"}"')
     else:                      # GPT-2 on uniform tokens, fused AdamW (non-fused AdamW reads each step count)
         cfg = tiny(TINY_LM, "steps=30", "log_every=100", "eval_every=0", "data.teacher_sharpness=0.0",
                    "optim.fused=\"on\"")
     det = SyncDetector(monkeypatch, 5, 25)
     rd = RunDir.create(tmp_path / "h", cfg)
     assert train(rd, hooks=[det.hook]) == "done", rd.log_file.read_text()[-2000:]
+    if which == "cifar_host":   # the host-held set gathers on the host, from indices drawn on the host:
+        # .cpu()/.numpy() of host tensors, which sync nothing (on CUDA, too: its indices never leave the CPU)
+        assert det.calls and set(det.devices) == {"cpu"}
+        assert {(n, c.splitlines()[0].split(", in ")[-1]) for n, c in det.calls} == {("cpu", "get"), ("numpy", "get")}
+        assert all("engine/data/images.py" in c for _, c in det.calls)
+        return
     assert det.calls == []
     # negative control: the same window with a flush inside it (log_every 10) is caught
     det2 = SyncDetector(monkeypatch, 5, 25)

@@ -1,7 +1,8 @@
 """Real image data: CIFAR-5m (.npz parts), CIFAR-10 (torchvision folder), ImageNet (image folder, or\nshards prepared once: engine/data/prepared_images.py).
 
-CIFAR sets are held whole as uint8 NHWC, on the training device when `data.on_device` (airbench
-style: no DataLoader, crop/flip on the device). The held-out set of CIFAR-5m is the last
+CIFAR sets are held whole as uint8 NHWC (no DataLoader; crop/flip on the device, airbench style):
+on the training device, or in host memory (HostImages: .npy parts memory-mapped, each batch
+gathered into pinned memory), as `data.hold` says. The held-out set of CIFAR-5m is the last
 `eval_samples` images of its last part, never trained on.
 """
 from __future__ import annotations
@@ -24,8 +25,43 @@ def _folder(dc: DataConfig, default: str) -> Path:
     return Path(os.path.expanduser(dc.path or default))
 
 
-def _holder(dc: DataConfig, device: torch.device) -> torch.device:
-    return device if dc.on_device else torch.device("cpu")
+AUTO_DEVICE_BYTES = 2 << 30   # data.hold = "auto": sets up to this size go on the device
+
+
+def _on_device(dc: DataConfig, device: torch.device, nbytes: int) -> bool:
+    """Whether an in-memory set of `nbytes` is held on the training device (data.hold; on a CPU run
+    "device" holds torch tensors, "host" and "auto" the numpy parts, so both paths run in tests)."""
+    if dc.hold == "auto":
+        return device.type != "cpu" and nbytes <= AUTO_DEVICE_BYTES
+    return dc.hold == "device"
+
+
+class HostImages:
+    """uint8 NHWC images [lo, hi) of the concatenated `parts` (numpy arrays: memory maps of .npy parts,
+    whose pages every job on the box shares, or arrays loaded from .npz), held in host memory.
+    `get(idx)` gathers a batch into one tensor, pinned when `pin` (a CUDA run), so the stream's
+    `.to(device, non_blocking=True)` overlaps with the step; the bytes equal the device-held set's."""
+    kind = "image"
+
+    def __init__(self, parts: list[np.ndarray], labels: torch.Tensor, lo: int, hi: int, pin: bool):
+        self.parts, self.lo, self.pin = parts, lo, pin
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.labels = labels[lo:hi]
+        self.length = hi - lo
+        self.shape = parts[0].shape[1:]
+
+    def get(self, idx: torch.Tensor):
+        g = idx.cpu().numpy().astype(np.int64) + self.lo
+        out = torch.empty((len(g), *self.shape), dtype=torch.uint8, pin_memory=self.pin)
+        o = out.numpy()
+        which = np.searchsorted(self.starts, g, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            o[sel] = self.parts[k][g[sel] - self.starts[k]]
+        return out, self.labels[idx.cpu()]
+
+    def slice(self, lo: int, hi: int):
+        return self.get(torch.arange(lo, hi))
 
 
 class _Indexed(InMemory):
@@ -74,7 +110,14 @@ def cifar5m(dc: DataConfig, device: torch.device) -> _Indexed:
     n_eval = dc.eval_samples
     if n_eval >= total:
         raise DataMissing(f"CIFAR-5m in {root}: {total} images, fewer than data.eval_samples = {n_eval} + 1")
-    hold = _holder(dc, device)
+    if not _on_device(dc, device, total * 32 * 32 * 3):
+        labels = torch.from_numpy(np.concatenate([y for _, y in arrays]))
+        parts, pin = [x for x, _ in arrays], device.type == "cuda"
+        cut = total - n_eval
+        src = HostImages(parts, labels, 0, cut, pin)
+        src.eval_set = HostImages(parts, labels, cut, total, pin)
+        return src
+    hold = device
     X = torch.empty((total, 32, 32, 3), dtype=torch.uint8, device=hold)
     Y = torch.empty(total, dtype=torch.int64, device=hold)
     at = 0
@@ -97,7 +140,7 @@ def cifar10(dc: DataConfig, device: torch.device) -> _Indexed:
         test = CIFAR10(str(root), train=False, download=False)
     except RuntimeError:
         raise DataMissing(f"CIFAR-10 not found: no cifar-10-batches-py in {root} (point data.path at its parent)") from None
-    hold = _holder(dc, device)
+    hold = device if _on_device(dc, device, train.data.nbytes + test.data.nbytes) else torch.device("cpu")
 
     def tensors(ds):
         return torch.from_numpy(ds.data).to(hold), torch.tensor(ds.targets, device=hold)
