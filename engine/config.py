@@ -145,7 +145,9 @@ class Config:
                                     # gradient accumulation (micro_batch_size < batch_size) in one process
                                     # (engine/train/noise.py: McCandlish et al. 2018's B_simple)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP)
+    gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP), per node
+    nodes: int = 1                  # Slurm nodes a job spans (> 1: srun torchrun, c10d rendezvous at the
+                                    # first node; nodes × gpus ranks, rank 0 alone writes); local workers: 1
     gpu_memory: float = 0.0         # GiB the job needs on each GPU; a worker packing several jobs per GPU
                                     # starts it only where that much is free (0: its last recorded peak, else count only)
     precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
@@ -308,7 +310,7 @@ def validate(cfg: Config, where: str) -> Config:
     for key, value in flat.items():
         if value not in _CHOICES[key]:
             raise ConfigError(f"{where}: '{key}' = {value!r} is not one of {', '.join(_CHOICES[key])}")
-    positive = {"steps": cfg.steps, "data.image_size": cfg.data.image_size, "gpus": cfg.gpus, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
+    positive = {"steps": cfg.steps, "data.image_size": cfg.data.image_size, "gpus": cfg.gpus, "nodes": cfg.nodes, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
                 "data.eval_samples": cfg.data.eval_samples, "data.seq_len": cfg.data.seq_len,
                 "data.offline_size": cfg.data.offline_size}
     for key, value in positive.items():
@@ -358,7 +360,7 @@ def validate(cfg: Config, where: str) -> Config:
 
 _RANGES = {   # key: (lowest, highest) for values beyond "> 0" that a run cannot work without
     "steps": (1, 10**12), "seed": (0, 2**63 - 1), "data_seed": (0, 2**63 - 1), "threads": (0, 4096),
-    "gpus": (1, 4096), "model.width": (1, 65536), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
+    "gpus": (1, 4096), "nodes": (1, 4096), "model.width": (1, 65536), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
     "model.n_layer": (1, 1000), "model.n_head": (1, 1000), "model.n_embd": (1, 10**6),
     "model.vocab_size": (2, 10**8), "model.n_positions": (1, 10**7), "data.image_size": (1, 65536),
     "data.seq_len": (1, 10**7), "gpu_memory": (0, 10**6), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),

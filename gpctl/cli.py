@@ -131,10 +131,12 @@ def run_preset(
         planned = ops.plan_runs(name, overrides or [], arm, seed_list, grid)
         for cfg in planned:          # --gres against each run's gpus, and an array's one gpus
             slurm.check_gres(opts, cfg.gpus, cfg.name)
-        if array and len({cfg.gpus for cfg in planned}) > 1:
-            raise ConfigError(f"--array: the runs ask for gpus = {', '.join(sorted({str(c.gpus) for c in planned}))}; "
+        if array and len({(cfg.gpus, cfg.nodes) for cfg in planned}) > 1:
+            shapes = ", ".join(map(str, sorted({(c.gpus, c.nodes) for c in planned})))
+            raise ConfigError(f"--array: the runs ask for (gpus, nodes) = {shapes}; "
                               "an array's runs share one job script (submit them without --array)")
-    rds = ops.create_runs(name, overrides or [], State.home, arm, seed_list, grid)
+    rds = ops.create_runs(name, overrides or [], State.home, arm, seed_list, grid,
+                          backend="local" if foreground else backend)
     if foreground:
         for rd in rds:
             out.print(rd.id)

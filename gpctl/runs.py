@@ -83,16 +83,28 @@ def plan_runs(name: str, overrides: list[str], arms: list[str] | None = None, se
 
 
 def create_runs(name: str, overrides: list[str], root: Path, arms: list[str] | None = None,
-                seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None) -> list[RunDir]:
+                seeds: list[int] | None = None, sweep: dict[str, list[str]] | None = None,
+                backend: str = "local") -> list[RunDir]:
     """The preset's runs, created all or none (a failure part way removes those made)."""
     made: list[RunDir] = []
+    configs = plan_runs(name, overrides, arms, seeds, sweep)
+    if backend != "slurm":
+        check_local(configs)
     try:
-        for cfg in plan_runs(name, overrides, arms, seeds, sweep):
+        for cfg in configs:
             made.append(RunDir.create(root, cfg))
     except BaseException:
         remove_runs(made)
         raise
     return made
+
+
+def check_local(configs: list[Config]) -> None:
+    """Refuse, before anything is created, what only Slurm can run: a run over several nodes."""
+    for cfg in configs:
+        if cfg.nodes > 1:
+            raise ConfigError(f"{cfg.name}: nodes = {cfg.nodes} spans several machines, which only the Slurm "
+                              f"backend starts (--backend slurm), or set nodes=1")
 
 
 def remove_runs(rds: list[RunDir]) -> None:

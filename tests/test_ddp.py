@@ -116,3 +116,78 @@ def test_two_ranks_record_the_noise_scale_one_process_records(tmp_path, micro):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-9), k
     la = [r["loss"] for r in single.train_records()]
     assert [r["loss"] for r in ddp.train_records()] == pytest.approx(la, rel=1e-4)   # training unchanged
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_like_one_process(tmp_path):
+    """Issue 29: two torchrun launchers with --nnodes 2 and a c10d rendezvous (what `nodes = 2` runs on
+    each Slurm node) train, over gloo, like one process on the whole batch; rank 0 alone writes."""
+    cfg = tiny(TINY_LM, "steps=6", "batch_size=8", "micro_batch_size=2", "checkpoint_every=3", "eval_every=3")
+    single = RunDir.create(tmp_path, cfg, run_id="single")
+    assert train(single) == "done"
+    rd = RunDir.create(tmp_path, cfg, run_id="two-nodes")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=gpctl-test", "-m", "engine", "train", str(rd.path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    a, b = single.train_records(), rd.train_records()
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["samples"] for r in b] == [r["samples"] for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, _ = ckpt.load_weights(single.checkpoint_path(6))
+    wb, _ = ckpt.load_weights(rd.checkpoint_path(6))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    starts = [e for e in rd.events()[0] if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0].get("world") == 2 and rd.status()["state"] == "done"
+
+
+def test_the_generated_slurm_script_for_two_nodes_runs_them_through_srun(tmp_path):
+    """The job script `nodes = 2` writes, run by bash with `srun` and `scontrol` standing in for Slurm's
+    (srun starts the command once per node, here both on this machine): the rendezvous at the first
+    node of SLURM_JOB_NODELIST, the port from the job id, two ranks, and one process's records."""
+    import os
+
+    from engine.launch.slurm import SlurmOptions, script
+    cfg = tiny(TINY_LM, "steps=6", "batch_size=8", "micro_batch_size=2", "eval_every=3", "nodes=2")
+    single = RunDir.create(tmp_path, tiny(TINY_LM, "steps=6", "batch_size=8", "micro_batch_size=2", "eval_every=3"),
+                           run_id="single")
+    assert train(single) == "done"
+    rd = RunDir.create(tmp_path, cfg, run_id="slurm-two-nodes")
+    job = tmp_path / "slurm.sh"
+    job.write_text(script(rd, SlurmOptions(warn=0), resume=False))
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "scontrol").write_text('#!/bin/bash\n[ "$1 $2 $3" = "show hostnames n[7-8]" ] || exit 3\n'
+                                    'echo 127.0.0.1\necho 127.0.0.2\n')
+    (shims / "srun").write_text('#!/bin/bash\necho "srun $*" >> "$SRUN_LOG"\nn=1\n'
+                                'while [[ "$1" == --* ]]; do case "$1" in --nodes=*) n="${1#--nodes=}";; esac; shift; done\n'
+                                'pids=()\nfor ((i=0; i<n; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done\n'
+                                'rc=0\nfor p in "${pids[@]}"; do wait "$p" || rc=$?; done\nexit $rc\n')
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    port = _free_port()
+    while not 20000 <= port < 40000:          # the script takes its port as 20000 + job id % 20000
+        port = _free_port()
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": str(port - 20000),
+           "SLURM_JOB_NODELIST": "n[7-8]", "OMP_NUM_THREADS": "1", "SRUN_LOG": str(tmp_path / "srun.log")}
+    res = subprocess.run(["bash", str(job)], env=env, capture_output=True, text=True, timeout=300)
+    log = (rd.path / "log.txt").read_text()
+    assert res.returncode == 0, log[-3000:]
+    (call,) = (tmp_path / "srun.log").read_text().splitlines()
+    assert call == (f"srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run "
+                    f"--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:{port} "
+                    f"--rdzv_id={port - 20000} -m engine train {rd.path}")
+    a, b = single.train_records(), rd.train_records()
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    starts = [e for e in rd.events()[0] if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0].get("world") == 2 and rd.status()["state"] == "done"

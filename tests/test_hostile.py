@@ -4,6 +4,7 @@ goes on training where one was, and nothing is written outside the home."""
 import json
 import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -496,4 +497,36 @@ def test_a_slurm_run_of_several_gpus_runs_torchrun_and_its_gres_must_match(tmp_p
     res = CliRunner().invoke(app, ["--home", str(home), "run", "preset", "demo", "--backend", "slurm", "--gres", "gpu:1",
                                    "--set", "gpus=2"])
     assert res.exit_code == 2 and "asks for 1 GPU(s), but bs32to512 trains on gpus = 2" in res.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_a_slurm_run_over_two_nodes_is_one_srun_of_torchrun_and_local_workers_refuse_it(tmp_path):
+    """Issue 29: `nodes = 2` on Slurm: two nodes, one task each, srun starting torchrun on each with a c10d
+    rendezvous at the first node; the script, line by line. A local backend cannot start a second
+    machine: refused in one line before any run is made."""
+    from engine.launch import slurm
+    from engine.store.rundir import RunDir
+    from tests.conftest import TINY_IMAGES, tiny
+    rd = RunDir.create(tmp_path / "h", tiny(TINY_IMAGES, "gpus=4", "nodes=2"))
+    text = slurm.script(rd, slurm.SlurmOptions(gres="gpu:4", warn=0), False)
+    lines = text.splitlines()
+    assert lines[:7] == ["#!/bin/bash", f"#SBATCH --job-name=gpctl-{rd.id}", "#SBATCH --output=/dev/null",
+                         f"#SBATCH --chdir={rd.path}", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                         "#SBATCH --gres=gpu:4"]
+    at = lines.index('GPCTL_HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+    assert lines[at + 1:at + 3] == ["GPCTL_PORT=$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))",
+                                    f"srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 {sys.executable} -m "
+                                    "torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d "
+                                    '--rdzv_endpoint="$GPCTL_HEAD:$GPCTL_PORT" --rdzv_id="$SLURM_JOB_ID" -m engine train '
+                                    '"$RUN_DIR" $RESUME &']
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    one = RunDir.create(tmp_path / "h", tiny(TINY_IMAGES, "gpus=4"))       # negative control: one node, no srun
+    assert "srun" not in slurm.script(one, slurm.SlurmOptions(), False) and "--nodes" not in slurm.script(
+        one, slurm.SlurmOptions(), False)
+    with pytest.raises(ConfigError, match=r"\(gpus, nodes\) = \(4, 1\), \(4, 2\); submit them without --array"):
+        slurm.array_script([rd, one], slurm.SlurmOptions(), False, tmp_path)
+    home = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["--home", str(home), "run", "preset", "demo", "--set", "nodes=2"])
+    assert res.exit_code == 2 and res.stderr.strip() == ("error: bs32to512: nodes = 2 spans several machines, which only "
+                                                         "the Slurm backend starts (--backend slurm), or set nodes=1")
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())

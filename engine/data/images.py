@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig
-from engine.data.stream import DataMissing, InMemory
+from engine.data.stream import IMAGENET_MEAN, IMAGENET_STD, DataMissing, InMemory
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _folder(dc: DataConfig, default: str) -> Path:

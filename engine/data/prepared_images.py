@@ -245,7 +245,7 @@ class PreparedImages:
                  keep: np.ndarray | None = None):
         import torch
 
-        from engine.data.images import IMAGENET_MEAN, IMAGENET_STD
+        from engine.data.stream import IMAGENET_MEAN, IMAGENET_STD
 
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         e = meta["splits"][split]

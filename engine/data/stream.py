@@ -25,6 +25,8 @@ from engine.errors import DataMissing  # noqa: F401  (re-exported)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def mix_seed(*parts: int) -> int:

@@ -94,7 +94,7 @@ exec >> "$RUN_DIR/log.txt" 2>&1
 cd "$RUN_DIR"
 RESUME={resume}
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then RESUME=--resume; fi
-{launch} "$RUN_DIR" $RESUME &
+{prelude}{launch} "$RUN_DIR" $RESUME &
 child=$!
 while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done
 if [ "$requeue" = 1 ] && ! grep -q '"state": "done"' "$RUN_DIR/status.json"; then
@@ -105,8 +105,10 @@ exit $code
 """
 
 
-def _header(name: str, opts: SlurmOptions, chdir: Path) -> list[str]:
+def _header(name: str, opts: SlurmOptions, chdir: Path, nodes: int = 1) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --output=/dev/null", f"#SBATCH --chdir={directive_path(chdir)}"]
+    if nodes > 1:        # one launcher (torchrun) per node; it starts that node's `gpus` ranks
+        lines += [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
     if opts.partition:
         lines.append(f"#SBATCH --partition={opts.partition}")
     if opts.gres:
@@ -118,10 +120,22 @@ def _header(name: str, opts: SlurmOptions, chdir: Path) -> list[str]:
     return lines + [f"#SBATCH {x}" for x in opts.extra]
 
 
-def launcher(gpus: int) -> str:
-    """The command that trains a run directory in the job: one process, or for `gpus = N > 1` N ranks
-    under torchrun on the job's node (DDP; rank 0 alone writes), as a local worker launches them."""
+# A job over several nodes: its first node (Slurm's node list, expanded) hosts torchrun's c10d
+# rendezvous, on a port taken from the job id so two jobs sharing a node do not collide.
+RENDEZVOUS = """GPCTL_HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+GPCTL_PORT=$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))
+"""
+
+
+def launcher(gpus: int, nodes: int = 1) -> str:
+    """The command that trains a run directory in the job: one process; for `gpus = N > 1` N ranks
+    under torchrun on the job's node (DDP; rank 0 alone writes), as a local worker launches them; for
+    `nodes = M > 1` one torchrun per node under srun, M × N ranks meeting at the first node."""
     python = shlex.quote(sys.executable)
+    if nodes > 1:
+        return (f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 {python} -m torch.distributed.run "
+                f"--nnodes={nodes} --nproc_per_node={gpus} --rdzv_backend=c10d "
+                f'--rdzv_endpoint="$GPCTL_HEAD:$GPCTL_PORT" --rdzv_id="$SLURM_JOB_ID" -m engine train')
     if gpus > 1:
         return f"{python} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m engine train"
     return f"{python} -m engine train"
@@ -141,27 +155,29 @@ def check_gres(opts: SlurmOptions, gpus: int, what: str) -> None:
 
 
 def script(rd: RunDir, opts: SlurmOptions, resume: bool) -> str:
-    head = _header(f"gpctl-{rd.id}", opts, rd.path)     # first: it refuses a path no #SBATCH line can hold
-    gpus = rd.config().gpus
-    check_gres(opts, gpus, rd.id)
+    directive_path(rd.path)          # first: a path no #SBATCH line can hold is refused before anything is read
+    cfg = rd.config()
+    head = _header(f"gpctl-{rd.id}", opts, rd.path, cfg.nodes)
+    check_gres(opts, cfg.gpus, rd.id)
     body = BODY.format(run_dir=shlex.quote(str(rd.path)), resume="--resume" if resume else '""',
-                       launch=launcher(gpus))
+                       prelude=RENDEZVOUS if cfg.nodes > 1 else "", launch=launcher(cfg.gpus, cfg.nodes))
     return "\n".join(head) + "\n" + body
 
 
 def array_script(rds: list[RunDir], opts: SlurmOptions, resume: bool, where: Path) -> str:
     """One Slurm job array for several runs: task i trains the i-th run directory. Its tasks share one
     header, so its runs must ask for the same number of GPUs."""
-    gpus = {rd.config().gpus for rd in rds}
-    if len(gpus) > 1:
-        raise ConfigError(f"a Slurm array's runs share one job script, but they ask for gpus = "
-                          f"{', '.join(map(str, sorted(gpus)))}; submit them without --array, or with one gpus")
-    check_gres(opts, gpus.pop(), f"{rds[0].id} (and its array)")
+    shapes = {(rd.config().gpus, rd.config().nodes) for rd in rds}
+    if len(shapes) > 1:
+        raise ConfigError(f"a Slurm array's runs share one job script, but they ask for (gpus, nodes) = "
+                          f"{', '.join(map(str, sorted(shapes)))}; submit them without --array, or with one shape")
+    gpus, nodes = shapes.pop()
+    check_gres(opts, gpus, f"{rds[0].id} (and its array)")
     limit = f"%{opts.array_limit}" if opts.array_limit else ""
-    head = _header(f"gpctl-array-{rds[0].id}", opts, where) + [f"#SBATCH --array=0-{len(rds) - 1}{limit}"]
+    head = _header(f"gpctl-array-{rds[0].id}", opts, where, nodes) + [f"#SBATCH --array=0-{len(rds) - 1}{limit}"]
     dirs = " ".join(shlex.quote(str(rd.path)) for rd in rds)
     body = BODY.format(run_dir='"${DIRS[$SLURM_ARRAY_TASK_ID]}"', resume="--resume" if resume else '""',
-                       launch=launcher(rds[0].config().gpus))
+                       prelude=RENDEZVOUS if nodes > 1 else "", launch=launcher(gpus, nodes))
     return "\n".join(head) + f"\nDIRS=({dirs})\n" + body
 
 

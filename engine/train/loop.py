@@ -193,7 +193,7 @@ class Trainer:
                    if b % self.dist.world]
             if bad:   # a remainder would be silently dropped by every rank
                 raise ValueError(f"batch_size {bad[0]} does not divide among {self.dist.world} ranks "
-                                 f"(gpus = {cfg.gpus}): every batch size of the run must be a multiple of it")
+                                 f"(nodes × gpus = {cfg.nodes} × {cfg.gpus}): every batch size of the run must be a multiple of it")
             self.fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eval_fwd = self.model   # eager: the ragged last eval batch never reaches the compiler
         if cfg.compile:
