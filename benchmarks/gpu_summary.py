@@ -29,8 +29,18 @@ def main(folder: Path) -> dict:
     dev = folder / "device.txt"
     if dev.exists():
         summary["device"] = next((l for l in dev.read_text().splitlines() if l.startswith("torch ")), None)
+    summary["presets_default"] = {}   # what a user gets without flags: compile = "auto" (the presets' default)
     for rec in jsonl(folder / "throughput.jsonl"):
         summary["throughput"].append(rec)
+        if str(rec.get("compile_why", "")).startswith("compile = auto"):
+            kind = rec["bench"].split()[0]
+            key = " ".join([kind, f"bs{rec.get('batch')}", *rec.get("set", [])])
+            goal = GOALS.get(kind, (None, None))[0]
+            summary["presets_default"][key] = {"rate": rec["rate"], "unit": rec["unit"], "compile": rec["compile"],
+                                               "hold": rec.get("hold"), "mfu": rec.get("mfu_bf16_989"),
+                                               "host_syncs": rec.get("host_syncs"), "graphs": rec.get("graphs"),
+                                               "peak_gib": rec.get("peak_gib"),
+                                               "ratio_to_goal": round(rec["rate"] / goal, 3) if goal else None}
         kind = rec["bench"].split()[0]
         if kind in GOALS and " x" not in rec["bench"] and rec.get("batch") in (512, 64):
             goal, unit = GOALS[kind]

@@ -79,7 +79,8 @@ def make_token_shards(folder: Path, tokens: int, vocab: int, seq: int) -> Path:
 
 def config(which: str, tmp: Path, args) -> dict:
     common = {"name": which, "preset": "throughput", "steps": args.steps, "eval_every": 0,
-              "log_every": 10, "device": args.device, "compile": args.compile}
+              "log_every": 10, "device": args.device,
+              "compile": {"true": True, "false": False}.get(args.compile, args.compile)}
     if which == "resnet":
         folder = tmp / "c5m"
         folder.mkdir()
@@ -171,7 +172,7 @@ def measure(which: str, args) -> dict:
         read = max(cfg.batch_size, STREAM_TOKENS // cfg.data.seq_len) if cfg.is_lm else cfg.batch_size
         rate_stream = stream_rate(t, read) * t.tokens_per_sample
         return {"bench": which, "set": args.set, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                "precision": t.precision, "compile": cfg.compile and cfg.compile_mode, "batch": cfg.batch_size,
+                "precision": t.precision, "compile": t.compiled and t.compile_mode, "compile_why": t.compile_why, "batch": cfg.batch_size,
                 "micro": cfg.micro_batch_size, "hold": None if cfg.is_lm else cfg.data.hold,
                 "rate": round(per_s, 1), "rate_cuda_events": round(ev_s, 1) if ev_s else None, "unit": unit,
                 "mfu_bf16_989": round(per_s * FLOPS[which] / PEAK_BF16, 4) if full else None,
@@ -194,7 +195,7 @@ def profile(t: Trainer, batch: int, steps: int = 5) -> None:
         if t.device.type == "cuda":
             torch.cuda.synchronize()
     sort = "cuda_time_total" if t.device.type == "cuda" else "cpu_time_total"
-    print(f"== profile: {t.cfg.name} batch {batch}, {steps} steps, compile {t.cfg.compile}", file=sys.stderr)
+    print(f"== profile: {t.cfg.name} batch {batch}, {steps} steps, compile {t.compiled and t.compile_mode}", file=sys.stderr)
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
@@ -212,7 +213,7 @@ def concurrent(args) -> dict:
         cmd = [sys.executable, __file__, args.which, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--barrier", bar, "--barrier-n", str(args.concurrent)]
         cmd += [f"--set={item}" for item in args.set]
-        cmd += (["--batch", str(args.batch)] if args.batch else []) + (["--compile"] if args.compile else []) + \
+        cmd += (["--batch", str(args.batch)] if args.batch else []) + [f"--compile={args.compile}"] + \
             (["--small"] if args.small else [])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.concurrent)]
         outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -229,7 +230,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="batch size (default: 512 images, 64 sequences)")
     ap.add_argument("--micro", type=int, default=16, help="GPT-2 micro-batch (sequences per forward)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="true", default="false", choices=["true", "false", "auto"],
+                    help="torch.compile: --compile (true), --compile=auto (what the presets run), default false")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run of the same path")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (channels_last=false, compile_mode=\"reduce-overhead\")")

@@ -152,7 +152,9 @@ class Config:
                                     # starts it only where that much is free (0: its last recorded peak, else count only)
     precision: str = "auto"         # auto (bf16 on CUDA) | fp32 | bf16
     channels_last: bool = True      # convnets on CUDA
-    compile: bool = False           # torch.compile the model
+    compile: bool | str = "auto"    # torch.compile the model: true | false | "auto" (on CUDA: convnets with CUDA
+                                    # graphs when no micro-batches, else default mode; GPT-2 default mode;
+                                    # eager on the CPU). A compile that fails falls back to eager, with an event
     compile_mode: str = "default"   # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
                                     # | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # inductor (generated kernels) | aot_eager | eager: dynamo's debugging
@@ -209,6 +211,10 @@ def _check_value(where: str, key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {_show(value)}")
         return [_check_value(where, f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp == (bool | str):     # compile: true, false or "auto"
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"{where}: '{key}' must be true, false or \"auto\", got {_show(value)}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: '{key}' must be true or false, got {_show(value)}")

@@ -376,3 +376,71 @@ def test_prewarm_puts_back_the_rng_that_dropout_drew(tmp_path, monkeypatch, rest
     losses = lambda rd: [r["loss"] for r in _records(rd) if "loss" in r]   # noqa: E731
     assert len(losses(warm)) == 6
     assert (losses(warm) == losses(cold)) is restore
+
+
+def test_compile_auto_is_eager_on_the_cpu_and_picks_a_mode_by_model_on_cuda():
+    """Issue 29: the default, compile = "auto", resolved per device and model."""
+    from engine.train.loop import compile_choice
+    img, lm = tiny(TINY_IMAGES), tiny(TINY_LM)
+    assert img.compile == "auto" and lm.compile == "auto"
+    assert compile_choice(img, "cpu") == (False, "", "compile = auto: eager on the CPU")
+    assert compile_choice(lm, "cpu")[0] is False
+    assert compile_choice(img, "cuda") == (True, "reduce-overhead", "compile = auto: a convnet on CUDA, with CUDA graphs")
+    assert compile_choice(tiny(TINY_IMAGES, "micro_batch_size=8"), "cuda") == (
+        True, "default", "compile = auto: on CUDA, default mode")                   # accumulation: no graphs (yet)
+    assert compile_choice(lm, "cuda") == (True, "default", "compile = auto: on CUDA, default mode")
+    assert compile_choice(tiny(TINY_LM, 'compile_mode="max-autotune"'), "cuda")[1] == "max-autotune"
+    assert compile_choice(tiny(TINY_IMAGES, "compile=true"), "cpu") == (True, "default", "compile = true")
+    assert compile_choice(tiny(TINY_IMAGES, "compile=false"), "cuda") == (False, "", "compile = false")
+
+
+def test_a_compile_that_fails_trains_eager_says_so_and_changes_nothing(tmp_path, monkeypatch):
+    """A compiler error (a missing toolchain, an unsupported op) never kills the run: one event says
+    why, and the run trains eager, record for record what an eager run records."""
+    class Broken:
+        def __init__(self, module):
+            self.module = module
+
+        def __call__(self, *a, **k):
+            raise RuntimeError("inductor: no C++ compiler found\nlong traceback text")
+
+        def no_sync(self):
+            return self.module.no_sync()
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Broken(m))
+    over = ("steps=6", "batch_size=4", "eval_every=3", "log_every=2")
+    rd = RunDir.create(tmp_path, tiny(TINY_IMAGES, "compile=true", *over, name="broken"))
+    assert train(rd) == "done", rd.log_file.read_text()[-2000:]
+    (failed,) = [e for e in rd.events()[0] if e["event"] == "compile_failed"]
+    assert (failed["step"], failed["mode"], failed["reason"]) == (0, "default", "RuntimeError: inductor: no C++ compiler found")
+    assert "torch.compile failed (RuntimeError: inductor: no C++ compiler found); this run trains eager" in \
+        rd.log_file.read_text()
+    eager = RunDir.create(tmp_path, tiny(TINY_IMAGES, "compile=false", *over, name="eager"))
+    assert train(eager) == "done"
+    assert _records(rd) == _records(eager) and len(_records(rd)) == 6 + 2     # 6 steps, 2 evals
+    start = [e for e in eager.events()[0] if e["event"] == "start"][0]
+    assert (start["compile"], start["compile_why"]) == ("off", "compile = false")
+
+
+def test_with_cuda_graph_steps_the_grads_are_preallocated_zeroed_in_place_and_train_the_same(tmp_path):
+    """CUDA-graph replays need stable .grad buffers (torch's cudagraph_trees): with graph steps on, every
+    parameter's .grad is allocated before the first backward and zeroed in place after each step, so
+    its storage never changes; the updates are the eager run's. Run on the CPU by turning the flag on
+    (cudagraph_mark_step_begin only marks a step there); negative control: eager frees them."""
+    from engine.train.loop import Trainer
+    over = ("steps=5", "batch_size=8", "micro_batch_size=4", "eval_every=0", "log_every=5", "noise_scale=false")
+    losses, ptrs = {}, {}
+    for graphs in (True, False):
+        rd = RunDir.create(tmp_path, tiny(TINY_IMAGES, *over, name=f"g{graphs}"))
+        t = Trainer(rd, rd.config())
+        t.setup(resume=False)
+        t._graph_steps = graphs
+        seen = []
+        for _ in range(3):
+            losses.setdefault(graphs, []).append(float(t._train_step(8)))
+            seen.append([None if p.grad is None else (p.grad.data_ptr(), float(p.grad.abs().sum()))
+                         for p in t.model.parameters()])
+        ptrs[graphs] = seen
+    assert all(g is not None and g[1] == 0.0 for step in ptrs[True] for g in step)      # zeroed in place
+    assert [g[0] for g in ptrs[True][0]] == [g[0] for g in ptrs[True][2]]               # the same storage
+    assert all(g is None for step in ptrs[False] for g in step)                          # eager: freed
+    assert losses[True] == losses[False]
