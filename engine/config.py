@@ -40,6 +40,9 @@ class ModelConfig:
     n_head: int = 12
     n_embd: int = 768
     vocab_size: int = 50257
+    pad_vocab: int = 64             # gpt2: the output GEMM runs on the tied embedding padded with zero rows to a
+                                    # multiple of this (50257 -> 50304, as nanoGPT: aligned GEMMs), its logits
+                                    # sliced back to vocab_size: the same function and weights; 1 = no padding
     n_positions: int = 2048         # context length the model supports, tokens
     dropout: float = 0.0            # Mosaic 125m trains without dropout
 
@@ -366,7 +369,7 @@ def validate(cfg: Config, where: str) -> Config:
 
 _RANGES = {   # key: (lowest, highest) for values beyond "> 0" that a run cannot work without
     "steps": (1, 10**12), "seed": (0, 2**63 - 1), "data_seed": (0, 2**63 - 1), "threads": (0, 4096),
-    "gpus": (1, 4096), "nodes": (1, 4096), "model.width": (1, 65536), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
+    "gpus": (1, 4096), "nodes": (1, 4096), "model.width": (1, 65536), "model.pad_vocab": (1, 4096), "model.depth": (1, 1000), "model.num_classes": (2, 10**7),
     "model.n_layer": (1, 1000), "model.n_head": (1, 1000), "model.n_embd": (1, 10**6),
     "model.vocab_size": (2, 10**8), "model.n_positions": (1, 10**7), "data.image_size": (1, 65536),
     "data.seq_len": (1, 10**7), "gpu_memory": (0, 10**6), "data.eval_samples": (1, 10**9), "data.offline_size": (1, 10**12),

@@ -444,3 +444,56 @@ def test_with_cuda_graph_steps_the_grads_are_preallocated_zeroed_in_place_and_tr
     assert [g[0] for g in ptrs[True][0]] == [g[0] for g in ptrs[True][2]]               # the same storage
     assert all(g is None for step in ptrs[False] for g in step)                          # eager: freed
     assert losses[True] == losses[False]
+
+
+def test_a_padded_vocabulary_is_the_same_gpt2_and_its_checkpoints_load_in_transformers(tmp_path):
+    """Issue 29: the head's GEMM runs on the vocabulary padded to a multiple of model.pad_vocab (61 -> 64
+    here, 50257 -> 50304 in the presets); the logits, the loss and the gradients are the unpadded
+    model's, and the weights keep GPT-2's shapes, so a checkpoint still loads in transformers."""
+    from transformers import GPT2LMHeadModel
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+    from engine.train import checkpoint as ckpt
+    from engine.train.loop import loss_fn
+    kw = dict(name="gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
+    torch.manual_seed(0)
+    padded = build_model(ModelConfig(**kw, pad_vocab=64))
+    plain = build_model(ModelConfig(**kw, pad_vocab=1))
+    plain.load_state_dict(padded.state_dict())
+    assert padded.pad == 3 and plain.pad == 0
+    assert padded.hf.lm_head.weight.shape == (61, 16)                   # no padding among the parameters
+    tokens = torch.randint(0, 61, (3, 20))
+    out = {}
+    for name, m in (("padded", padded), ("plain", plain)):
+        m.zero_grad()
+        logits = m(tokens)
+        loss = loss_fn(logits, tokens, None)
+        loss.backward()
+        out[name] = (logits.detach(), loss.item(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    assert out["padded"][0].shape == (3, 20, 61)
+    assert torch.allclose(out["padded"][0], out["plain"][0], atol=1e-6)
+    assert out["padded"][1] == pytest.approx(out["plain"][1], abs=1e-6)
+    assert all(torch.allclose(out["padded"][2][k], g, atol=1e-6) for k, g in out["plain"][2].items())
+    with torch.no_grad():
+        assert torch.allclose(padded(tokens), padded.hf(input_ids=tokens).logits, atol=1e-5)
+    # negative control: the padded logits kept (not sliced back) put mass on tokens that do not exist
+    body = padded.hf.transformer
+    with torch.no_grad():
+        h = body.wte(tokens) + body.wpe(torch.arange(20))
+        for block in body.h:
+            o = block(h)
+            h = o[0] if isinstance(o, tuple) else o
+        unsliced = torch.nn.functional.linear(body.ln_f(h), torch.nn.functional.pad(padded.hf.lm_head.weight, (0, 0, 0, 3)))
+    assert abs(loss_fn(unsliced, tokens, None).item() - out["plain"][1]) > 1e-3
+    # a padded run's checkpoint: GPT-2's shapes, read by transformers with equal logits
+    cfg = tiny(TINY_LM, "steps=2", "eval_every=0", "model.vocab_size=61", "data.vocab_size=61", "model.pad_vocab=64")
+    rd = RunDir.create(tmp_path, cfg)
+    assert train(rd) == "done"
+    hf = GPT2LMHeadModel.from_pretrained(str(ckpt.export_hf(rd.checkpoint_path(2), tmp_path / "hf"))).eval()
+    ours = build_model(cfg.model)
+    weights, _ = ckpt.load_weights(rd.checkpoint_path(2))
+    ckpt.load_weights_into(ours, weights, rd.checkpoint_path(2))
+    x = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        assert hf.config.vocab_size == 61 and torch.allclose(hf(input_ids=x).logits, ours.eval()(x), atol=1e-5)

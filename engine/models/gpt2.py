@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from engine.config import ModelConfig
 
@@ -25,8 +26,9 @@ class GPT2(nn.Module):
 
     forward runs GPT2LMHeadModel's own modules (embeddings, blocks, final norm, tied head) with no
     attention mask, so SDPA takes its causal kernel; it skips transformers' mask preparation, which
-    looks for packed sequences with a `.all()` on the device (a host sync every step). Equal to
-    `self.hf(input_ids=tokens).logits` (tests/test_fastpath.py checks it)."""
+    looks for packed sequences with a `.all()` on the device (a host sync every step). The head's
+    GEMM runs on the vocabulary padded to `model.pad_vocab` (zero rows, sliced off again). Equal to
+    `self.hf(input_ids=tokens).logits` (tests/test_fastpath.py checks it, padded and not)."""
 
     def __init__(self, mc: ModelConfig):
         super().__init__()
@@ -35,6 +37,8 @@ class GPT2(nn.Module):
         cfg = gpt2_config(mc)
         cfg._attn_implementation = "sdpa"
         self.hf = GPT2LMHeadModel(cfg)
+        self.vocab = mc.vocab_size
+        self.pad = -mc.vocab_size % mc.pad_vocab     # 50257 -> 50304: 47 zero rows, never parameters
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         body = self.hf.transformer
@@ -43,7 +47,14 @@ class GPT2(nn.Module):
         for block in body.h:
             out = block(h)
             h = out[0] if isinstance(out, tuple) else out
-        return self.hf.lm_head(body.ln_f(h))
+        h = body.ln_f(h)
+        if not self.pad:
+            return self.hf.lm_head(h)
+        # the head's GEMM on a vocabulary padded to an aligned size (zero rows: the weights and the
+        # function stay GPT-2's), then the logits of the real tokens only; the loss's fp32 copy of
+        # them was made before as well
+        w = F.pad(self.hf.lm_head.weight, (0, 0, 0, self.pad))
+        return F.linear(h, w)[..., :self.vocab]
 
 
 def gpt2(mc: ModelConfig) -> GPT2:
