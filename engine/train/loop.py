@@ -222,6 +222,7 @@ class Trainer:
             self.fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eval_fwd = self.model   # eager: the ragged last eval batch never reaches the compiler
         self.eager_fwd = self.fwd    # what a failed compile falls back to
+        self.fwd_loss = self._fwd_loss   # (x, y) -> the micro-batch's loss; compiled whole when it can be
         self.compiled, self.compile_mode, self.compile_why = compile_choice(cfg, self.device.type)
         if self.compiled:
             policy = compile_policy(cfg)
@@ -233,6 +234,10 @@ class Trainer:
             os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))  # shape starts warm
             mode = None if self.compile_mode == "default" else self.compile_mode
             self.fwd = torch.compile(self.fwd, dynamic=policy["dynamic"], mode=mode, backend=cfg.compile_backend)
+            if not self.dist.active:   # the loss inside the compiled graph: GPT-2's cross-entropy fused with
+                eager = self.eager_fwd      # the head, no fp32 copy of the (B·L, V) logits in memory
+                self.fwd_loss = torch.compile(lambda x, y: loss_fn(eager(x), x, y), dynamic=policy["dynamic"],
+                                              mode=mode, backend=cfg.compile_backend)
         # CUDA graphs (reduce-overhead, max-autotune) replay into the same output buffers: each forward
         # starts a new graph step, so a micro-batch's forward never overwrites what the last one's
         # backward still needs (tied embeddings under gradient accumulation did, on an H200)
@@ -443,13 +448,16 @@ class Trainer:
                 if self._graph_steps:
                     torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast:
-                    loss_fn(self.fwd(x), x, y).backward()
+                    self.fwd_loss(x, y).backward()
                 self.optimizer.zero_grad(set_to_none=not self._graph_steps)   # each rep from zero grads
         self._prewarm_restore(saved)
         took = time.perf_counter() - t0
         self.rd.append_event("prewarm", step=self.step, lr_time=self.lr_time, sizes=sizes, seconds=round(took, 3),
                              graphs=compiled_graphs() - self._graphs_before)
         self.rd.log(f"pre-warmed the compiled model for micro-batches {sizes} in {took:.1f} s")
+
+    def _fwd_loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return loss_fn(self.fwd(x), x, y)
 
     def _stable_grads(self) -> None:
         """Preallocated, zeroed .grad tensors, which CUDA-graph replays accumulate into (never a graph's
@@ -461,6 +469,7 @@ class Trainer:
     def _compile_failed(self, e: Exception) -> None:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
         self.fwd, self.compiled, self._graph_steps = self.eager_fwd, False, False
+        self.fwd_loss = self._fwd_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.rd.append_event("compile_failed", step=self.step, lr_time=self.lr_time, mode=self.compile_mode,
                              reason=reason)
@@ -511,7 +520,9 @@ class Trainer:
             if self._graph_steps:
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, (nullcontext() if sync else self.fwd.no_sync()):
-                loss = loss_fn(self.fwd(xs), xs, ys)
+                loss = self.fwd_loss(xs, ys)
+                if self._graph_steps:     # a CUDA graph's output is overwritten by its next replay: the
+                    loss = loss.clone()   # loss summed over micro-batches keeps its own copy
                 if micro < batch:
                     loss = loss * (xs.shape[0] / batch)
                 loss.backward()
