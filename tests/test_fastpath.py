@@ -8,6 +8,7 @@
 - the control file is checked by time, not every step, and where a request applied is recorded.
 """
 import json
+import shutil
 import subprocess
 import sys
 
@@ -497,3 +498,29 @@ def test_a_padded_vocabulary_is_the_same_gpt2_and_its_checkpoints_load_in_transf
     x = torch.randint(0, 61, (2, 16))
     with torch.no_grad():
         assert hf.config.vocab_size == 61 and torch.allclose(hf(input_ids=x).logits, ours.eval()(x), atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code needs a C++ compiler")
+def test_a_run_compiled_by_inductor_records_what_an_eager_run_records(tmp_path):
+    """Issue 29: compile = true with inductor generating real code (C++ on the CPU), forward and loss
+    in one graph, two batch sizes pre-warmed: its losses are the eager run's to 1e-4 (fused kernels
+    reorder float sums); negative control: another learning rate is further away than that."""
+    over = ("steps=6", "batch_size=8", "eval_every=3", "log_every=2", 'model.name="cnn"', "model.width=4",
+            "model.depth=2", "changes=[{at_step=3, batch_size=16}]", "noise_scale=false")
+    runs = {}
+    for name, extra in (("eager", "compile=false"), ("inductor", "compile=true"), ("other_lr", "lr=0.03")):
+        rd = RunDir.create(tmp_path, tiny(TINY_IMAGES, extra, *over, name=name))
+        assert train(rd) == "done", rd.log_file.read_text()[-2000:]
+        runs[name] = rd
+    assert not [e for e in runs["inductor"].events()[0] if e["event"] == "compile_failed"]
+    (end,) = [e for e in runs["inductor"].events()[0] if e["event"] == "end"]
+    (warm,) = [e for e in runs["inductor"].events()[0] if e["event"] == "prewarm"]
+    assert warm["sizes"] == [8, 16] and end["graphs"] >= 2
+
+    def losses(rd, key):
+        return [r[key] for r in rd.metrics()[0] if key in r]
+    for key in ("loss", "eval_loss"):
+        a, b = losses(runs["eager"], key), losses(runs["inductor"], key)
+        assert len(a) == len(b) > 0 and b == pytest.approx(a, rel=1e-4), key
+    assert losses(runs["other_lr"], "eval_loss") != pytest.approx(losses(runs["eager"], "eval_loss"), rel=1e-3)
