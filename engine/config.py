@@ -145,8 +145,12 @@ class Config:
     checkpoint_loss_tol: float = 0.01   # a loss checkpoint lands within this fraction of its level (cadence target)
     log_every: int = 20             # steps between flushes of metrics.jsonl (no GPU sync in between)
     noise_scale: bool = True        # record the gradient noise scale at each flush step where it is free:
-                                    # gradient accumulation (micro_batch_size < batch_size) in one process
+                                    # gradient accumulation (micro_batch_size < batch_size) or DDP ranks
                                     # (engine/train/noise.py: McCandlish et al. 2018's B_simple)
+    noise_micro: int = 0            # opt-in where it is not free: a run that does not accumulate cuts each
+                                    # flush step's batch into micro-batches of this size to measure it (the
+                                    # same gradient up to rounding; BatchNorm's statistics are then the
+                                    # micro-batches' on those steps); 0 = only where free
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     gpus: int = 1                   # GPUs a queued job asks of a GPU worker (> 1: torchrun DDP), per node
     nodes: int = 1                  # Slurm nodes a job spans (> 1: srun torchrun, c10d rendezvous at the
@@ -331,7 +335,7 @@ def validate(cfg: Config, where: str) -> Config:
     if cfg.compile_backend != "inductor" and cfg.compile_mode != "default":
         raise ConfigError(f"{where}: 'compile_mode' = {cfg.compile_mode!r} needs compile_backend = \"inductor\" "
                           f"(got {cfg.compile_backend!r})")
-    for key in ("eval_every", "checkpoint_every", "micro_batch_size", "lr_ref", "max_lr_time"):
+    for key in ("eval_every", "checkpoint_every", "micro_batch_size", "noise_micro", "lr_ref", "max_lr_time"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: '{key}' must be >= 0, got {getattr(cfg, key)}")
     _check_schedule(cfg, where)

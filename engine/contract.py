@@ -17,8 +17,8 @@ values. The rules:
     knobs (`batch_size`; `lr`; `mode`: data.mode and the offline subset) and the seed of a baseline;
     keys that change only how fast or how often it is watched (device, compile, eval_every,
     checkpoints, ...) may differ. `steps` may differ on an lr figure (arms there end at the same
-    LR-normalized time, which engine/plan.py proves), `micro_batch_size` where the model has no
-    BatchNorm (accumulation is then exact);
+    LR-normalized time, which engine/plan.py proves), `micro_batch_size` and `noise_micro` where the
+    model has no BatchNorm (accumulation is then exact);
   - each planned change moves the noise in the declared direction, and a changed arm ends at the
     reference's noise (lr to a relative 1e-9, batch exactly); the reference itself never changes;
   - an lr figure names `lr_ref` in the preset (else every arm's clock counts in its own lr);
@@ -41,6 +41,7 @@ NEUTRAL = {
     "device", "gpus", "nodes", "gpu_memory", "threads", "compile", "compile_mode", "compile_backend",
     "channels_last", "model.pad_vocab", "log_every", "eval_every", "checkpoint_every", "checkpoint_at_steps",
     "checkpoint_at_lr_times", "checkpoint_at_losses", "checkpoint_loss_tol", "data.workers", "data.hold",
+    "noise_scale",
     "control.max_lr_factor", "control.max_batch_size", "control.share_with_group", "control.poll_ms",
 }
 _BATCHNORM_MODELS = ("resnet18",)     # models whose forward depends on the micro-batch
@@ -243,7 +244,7 @@ def _check_point(contract: Contract, at: list[tuple[str, Config]], plans: dict, 
                 continue
             if key == "data.offline_size" and "offline" not in (a["data.mode"], b["data.mode"]):
                 continue
-            if key == "micro_batch_size" and cfg.model.name not in _BATCHNORM_MODELS:
+            if key in ("micro_batch_size", "noise_micro") and cfg.model.name not in _BATCHNORM_MODELS:
                 continue
             if key == "lr_ref" and (lr_figure or (cfg.lr_ref == cfg.lr and ref.lr_ref == ref.lr)):
                 continue   # lr figures: reported once, by _check_lr_ref; else it follows the lr's difference

@@ -330,3 +330,16 @@ def test_a_fork_that_sets_a_new_lr_keeps_its_parents_clock(tmp_path):
     assert recs[-1]["lr_time"] == pytest.approx(6 + 6 * 0.2, rel=1e-12)    # 7.2, not 12
     par = [r for r in parent.metrics()[0] if "loss" in r]
     assert par[-1]["lr_time"] == pytest.approx(12.0)
+
+
+def test_noise_measuring_keys_differ_freely_except_noise_micro_on_a_batchnorm_model(tmp_path):
+    """Issue 30: `noise_scale` only records; `noise_micro` cuts the flush steps' batches, which is
+    exact for a model without BatchNorm (the cnn) and changes what a ResNet trains on those steps."""
+    edit = ("[runs.bs8]\nbatch_size = 8", "[runs.bs8]\nbatch_size = 8\nnoise_micro = 4\nnoise_scale = false")
+    code, report = check(tmp_path, BATCH.replace(*edit))
+    assert code == 0 and report["findings"] == [], report
+    resnet = BATCH.replace('model.name = "cnn"', 'model.name = "resnet18"')
+    code, report = check(tmp_path, resnet)
+    assert code == 0 and report["findings"] == [], report            # the ResNet preset itself is sound
+    code, report = check(tmp_path, resnet.replace(*edit))
+    assert code == 1 and errors(report) == [("noise_micro", ["bs8", "bs64"])]

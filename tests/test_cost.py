@@ -83,7 +83,7 @@ def test_a_finished_run_keeps_its_step_times_and_the_queue_estimates_from_them(t
     from tests.conftest import TINY_IMAGES, tiny
     home = tmp_path / "home"
     cfg = tiny(TINY_IMAGES, "steps=60", "log_every=1", "eval_every=0", "checkpoint_every=0")
-    done = RunDir.create(home, cfg, run_id="done")
+    RunDir.create(home, cfg, run_id="done")
     # records by hand: 0.1 s a step, a slow first attempt start, a resume (wall restarts), a batch change
     recs, wall = [], 0.0
     for step in range(1, 61):

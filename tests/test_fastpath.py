@@ -356,6 +356,9 @@ def test_prewarm_sizes_are_the_shapes_still_to_come():
     cfg = tiny(TINY_IMAGES, "batch_size=8", "micro_batch_size=4", "steps=30", "changes=[{at_step=5, batch_size=32}]")
     t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=2))
     assert Trainer.prewarm_sizes(t) == [4]               # per rank 4 and 16: micro-batches of 4 only
+    cfg = tiny(TINY_IMAGES, "batch_size=8", "noise_micro=2", "steps=30", "changes=[{at_step=5, batch_size=32}]")
+    t = SimpleNamespace(cfg=cfg, schedule=Schedule(cfg), dist=SimpleNamespace(world=1))
+    assert Trainer.prewarm_sizes(t) == [2, 8, 32]         # the flush steps' micro-batches of noise_micro too
 
 
 @pytest.mark.parametrize("restore", [True, False])

@@ -122,3 +122,59 @@ def test_when_conditions_on_the_noise_scale_from_the_emas_of_its_two_parts(home)
     # negative control: no accumulation, no noise value: the noise request waits, the grad-norm one too
     ev = [e for e in plain.events()[0] if e.get("event") == "control" and e.get("status") == "applied"]
     assert ev == []
+
+
+def test_noise_micro_measures_a_run_that_does_not_accumulate_on_its_flush_steps_only(home):
+    """Opt-in where the estimate is not free (`noise_micro`): a run that trains whole batches cuts each
+    flush step's batch into micro-batches to measure B_simple. Its losses are the plain run's up to
+    rounding (GPT-2 has no batch statistics), its fields are at the flush steps only, and at the first
+    flush they are what a run accumulating in micro-batches of the same size records there (the
+    independent path); a noise_micro that does not divide the batch, like the plain run, records none."""
+    base = ("steps=8", "batch_size=8", "log_every=4", "eval_every=0", "checkpoint_every=0")
+    opt = RunDir.create(home, tiny(TINY_LM, *base, "noise_micro=2"), run_id="tiny-nm-on")
+    plain = RunDir.create(home, tiny(TINY_LM, *base), run_id="tiny-nm-plain")
+    acc = RunDir.create(home, tiny(TINY_LM, *base, "micro_batch_size=2"), run_id="tiny-nm-acc")
+    odd = RunDir.create(home, tiny(TINY_LM, *base, "noise_micro=3"), run_id="tiny-nm-odd")
+    for rd in (opt, plain, acc, odd):
+        assert train(rd) == "done"
+    keys = {"grad_norm", "noise_g2", "noise_tr_sigma", "lr_over_batch"}
+    got = opt.train_records()
+    assert [r["step"] for r in got if keys <= set(r)] == [4, 8]
+    assert all(not (keys & set(r)) for r in plain.train_records() + odd.train_records())
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in plain.train_records()], rel=1e-5)
+    mine, theirs = got[3], acc.train_records()[3]
+    assert mine["step"] == theirs["step"] == 4
+    for k in ("grad_norm", "noise_tr_sigma", "lr_over_batch"):
+        assert mine[k] == pytest.approx(theirs[k], rel=1e-4), k
+    assert mine["noise_g2"] == pytest.approx(theirs["noise_g2"], abs=1e-4 * mine["grad_norm"] ** 2)
+    # and it is the estimator's arithmetic on this step's norms, not a copy of another step's
+    assert got[7]["grad_norm"] != pytest.approx(mine["grad_norm"], rel=1e-3)
+
+
+def test_noise_micro_is_refused_negative_and_kept_out_of_cuda_graphs():
+    from engine.config import ConfigError
+    from engine.train.loop import compile_choice, compile_policy
+    with pytest.raises(ConfigError, match="'noise_micro' must be >= 0, got -2"):
+        tiny(TINY_LM, "noise_micro=-2")
+    from tests.conftest import TINY_IMAGES
+    assert compile_choice(tiny(TINY_IMAGES, "noise_micro=4"), "cuda") == (
+        True, "default", "compile = auto: on CUDA, default mode")      # its flush steps accumulate: no graphs
+    assert compile_choice(tiny(TINY_IMAGES, "noise_micro=4", "noise_scale=false"), "cuda")[1] == "reduce-overhead"
+    assert compile_policy(tiny(TINY_LM, "noise_micro=2"))["recompile_limit"] == \
+        compile_policy(tiny(TINY_LM))["recompile_limit"] + 1
+
+
+def test_noise_micro_on_a_batchnorm_model_changes_its_flush_steps_only_as_documented(home):
+    """A ResNet's BatchNorm normalizes over each micro-batch on the measured steps: the steps before
+    the first flush are the plain run's bit for bit, the flush step's loss is not (why it is opt-in
+    and why `presets check` counts it on such a model)."""
+    from tests.conftest import TINY_IMAGES
+    base = ("eval_every=0", "checkpoint_every=0")
+    opt = RunDir.create(home, tiny(TINY_IMAGES, *base, "noise_micro=4"), run_id="tiny-nm-resnet")
+    plain = RunDir.create(home, tiny(TINY_IMAGES, *base), run_id="tiny-nm-resnet-plain")
+    for rd in (opt, plain):
+        assert train(rd) == "done"
+    got, ref = opt.train_records(), plain.train_records()
+    assert [r["step"] for r in got if "noise_tr_sigma" in r] == [4, 8, 12]
+    assert [r["loss"] for r in got[:3]] == [r["loss"] for r in ref[:3]]
+    assert got[3]["loss"] != ref[3]["loss"]

@@ -130,4 +130,19 @@ def test_the_worker_announces_a_snap_once_and_notifies(tmp_path, monkeypatch):
     from engine.control import event_text
     assert event_text(snaps[0]) == want["sentence"]
     assert _json.loads(_json.dumps(snaps[0]))["x"] == "step"
+    # the runs table's snap cell (ls and the TUI read the summary): the offset of gpctl snap's `at` from T0
+    assert dropped.summary()["snap"] == f"✓ +{want['at'] - want['t0']:.0f}"
+    assert f"at T0 + {want['at'] - want['t0']:.0f} step" in want["sentence"]
+    assert ref.summary()["snap"] == "-"                            # never changed
     w.store.close()
+
+
+def test_the_snap_cell_says_changed_until_a_snap_event_and_reads_its_axis():
+    from engine.store.rundir import snap_cell
+    change = {"event": "schedule", "step": 50, "lr_time": 25.0}
+    assert snap_cell([]) == "-"
+    assert snap_cell([{"event": "start", "step": 0}, {"event": "control", "status": "rejected", "changed": {}}]) == "-"
+    assert snap_cell([change]) == "changed"
+    assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓ +150"
+    assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓ +15 lr_time"
+    assert snap_cell([{"event": "snap", "x": "step", "at": 200.0}]) == "✓"     # its change not in the file

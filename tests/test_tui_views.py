@@ -630,7 +630,7 @@ def test_a_running_runs_own_gpu_memory_and_utilisation(home, monkeypatch):
 
         async def go():
             app = GpctlApp(home, live=False)
-            async with app.run_test(size=(120, 40)) as pilot:
+            async with app.run_test(size=(148, 40)) as pilot:
                 await pilot.pause(0.2)
                 return dict(app.gpu_use), str(app.table.get_cell(RUN0, "gpu")), str(app.table.get_cell(RUN1, "gpu"))
         use, cell, other = asyncio.run(go())

@@ -100,7 +100,6 @@ def test_tv_cli_reports_dropped_pairs_with_their_numbers(three_runs):
     res = runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", f"{limit:.6g}"])
     assert res.exit_code == 0, res.output
     assert "main: 1 pairs kept (0 at a shared loss level), 1 dropped beyond" in res.stdout
-    la, lb = worst["loss_a"], worst["loss_b"]
     assert f"dropped: step {worst['step_a']} of drop" in res.stdout and f"~ step {worst['step_b']} of low" in res.stdout
     none = runner.invoke(app, ["--home", str(home), "tv", "drop", "low", "--match-loss", "--max-gap", "1e-9"])
     assert none.exit_code == 2

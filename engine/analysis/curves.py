@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.store.rundir import RunDir
+from engine.store.rundir import RunDir, is_change
 
 AXES = ("step", "samples", "lr_time", "wall")
 
@@ -106,11 +106,8 @@ def first_change(rd: RunDir, x: str = "step") -> dict | None:
     """The event of the run's first noise change (a planned change, a request or a fork) that has a
     position on x, or None."""
     for e in rd.events()[0]:
-        kind = e.get("event")
-        if kind == "schedule" or (kind == "fork" and e.get("changed")) or (
-                kind == "control" and e.get("status") == "applied" and e.get("changed")):
-            if isinstance(e.get(x, e.get("step")), (int, float)):
-                return e
+        if is_change(e) and isinstance(e.get(x, e.get("step")), (int, float)):
+            return e
     return None
 
 

@@ -553,8 +553,9 @@ class RunDir:
         if skipped.count:
             problems.append(str(skipped))
         events_skipped = Unreadable(self.events_file.name)
+        snap = "?"                                           # a long events file: not read here
         if _size(self.events_file) <= _TAIL_LIMIT:           # a long events file is checked by `show`
-            read_jsonl(self.events_file, 0, events_skipped)
+            snap = snap_cell(read_jsonl(self.events_file, 0, events_skipped)[0])
         if events_skipped.count:
             problems.append(str(events_skipped))
         smoothed = None
@@ -580,7 +581,35 @@ class RunDir:
                 "lr_time": last.get("lr_time", 0.0), "lr": last.get("lr"), "batch_size": last.get("batch_size"),
                 "loss": last.get("loss"), "loss_ema": smoothed, "eval_loss": last_eval.get("eval_loss"),
                 "eval_error": last_eval.get("eval_error"), "error": st.get("error"),
-                "created": st.get("created", 0.0), "steps": steps}
+                "created": st.get("created", 0.0), "steps": steps, "snap": snap}
+
+
+def snap_cell(events: list[dict]) -> str:
+    """The snap in a few characters, from the run's events: "-" no noise change took effect; "✓ +150"
+    snapped (the worker's `snap` event: its first held-out point on the reference, 150 steps after T0,
+    on the snap's axis); "changed" otherwise (not snapped when last fitted, or not fitted yet:
+    `gpctl snap` / the TUI's S fit it now)."""
+    t0 = None
+    for e in events:
+        kind = e.get("event")
+        if kind == "snap":
+            at, x = e.get("at"), e.get("x") or "step"
+            change = next((c for c in events if is_change(c)), {})
+            start = change.get(x, change.get("step"))
+            if isinstance(at, (int, float)) and isinstance(start, (int, float)):
+                unit = "" if x == "step" else f" {x}"
+                return f"✓ +{at - start:.0f}{unit}"
+            return "✓"
+        if t0 is None and is_change(e):
+            t0 = e
+    return "-" if t0 is None else "changed"
+
+
+def is_change(e: dict) -> bool:
+    """A noise change that took effect: a planned change, an applied request or a fork that changed it."""
+    kind = e.get("event")
+    return kind == "schedule" or (kind == "fork" and bool(e.get("changed"))) or (
+        kind == "control" and e.get("status") == "applied" and bool(e.get("changed")))
 
 
 EMA_COEF, EMA_TAIL = 0.8, 64   # the summary's smoothed loss: EMA 0.8 over the last 64 step records

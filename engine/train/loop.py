@@ -90,10 +90,21 @@ def compile_policy(cfg: Config) -> dict:
     sizes = {cfg.batch_size} | {c.batch_size for c in cfg.changes if c.batch_size}
     micro = {min(cfg.micro_batch_size, b) if cfg.micro_batch_size else b for b in sizes}
     ragged = {b % cfg.micro_batch_size for b in sizes if cfg.micro_batch_size and b % cfg.micro_batch_size}
-    return {"dynamic": False, "recompile_limit": len(micro | ragged) + 8}
+    noise = {cfg.noise_micro} if cfg.noise_micro and cfg.noise_scale else set()   # its flush steps' shape
+    return {"dynamic": False, "recompile_limit": len(micro | ragged | noise) + 8}
 
 
 CONVNETS = ("resnet18", "cnn", "convnext")
+
+
+def noise_micro_applies(cfg: Config, batch: int, micro: int, world: int, graph_steps: bool) -> bool:
+    """Whether a flush step of `batch` samples (per rank) is cut into micro-batches of `noise_micro`
+    to measure the noise scale: opt-in, where it is not free (the run neither accumulates nor has
+    several ranks) and the batch is a multiple of it; never with CUDA graphs, whose shapes are
+    recorded once."""
+    m = cfg.noise_micro
+    return bool(cfg.noise_scale and m and world == 1 and micro >= batch and m < batch
+                and batch % m == 0 and not graph_steps)
 
 
 def compile_choice(cfg: Config, device_type: str) -> tuple[bool, str, str]:
@@ -102,8 +113,8 @@ def compile_choice(cfg: Config, device_type: str) -> tuple[bool, str, str]:
     true / false are obeyed (with cfg.compile_mode). "auto": eager on the CPU (inductor's CPU code is
     rarely faster for these models and a cold compile costs minutes on few cores); on CUDA a convnet
     compiles with CUDA graphs ("reduce-overhead": ResNet-18 bs 512 on an H200 went from 43.8k img/s
-    eager to 80.8k), except under gradient accumulation, whose replays into shared buffers have not
-    been measured safe on a GPU yet, where it compiles in the default mode; GPT-2 compiles in the
+    eager to 80.8k), except under gradient accumulation (or noise_micro), whose replays into shared
+    buffers have not been measured safe on a GPU yet, where it compiles in the default mode; GPT-2 compiles in the
     default mode (217k -> 405k tok/s). A compile_mode set in the config wins over auto's."""
     if cfg.compile is True:
         return True, cfg.compile_mode, "compile = true"
@@ -113,7 +124,7 @@ def compile_choice(cfg: Config, device_type: str) -> tuple[bool, str, str]:
         return False, "", "compile = auto: eager on the CPU"
     if cfg.compile_mode != "default":
         return True, cfg.compile_mode, f"compile = auto, compile_mode = {cfg.compile_mode}"
-    if cfg.model.name in CONVNETS and not cfg.micro_batch_size:
+    if cfg.model.name in CONVNETS and not cfg.micro_batch_size and not (cfg.noise_micro and cfg.noise_scale):
         return True, "reduce-overhead", "compile = auto: a convnet on CUDA, with CUDA graphs"
     return True, "default", "compile = auto: on CUDA, default mode"
 
@@ -419,6 +430,8 @@ class Trainer:
             out.add(m)
             if b % m:
                 out.add(b % m)
+            if noise_micro_applies(self.cfg, b, m, self.dist.world, getattr(self, "_graph_steps", False)):
+                out.add(self.cfg.noise_micro)     # the flush steps' micro-batches (noise_micro)
         return sorted(out)
 
     def prewarm(self) -> None:
@@ -499,6 +512,10 @@ class Trainer:
         else:
             x, y = self.stream.next_batch(batch)
         micro = self.cfg.micro_batch_size or batch
+        world = self.dist.world if self.dist.active else 1
+        flush = (self.step + 1) % self.cfg.log_every == 0
+        if flush and noise_micro_applies(self.cfg, batch, micro, world, self._graph_steps):
+            micro = self.cfg.noise_micro     # opt-in: this flush step accumulates, to measure the noise
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self._graph_steps:
@@ -508,9 +525,8 @@ class Trainer:
         noise = None    # B_simple on a flush step, from the micro-batches' own gradients (engine/train/noise.py)
         # free where there are several gradients to compare: micro-batches, or ranks (each rank's own
         # gradient, read before the all-reduce that this step then does itself, after its backward)
-        world = self.dist.world if self.dist.active else 1
         if (self.cfg.noise_scale and micro < batch * world and batch % micro == 0
-                and not self._graph_steps and (self.step + 1) % self.cfg.log_every == 0):
+                and not self._graph_steps and flush):
             from engine.train.noise import MicroGrads
             noise = MicroGrads([p for p in self.model.parameters() if p.requires_grad])
         ddp_noise = noise is not None and self.dist.active

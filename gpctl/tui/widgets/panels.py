@@ -15,10 +15,12 @@ from textual.widgets._footer import FooterKey
 from engine.control import event_text
 
 # the most useful first: an 80-column terminal shows about the first eight
-COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "samples", "lr_time", "device", "preset",
-           "gpu")
+COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "snap", "samples", "lr_time", "device",
+           "preset", "gpu")
 # gpu: the run's own GPU memory and its GPUs' utilisation, from NVML (nvitop's per-process view); "-" without
 # loss~: the EMA (0.8) of the last train losses, as the plot draws it; `gpctl ls`'s loss is the last raw value
+# snap: "✓ +150" snapped onto its reference 150 steps after T0 (the worker's fit), "changed" noise changed,
+# not snapped when last fitted (S fits it now), "-" no change (engine.store.rundir.snap_cell)
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
                "stopped": "magenta", "cancelled": "grey50", "lost": "red",
                "unreadable": "bold red"}
@@ -173,14 +175,14 @@ class RunsTable(DataTable):
             return (Text(f"{mark or ' ':>1} ▸ {r['label']}", style="bold"),
                     Text(r["state"], style=STATE_STYLE.get(r["state"], "")), str(r["step"]),
                     _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"), _f(r["lr"], ".3g"),
-                    str(r["batch_size"] or "-"), "-", str(r["samples"]), _f(r["lr_time"], ".1f"),
+                    str(r["batch_size"] or "-"), "-", "-", str(r["samples"]), _f(r["lr_time"], ".1f"),
                     r["device"] or "-", r["preset"], "-")
         eta = "-"
         if r["state"] == "running" and r.get("rate"):
             eta = f"{(r['steps'] - r['step']) / r['rate']:.0f}s"
         return (Text(f"{mark or ' ':>1} {short_id(r)}"), Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
                 str(r["step"]), _f(r.get("loss_ema"), ".4f"), _f(r["eval_loss"], ".4f"),
-                _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, str(r["samples"]),
+                _f(r["lr"], ".3g"), str(r["batch_size"] or "-"), eta, r.get("snap") or "-", str(r["samples"]),
                 _f(r["lr_time"], ".1f"), r["device"] or "-", r["preset"], gpu_cell(r.get("gpu")))
 
     @property
