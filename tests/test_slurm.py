@@ -164,9 +164,18 @@ def test_a_time_limit_checkpoints_requeues_and_ends_done_exactly(slurm_cluster, 
     to resume until done; its records equal an uninterrupted run's."""
     from engine.store.rundir import RunDir, resolve
     from engine.train.loop import train
+    from engine.presets import load_preset
     home, runner = tmp_path / "home", CliRunner()
     preset = tmp_path / "t.toml"
-    preset.write_text(PRESET.format(steps=2000, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
+    # long enough to outlast the signal on any machine: Slurm checks time limits every ~30 s, and
+    # 2000 steps took 16 s on a fast VM (the job ended before it was signalled); so the steps are
+    # what this machine trains in about 45 s, measured on a short run of the same config first
+    preset.write_text(PRESET.format(steps=300, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
+    probe = RunDir.create(tmp_path / "probe", load_preset(str(preset)).configs()[0])
+    t0 = time.monotonic()
+    assert train(probe) == "done"
+    steps = min(20000, max(2000, int(45 * 300 / (time.monotonic() - t0))))
+    preset.write_text(PRESET.format(steps=steps, width=4, size=16).replace("checkpoint_every = 10", "checkpoint_every = 0"))
     res = runner.invoke(app, ["--home", str(home), "run", "preset", str(preset), "--backend", "slurm",
                               "--time", "00:01:00", "--signal-before", "50"])
     assert res.exit_code == 0, res.output
