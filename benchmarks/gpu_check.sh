@@ -40,7 +40,8 @@ torch.cuda.get_device_name(0), 'transformers', transformers.__version__)"; } > "
 # 1. what has never run on a GPU: the GPU tests (CUDA graphs with stable grads, pre-warm, compile across
 #    a noise drop, host-held CIFAR in pinned memory); 2. the presets' default path (compile = "auto",
 #    data.hold as auto holds a full CIFAR-5m, GPT-2 with the presets' vocabulary 50257); 3. a profile of
-#    that GPT-2; 4. what is known from 2026-11-28 (eager, padded vocabulary, GPU-held CIFAR, packing, TV).
+#    that GPT-2; 4. what is known from 2026-11-28 (eager, padded vocabulary, GPU-held CIFAR, packing, TV),
+#    and packing under MPS (never measured).
 stage gpu_tests        120 170 sh -c "\"$PY\" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -o addopts='' -rA \
                                > \"$OUT/gpu_tests.txt\" 2>&1"
 stage resnet_default    70 120 "$PY" benchmarks/throughput.py resnet --compile=auto $EXTRA
@@ -52,6 +53,8 @@ stage gpt2_profile      70 110 sh -c "\"$PY\" benchmarks/throughput.py gpt2 --co
 stage gpt2_padded      100 160 "$PY" benchmarks/throughput.py gpt2 --compile=auto --steps 50 --warmup 15 $EXTRA
 stage resnet_device     70 120 "$PY" benchmarks/throughput.py resnet --compile=auto --set 'data.hold="device"' $EXTRA
 stage resnet_bs32_x8    60  90 "$PY" benchmarks/throughput.py resnet --batch 32 --concurrent 8 --steps 150 --warmup 50 $EXTRA
+stage resnet_bs32_x8_mps 60 90 bash benchmarks/with_mps.sh "$PY" benchmarks/throughput.py resnet --batch 32 --concurrent 8 \
+    --steps 150 --warmup 50 $EXTRA
 stage resnet_eager      40  90 "$PY" benchmarks/throughput.py resnet $EXTRA
 stage gpt2_eager        50 100 "$PY" benchmarks/throughput.py gpt2 --steps 50 --warmup 15 $EXTRA
 stage tv                20  60 sh -c "\"$PY\" benchmarks/tv_throughput.py --device ${TV_DEVICE:-cuda} --width ${TV_WIDTH:-64} --n ${TV_N:-8192} > \"$OUT/tv_throughput.txt\" 2>&1"

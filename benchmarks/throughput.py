@@ -217,9 +217,11 @@ def concurrent(args) -> dict:
             (["--small"] if args.small else [])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.concurrent)]
         outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    return {"bench": f"{args.which} x{args.concurrent}", "batch": outs[0]["batch"], "unit": outs[0]["unit"],
-            "rate": round(sum(o["rate"] for o in outs), 1), "per_job": [o["rate"] for o in outs],
-            "compile": args.compile}
+    from engine.train.mps import mps_pipe
+    mps = mps_pipe() is not None          # an MPS control daemon in this environment (benchmarks/with_mps.sh)
+    return {"bench": f"{args.which} x{args.concurrent}{' mps' if mps else ''}", "batch": outs[0]["batch"],
+            "unit": outs[0]["unit"], "rate": round(sum(o["rate"] for o in outs), 1),
+            "per_job": [o["rate"] for o in outs], "compile": args.compile, "mps": mps}
 
 
 def main() -> None:

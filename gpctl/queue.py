@@ -223,6 +223,10 @@ def worker(gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU ids, 
     w = Worker(State.home, gpus=ids, jobs_per_gpu=jobs_per_gpu, cpu_slots=cpu_slots, idle_exit=idle_exit,
                requeue_lost=not no_requeue)
     out.print(f"worker {w.id} serving {State.home} on {'GPUs ' + ','.join(ids) if ids else f'{cpu_slots} CPU slot(s)'}")
+    if ids:
+        from engine.train.mps import mps_line
+        if line := mps_line(jobs_per_gpu):
+            out.print(line, markup=False, highlight=False)
     w.serve()
     if w.wal_lost:      # closing the connection would checkpoint a WAL nobody else reads into jobs.db
         sys.stdout.flush()

@@ -284,8 +284,11 @@ class Trainer:
                                      **({"restarted": restart} if restart else {}))
         self.attempt = self.rd.mark_running(str(self.device)).get("started")   # requests may name it
         code = self._code_check()
-        gpu = {"cuda": torch.version.cuda, "gpu_name": torch.cuda.get_device_name(self.device)} \
-            if self.device.type == "cuda" else {}
+        gpu = {}
+        if self.device.type == "cuda":
+            from engine.train.mps import mps_pipe
+            gpu = {"cuda": torch.version.cuda, "gpu_name": torch.cuda.get_device_name(self.device),
+                   "mps": mps_pipe() is not None}     # an MPS control daemon in this process's environment
         self.rd.append_event("start", step=self.step, lr_time=self.lr_time, device=str(self.device),
                              precision=self.precision, torch=torch.__version__, python=platform.python_version(),
                              host=platform.node(), params=sum(p.numel() for p in self.model.parameters()),
