@@ -350,6 +350,12 @@ def validate(cfg: Config, where: str) -> Config:
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{where}: 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
     _check_batch(where, "batch_size", cfg.batch_size, cfg.micro_batch_size)
+    if cfg.noise_micro and not cfg.micro_batch_size:     # the flush steps' micro-batches must cut every planned batch
+        for key, b in [("batch_size", cfg.batch_size)] + [(f"changes[{i}].batch_size", c.batch_size)
+                                                          for i, c in enumerate(cfg.changes) if c.batch_size]:
+            if b > cfg.noise_micro and b % cfg.noise_micro:
+                raise ConfigError(f"{where}: '{key}' = {b} is not a multiple of noise_micro = {cfg.noise_micro} "
+                                  "(the noise scale's micro-batches)")
     for i, ch in enumerate(cfg.changes):
         key = f"changes[{i}]"
         if (ch.at_step >= 0) == (ch.at_lr_time >= 0):

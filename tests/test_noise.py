@@ -129,12 +129,12 @@ def test_noise_micro_measures_a_run_that_does_not_accumulate_on_its_flush_steps_
     flush step's batch into micro-batches to measure B_simple. Its losses are the plain run's up to
     rounding (GPT-2 has no batch statistics), its fields are at the flush steps only, and at the first
     flush they are what a run accumulating in micro-batches of the same size records there (the
-    independent path); a noise_micro that does not divide the batch, like the plain run, records none."""
+    independent path); a noise_micro as large as the batch, like the plain run, records none."""
     base = ("steps=8", "batch_size=8", "log_every=4", "eval_every=0", "checkpoint_every=0")
     opt = RunDir.create(home, tiny(TINY_LM, *base, "noise_micro=2"), run_id="tiny-nm-on")
     plain = RunDir.create(home, tiny(TINY_LM, *base), run_id="tiny-nm-plain")
     acc = RunDir.create(home, tiny(TINY_LM, *base, "micro_batch_size=2"), run_id="tiny-nm-acc")
-    odd = RunDir.create(home, tiny(TINY_LM, *base, "noise_micro=3"), run_id="tiny-nm-odd")
+    odd = RunDir.create(home, tiny(TINY_LM, *base, "noise_micro=8"), run_id="tiny-nm-odd")   # not < the batch
     for rd in (opt, plain, acc, odd):
         assert train(rd) == "done"
     keys = {"grad_norm", "noise_g2", "noise_tr_sigma", "lr_over_batch"}
@@ -156,6 +156,9 @@ def test_noise_micro_is_refused_negative_and_kept_out_of_cuda_graphs():
     from engine.train.loop import compile_choice, compile_policy
     with pytest.raises(ConfigError, match="'noise_micro' must be >= 0, got -2"):
         tiny(TINY_LM, "noise_micro=-2")
+    with pytest.raises(ConfigError, match=r"'changes\[0\].batch_size' = 12 is not a multiple of noise_micro = 8"):
+        tiny(TINY_LM, "batch_size=4", "noise_micro=8", "changes=[{at_step=2, batch_size=12}]")
+    tiny(TINY_LM, "batch_size=4", "noise_micro=8", "changes=[{at_step=2, batch_size=16}]")   # 4 is never cut
     from tests.conftest import TINY_IMAGES
     assert compile_choice(tiny(TINY_IMAGES, "noise_micro=4"), "cuda") == (
         True, "default", "compile = auto: on CUDA, default mode")      # its flush steps accumulate: no graphs
