@@ -146,3 +146,43 @@ def test_the_snap_cell_says_changed_until_a_snap_event_and_reads_its_axis():
     assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓ +150"
     assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓ +15 lr_time"
     assert snap_cell([{"event": "snap", "x": "step", "at": 200.0}]) == "✓"     # its change not in the file
+
+
+def test_a_changed_run_that_ended_before_its_reference_is_announced_when_the_reference_ends(tmp_path):
+    """The demo trains its arms one after the other: the dropped arm ends (in 22 s, before the worker's
+    first minute) while its reference has not trained yet. The worker keeps such a run pending and
+    looks again whenever one of its jobs ends: once the reference is there, the snap is announced,
+    once, with its notification; a never-changed run that ends is not kept."""
+    import shutil
+    import time as _time
+    from types import SimpleNamespace
+
+    from engine.launch.worker import Running, Worker
+    from engine.store.rundir import run_dir
+    from tests.conftest import fixed_runs
+    home = tmp_path / "home"
+    fixed_runs(home)
+    (home / "settings.toml").write_text(f'notify = "echo $GPCTL_STATE $GPCTL_RUN >> {tmp_path}/said.txt"\n')
+    dropped, ref = run_dir(home, "demo-bs32to512-000000"), run_dir(home, "demo-bs512-000001")
+    away = tmp_path / "ref-not-trained-yet"
+    shutil.move(str(ref.path), str(away))
+    w = Worker(home, cpu_slots=1)
+    ended = lambda rd: Running(SimpleNamespace(run_dir=str(rd.path), run_id=rd.id), [], None, 0)  # noqa: E731
+    w._snap_after_end([ended(dropped)])
+    assert list(w.snap_pending) == [str(dropped.path)]
+    assert [e for e in dropped.events()[0] if e["event"] == "snap"] == []
+    assert dropped.summary()["snap"] == "changed"
+    shutil.move(str(away), str(ref.path))                          # the reference has trained
+    w._snap_after_end([ended(ref)])                                # ... and its job ended
+    assert w.snap_pending == {}                                    # said: no longer pending; ref never was
+    snaps = [e for e in dropped.events()[0] if e["event"] == "snap"]
+    assert len(snaps) == 1 and snaps[0]["ref"] == ref.id
+    assert dropped.summary()["snap"].startswith("✓ +")
+    w._snap_after_end([ended(dropped)])                            # said before: not kept again
+    assert w.snap_pending == {} and len([e for e in dropped.events()[0] if e["event"] == "snap"]) == 1
+    deadline = _time.monotonic() + 10
+    while not (tmp_path / "said.txt").exists() and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    _time.sleep(0.2)
+    assert (tmp_path / "said.txt").read_text() == f"snapped {dropped.id}\n"
+    w.store.close()

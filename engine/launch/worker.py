@@ -119,6 +119,7 @@ class Worker:
         self.stopping = False
         self._free_mem: dict[str, float] | None = None
         self.ghost = False                 # jobs.db was replaced under it (see store_is_ours)
+        self.snap_pending: dict[str, list[float]] = {}   # ended, changed, not snapped yet: dir -> [ended, checked]
 
     # ------------------------------------------------------------------ slots
     def _gpu_load(self) -> dict[str, int]:
@@ -232,28 +233,60 @@ class Worker:
                 r.stall_notified = False     # it recorded again: a later stall is news again
 
     snap_every = 60.0                  # seconds between snap fits of one running job
+    snap_pending_s = 3600.0            # how long after its end a changed run is still looked at
 
-    def check_snaps(self) -> None:
+    def check_snaps(self, ended: bool = False) -> None:
         """Each running job whose noise was changed: has it snapped onto its reference arm
         (engine.analysis.snap.announce, gpctl snap's measure)? Once it has, a `snap` event and a
         `snapped` notification, once. At most one fit per job per `snap_every` seconds, niced by
-        being rare: it reads the run's and its reference's held-out curves."""
-        from engine.analysis.snap import announce
+        being rare: it reads the run's and its reference's held-out curves.
+
+        A changed run that ended without a snap (shorter than `snap_every`, or ended before its
+        reference arm had trained: the demo runs its arms one after the other) stays pending for
+        `snap_pending_s`: looked at again every `snap_every` and, with `ended`, at once, whenever a
+        job of this worker ends (a reference that just completed its curve)."""
         now = time.monotonic()
         for r in list(self.running.values()):
             if r.snap_said or now - r.snap_checked < self.snap_every:
                 continue
             r.snap_checked = now
-            rd = RunDir(Path(r.job.run_dir))
-            try:
-                said = announce(rd)
-            except Exception as e:  # noqa: BLE001 - a curve that cannot be fitted never stops the worker
-                print(f"warning: worker {self.id}: snap of {rd.id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            r.snap_said = self._snap_look(RunDir(Path(r.job.run_dir)))
+        for path, when in list(self.snap_pending.items()):
+            if now - when[0] > self.snap_pending_s:
+                del self.snap_pending[path]
+            elif ended or now - when[1] >= self.snap_every:
+                when[1] = now
+                if self._snap_look(RunDir(Path(path))):
+                    del self.snap_pending[path]
+
+    def _snap_look(self, rd: RunDir) -> bool:
+        """One fit of `rd`; True once its snap has been said (now, with a notification, or before)."""
+        from engine.analysis.snap import announce
+        try:
+            said = announce(rd)
+        except Exception as e:  # noqa: BLE001 - a curve that cannot be fitted never stops the worker
+            print(f"warning: worker {self.id}: snap of {rd.id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return False
+        if said is not None:
+            self._notify(rd, "snapped")
+            return True
+        return any(e.get("event") == "snap" for e in rd.events()[0][-50:])
+
+    def _snap_after_end(self, ended: list[Running]) -> None:
+        """Jobs just ended: each changed one not yet said joins the pending looks; then every pending
+        run is looked at once (this job may have been the reference another was waiting for)."""
+        from engine.analysis.curves import change_point
+        now = time.monotonic()
+        for r in ended:
+            if r.snap_said:
                 continue
-            if said is not None or any(e.get("event") == "snap" for e in rd.events()[0][-50:]):
-                r.snap_said = True
-            if said is not None:
-                self._notify(rd, "snapped")
+            try:
+                changed = change_point(RunDir(Path(r.job.run_dir))) is not None
+            except (OSError, ValueError):
+                changed = False
+            if changed:
+                self.snap_pending[r.job.run_dir] = [now, 0.0]
+        self.check_snaps(ended=True)
 
     def store_is_ours(self) -> bool:
         """False (with one loud line) once jobs.db was deleted or replaced under this worker: it would
@@ -390,18 +423,24 @@ class Worker:
             r.events_at = at
 
     def reap(self) -> None:
-        for job_id, r in list(self.running.items()):
-            if r.proc is not None:
-                code = r.proc.poll()
-                if code is None:
+        ended: list[Running] = []
+        try:
+            for job_id, r in list(self.running.items()):
+                if r.proc is not None:
+                    code = r.proc.poll()
+                    if code is None:
+                        continue
+                elif pid_alive(r.pid):
                     continue
-            elif pid_alive(r.pid):
-                continue
-            else:
-                code = None
-            self.fork_twins(r)            # a twin asked for just before the job ended
-            self._record_end(r, code)     # may raise (a full disk): the job stays ours, tried again
-            del self.running[job_id]
+                else:
+                    code = None
+                self.fork_twins(r)            # a twin asked for just before the job ended
+                self._record_end(r, code)     # may raise (a full disk): the job stays ours, tried again
+                del self.running[job_id]
+                ended.append(r)
+        finally:
+            if ended:      # a last look at each changed run, and at those waiting for a reference
+                self._snap_after_end(ended)
 
     def _record_end(self, r: Running, code: int | None) -> None:
         rd = RunDir(Path(r.job.run_dir))
