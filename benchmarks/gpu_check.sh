@@ -50,6 +50,8 @@ stage gpt2_default     100 160 "$PY" benchmarks/throughput.py gpt2 --compile=aut
                                --steps 50 --warmup 15 $EXTRA
 stage gpt2_profile      70 110 sh -c "\"$PY\" benchmarks/throughput.py gpt2 --compile=auto --set model.vocab_size=50257 \
                                --steps 8 --warmup 3 --profile $EXTRA >> \"$OUT/profile.txt\" 2>&1"
+stage gpt2_cudnn        80 130 "$PY" benchmarks/throughput.py gpt2 --compile=auto --set model.vocab_size=50257 \
+    --set 'model.attention="cudnn"' --steps 50 --warmup 15 $EXTRA
 stage gpt2_padded      100 160 "$PY" benchmarks/throughput.py gpt2 --compile=auto --steps 50 --warmup 15 $EXTRA
 stage resnet_device     70 120 "$PY" benchmarks/throughput.py resnet --compile=auto --set 'data.hold="device"' $EXTRA
 stage resnet_bs32_x8    60  90 "$PY" benchmarks/throughput.py resnet --batch 32 --concurrent 8 --steps 150 --warmup 50 $EXTRA

@@ -174,6 +174,7 @@ def measure(which: str, args) -> dict:
         return {"bench": which, "set": args.set, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                 "precision": t.precision, "compile": t.compiled and t.compile_mode, "compile_why": t.compile_why, "batch": cfg.batch_size,
                 "micro": cfg.micro_batch_size, "hold": None if cfg.is_lm else cfg.data.hold,
+                "attention": cfg.model.attention if cfg.is_lm else None,
                 "rate": round(per_s, 1), "rate_cuda_events": round(ev_s, 1) if ev_s else None, "unit": unit,
                 "mfu_bf16_989": round(per_s * FLOPS[which] / PEAK_BF16, 4) if full else None,
                 "stream_rate": round(rate_stream, 1),

@@ -44,6 +44,9 @@ class ModelConfig:
                                     # multiple of this (50257 -> 50304, as nanoGPT: aligned GEMMs), its logits
                                     # sliced back to vocab_size: the same function and weights; 1 = no padding
     n_positions: int = 2048         # context length the model supports, tokens
+    attention: str = "auto"         # gpt2: the SDPA kernel. auto: PyTorch's choice (flash on CUDA); cudnn | flash |
+                                    # efficient | math: that kernel only (an error where it cannot run), to
+                                    # measure one (benchmarks/gpu_check.sh measures cudnn on Hopper)
     dropout: float = 0.0            # Mosaic 125m trains without dropout
 
 
@@ -202,6 +205,7 @@ _CHOICES = {
     "compile_backend": ("inductor", "aot_eager", "eager"),
 }
 _AUGMENTS = ("crop", "flip")
+ATTENTIONS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -344,6 +348,8 @@ def validate(cfg: Config, where: str) -> Config:
                           f"'data.image_size' = {cfg.data.image_size}")
     if cfg.data.resize < 0 or cfg.data.crop_padding < 0:
         raise ConfigError(f"{where}: 'data.resize' and 'data.crop_padding' must be >= 0")
+    if cfg.model.attention not in ATTENTIONS:
+        raise ConfigError(f"{where}: 'model.attention' = {cfg.model.attention!r} is not one of {', '.join(ATTENTIONS)}")
     for a in cfg.data.augment:
         if a not in _AUGMENTS:
             raise ConfigError(f"{where}: 'data.augment' entry {a!r} is not one of {', '.join(_AUGMENTS)}")

@@ -39,7 +39,7 @@ DIRECTIONS = ("drop", "raise")
 NEUTRAL = {
     "name", "preset", "group", "notify", "parent", "parent_checkpoint", "parent_overrides", "changes",
     "device", "gpus", "nodes", "gpu_memory", "threads", "compile", "compile_mode", "compile_backend",
-    "channels_last", "model.pad_vocab", "log_every", "eval_every", "checkpoint_every", "checkpoint_at_steps",
+    "channels_last", "model.pad_vocab", "model.attention", "log_every", "eval_every", "checkpoint_every", "checkpoint_at_steps",
     "checkpoint_at_lr_times", "checkpoint_at_losses", "checkpoint_loss_tol", "data.workers", "data.hold",
     "noise_scale",
     "control.max_lr_factor", "control.max_batch_size", "control.share_with_group", "control.poll_ms",

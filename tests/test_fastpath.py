@@ -527,3 +527,28 @@ def test_a_run_compiled_by_inductor_records_what_an_eager_run_records(tmp_path):
         a, b = losses(runs["eager"], key), losses(runs["inductor"], key)
         assert len(a) == len(b) > 0 and b == pytest.approx(a, rel=1e-4), key
     assert losses(runs["other_lr"], "eval_loss") != pytest.approx(losses(runs["eager"], "eval_loss"), rel=1e-3)
+
+
+def test_a_named_attention_kernel_is_the_same_function_and_the_only_kernel_allowed():
+    """Issue 29: model.attention picks GPT-2's SDPA kernel (cudnn on Hopper is measured by
+    gpu_check.sh). The math kernel gives auto's logits; a kernel that cannot run here (cuDNN on the
+    CPU) raises rather than measure another under its name; a name that is none is refused."""
+    from engine.config import ConfigError, ModelConfig
+    from engine.models import build_model
+    kw = dict(name="gpt2", n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
+    torch.manual_seed(0)
+    auto = build_model(ModelConfig(**kw))
+    tokens = torch.randint(0, 61, (3, 20))
+    with torch.no_grad():
+        ref = auto(tokens)
+        for name in ("math", "flash"):
+            other = build_model(ModelConfig(**kw, attention=name))
+            other.load_state_dict(auto.state_dict())
+            assert torch.allclose(other(tokens), ref, atol=1e-5), name
+        traced = torch.compile(other, backend="aot_eager", fullgraph=True)    # dynamo traces the kernel's context
+        assert torch.allclose(traced(tokens), ref, atol=1e-5)
+        cudnn = build_model(ModelConfig(**kw, attention="cudnn"))
+        with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+            cudnn(tokens)
+    with pytest.raises(ConfigError, match="'model.attention' = 'fast' is not one of auto, cudnn, flash, efficient, math"):
+        tiny(TINY_LM, 'model.attention="fast"')

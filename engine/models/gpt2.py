@@ -4,6 +4,8 @@ Sizes come from the config (124M: 12 layers, 12 heads, 768 wide); attention is P
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,14 +41,16 @@ class GPT2(nn.Module):
         self.hf = GPT2LMHeadModel(cfg)
         self.vocab = mc.vocab_size
         self.pad = -mc.vocab_size % mc.pad_vocab     # 50257 -> 50304: 47 zero rows, never parameters
+        self.attention = mc.attention
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         body = self.hf.transformer
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         h = body.drop(body.wte(tokens) + body.wpe(pos))
-        for block in body.h:
-            out = block(h)
-            h = out[0] if isinstance(out, tuple) else out
+        with attention_kernel(self.attention):
+            for block in body.h:
+                out = block(h)
+                h = out[0] if isinstance(out, tuple) else out
         h = body.ln_f(h)
         if not self.pad:
             return self.hf.lm_head(h)
@@ -55,6 +59,17 @@ class GPT2(nn.Module):
         # them was made before as well
         w = F.pad(self.hf.lm_head.weight, (0, 0, 0, self.pad))
         return F.linear(h, w)[..., :self.vocab]
+
+
+def attention_kernel(name: str):
+    """The SDPA kernel `model.attention` names, as a context (sdpa_kernel, which torch.compile
+    traces); "auto" leaves PyTorch's own choice. A named kernel is the only one allowed: where it
+    cannot run, SDPA raises ("No viable backend") rather than measure another one under its name."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
 def gpt2(mc: ModelConfig) -> GPT2:
