@@ -91,6 +91,21 @@ def test_snap_defaults_to_the_presets_reference_and_says_when_there_is_no_contro
     assert line.endswith("; no control: no never-changed run of the same noise)")
     res = CliRunner().invoke(app, ["--home", str(home), "snap", "demo-bs512-bbbbbb"])
     assert res.exit_code == 2 and "is its own reference" in res.stderr
+    # the reference's seed baseline (the preset's `baselines`): the fit's residual beside the seed
+    # spread, the RMS gap of the two seeds after T0 (here a constant 0.01, by hand), as gpctl figure says it
+    seed = make(home, "demo-bs512_seed2-cccccc", low(XS) + 0.01, arm="bs512_seed2")
+    out = json.loads(CliRunner().invoke(app, ["--home", str(home), "snap", dropped.id, "--json"]).stdout)
+    assert out["seed"] == seed.id and out["seed_spread"] == pytest.approx(0.01, rel=1e-9)
+    assert out["verdict"] == "snapped" and out["residual"] < 0.01
+    line = CliRunner().invoke(app, ["--home", str(home), "snap", dropped.id]).stdout.strip()
+    assert line.endswith("; no control: no never-changed run of the same noise; fit within the seed spread 0.01)")
+    # two seeds that agree far better than the fit does: the sentence says how many times, the verdict stays
+    make(home, "demo-bs512_seed2-dddddd", low(XS) + 1e-7, arm="bs512_seed2")
+    out = json.loads(CliRunner().invoke(app, ["--home", str(home), "snap", dropped.id, "--json"]).stdout)
+    assert out["seed"] == "demo-bs512_seed2-dddddd" and out["seed_spread"] == pytest.approx(1e-7, rel=1e-6)
+    line = CliRunner().invoke(app, ["--home", str(home), "snap", dropped.id]).stdout.strip()
+    assert out["verdict"] == "snapped" and out["residual"] > 1e-7
+    assert line.endswith(f"; fit {out['residual'] / 1e-7:.1f}x the seed spread 1e-07)")
 
 
 def test_the_worker_announces_a_snap_once_and_notifies(tmp_path, monkeypatch):

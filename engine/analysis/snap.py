@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from engine.analysis.curves import change_point, first_change, fit_change, held_out_curve
+from engine.analysis.curves import change_point, first_change, fit_change, held_out_curve, rms_gap
 from engine.store.rundir import RunDir
 
 THRESHOLD = 0.25
@@ -56,10 +56,14 @@ def _since(curve: tuple, ref: tuple, t0: float, tau: float, gap: float) -> float
     return float(xs[far[-1] + 1] if len(far) else xs[0])
 
 
-def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step") -> dict:
+def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step",
+         seed: RunDir | None = None) -> dict:
     """The snap of `rd` onto `ref` on axis x, with `control` (a never-changed run) as the negative
     control. Returns a dict; `verdict` is one of "snapped", "not yet", "not shown", "no change yet",
-    "no fit"; `sentence` says it in one line."""
+    "no fit"; `sentence` says it in one line. With `seed` (another seed of the reference arm) the
+    sentence also sets the fit's residual beside the seed spread (the RMS gap between the two seeds'
+    held-out curves after T0, as `gpctl figure` does): the verdict stays the gap rule's, but a fit
+    several times the seed spread is said, not hidden."""
     t0, way = change_point(rd, x), direction(rd, x)
     out = {"run": rd.id, "ref": ref.id, "x": x, "t0": t0, "direction": way, "threshold": THRESHOLD,
            "control": None}
@@ -80,6 +84,15 @@ def snap(rd: RunDir, ref: RunDir, control: RunDir | None = None, x: str = "step"
     ctl = out["control"]
     ctl_text = (f"; control {ctl['run']} {ctl['ratio']:.2g}" if ctl and ctl["ok"] else
                 f"; control {ctl['run']}: no fit" if ctl else "; no control: no never-changed run of the same noise")
+    out["seed"], out["seed_spread"] = (seed.id if seed is not None else None), None
+    if seed is not None:
+        xs_, ys_ = held_out_curve(seed, x, 0.0)
+        win = xs_ > t0
+        spread = rms_gap(xs_[win], ys_[win], *theirs)
+        if math.isfinite(spread) and spread > 0:
+            out["seed_spread"] = spread
+            rel = ("within" if fit["residual"] <= spread else f"{fit['residual'] / spread:.1f}x")
+            ctl_text += f"; fit {rel} the seed spread {spread:.2g}"
     side = "right" if fit["tau"] >= 0 else "left"
     shift = f"{ref.id} shifted {side} by {abs(fit['tau']):.1f} {x}"
     if fits and ctl and ctl["fits"]:
@@ -130,7 +143,13 @@ def measure(home, rd: RunDir, ref: RunDir | None = None, control: RunDir | None 
     axis = figure_axis(p, x) if p is not None else (x or "step").replace("-", "_")
     if axis not in AXES:
         raise ConfigError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
-    return snap(rd, ref, control, axis)
+    try:
+        ref_arm = ref.config().name
+    except ConfigError:
+        ref_arm = None
+    seed = next((runs[a] for a, of in (p.contract.baselines.items() if p is not None else ())
+                 if of == ref_arm and runs.get(a) is not None and runs[a].id not in (ref.id, rd.id)), None)
+    return snap(rd, ref, control, axis, seed)
 
 
 def announce(rd: RunDir) -> dict | None:
