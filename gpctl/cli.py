@@ -210,7 +210,7 @@ def ls(as_json: JsonOpt = False,
        sort: Annotated[str, typer.Option("--sort", help=f"Order by one of: {', '.join(LS_SORTS)} (a leading - reverses).")] = "created",
        wide: Annotated[bool, typer.Option("--wide", "-w", help="Every column, however wide the terminal.")] = False,
        ) -> None:
-    """List runs: state, step, last loss, eval loss, lr, batch, lr_time, samples, device, attempt.
+    """List runs: state, step, last loss, eval loss, lr, batch, lr_time, samples, device, attempt, snap.
     Run ids are never cut; in a terminal the columns that do not fit its width are left out whole
     (stderr says which; --wide shows all); piped, every column."""
     key = sort.lstrip("-")
@@ -240,21 +240,22 @@ def ls(as_json: JsonOpt = False,
     missing = [r for r in rows if r.get(key) is None]          # runs without a value go last, either way
     rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=sort.startswith("-"))
     rows += missing
-    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt")
+    cols = ("id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt",
+            "snap")
     if as_json:
         print_json(rows)
         return
     if as_csv:
         import csv
         fields = ["id", "preset", "arm", "group", "state", "run_state", "job", "attempts", "device", "step", "steps", "samples", "lr_time",
-                  "lr", "batch_size", "loss", "loss_ema", "eval_loss", "eval_error", "problem", "error"]
+                  "lr", "batch_size", "loss", "loss_ema", "eval_loss", "eval_error", "snap", "problem", "error"]
         w = csv.DictWriter(sys.stdout, fields, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return
     cells = [[r["id"], r["state"] + (" (imported)" if r["imported"] else ""), r["device"] or "-", str(r["step"]), str(r["samples"]), _f(r["lr_time"], 1),
               f"{r['lr']:.4g}" if r["lr"] else "-", str(r["batch_size"] or "-"), _f(r["loss"]), _f(r["eval_loss"]),
-              str(r["attempts"] or "-")] for r in rows]
+              str(r["attempts"] or "-"), r.get("snap") or "-"] for r in rows]
     if not cells and not state and not preset and not group:
         print(f"no runs in {State.home / 'runs'} yet: gpctl run preset demo (gpctl presets lists them all)")
         return
@@ -273,7 +274,7 @@ def _terminal_width() -> int | None:
     return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
-LS_PRIORITY = ("id", "state", "step", "last loss", "eval loss", "lr", "batch", "lr_time", "samples", "device", "attempt")
+LS_PRIORITY = ("id", "state", "step", "last loss", "eval loss", "lr", "batch", "snap", "lr_time", "samples", "device", "attempt")
 
 
 def fit_columns(cols: tuple[str, ...], cells: list[list[str]], width: int | None, priority: tuple[str, ...]) -> list[str]:

@@ -42,7 +42,7 @@ def test_ls_never_cuts_a_run_id(home, columns):
     lines = res.stdout.splitlines()
     assert res.stderr.splitlines()[0] == f"runs in {home / 'runs'}"     # the home on stderr: stdout is the table
     assert lines[0].split() == ["id", "state", "device", "step", "samples", "lr_time", "lr", "batch", "last", "loss",
-                                "eval", "loss", "attempt"]            # piped: every column
+                                "eval", "loss", "attempt", "snap"]    # piped: every column
     assert sorted(line.split()[0] for line in lines[1:]) == ids
     assert [line.split()[1] for line in lines[1:]] == ["done", "done", "created"]
 
@@ -71,14 +71,14 @@ def test_ls_in_a_terminal_fits_every_row_on_one_line(home, width, monkeypatch):
         assert cells["state"] == r["state"]
         if "samples" in cells:
             assert cells["samples"] == str(r["samples"])
-    left = [c for c in ("device", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt")
+    left = [c for c in ("device", "samples", "lr_time", "lr", "batch", "last loss", "eval loss", "attempt", "snap")
             if c not in lines[0]]
     if left:
         assert "left out" in res.stderr and "--wide shows all" in res.stderr
     if width == 60:
         assert left                                 # 60 columns cannot hold all eleven
     wide = runner.invoke(app, ["--home", str(home), "ls", "--wide"])
-    assert len(wide.stdout.splitlines()[0].split()) == 13 and "left out" not in wide.stderr
+    assert len(wide.stdout.splitlines()[0].split()) == 14 and "left out" not in wide.stderr
     bad = runner.invoke(app, ["--home", str(home), "ls", "--state", "runing"])
     assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: --state 'runing' is not a state; one of: created,")
 

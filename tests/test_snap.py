@@ -146,7 +146,7 @@ def test_the_worker_announces_a_snap_once_and_notifies(tmp_path, monkeypatch):
     assert event_text(snaps[0]) == want["sentence"]
     assert _json.loads(_json.dumps(snaps[0]))["x"] == "step"
     # the runs table's snap cell (ls and the TUI read the summary): the offset of gpctl snap's `at` from T0
-    assert dropped.summary()["snap"] == f"✓ +{want['at'] - want['t0']:.0f}"
+    assert dropped.summary()["snap"] == f"✓+{want['at'] - want['t0']:.0f}"
     assert f"at T0 + {want['at'] - want['t0']:.0f} step" in want["sentence"]
     assert ref.summary()["snap"] == "-"                            # never changed
     w.store.close()
@@ -158,8 +158,8 @@ def test_the_snap_cell_says_changed_until_a_snap_event_and_reads_its_axis():
     assert snap_cell([]) == "-"
     assert snap_cell([{"event": "start", "step": 0}, {"event": "control", "status": "rejected", "changed": {}}]) == "-"
     assert snap_cell([change]) == "changed"
-    assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓ +150"
-    assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓ +15 lr_time"
+    assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓+150"
+    assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓+15(lr_time)"
     assert snap_cell([{"event": "snap", "x": "step", "at": 200.0}]) == "✓"     # its change not in the file
 
 
@@ -192,7 +192,7 @@ def test_a_changed_run_that_ended_before_its_reference_is_announced_when_the_ref
     assert w.snap_pending == {}                                    # said: no longer pending; ref never was
     snaps = [e for e in dropped.events()[0] if e["event"] == "snap"]
     assert len(snaps) == 1 and snaps[0]["ref"] == ref.id
-    assert dropped.summary()["snap"].startswith("✓ +")
+    assert dropped.summary()["snap"].startswith("✓+")
     w._snap_after_end([ended(dropped)])                            # said before: not kept again
     assert w.snap_pending == {} and len([e for e in dropped.events()[0] if e["event"] == "snap"]) == 1
     deadline = _time.monotonic() + 10

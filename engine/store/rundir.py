@@ -585,7 +585,7 @@ class RunDir:
 
 
 def snap_cell(events: list[dict]) -> str:
-    """The snap in a few characters, from the run's events: "-" no noise change took effect; "✓ +150"
+    """The snap in one word, from the run's events: "-" no noise change took effect; "✓+150"
     snapped (the worker's `snap` event: its first held-out point on the reference, 150 steps after T0,
     on the snap's axis); "changed" otherwise (not snapped when last fitted, or not fitted yet:
     `gpctl snap` / the TUI's S fit it now)."""
@@ -597,8 +597,8 @@ def snap_cell(events: list[dict]) -> str:
             change = next((c for c in events if is_change(c)), {})
             start = change.get(x, change.get("step"))
             if isinstance(at, (int, float)) and isinstance(start, (int, float)):
-                unit = "" if x == "step" else f" {x}"
-                return f"✓ +{at - start:.0f}{unit}"
+                unit = "" if x == "step" else f"({x})"     # one word: `ls` is read by awk too
+                return f"✓+{at - start:.0f}{unit}"
             return "✓"
         if t0 is None and is_change(e):
             t0 = e

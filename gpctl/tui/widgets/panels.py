@@ -19,7 +19,7 @@ COLUMNS = ("run", "state", "step", "loss~", "eval", "lr", "batch", "ETA", "snap"
            "preset", "gpu")
 # gpu: the run's own GPU memory and its GPUs' utilisation, from NVML (nvitop's per-process view); "-" without
 # loss~: the EMA (0.8) of the last train losses, as the plot draws it; `gpctl ls`'s loss is the last raw value
-# snap: "✓ +150" snapped onto its reference 150 steps after T0 (the worker's fit), "changed" noise changed,
+# snap: "✓+150" snapped onto its reference 150 steps after T0 (the worker's fit), "changed" noise changed,
 # not snapped when last fitted (S fits it now), "-" no change (engine.store.rundir.snap_cell)
 STATE_STYLE = {"running": "green", "done": "blue", "failed": "red", "diverged": "red", "queued": "yellow",
                "stopped": "magenta", "cancelled": "grey50", "lost": "red",
