@@ -674,3 +674,17 @@ def test_S_says_whether_the_run_snapped_and_draws_the_fit(home):
 def run_dir_of(home, rid):
     from engine.store.rundir import run_dir
     return run_dir(home, rid)
+
+
+def test_the_tv_panel_draws_tv_on_the_figures_axis():
+    """Figs. 7/8: TV against A's steps on a batch figure, against A's lr_time on an lr figure (whose arms
+    meet at equal LR-normalized time); the baseline against C's; pairs sorted along the axis."""
+    from gpctl.tui.dialogs import tv_series
+    rows = [{"curve": "main", "step_a": 200, "lr_time_a": 5.0, "tv": 0.2},
+            {"curve": "main", "step_a": 100, "lr_time_a": 2.5, "tv": 0.3},
+            {"curve": "baseline", "step_a": 150, "lr_time_a": 7.5, "tv": 0.1}]
+    series, label = tv_series(rows, "step")
+    assert [s[0].tolist() for s in series] == [[100, 200], [150]] and [s[1].tolist() for s in series] == [[0.3, 0.2], [0.1]]
+    assert label == "steps of A (C: of C), at matched loss"
+    series, label = tv_series(rows, "lr_time")
+    assert [s[0].tolist() for s in series] == [[2.5, 5.0], [7.5]] and label.startswith("lr_time of A")

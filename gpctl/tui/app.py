@@ -557,6 +557,12 @@ class GpctlApp(ViewKeys, SteeringKeys, App):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)   # this thread only (Linux)
         except (AttributeError, OSError):
             pass
+        try:   # the figure's axis of A's preset: TV against lr_time on an lr figure (Fig. 8), else steps
+            from engine.presets import load_preset
+            from gpctl.runs import figure_axis
+            panel.axis = figure_axis(load_preset(run_dir(self.home, a).config().preset, check=False), None)
+        except Exception:  # noqa: BLE001 - no preset (or an unreadable one): steps
+            panel.axis = "step"
         look = 0
         while True:
             look += 1

@@ -226,6 +226,21 @@ def _size(path) -> int:
         return 0
 
 
+def tv_series(rows: list[dict], axis: str = "step") -> tuple[list, str]:
+    """The TV panel's curves (Figs. 7/8): TV of each pair against A's position (C's for the baseline)
+    on the figure's axis, step or lr_time (an lr figure's arms meet at equal LR-normalized time, not
+    at equal steps), and the axis label."""
+    import numpy as np
+    key = "lr_time_a" if axis == "lr_time" else "step_a"
+    series = []
+    for curve, color in (("main", "cyan"), ("baseline", "yellow")):
+        pts = sorted((r[key], r["tv"]) for r in rows if r["curve"] == curve and r.get(key) is not None)
+        if pts:
+            series.append((np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), color))
+    what = "lr_time" if axis == "lr_time" else "steps"
+    return series, f"{what} of A (C: of C), at matched loss"
+
+
 class TvPanel(ModalScreen[None]):
     """TV of A (marked first) to B, and of a baseline C to B when a third run is marked: progress while
     a worker thread computes it, then the pairs as `gpctl tv` prints them and the curves against the
@@ -242,6 +257,7 @@ class TvPanel(ModalScreen[None]):
         super().__init__()
         self.a, self.b, self.c = a, b, c
         self.rows: list[dict] | None = None
+        self.axis = "step"       # the figure's axis of A's preset (lr figures: lr_time), set by compute_tv
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
@@ -277,12 +293,7 @@ class TvPanel(ModalScreen[None]):
             ("curve", "run A", "step A", "step B", "loss A", "loss B", "gap", "TV"),
             [[r["curve"], r["run_a"], str(r["step_a"]), str(r["step_b"]), fmt(r["loss_a"]), fmt(r["loss_b"]),
               f"{r['loss_gap']:+.4f}", fmt(r["tv"])] for r in rows], left=2))
-        import numpy as np
-        series = []
-        for curve, color in (("main", "cyan"), ("baseline", "yellow")):
-            pts = sorted((r["step_a"], r["tv"]) for r in rows if r["curve"] == curve)   # Figs. 7/8: TV on steps
-            if pts:
-                series.append((np.array([p[0] for p in pts]), np.array([p[1] for p in pts]), color))
+        series, label = tv_series(rows, self.axis)
         lines, (x0, x1, y0, y1) = render(series, 60, 10)
         out = Text("━ A to B", style="cyan")
         if self.c:
@@ -292,7 +303,7 @@ class TvPanel(ModalScreen[None]):
             out.append(f"{y1:8.3g} " if i == 0 else f"{y0:8.3g} " if i == len(lines) - 1 else " " * 9)
             out.append(line)
             out.append("\n")
-        out.append(" " * 9 + f"{x0:<10.4g}{'steps of A (C: of C), at matched loss':^40}{x1:>10.4g}")
+        out.append(" " * 9 + f"{x0:<10.4g}{label:^40}{x1:>10.4g}")
         self.query_one("#tv-plot", Static).update(out)
 
     def action_close(self) -> None:
