@@ -161,6 +161,10 @@ def test_the_snap_cell_says_changed_until_a_snap_event_and_reads_its_axis():
     assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓+150"
     assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓+15(lr_time)"
     assert snap_cell([{"event": "snap", "x": "step", "at": 200.0}]) == "✓"     # its change not in the file
+    # hand-edited events: a list for an axis, a string for a step, never a crash of ls or the TUI
+    assert snap_cell([change, {"event": "snap", "x": ["step"], "at": 200.0}]) == "✓+150"
+    assert snap_cell([change, {"event": "snap", "x": "step", "at": "soon"}]) == "✓"
+    assert snap_cell([{"event": "schedule", "step": "x"}, {"event": "snap", "x": "step", "at": 9.0}]) == "✓"
 
 
 def test_a_changed_run_that_ended_before_its_reference_is_announced_when_the_reference_ends(tmp_path):

@@ -593,7 +593,7 @@ def snap_cell(events: list[dict]) -> str:
     for e in events:
         kind = e.get("event")
         if kind == "snap":
-            at, x = e.get("at"), e.get("x") or "step"
+            at, x = e.get("at"), e.get("x") if isinstance(e.get("x"), str) and e.get("x") else "step"
             change = next((c for c in events if is_change(c)), {})
             start = change.get(x, change.get("step"))
             if isinstance(at, (int, float)) and isinstance(start, (int, float)):
