@@ -114,8 +114,8 @@ def compile_choice(cfg: Config, device_type: str) -> tuple[bool, str, str]:
     rarely faster for these models and a cold compile costs minutes on few cores); on CUDA a convnet
     compiles with CUDA graphs ("reduce-overhead": ResNet-18 bs 512 on an H200 went from 43.8k img/s
     eager to 80.8k), except under gradient accumulation (or noise_micro), whose replays into shared
-    buffers have not been measured safe on a GPU yet, where it compiles in the default mode; GPT-2 compiles in the
-    default mode (217k -> 405k tok/s). A compile_mode set in the config wins over auto's."""
+    buffers have not been measured safe on a GPU yet, where it compiles in the default mode; GPT-2
+    compiles in the default mode (217k -> 405k tok/s). A compile_mode set in the config wins over auto's."""
     if cfg.compile is True:
         return True, cfg.compile_mode, "compile = true"
     if cfg.compile is False:
