@@ -161,6 +161,9 @@ def test_the_snap_cell_says_changed_until_a_snap_event_and_reads_its_axis():
     assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0}]) == "✓+150"
     assert snap_cell([change, {"event": "snap", "x": "lr_time", "at": 40.0}]) == "✓+15(lr_time)"
     assert snap_cell([{"event": "snap", "x": "step", "at": 200.0}]) == "✓"     # its change not in the file
+    # a snap by the gap rule whose fit is 4x the seed spread says so in the cell; within it, nothing added
+    assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0, "seed_ratio": 4.04}]) == "✓+150(4.0x-seed)"
+    assert snap_cell([change, {"event": "snap", "x": "step", "at": 200.0, "seed_ratio": 0.5}]) == "✓+150"
     # hand-edited events: a list for an axis, a string for a step, never a crash of ls or the TUI
     assert snap_cell([change, {"event": "snap", "x": ["step"], "at": 200.0}]) == "✓+150"
     assert snap_cell([change, {"event": "snap", "x": "step", "at": "soon"}]) == "✓"

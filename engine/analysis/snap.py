@@ -167,6 +167,7 @@ def announce(rd: RunDir) -> dict | None:
         return None
     st = rd.status()
     rd.append_event("snap", step=st.get("step"), lr_time=st.get("lr_time"), ref=res["ref"], x=res["x"],
-                    tau=res["tau"], ratio=res["ratio"], at=res.get("at"), sentence=res["sentence"])
+                    tau=res["tau"], ratio=res["ratio"], at=res.get("at"), sentence=res["sentence"],
+                    seed_ratio=(res["residual"] / res["seed_spread"] if res.get("seed_spread") else None))
     return res
 

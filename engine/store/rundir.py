@@ -587,7 +587,8 @@ class RunDir:
 def snap_cell(events: list[dict]) -> str:
     """The snap in one word, from the run's events: "-" no noise change took effect; "✓+150"
     snapped (the worker's `snap` event: its first held-out point on the reference, 150 steps after T0,
-    on the snap's axis); "changed" otherwise (not snapped when last fitted, or not fitted yet:
+    on the snap's axis; "✓+150(4.0x-seed)" when the fit's residual is 4 times the seed spread);
+    "changed" otherwise (not snapped when last fitted, or not fitted yet:
     `gpctl snap` / the TUI's S fit it now)."""
     t0 = None
     for e in events:
@@ -596,10 +597,12 @@ def snap_cell(events: list[dict]) -> str:
             at, x = e.get("at"), e.get("x") if isinstance(e.get("x"), str) and e.get("x") else "step"
             change = next((c for c in events if is_change(c)), {})
             start = change.get(x, change.get("step"))
+            seed = e.get("seed_ratio")        # the fit's residual over the seed spread: a poor match is said
+            poor = f"({seed:.1f}x-seed)" if isinstance(seed, (int, float)) and seed > 1 else ""
             if isinstance(at, (int, float)) and isinstance(start, (int, float)):
                 unit = "" if x == "step" else f"({x})"     # one word: `ls` is read by awk too
-                return f"✓+{at - start:.0f}{unit}"
-            return "✓"
+                return f"✓+{at - start:.0f}{unit}{poor}"
+            return f"✓{poor}"
         if t0 is None and is_change(e):
             t0 = e
     return "-" if t0 is None else "changed"
